@@ -1,0 +1,138 @@
+"""Stage 1, prepare-dataset: read, validate, render, tokenize, dedupe, split, save."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qlora_kfp.configs import PrepareConfig
+from qlora_kfp.data import readers, schema, templates
+from qlora_kfp.errors import DataError
+from qlora_kfp.manifest import atomic_folder
+
+log = logging.getLogger(__name__)
+COLUMNS = ("input_ids", "labels", "prompt", "reference")
+
+
+@dataclass
+class PrepareResult:
+    """What prepare-dataset produced: the artifact folder, its statistics and its digest."""
+
+    path: str
+    stats: dict
+    digest: str
+
+
+def _percentiles(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    s = sorted(lengths)
+    pick = lambda q: float(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))])  # noqa: E731
+    return {"tokens_p50": pick(0.5), "tokens_p90": pick(0.9), "tokens_p99": pick(0.99),
+            "tokens_max": float(s[-1]), "tokens_mean": round(sum(s) / len(s), 2)}
+
+
+def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded], dict]:
+    """Read and encode every row, validating all of it before returning (fail before work)."""
+    stats = dict(rows_read=0, dropped_duplicate=0, dropped_too_long=0, dropped_no_target=0,
+                 truncated=0)
+    seen: set[str] = set()
+    out: list[templates.Encoded] = []
+    for file, row, rec in readers.read_rows(cfg.data_source, cfg.data_format):
+        if cfg.max_rows and stats["rows_read"] >= cfg.max_rows:
+            break
+        stats["rows_read"] += 1
+        messages = schema.to_messages(rec, file, row)
+        if cfg.dedupe:
+            key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+            if key in seen:
+                stats["dropped_duplicate"] += 1
+                continue
+            seen.add(key)
+        enc = templates.encode(tokenizer, messages, cfg.max_seq_length, cfg.train_on_prompt,
+                               truncate=cfg.overlong == "truncate")
+        if enc is None:
+            stats["dropped_too_long"] += 1
+            continue
+        if all(label == templates.IGNORE for label in enc.labels):
+            stats["dropped_no_target"] += 1  # truncation cut every completion token
+            continue
+        stats["truncated"] += enc.truncated
+        out.append(enc)
+    if stats["rows_read"] == 0:
+        raise DataError("the dataset has no rows", source=cfg.data_source)
+    if not out:
+        raise DataError(
+            f"no rows left after filtering ({stats}); raise max_seq_length (now "
+            f"{cfg.max_seq_length}) or set overlong=truncate", source=cfg.data_source)
+    return out, stats
+
+
+def split(rows: list, cfg: PrepareConfig) -> tuple[list, list]:
+    """Seeded train/eval split; raises when the eval split would be too small."""
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * cfg.eval_fraction))
+    if n_eval < cfg.min_eval_rows or len(rows) - n_eval < 1:
+        raise DataError(
+            f"{len(rows)} usable rows give {n_eval} eval and {len(rows) - n_eval} train rows; "
+            f"need at least {cfg.min_eval_rows} eval and 1 train row. Add data or raise "
+            "eval_fraction", source=cfg.data_source)
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
+    """Prepare a tokenized train/eval dataset under ``output_dir`` (atomically).
+
+    Args:
+        cfg: The stage configuration.
+        output_dir: Folder to create; it holds ``train.parquet``, ``eval.parquet``,
+            ``stats.json``, the tokenizer and ``MANIFEST.json``.
+
+    Returns:
+        The folder, the statistics (also logged as KFP/MLflow metrics) and a content digest.
+    """
+    import datasets
+
+    from qlora_kfp.sources import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+    template = templates.apply_template(tokenizer, cfg.chat_template)
+    rows, stats = encode_rows(cfg, tokenizer)
+    train, evals = split(rows, cfg)
+    stats.update(rows_kept=len(rows), train_rows=len(train), eval_rows=len(evals),
+                 **_percentiles([len(r.input_ids) for r in rows]))
+    stats["label_tokens"] = sum(sum(x != templates.IGNORE for x in r.labels) for r in rows)
+    log.info("prepared %s", stats)
+    with atomic_folder(output_dir, "dataset") as tmp:
+        for name, part in (("train", train), ("eval", evals)):
+            cols = {c: [getattr(r, c) for r in part] for c in COLUMNS}
+            datasets.Dataset.from_dict(cols).to_parquet(str(tmp / f"{name}.parquet"))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        info = {"config": asdict(cfg), "chat_template_used": template, "stats": stats}
+        (tmp / "stats.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+    digest = dataset_digest(output_dir)
+    return PrepareResult(str(output_dir), stats, digest)
+
+
+def dataset_digest(folder: str) -> str:
+    """Digest of the prepared data (train + eval parquet), stable across identical runs."""
+    m = json.loads((Path(folder) / "MANIFEST.json").read_text())["files"]
+    h = hashlib.sha256()
+    for name in ("train.parquet", "eval.parquet"):
+        h.update(m[name]["sha256"].encode())
+    return h.hexdigest()[:16]
+
+
+def load_split(folder: str, name: str):
+    """Load ``train`` or ``eval`` of a prepared dataset as a ``datasets.Dataset``."""
+    import datasets
+
+    from qlora_kfp.manifest import verify
+
+    verify(folder, "dataset")
+    return datasets.Dataset.from_parquet(str(Path(folder) / f"{name}.parquet"))

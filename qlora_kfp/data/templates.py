@@ -1,0 +1,77 @@
+"""Chat templates and prompt/completion tokenization with label masking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ALPACA = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+NAMED = {"chatml": CHATML, "alpaca": ALPACA}
+IGNORE = -100
+
+
+def apply_template(tokenizer, name: str) -> str:
+    """Set ``tokenizer.chat_template`` from ``name``; return the name actually used."""
+    if name in ("auto", "tokenizer") and getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    if name == "tokenizer":
+        from qlora_kfp.errors import ConfigError
+
+        raise ConfigError("chat_template='tokenizer' but the tokenizer has none; "
+                          "use chatml, alpaca or auto")
+    chosen = "chatml" if name == "auto" else name
+    tokenizer.chat_template = NAMED[chosen]
+    return chosen
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    prompt: str
+    reference: str
+    truncated: bool = False
+
+
+def encode(tokenizer, messages: list[dict], max_len: int, train_on_prompt: bool,
+           truncate: bool) -> Encoded | None:
+    """Render and tokenize one conversation; mask prompt tokens in the labels.
+
+    The prompt (everything before the last assistant turn, with the generation prompt) and the
+    completion are tokenized separately and concatenated, so the label boundary is exact even
+    where BPE would merge across it. EOS is appended to the completion when the template does
+    not end with it, so the model learns to stop. Returns ``None`` for a row over ``max_len``
+    when not truncating.
+    """
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                           tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        from qlora_kfp.errors import ConfigError
+
+        raise ConfigError("the chat template renders the prompt differently inside the full "
+                          "conversation; use chat_template=chatml or alpaca")
+    completion = full[len(prompt):]
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and not prompt.startswith(tokenizer.bos_token or "\0"):
+        p_ids = [tokenizer.bos_token_id] + p_ids
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in c_ids:
+        c_ids = c_ids + [eos]
+    ids = p_ids + c_ids
+    labels = list(ids) if train_on_prompt else [IGNORE] * len(p_ids) + c_ids
+    truncated = False
+    if len(ids) > max_len:
+        if not truncate:
+            return None
+        ids, labels, truncated = ids[:max_len], labels[:max_len], True
+    return Encoded(ids, labels, prompt, messages[-1]["content"], truncated)

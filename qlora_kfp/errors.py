@@ -1,0 +1,45 @@
+"""Errors a user can act on.
+
+Every error raised for bad input or bad configuration is a :class:`QloraError` subclass whose
+message names what is wrong and where (file, row, field), so that the CLI and the KFP
+components can print it without a traceback from deep inside a library.
+"""
+
+from __future__ import annotations
+
+
+class QloraError(Exception):
+    """Base class for errors caused by the user's input or configuration."""
+
+
+class ConfigError(QloraError, ValueError):
+    """A configuration value is invalid; the message says which field and what to do."""
+
+
+class DataError(QloraError, ValueError):
+    """The dataset is malformed; the message names the file, the row and the field."""
+
+    def __init__(self, message: str, *, source: str = "", row: int | None = None, field: str = ""):
+        where = source
+        if row is not None:
+            where += f", row {row}"
+        if field:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {message}" if where else message)
+        self.source, self.row, self.field = source, row, field
+
+
+class SourceError(QloraError, FileNotFoundError):
+    """A model or dataset source (path, s3:// URI, hub id) cannot be read."""
+
+
+class ArtifactError(QloraError):
+    """An artifact is incomplete or corrupt (missing manifest, checksum mismatch)."""
+
+
+class TrackingError(QloraError):
+    """The MLflow tracking server cannot be reached or refused a request."""
+
+
+class VerificationError(QloraError):
+    """A numerical check failed (e.g. merged logits differ from base+adapter)."""

@@ -1,0 +1,91 @@
+"""Atomic artifact folders with a checksum manifest.
+
+A stage writes its artifact into a temporary sibling folder and renames it into place only
+after ``MANIFEST.json`` (sha256 and size of every file) has been written last. A reader calls
+:func:`verify` and gets a clear :class:`ArtifactError` for a missing manifest, a missing file
+or a checksum mismatch, so a half-written artifact never passes for a complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from qlora_kfp.errors import ArtifactError
+
+MANIFEST = "MANIFEST.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, kind: str, extra: dict | None = None) -> dict:
+    """Write ``MANIFEST.json`` listing every file under ``folder`` with size and sha256."""
+    root = Path(folder)
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(root).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"kind": kind, "files": files, **(extra or {})}
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, root / MANIFEST)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """Read a folder's manifest, or raise :class:`ArtifactError` when it has none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(
+            f"{folder}: no {MANIFEST}; the artifact is incomplete (its writer did not finish)")
+    return json.loads(path.read_text())
+
+
+def verify(folder: str | os.PathLike, kind: str | None = None) -> dict:
+    """Check every file of a folder against its manifest; return the manifest."""
+    manifest = read_manifest(folder)
+    if kind and manifest.get("kind") != kind:
+        raise ArtifactError(f"{folder}: is a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    for rel, meta in manifest["files"].items():
+        p = Path(folder) / rel
+        if not p.is_file():
+            raise ArtifactError(f"{folder}: file {rel} listed in {MANIFEST} is missing")
+        if p.stat().st_size != meta["size"] or sha256_file(p) != meta["sha256"]:
+            raise ArtifactError(f"{folder}: file {rel} does not match its checksum in {MANIFEST}")
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike, kind: str) -> Iterator[Path]:
+    """Yield a temporary folder; on success write the manifest and move it to ``final``.
+
+    On an exception the temporary folder is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; artifacts are read by other users (KFP, MLflow)
+    try:
+        yield tmp
+        write_manifest(tmp, kind)
+        if final.exists():
+            # KFP pre-creates output artifact folders; an empty or stale one is replaced.
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

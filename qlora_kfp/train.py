@@ -1,0 +1,168 @@
+"""Stage 3, train: QLoRA (LoRA adapters on the frozen 4-bit model) with transformers' Trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qlora_kfp import modeling
+from qlora_kfp.configs import TrainConfig
+from qlora_kfp.errors import ConfigError
+from qlora_kfp.manifest import atomic_folder, verify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    path: str
+    metrics: dict
+    history: list[dict]
+
+
+def check_target_modules(model, cfg: TrainConfig) -> None:
+    """Fail with the available names when a requested target module is not in the model."""
+    wanted = cfg.target_module_list
+    if wanted == "all-linear":
+        return
+    leaves = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+              if not list(mod.children()) and hasattr(mod, "weight")}
+    missing = sorted(set(wanted) - leaves)
+    if missing:
+        raise ConfigError(f"target_modules {missing} are not in the model; it has "
+                          f"{sorted(leaves)} (or use all-linear)")
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_module_list, use_dora=cfg.use_dora,
+                      use_rslora=cfg.use_rslora, bias="none", task_type="CAUSAL_LM")
+
+
+def resolve_optimizer(name: str) -> str:
+    if name != "auto":
+        return name
+    # Paged optimizers page optimizer state to host memory under GPU memory pressure; they
+    # need CUDA, so the CPU falls back to the plain torch AdamW.
+    return "paged_adamw_32bit" if modeling.device() == "cuda" else "adamw_torch"
+
+
+def _callback(history: list[dict], tokens_seen: list[int]):
+    import torch
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        """Keeps every logged row with its step, tokens/s and GPU memory."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.tok0 = time.perf_counter(), 0
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            row = {"step": state.global_step, **{k: float(v) for k, v in (logs or {}).items()
+                                                 if isinstance(v, int | float)}}
+            dt = time.perf_counter() - self.t0
+            if "loss" in row and dt > 0:
+                row["tokens_per_s"] = round((tokens_seen[0] - self.tok0) / dt, 2)
+                self.t0, self.tok0 = time.perf_counter(), tokens_seen[0]
+            if torch.cuda.is_available():
+                row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            history.append(row)
+
+    return Recorder()
+
+
+def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: str) -> TrainResult:
+    """Train a LoRA adapter on the 4-bit model in ``model_dir`` and save it to ``output_dir``.
+
+    Args:
+        cfg: The stage configuration.
+        model_dir: A quantized-model artifact (from :func:`qlora_kfp.quantize.run_quantize`).
+        dataset_dir: A prepared dataset artifact.
+        output_dir: Folder to create: ``adapter_model.safetensors``, ``adapter_config.json``,
+            the tokenizer, ``history.json`` and ``loss_curve.png``.
+
+    Returns:
+        The folder, final metrics and the per-step history.
+    """
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from qlora_kfp.data.prepare import load_split
+    from qlora_kfp.plots import loss_curve
+
+    verify(model_dir, "quantized-model")
+    train_ds = load_split(dataset_dir, "train").select_columns(["input_ids", "labels"])
+    eval_ds = load_split(dataset_dir, "eval").select_columns(["input_ids", "labels"])
+    tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
+    set_seed(cfg.seed)
+    dtype = modeling.resolve_dtype(cfg.compute_dtype)
+    model = modeling.load_model(model_dir, dtype=dtype)
+    check_target_modules(model, cfg)
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config(cfg))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    tokens_seen = [0]
+    base_collate = modeling.collator(tokenizer)
+
+    def collate(rows):
+        batch = base_collate(rows)
+        tokens_seen[0] += int(batch["attention_mask"].sum())
+        return batch
+
+    history: list[dict] = []
+    with atomic_folder(output_dir, "adapter") as tmp:
+        args = TrainingArguments(
+            output_dir=str(tmp / "_trainer"), per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.num_epochs,
+            max_steps=cfg.max_steps or -1, weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm, optim=resolve_optimizer(cfg.optimizer),
+            logging_steps=cfg.logging_steps, logging_first_step=True,
+            eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps or None,
+            save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+            bf16=dtype == torch.bfloat16 and modeling.device() == "cuda",
+            fp16=dtype == torch.float16 and modeling.device() == "cuda",
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            remove_unused_columns=False, dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=collate, callbacks=[_callback(history, tokens_seen)])
+        out = trainer.train()
+        final_eval = trainer.evaluate()
+        history.append({"step": out.global_step, **{k: float(v) for k, v in final_eval.items()}})
+        if not math.isfinite(out.training_loss):
+            raise FloatingPointError(f"training loss is {out.training_loss}; lower "
+                                     "learning_rate or check the data")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "history.json").write_text(json.dumps(history, indent=1))
+        (tmp / "train.json").write_text(json.dumps({"config": asdict(cfg)}, indent=1))
+        loss_curve(history, tmp / "loss_curve.png")
+        import shutil
+
+        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+    losses = [h["loss"] for h in history if "loss" in h]
+    metrics = {
+        "train_loss": round(out.training_loss, 6), "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None, "eval_loss": final_eval["eval_loss"],
+        "steps": out.global_step, "trainable_params": trainable,
+        "train_runtime_s": round(out.metrics["train_runtime"], 2),
+        "tokens_per_s": round(tokens_seen[0] / max(out.metrics["train_runtime"], 1e-9), 2),
+    }
+    if torch.cuda.is_available():
+        metrics["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    log.info("trained: %s", metrics)
+    return TrainResult(str(output_dir), metrics, history)
