@@ -141,8 +141,7 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=collate, callbacks=[_callback(history, tokens_seen)])
         out = trainer.train()
-        final_eval = trainer.evaluate()
-        history.append({"step": out.global_step, **{k: float(v) for k, v in final_eval.items()}})
+        final_eval = trainer.evaluate()  # the Recorder logs it into history too
         if not math.isfinite(out.training_loss):
             raise FloatingPointError(f"training loss is {out.training_loss}; lower "
                                      "learning_rate or check the data")

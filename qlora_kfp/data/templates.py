@@ -32,6 +32,14 @@ def apply_template(tokenizer, name: str) -> str:
     return chosen
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt, with BOS prepended when the template did not add it."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and not prompt.startswith(tokenizer.bos_token or "\0"):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -60,9 +68,7 @@ def encode(tokenizer, messages: list[dict], max_len: int, train_on_prompt: bool,
         raise ConfigError("the chat template renders the prompt differently inside the full "
                           "conversation; use chat_template=chatml or alpaca")
     completion = full[len(prompt):]
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and not prompt.startswith(tokenizer.bos_token or "\0"):
-        p_ids = [tokenizer.bos_token_id] + p_ids
+    p_ids = prompt_ids(tokenizer, prompt)
     c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos is not None and eos not in c_ids:

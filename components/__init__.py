@@ -1,0 +1,15 @@
+"""KFP v2 components: thin typed wrappers, one per stage, over the qlora_kfp library.
+
+Importing this package needs only kfp: every component imports the library inside its body,
+so compiling never imports torch.
+"""
+
+from qlora_kfp.components.evaluate import evaluate
+from qlora_kfp.components.merge import merge
+from qlora_kfp.components.prepare_dataset import prepare_dataset
+from qlora_kfp.components.quantize import quantize
+from qlora_kfp.components.tracking import finish_tracking, start_tracking
+from qlora_kfp.components.train import train
+
+__all__ = ["evaluate", "finish_tracking", "merge", "prepare_dataset", "quantize",
+           "start_tracking", "train"]

@@ -1,0 +1,1 @@
+"""Compiled KFP pipelines: they only wire components, resources, secrets and caching."""

@@ -1,0 +1,160 @@
+"""What the KFP components call: config from parameters, the stage, then reporting.
+
+Each component body is one line, ``return entrypoints.<stage>(locals())``; this module turns
+those locals into the stage's typed config, opens the stage's nested MLflow run, calls the
+library function, and reports: KFP ``Metrics``/``HTML`` artifacts, MLflow params, metrics and
+artifacts, and an S3 copy of the artifact when ``QLORA_KFP_ARTIFACT_URI`` is set. A
+:class:`QloraError` ends the task with its one-line message instead of a library traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qlora_kfp import configs, tracking
+from qlora_kfp.errors import QloraError
+
+log = logging.getLogger("qlora_kfp")
+COMMON_PARAMS = ("mlflow_parent_run_id", "kfp_run_id")
+ARTIFACT_URI_ENV = "QLORA_KFP_ARTIFACT_URI"
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@contextlib.contextmanager
+def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, tracking.StageRun]]:
+    """Build the config, open the nested MLflow run, and turn user errors into a clean exit."""
+    setup_logging()
+    try:
+        cfg = configs.from_params(cls, args)
+        with tracking.stage_run(args.get("mlflow_parent_run_id", ""), name) as run:
+            run.params(dataclasses.asdict(cfg))
+            yield cfg, run
+    except QloraError as exc:
+        log.error("%s failed: %s", name, exc)
+        sys.exit(f"{name} failed: {exc}")
+
+
+def report(run: tracking.StageRun, kfp_metrics: Any, metrics: dict) -> None:
+    """Log numeric metrics to the KFP Metrics artifact and to MLflow (stage and parent run)."""
+    for k, v in metrics.items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and kfp_metrics is not None:
+            kfp_metrics.log_metric(k, float(v))
+    run.metrics(metrics)
+
+
+def publish(folder: str, stage_name: str, args: dict) -> str:
+    """Copy an artifact folder to ``$QLORA_KFP_ARTIFACT_URI/<kfp_run_id>/<stage>/``."""
+    base = os.environ.get(ARTIFACT_URI_ENV, "")
+    if not base:
+        return ""
+    from qlora_kfp import s3
+
+    uri = f"{base.rstrip('/')}/{args.get('kfp_run_id') or 'local'}/{stage_name}"
+    s3.upload_folder(folder, uri)
+    log.info("published %s to %s", folder, uri)
+    return uri
+
+
+def html_with_image(png: str | Path, title: str) -> str:
+    data = base64.b64encode(Path(png).read_bytes()).decode()
+    return (f"<html><body><h3>{title}</h3><img src='data:image/png;base64,{data}'/>"
+            "</body></html>")
+
+
+def _mark(artifact: Any, **meta: Any) -> None:
+    if artifact is not None and hasattr(artifact, "metadata"):
+        artifact.metadata.update({k: v for k, v in meta.items() if v not in (None, "")})
+
+
+def prepare_dataset(args: dict) -> str:
+    """Run prepare-dataset; returns the dataset digest (used for caching and skip logic)."""
+    from qlora_kfp.data.prepare import run_prepare
+
+    with stage("prepare-dataset", configs.PrepareConfig, args) as (cfg, run):
+        res = run_prepare(cfg, args["dataset"].path)
+        report(run, args.get("metrics"), res.stats)
+        run.artifact(str(Path(res.path) / "stats.json"), "dataset")
+        _log_dataset_input(run, res.path, res.digest, cfg.data_source)
+        run.tags({"dataset.digest": res.digest}, parent=True)
+        _mark(args["dataset"], digest=res.digest, s3_uri=publish(res.path, "dataset", args))
+        return res.digest
+
+
+def _log_dataset_input(run: tracking.StageRun, folder: str, digest: str, source: str) -> None:
+    if not run.run_id:
+        return
+    import mlflow
+    import pandas as pd
+
+    df = pd.read_parquet(Path(folder) / "train.parquet", columns=["prompt", "reference"])
+    ds = mlflow.data.from_pandas(df, source=source, name="train", digest=digest)
+    with mlflow.start_run(run_id=run.run_id):
+        mlflow.log_input(ds, context="training")
+    with mlflow.start_run(run_id=run.parent_run_id):
+        mlflow.log_input(ds, context="training")
+
+
+def quantize(args: dict) -> None:
+    from qlora_kfp.quantize import run_quantize
+
+    with stage("quantize", configs.QuantizeConfig, args) as (cfg, run):
+        dataset = args.get("dataset")
+        res = run_quantize(cfg, args["quantized_model"].path, dataset.path if dataset else None)
+        report(run, args.get("metrics"), res.metrics)
+        _mark(args["quantized_model"], quant_type=cfg.quant_type,
+              s3_uri=publish(res.path, "quantized-model", args))
+
+
+def train(args: dict) -> float:
+    """Run train; returns the final eval loss."""
+    from qlora_kfp.train import run_train
+
+    with stage("train", configs.TrainConfig, args) as (cfg, run):
+        res = run_train(cfg, args["quantized_model"].path, args["dataset"].path,
+                        args["adapter"].path)
+        run.history(res.history, ("loss", "eval_loss", "learning_rate", "grad_norm",
+                                  "tokens_per_s", "gpu_mem_gib"))
+        report(run, args.get("metrics"), {f"final_{k}" if k in ("eval_loss",) else k: v
+                                          for k, v in res.metrics.items()})
+        run.artifacts(res.path, "adapter")
+        png = Path(res.path) / "loss_curve.png"
+        if args.get("loss_curve") is not None:
+            Path(args["loss_curve"].path).write_text(html_with_image(png, "Training loss"))
+        _mark(args["adapter"], s3_uri=publish(res.path, "adapter", args))
+        return float(res.metrics["eval_loss"])
+
+
+def evaluate(args: dict) -> float:
+    """Run evaluate; returns the tuned model's eval loss."""
+    from qlora_kfp.evaluate import run_evaluate
+
+    with stage("evaluate", configs.EvaluateConfig, args) as (cfg, run):
+        out = args["evaluation"].path
+        res = run_evaluate(cfg, args["quantized_model"].path, args["adapter"].path,
+                           args["dataset"].path, out)
+        report(run, args.get("metrics"), res.metrics)
+        run.artifacts(res.path, "evaluation")
+        if args.get("report") is not None:
+            Path(args["report"].path).write_text((Path(res.path) / "report.html").read_text())
+        _mark(args["evaluation"], s3_uri=publish(res.path, "evaluation", args))
+        return float(res.metrics["tuned_eval_loss"])
+
+
+def merge(args: dict) -> None:
+    from qlora_kfp.merge import run_merge
+
+    with stage("merge", configs.MergeConfig, args) as (cfg, run):
+        res = run_merge(cfg, args["adapter"].path, args["merged_model"].path)
+        report(run, args.get("metrics"), res.metrics)
+        _mark(args["merged_model"], s3_uri=publish(res.path, "merged-model", args))

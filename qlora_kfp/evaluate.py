@@ -1,0 +1,138 @@
+"""Stage 4, evaluate: base vs tuned on the eval split (loss, perplexity, scored generations)."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qlora_kfp import modeling
+from qlora_kfp.configs import EvaluateConfig
+from qlora_kfp.manifest import atomic_folder, verify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateResult:
+    path: str
+    metrics: dict
+    samples: list[dict]
+
+
+def normalize(text: str) -> str:
+    """Lowercase, collapse white space and strip surrounding punctuation for exact match."""
+    return re.sub(r"\s+", " ", text).strip().strip(".,;:!?\"'").lower()
+
+
+def rouge_l(reference: str, prediction: str) -> float:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy answer to a rendered prompt, cut at EOS, without special tokens."""
+    import torch
+
+    from qlora_kfp.data.templates import prompt_ids
+
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=dev)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def score(samples: list[dict], who: str) -> dict:
+    n = max(len(samples), 1)
+    return {f"{who}_exact_match": round(sum(s[f"{who}_exact"] for s in samples) / n, 4),
+            f"{who}_rougeL": round(sum(s[f"{who}_rougeL"] for s in samples) / n, 4)}
+
+
+def samples_html(samples: list[dict], metrics: dict) -> str:
+    """A self-contained HTML report: the metrics and the table of sample generations."""
+    esc = html.escape
+    head = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in metrics.items())
+    rows = "".join(
+        f"<tr><td><pre>{esc(s['prompt'])}</pre></td><td>{esc(s['reference'])}</td>"
+        f"<td>{esc(s['base_answer'])}</td><td>{esc(s['tuned_answer'])}</td>"
+        f"<td>{'✔' if s['tuned_exact'] else '✘'}</td></tr>" for s in samples)
+    return ("<html><head><meta charset='utf-8'><title>QLoRA evaluation</title><style>"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px}"
+            "</style></head><body><h2>Base vs tuned</h2><table>" + head + "</table>"
+            "<h2>Sample generations</h2><table><tr><th>prompt</th><th>reference</th>"
+            "<th>base</th><th>tuned</th><th>tuned exact</th></tr>" + rows + "</table></body></html>")
+
+
+def run_evaluate(cfg: EvaluateConfig, model_dir: str, adapter_dir: str, dataset_dir: str,
+                 output_dir: str) -> EvaluateResult:
+    """Compare the 4-bit base with base+adapter on the eval split.
+
+    Args:
+        cfg: The stage configuration.
+        model_dir: The quantized-model artifact the adapter was trained on.
+        adapter_dir: The adapter artifact.
+        dataset_dir: The prepared dataset artifact (its eval split is used).
+        output_dir: Folder to create: ``metrics.json``, ``samples.jsonl``, ``report.html``,
+            ``comparison.png``.
+
+    Returns:
+        Metrics with ``base_``/``tuned_`` prefixes and the sample generations.
+    """
+    from peft import PeftModel
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from qlora_kfp.data.prepare import load_split
+    from qlora_kfp.plots import comparison_bars
+
+    verify(model_dir, "quantized-model")
+    verify(adapter_dir, "adapter")
+    evals = modeling.take(load_split(dataset_dir, "eval"), cfg.eval_rows)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    base = modeling.load_model(model_dir, dtype=modeling.resolve_dtype(cfg.compute_dtype))
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    metrics: dict = {}
+    with model.disable_adapter():
+        for k, v in modeling.eval_loss(model, evals, tokenizer, desc="base eval").items():
+            metrics[f"base_eval_{k}"] = v
+    for k, v in modeling.eval_loss(model, evals, tokenizer, desc="tuned eval").items():
+        metrics[f"tuned_eval_{k}"] = v
+    samples = []
+    n = min(cfg.num_generations, len(evals))
+    for row in tqdm(evals.select(range(n)), total=n, desc="generate", leave=False):
+        s = {"prompt": row["prompt"], "reference": row["reference"]}
+        with model.disable_adapter():
+            s["base_answer"] = generate(model, tokenizer, row["prompt"], cfg.max_new_tokens)
+        s["tuned_answer"] = generate(model, tokenizer, row["prompt"], cfg.max_new_tokens)
+        for who in ("base", "tuned"):
+            s[f"{who}_exact"] = normalize(s[f"{who}_answer"]) == normalize(s["reference"])
+            s[f"{who}_rougeL"] = round(rouge_l(s["reference"], s[f"{who}_answer"]), 4)
+        samples.append(s)
+    metrics.update(score(samples, "base"))
+    metrics.update(score(samples, "tuned"))
+    metrics["generations"] = n
+    metrics["eval_loss_delta"] = round(metrics["tuned_eval_loss"] - metrics["base_eval_loss"], 6)
+    with atomic_folder(output_dir, "evaluation") as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        (tmp / "report.html").write_text(samples_html(samples, metrics))
+        (tmp / "evaluate.json").write_text(json.dumps({"config": asdict(cfg)}, indent=1))
+        comparison_bars({k[5:]: v for k, v in metrics.items() if k.startswith("base_")},
+                        {k[6:]: v for k, v in metrics.items() if k.startswith("tuned_")},
+                        ["eval_loss", "exact_match", "rougeL"], tmp / "comparison.png")
+    log.info("evaluated: %s", metrics)
+    return EvaluateResult(str(output_dir), metrics, samples)
+
+
+def read_metrics(folder: str | Path) -> dict:
+    verify(folder, "evaluation")
+    return json.loads((Path(folder) / "metrics.json").read_text())

@@ -1,0 +1,189 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+KFP runs every stage in its own process (its own pod on a cluster), so runs are addressed by
+id: the ``start-tracking`` task creates the parent run and hands its id to every stage, which
+opens a child run tagged ``mlflow.parentRunId``. Configuration is MLflow's own environment:
+``MLFLOW_TRACKING_URI`` (plus ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``TOKEN``), set from
+a Kubernetes Secret on a cluster. Without ``MLFLOW_TRACKING_URI`` tracking is off and every
+function here is a no-op, so the stages also run without MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+from qlora_kfp.errors import TrackingError
+
+log = logging.getLogger(__name__)
+PIPELINE_VERSION = "0.1.0"
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def check_server(timeout_s: float = 10.0) -> None:
+    """Fail fast with a clear message when the tracking server cannot be reached."""
+    if not enabled():
+        return
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+                r.read()
+        except Exception as exc:  # noqa: BLE001
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); check "
+                                "MLFLOW_TRACKING_URI") from None
+
+
+def git_commit() -> str:
+    """The project's git commit: from the image (``QLORA_KFP_GIT_COMMIT``) or the checkout."""
+    if os.environ.get("QLORA_KFP_GIT_COMMIT"):
+        return os.environ["QLORA_KFP_GIT_COMMIT"]
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - installed from a wheel, no git: not an error
+        return "unknown"
+
+
+def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """Create the parent run; returns its id ("" when tracking is off)."""
+    if not enabled():
+        log.warning("MLFLOW_TRACKING_URI is not set: MLflow tracking is off")
+        return ""
+    check_server()
+    import mlflow
+
+    try:
+        root = os.environ.get("QLORA_KFP_MLFLOW_ARTIFACT_ROOT")
+        if root and mlflow.get_experiment_by_name(experiment) is None:
+            # Local stores: keep artifacts beside the database, not in the current folder.
+            mlflow.create_experiment(experiment, artifact_location=root)
+        exp = mlflow.set_experiment(experiment)
+        run = client().create_run(exp.experiment_id, run_name=run_name or None, tags={
+            "pipeline.version": PIPELINE_VERSION, "git.commit": git_commit(), "qlora.role": "pipeline",
+            **tags})
+    except Exception as exc:  # noqa: BLE001
+        raise TrackingError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']}: {exc}") from None
+    return run.info.run_id
+
+
+def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
+    """Id of the parent run tagged with this KFP run id ("" when there is none)."""
+    if not enabled():
+        return ""
+    exp = client().get_experiment_by_name(experiment)
+    if exp is None:
+        return ""
+    runs = client().search_runs([exp.experiment_id], max_results=1,
+                                filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' "
+                                              "and tags.`qlora.role` = 'pipeline'")
+    return runs[0].info.run_id if runs else ""
+
+
+def finish_pipeline_run(experiment: str, kfp_run_id: str, status: str, error: str = "") -> str:
+    """Close the parent run of a KFP run as FINISHED or FAILED (reason as a tag)."""
+    run_id = find_pipeline_run(experiment, kfp_run_id)
+    if not run_id:
+        return ""
+    c = client()
+    c.set_tag(run_id, "kfp.status", status)
+    if error:
+        c.set_tag(run_id, "failure_reason", error[:5000])
+    c.set_terminated(run_id, status="FINISHED" if status == "SUCCEEDED" else "FAILED")
+    return run_id
+
+
+class StageRun:
+    """Logging handle of one stage's nested run (all methods are no-ops when tracking is off)."""
+
+    def __init__(self, run_id: str, parent_run_id: str):
+        self.run_id, self.parent_run_id = run_id, parent_run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        """Log params on the stage run and on the parent (same name, same meaning, same value)."""
+        if not self.run_id:
+            return
+        from mlflow.entities import Param
+
+        ps = [Param(k, str(v)) for k, v in params.items()]
+        for rid in (self.run_id, self.parent_run_id):
+            existing = client().get_run(rid).data.params
+            new = [p for p in ps if p.key not in existing]
+            if new:
+                client().log_batch(rid, params=new)
+
+    def metrics(self, metrics: dict[str, Any], step: int | None = None, parent: bool = True,
+                prefix: str = "") -> None:
+        if not self.run_id:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(prefix + k, float(v), now, step or 0) for k, v in metrics.items()
+              if isinstance(v, int | float) and not isinstance(v, bool)]
+        for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
+            for i in range(0, len(ms), 900):  # the REST API takes 1000 metrics per batch
+                client().log_batch(rid, metrics=ms[i:i + 900])
+
+    def history(self, rows: list[dict], keys: tuple[str, ...]) -> None:
+        """Per-step metrics (loss, learning rate, ...) as MLflow metric histories."""
+        for row in rows:
+            self.metrics({k: row[k] for k in keys if k in row}, step=int(row["step"]))
+
+    def artifacts(self, folder: str, path: str | None = None) -> None:
+        if self.run_id:
+            client().log_artifacts(self.run_id, folder, artifact_path=path)
+
+    def artifact(self, file: str, path: str | None = None) -> None:
+        if self.run_id:
+            client().log_artifact(self.run_id, file, artifact_path=path)
+
+    def tags(self, tags: dict[str, str], parent: bool = False) -> None:
+        if not self.run_id:
+            return
+        for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
+            for k, v in tags.items():
+                client().set_tag(rid, k, v)
+
+
+@contextlib.contextmanager
+def stage_run(parent_run_id: str, stage: str) -> Iterator[StageRun]:
+    """Open the nested run of one stage; it ends FAILED (and re-raises) on an exception."""
+    if not (enabled() and parent_run_id):
+        yield StageRun("", "")
+        return
+    c = client()
+    try:
+        parent = c.get_run(parent_run_id)
+    except Exception as exc:  # noqa: BLE001
+        raise TrackingError(f"MLflow parent run {parent_run_id}: {exc}") from None
+    run = c.create_run(parent.info.experiment_id, run_name=stage, tags={
+        "mlflow.parentRunId": parent_run_id, "stage": stage,
+        **{k: v for k, v in parent.data.tags.items()
+           if not k.startswith(("mlflow.", "qlora."))}})
+    handle = StageRun(run.info.run_id, parent_run_id)
+    try:
+        yield handle
+    except BaseException as exc:
+        c.set_tag(run.info.run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        c.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    c.set_terminated(run.info.run_id, status="FINISHED")
