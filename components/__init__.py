@@ -11,5 +11,12 @@ from qlora_kfp.components.quantize import quantize
 from qlora_kfp.components.tracking import finish_tracking, start_tracking
 from qlora_kfp.components.train import train
 
-__all__ = ["evaluate", "finish_tracking", "merge", "prepare_dataset", "quantize",
-           "start_tracking", "train"]
+__all__ = [
+    "evaluate",
+    "finish_tracking",
+    "merge",
+    "prepare_dataset",
+    "quantize",
+    "start_tracking",
+    "train",
+]

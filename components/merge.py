@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import Input, Metrics, Model, Output
-
 from qlora_kfp.components.images import GPU_IMAGE
 
 

@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Metrics, Output
-
 from qlora_kfp.components.images import CPU_IMAGE
 
 

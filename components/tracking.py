@@ -2,18 +2,21 @@
 
 from kfp import dsl
 from kfp.dsl import PipelineTaskFinalStatus
-
 from qlora_kfp.components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def start_tracking(mlflow_experiment: str, run_name: str, kfp_run_id: str,
-                   base_model: str, data_source: str) -> str:
+def start_tracking(
+    mlflow_experiment: str, run_name: str, kfp_run_id: str, base_model: str, data_source: str
+) -> str:
     """Create the parent MLflow run (tags: KFP run id, base model); returns its id."""
     from qlora_kfp import tracking
 
-    return tracking.start_pipeline_run(mlflow_experiment, run_name, {
-        "kfp.run_id": kfp_run_id, "base_model": base_model, "data_source": data_source})
+    return tracking.start_pipeline_run(
+        mlflow_experiment,
+        run_name,
+        {"kfp.run_id": kfp_run_id, "base_model": base_model, "data_source": data_source},
+    )
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -21,5 +24,6 @@ def finish_tracking(mlflow_experiment: str, kfp_run_id: str, status: PipelineTas
     """Exit handler: close the parent run as FINISHED or FAILED with the reason."""
     from qlora_kfp import tracking
 
-    tracking.finish_pipeline_run(mlflow_experiment, kfp_run_id, status.state,
-                                 status.error_message or "")
+    tracking.finish_pipeline_run(
+        mlflow_experiment, kfp_run_id, status.state, status.error_message or ""
+    )

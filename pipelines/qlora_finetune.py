@@ -5,17 +5,25 @@ from the CLI to the component, the pipeline and MLflow.
 """
 
 from kfp import dsl
-
-from qlora_kfp.components import (evaluate, finish_tracking, merge, prepare_dataset, quantize,
-                                  start_tracking, train)
+from qlora_kfp.components import (
+    evaluate,
+    finish_tracking,
+    merge,
+    prepare_dataset,
+    quantize,
+    start_tracking,
+    train,
+)
 from qlora_kfp.pipelines import platform
 
 PIPELINE_NAME = "qlora-finetune"
 
 
-@dsl.pipeline(name=PIPELINE_NAME,
-              description="QLoRA fine-tuning: dataset preparation, NF4 quantization, LoRA "
-                          "training, evaluation and adapter merging, logged to MLflow.")
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="QLoRA fine-tuning: dataset preparation, NF4 quantization, LoRA "
+    "training, evaluation and adapter merging, logged to MLflow.",
+)
 def qlora_finetune(
     base_model: str,
     data_source: str,
@@ -62,45 +70,87 @@ def qlora_finetune(
     platform.small_task(finish, cache=False)
 
     with dsl.ExitHandler(finish, name="qlora-stages"):
-        tracking = start_tracking(mlflow_experiment=mlflow_experiment, run_name=run_name,
-                                  kfp_run_id=run_id, base_model=base_model,
-                                  data_source=data_source)
+        tracking = start_tracking(
+            mlflow_experiment=mlflow_experiment,
+            run_name=run_name,
+            kfp_run_id=run_id,
+            base_model=base_model,
+            data_source=data_source,
+        )
         platform.small_task(tracking, cache=False)
         parent = tracking.output
 
         prep = prepare_dataset(
-            data_source=data_source, base_model=base_model, data_format=data_format,
-            chat_template=chat_template, max_seq_length=max_seq_length, overlong=overlong,
-            train_on_prompt=train_on_prompt, eval_fraction=eval_fraction, max_rows=max_rows,
-            seed=seed, mlflow_parent_run_id=parent, kfp_run_id=run_id)
+            data_source=data_source,
+            base_model=base_model,
+            data_format=data_format,
+            chat_template=chat_template,
+            max_seq_length=max_seq_length,
+            overlong=overlong,
+            train_on_prompt=train_on_prompt,
+            eval_fraction=eval_fraction,
+            max_rows=max_rows,
+            seed=seed,
+            mlflow_parent_run_id=parent,
+            kfp_run_id=run_id,
+        )
         platform.cpu_task(prep, cache=True)
 
         quant = quantize(
-            base_model=base_model, dataset=prep.outputs["dataset"], quant_type=quant_type,
-            double_quant=double_quant, compute_dtype=compute_dtype, eval_rows=eval_rows,
-            mlflow_parent_run_id=parent, kfp_run_id=run_id)
+            base_model=base_model,
+            dataset=prep.outputs["dataset"],
+            quant_type=quant_type,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            eval_rows=eval_rows,
+            mlflow_parent_run_id=parent,
+            kfp_run_id=run_id,
+        )
         platform.gpu_task(quant, cache=True)
 
         tr = train(
-            quantized_model=quant.outputs["quantized_model"], dataset=prep.outputs["dataset"],
-            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            target_modules=target_modules, learning_rate=learning_rate,
-            lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, num_epochs=num_epochs,
-            max_steps=max_steps, batch_size=batch_size,
+            quantized_model=quant.outputs["quantized_model"],
+            dataset=prep.outputs["dataset"],
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            learning_rate=learning_rate,
+            lr_scheduler=lr_scheduler,
+            warmup_ratio=warmup_ratio,
+            num_epochs=num_epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps,
-            gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-            logging_steps=logging_steps, compute_dtype=compute_dtype, seed=seed,
-            mlflow_parent_run_id=parent, kfp_run_id=run_id)
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            logging_steps=logging_steps,
+            compute_dtype=compute_dtype,
+            seed=seed,
+            mlflow_parent_run_id=parent,
+            kfp_run_id=run_id,
+        )
         platform.gpu_task(tr, cache=False)
 
         ev = evaluate(
-            quantized_model=quant.outputs["quantized_model"], adapter=tr.outputs["adapter"],
-            dataset=prep.outputs["dataset"], num_generations=num_generations,
-            max_new_tokens=max_new_tokens, eval_rows=eval_rows, compute_dtype=compute_dtype,
-            mlflow_parent_run_id=parent, kfp_run_id=run_id)
+            quantized_model=quant.outputs["quantized_model"],
+            adapter=tr.outputs["adapter"],
+            dataset=prep.outputs["dataset"],
+            num_generations=num_generations,
+            max_new_tokens=max_new_tokens,
+            eval_rows=eval_rows,
+            compute_dtype=compute_dtype,
+            mlflow_parent_run_id=parent,
+            kfp_run_id=run_id,
+        )
         platform.gpu_task(ev, cache=False)
 
-        mg = merge(base_model=base_model, adapter=tr.outputs["adapter"],
-                   merge_dtype=merge_dtype, mlflow_parent_run_id=parent, kfp_run_id=run_id)
+        mg = merge(
+            base_model=base_model,
+            adapter=tr.outputs["adapter"],
+            merge_dtype=merge_dtype,
+            mlflow_parent_run_id=parent,
+            kfp_run_id=run_id,
+        )
         mg.after(ev)  # never publish a merged model whose evaluation failed
         platform.gpu_task(mg, cache=False)

@@ -36,23 +36,28 @@ class PrepareConfig:
 
     data_source: str = _help("Dataset: local file or folder, s3://bucket/key, or a hub dataset id.")
     base_model: str = _help("Base model (hub id, local path or s3:// URI); its tokenizer is used.")
-    data_format: str = _help("auto, jsonl, json, csv or parquet (auto: from the extension).",
-                             default="auto")
+    data_format: str = _help(
+        "auto, jsonl, json, csv or parquet (auto: from the extension).", default="auto"
+    )
     chat_template: str = _help(
         "auto (the tokenizer's own template, else chatml), tokenizer, chatml or alpaca.",
-        default="auto")
+        default="auto",
+    )
     max_seq_length: int = _help("Longest row in tokens after rendering.", default=512)
-    overlong: str = _help("What to do with rows over max_seq_length: drop or truncate.",
-                          default="drop")
-    train_on_prompt: bool = _help("Also train on prompt tokens (default: completions only).",
-                                  default=False)
+    overlong: str = _help(
+        "What to do with rows over max_seq_length: drop or truncate.", default="drop"
+    )
+    train_on_prompt: bool = _help(
+        "Also train on prompt tokens (default: completions only).", default=False
+    )
     dedupe: bool = _help("Drop exact duplicate rows (after rendering).", default=True)
     eval_fraction: float = _help("Share of rows held out for evaluation.", default=0.1)
     min_eval_rows: int = _help("Fail when the eval split would be smaller than this.", default=1)
     max_rows: int = _help("Read at most this many rows (0: all).", default=0)
     seed: int = _help("Random seed for the split, LoRA init and data order.", default=42)
-    trust_remote_code: bool = _help("Allow custom code from the model repo (off: safer).",
-                                    default=False)
+    trust_remote_code: bool = _help(
+        "Allow custom code from the model repo (off: safer).", default=False
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.data_source), "data_source", self.data_source, "give a path or URI")
@@ -60,12 +65,22 @@ class PrepareConfig:
         _one_of("data_format", self.data_format, ("auto", "jsonl", "json", "csv", "parquet"))
         _one_of("chat_template", self.chat_template, ("auto", "tokenizer", "chatml", "alpaca"))
         _one_of("overlong", self.overlong, ("drop", "truncate"))
-        _check(16 <= self.max_seq_length <= 131072, "max_seq_length", self.max_seq_length,
-               "use a value between 16 and 131072")
-        _check(0.0 < self.eval_fraction < 0.9, "eval_fraction", self.eval_fraction,
-               "use a fraction between 0 and 0.9, e.g. 0.1")
+        _check(
+            16 <= self.max_seq_length <= 131072,
+            "max_seq_length",
+            self.max_seq_length,
+            "use a value between 16 and 131072",
+        )
+        _check(
+            0.0 < self.eval_fraction < 0.9,
+            "eval_fraction",
+            self.eval_fraction,
+            "use a fraction between 0 and 0.9, e.g. 0.1",
+        )
         _check(self.min_eval_rows >= 1, "min_eval_rows", self.min_eval_rows, "use 1 or more")
-        _check(self.max_rows >= 0, "max_rows", self.max_rows, "use 0 (all rows) or a positive count")
+        _check(
+            self.max_rows >= 0, "max_rows", self.max_rows, "use 0 (all rows) or a positive count"
+        )
 
 
 @dataclass
@@ -74,15 +89,20 @@ class QuantizeConfig:
 
     base_model: str = _help("Base model (hub id, local path or s3:// URI) in 16 or 32 bit.")
     quant_type: str = _help("4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.", default="nf4")
-    double_quant: bool = _help("Quantize the quantization constants too (saves ~0.4 bit/param).",
-                               default=True)
+    double_quant: bool = _help(
+        "Quantize the quantization constants too (saves ~0.4 bit/param).", default=True
+    )
     compute_dtype: str = _help(
         "Dtype of 4-bit matmuls: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, "
-        "float32.", default="auto")
-    eval_rows: int = _help("Eval rows used for the 16-bit vs 4-bit perplexity (0: all).",
-                           default=64)
-    trust_remote_code: bool = _help("Allow custom code from the model repo (off: safer).",
-                                    default=False)
+        "float32.",
+        default="auto",
+    )
+    eval_rows: int = _help(
+        "Eval rows used for the 16-bit vs 4-bit perplexity (0: all).", default=64
+    )
+    trust_remote_code: bool = _help(
+        "Allow custom code from the model repo (off: safer).", default=False
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.base_model), "base_model", self.base_model, "give a path or URI")
@@ -100,25 +120,28 @@ class TrainConfig:
     lora_dropout: float = _help("Dropout on the LoRA path.", default=0.05)
     target_modules: str = _help(
         "Comma-separated module names to adapt, or all-linear (every Linear but the head).",
-        default="all-linear")
+        default="all-linear",
+    )
     use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", default=False)
     use_rslora: bool = _help("Rank-stabilized LoRA scaling (alpha / sqrt(r)).", default=False)
     learning_rate: float = _help("Peak learning rate.", default=2e-4)
-    lr_scheduler: str = _help("Learning-rate schedule: cosine, linear or constant.",
-                              default="cosine")
-    warmup_ratio: float = _help("Share of steps spent warming up the learning rate.",
-                                default=0.03)
-    num_epochs: float = _help("Passes over the training split (ignored when max_steps > 0).",
-                              default=1.0)
-    max_steps: int = _help("Stop after this many optimizer steps (0: use num_epochs).",
-                           default=0)
+    lr_scheduler: str = _help(
+        "Learning-rate schedule: cosine, linear or constant.", default="cosine"
+    )
+    warmup_ratio: float = _help("Share of steps spent warming up the learning rate.", default=0.03)
+    num_epochs: float = _help(
+        "Passes over the training split (ignored when max_steps > 0).", default=1.0
+    )
+    max_steps: int = _help("Stop after this many optimizer steps (0: use num_epochs).", default=0)
     batch_size: int = _help("Micro-batch size per device.", default=4)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.",
-                                         default=True)
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in backward to save memory.", default=True
+    )
     optimizer: str = _help(
         "Optimizer (transformers name). auto: paged_adamw_32bit on GPU, adamw_torch on CPU.",
-        default="auto")
+        default="auto",
+    )
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (QLoRA paper: 0.3).", default=0.3)
     eval_steps: int = _help("Evaluate every this many steps (0: only at the end).", default=0)
@@ -129,20 +152,40 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.lora_r <= 1024, "lora_r", self.lora_r, "use a rank from 1 to 1024")
         _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "use a positive number")
-        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout,
-               "use a value in [0, 1)")
-        _check(bool(self.target_modules.strip()), "target_modules", self.target_modules,
-               "name modules (e.g. q_proj,v_proj) or use all-linear")
-        _check(0 < self.learning_rate < 1, "learning_rate", self.learning_rate,
-               "use a small positive value such as 2e-4")
+        _check(
+            0.0 <= self.lora_dropout < 1.0,
+            "lora_dropout",
+            self.lora_dropout,
+            "use a value in [0, 1)",
+        )
+        _check(
+            bool(self.target_modules.strip()),
+            "target_modules",
+            self.target_modules,
+            "name modules (e.g. q_proj,v_proj) or use all-linear",
+        )
+        _check(
+            0 < self.learning_rate < 1,
+            "learning_rate",
+            self.learning_rate,
+            "use a small positive value such as 2e-4",
+        )
         _one_of("lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "use [0, 1)")
-        _check(self.num_epochs > 0 or self.max_steps > 0, "num_epochs", self.num_epochs,
-               "set num_epochs > 0 or max_steps > 0")
+        _check(
+            self.num_epochs > 0 or self.max_steps > 0,
+            "num_epochs",
+            self.num_epochs,
+            "set num_epochs > 0 or max_steps > 0",
+        )
         _check(self.max_steps >= 0, "max_steps", self.max_steps, "use 0 or more")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "use 1 or more")
-        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
-               self.gradient_accumulation_steps, "use 1 or more")
+        _check(
+            self.gradient_accumulation_steps >= 1,
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            "use 1 or more",
+        )
         _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "use > 0")
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "use 0 or more")
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "use 1 or more")
@@ -177,11 +220,13 @@ class MergeConfig:
     """Merge the adapter into the 16-bit base model and verify the logits."""
 
     base_model: str = _help("Base model in 16 or 32 bit (not the 4-bit copy).")
-    merge_dtype: str = _help("Dtype of the saved merged model: bfloat16, float16 or float32.",
-                             default="bfloat16")
+    merge_dtype: str = _help(
+        "Dtype of the saved merged model: bfloat16, float16 or float32.", default="bfloat16"
+    )
     merge_tolerance: float = _help(
         "Largest allowed |merged - (base+adapter)| logit difference, computed in float32.",
-        default=1e-3)
+        default=1e-3,
+    )
     trust_remote_code: bool = PrepareConfig.__dataclass_fields__["trust_remote_code"].default
 
     def __post_init__(self) -> None:

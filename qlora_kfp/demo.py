@@ -19,12 +19,35 @@ from pathlib import Path
 from qlora_kfp.data.templates import CHATML
 
 PAIRS = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("open", "closed"),
-    ("light", "dark"), ("early", "late"), ("full", "empty"), ("happy", "sad"), ("hard", "soft"),
-    ("high", "low"), ("long", "short"), ("loud", "quiet"), ("new", "old"), ("rich", "poor"),
-    ("strong", "weak"), ("thick", "thin"), ("wet", "dry"), ("wide", "narrow"), ("young", "aged"),
-    ("clean", "dirty"), ("near", "far"), ("push", "pull"), ("win", "lose"), ("buy", "sell"),
-    ("day", "night"), ("left", "right"), ("first", "last"), ("inside", "outside"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("up", "down"),
+    ("open", "closed"),
+    ("light", "dark"),
+    ("early", "late"),
+    ("full", "empty"),
+    ("happy", "sad"),
+    ("hard", "soft"),
+    ("high", "low"),
+    ("long", "short"),
+    ("loud", "quiet"),
+    ("new", "old"),
+    ("rich", "poor"),
+    ("strong", "weak"),
+    ("thick", "thin"),
+    ("wet", "dry"),
+    ("wide", "narrow"),
+    ("young", "aged"),
+    ("clean", "dirty"),
+    ("near", "far"),
+    ("push", "pull"),
+    ("win", "lose"),
+    ("buy", "sell"),
+    ("day", "night"),
+    ("left", "right"),
+    ("first", "last"),
+    ("inside", "outside"),
     ("true", "false"),
 ]
 PHRASINGS = [
@@ -62,12 +85,19 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1000):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                   eos_token="<|im_end|>", pad_token="<|pad|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+    )
     fast.chat_template = CHATML
     return fast
 
@@ -77,13 +107,22 @@ def build_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                      intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
-                      # Wider than the usual 0.02: with a frozen random head of 0.02 the logits
-                      # cannot exceed ~2.5 and no adapter could make the model confident.
-                      initializer_range=0.1)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        # Wider than the usual 0.02: with a frozen random head of 0.02 the logits
+        # cannot exceed ~2.5 and no adapter could make the model confident.
+        initializer_range=0.1,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 

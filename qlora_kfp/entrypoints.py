@@ -68,8 +68,7 @@ def publish(folder: str, stage_name: str, args: dict) -> str:
 
 def html_with_image(png: str | Path, title: str) -> str:
     data = base64.b64encode(Path(png).read_bytes()).decode()
-    return (f"<html><body><h3>{title}</h3><img src='data:image/png;base64,{data}'/>"
-            "</body></html>")
+    return f"<html><body><h3>{title}</h3><img src='data:image/png;base64,{data}'/></body></html>"
 
 
 def _mark(artifact: Any, **meta: Any) -> None:
@@ -112,8 +111,11 @@ def quantize(args: dict) -> None:
         dataset = args.get("dataset")
         res = run_quantize(cfg, args["quantized_model"].path, dataset.path if dataset else None)
         report(run, args.get("metrics"), res.metrics)
-        _mark(args["quantized_model"], quant_type=cfg.quant_type,
-              s3_uri=publish(res.path, "quantized-model", args))
+        _mark(
+            args["quantized_model"],
+            quant_type=cfg.quant_type,
+            s3_uri=publish(res.path, "quantized-model", args),
+        )
 
 
 def train(args: dict) -> float:
@@ -121,12 +123,18 @@ def train(args: dict) -> float:
     from qlora_kfp.train import run_train
 
     with stage("train", configs.TrainConfig, args) as (cfg, run):
-        res = run_train(cfg, args["quantized_model"].path, args["dataset"].path,
-                        args["adapter"].path)
-        run.history(res.history, ("loss", "eval_loss", "learning_rate", "grad_norm",
-                                  "tokens_per_s", "gpu_mem_gib"))
-        report(run, args.get("metrics"), {f"final_{k}" if k in ("eval_loss",) else k: v
-                                          for k, v in res.metrics.items()})
+        res = run_train(
+            cfg, args["quantized_model"].path, args["dataset"].path, args["adapter"].path
+        )
+        run.history(
+            res.history,
+            ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "gpu_mem_gib"),
+        )
+        report(
+            run,
+            args.get("metrics"),
+            {f"final_{k}" if k in ("eval_loss",) else k: v for k, v in res.metrics.items()},
+        )
         run.artifacts(res.path, "adapter")
         png = Path(res.path) / "loss_curve.png"
         if args.get("loss_curve") is not None:
@@ -141,8 +149,9 @@ def evaluate(args: dict) -> float:
 
     with stage("evaluate", configs.EvaluateConfig, args) as (cfg, run):
         out = args["evaluation"].path
-        res = run_evaluate(cfg, args["quantized_model"].path, args["adapter"].path,
-                           args["dataset"].path, out)
+        res = run_evaluate(
+            cfg, args["quantized_model"].path, args["adapter"].path, args["dataset"].path, out
+        )
         report(run, args.get("metrics"), res.metrics)
         run.artifacts(res.path, "evaluation")
         if args.get("report") is not None:

@@ -43,17 +43,23 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     dev = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=dev)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def score(samples: list[dict], who: str) -> dict:
     n = max(len(samples), 1)
-    return {f"{who}_exact_match": round(sum(s[f"{who}_exact"] for s in samples) / n, 4),
-            f"{who}_rougeL": round(sum(s[f"{who}_rougeL"] for s in samples) / n, 4)}
+    return {
+        f"{who}_exact_match": round(sum(s[f"{who}_exact"] for s in samples) / n, 4),
+        f"{who}_rougeL": round(sum(s[f"{who}_rougeL"] for s in samples) / n, 4),
+    }
 
 
 def samples_html(samples: list[dict], metrics: dict) -> str:
@@ -63,16 +69,21 @@ def samples_html(samples: list[dict], metrics: dict) -> str:
     rows = "".join(
         f"<tr><td><pre>{esc(s['prompt'])}</pre></td><td>{esc(s['reference'])}</td>"
         f"<td>{esc(s['base_answer'])}</td><td>{esc(s['tuned_answer'])}</td>"
-        f"<td>{'✔' if s['tuned_exact'] else '✘'}</td></tr>" for s in samples)
-    return ("<html><head><meta charset='utf-8'><title>QLoRA evaluation</title><style>"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px}"
-            "</style></head><body><h2>Base vs tuned</h2><table>" + head + "</table>"
-            "<h2>Sample generations</h2><table><tr><th>prompt</th><th>reference</th>"
-            "<th>base</th><th>tuned</th><th>tuned exact</th></tr>" + rows + "</table></body></html>")
+        f"<td>{'✔' if s['tuned_exact'] else '✘'}</td></tr>"
+        for s in samples
+    )
+    return (
+        "<html><head><meta charset='utf-8'><title>QLoRA evaluation</title><style>"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px}"
+        "</style></head><body><h2>Base vs tuned</h2><table>" + head + "</table>"
+        "<h2>Sample generations</h2><table><tr><th>prompt</th><th>reference</th>"
+        "<th>base</th><th>tuned</th><th>tuned exact</th></tr>" + rows + "</table></body></html>"
+    )
 
 
-def run_evaluate(cfg: EvaluateConfig, model_dir: str, adapter_dir: str, dataset_dir: str,
-                 output_dir: str) -> EvaluateResult:
+def run_evaluate(
+    cfg: EvaluateConfig, model_dir: str, adapter_dir: str, dataset_dir: str, output_dir: str
+) -> EvaluateResult:
     """Compare the 4-bit base with base+adapter on the eval split.
 
     Args:
@@ -126,9 +137,12 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str, adapter_dir: str, dataset_
         (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         (tmp / "report.html").write_text(samples_html(samples, metrics))
         (tmp / "evaluate.json").write_text(json.dumps({"config": asdict(cfg)}, indent=1))
-        comparison_bars({k[5:]: v for k, v in metrics.items() if k.startswith("base_")},
-                        {k[6:]: v for k, v in metrics.items() if k.startswith("tuned_")},
-                        ["eval_loss", "exact_match", "rougeL"], tmp / "comparison.png")
+        comparison_bars(
+            {k[5:]: v for k, v in metrics.items() if k.startswith("base_")},
+            {k[6:]: v for k, v in metrics.items() if k.startswith("tuned_")},
+            ["eval_loss", "exact_match", "rougeL"],
+            tmp / "comparison.png",
+        )
     log.info("evaluated: %s", metrics)
     return EvaluateResult(str(output_dir), metrics, samples)
 

@@ -15,18 +15,30 @@ from pathlib import Path
 from qlora_kfp.demo import make_demo_assets
 
 # Small enough for a 2-core CPU in a few minutes, large enough that the adapter learns the task.
-DEMO_PARAMS = dict(max_seq_length=64, eval_fraction=0.15, eval_rows=0, lora_r=16,
-                   lora_alpha=32, lora_dropout=0.0, learning_rate=5e-3, num_epochs=20.0,
-                   batch_size=8, logging_steps=10, num_generations=16, max_new_tokens=8,
-                   warmup_ratio=0.05)
+DEMO_PARAMS = dict(
+    max_seq_length=64,
+    eval_fraction=0.15,
+    eval_rows=0,
+    lora_r=16,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    learning_rate=5e-3,
+    num_epochs=20.0,
+    batch_size=8,
+    logging_steps=10,
+    num_generations=16,
+    max_new_tokens=8,
+    warmup_ratio=0.05,
+)
 
 
 def local_tracking_env(workdir: Path) -> None:
     """Point MLflow at a local SQLite store under ``workdir`` unless already configured."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
-        os.environ.setdefault("QLORA_KFP_MLFLOW_ARTIFACT_ROOT",
-                              (workdir / "mlartifacts").resolve().as_uri())
+        os.environ.setdefault(
+            "QLORA_KFP_MLFLOW_ARTIFACT_ROOT", (workdir / "mlartifacts").resolve().as_uri()
+        )
 
 
 def run_pipeline(pipeline, params: dict, workdir: str | Path) -> Path:
@@ -37,8 +49,9 @@ def run_pipeline(pipeline, params: dict, workdir: str | Path) -> Path:
     root = workdir / "kfp"
     root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
-               raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
+    )
     pipeline(**params)
     new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     return new[-1] if new else root
@@ -53,7 +66,8 @@ def collect(run_dir: Path) -> dict:
         out.setdefault(task, {})["outputs"] = data
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
         out.setdefault(d.name, {})["artifacts"] = {
-            a.name: str(a) for a in sorted(d.iterdir()) if a.name != "executor_output.json"}
+            a.name: str(a) for a in sorted(d.iterdir()) if a.name != "executor_output.json"
+        }
     return out
 
 
@@ -65,9 +79,18 @@ def demo(workdir: str | Path, overrides: dict | None = None) -> dict:
     local_tracking_env(workdir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     assets = make_demo_assets(workdir / "demo")
-    params = {**DEMO_PARAMS, **assets, "run_name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
-              **(overrides or {})}
+    params = {
+        **DEMO_PARAMS,
+        **assets,
+        "run_name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+        **(overrides or {}),
+    }
     t0 = time.perf_counter()
     run_dir = run_pipeline(qlora_finetune, params, workdir)
-    return {"run_dir": str(run_dir), "params": params, "seconds": round(time.perf_counter() - t0, 1),
-            "tracking_uri": os.environ["MLFLOW_TRACKING_URI"], "tasks": collect(run_dir)}
+    return {
+        "run_dir": str(run_dir),
+        "params": params,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+        "tasks": collect(run_dir),
+    }

@@ -51,7 +51,8 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ArtifactError(
-            f"{folder}: no {MANIFEST}; the artifact is incomplete (its writer did not finish)")
+            f"{folder}: no {MANIFEST}; the artifact is incomplete (its writer did not finish)"
+        )
     return json.loads(path.read_text())
 
 

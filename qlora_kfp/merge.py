@@ -48,8 +48,9 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
 
     verify(adapter_dir, "adapter")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    base = modeling.load_model(cfg.base_model, dtype=torch.float32,
-                               trust_remote_code=cfg.trust_remote_code)
+    base = modeling.load_model(
+        cfg.base_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     ids = probe_inputs(tokenizer).to(next(model.parameters()).device)
@@ -59,18 +60,23 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
         after = merged(input_ids=ids).logits.float()
     diff = (before - after).abs().max().item()
     scale = before.abs().max().item()
-    metrics = {"merge_max_abs_diff": diff, "merge_logit_scale": round(scale, 4),
-               "merge_tolerance": cfg.merge_tolerance}
+    metrics = {
+        "merge_max_abs_diff": diff,
+        "merge_logit_scale": round(scale, 4),
+        "merge_tolerance": cfg.merge_tolerance,
+    }
     if not diff <= cfg.merge_tolerance:
         raise VerificationError(
             f"merged logits differ from base+adapter by {diff:.3g} (> merge_tolerance "
-            f"{cfg.merge_tolerance}); the merged model was not saved")
+            f"{cfg.merge_tolerance}); the merged model was not saved"
+        )
     merged = merged.to(getattr(torch, cfg.merge_dtype))
     with atomic_folder(output_dir, "merged-model") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge.json").write_text(json.dumps({"config": asdict(cfg), **metrics}, indent=1))
-    metrics["merged_bytes"] = sum(p.stat().st_size for p in
-                                  __import__("pathlib").Path(output_dir).rglob("*.safetensors"))
+    metrics["merged_bytes"] = sum(
+        p.stat().st_size for p in __import__("pathlib").Path(output_dir).rglob("*.safetensors")
+    )
     log.info("merged %s + %s: %s", sources.model_source(cfg.base_model), adapter_dir, metrics)
     return MergeResult(str(output_dir), metrics)

@@ -29,13 +29,17 @@ def bnb_config(quant_type: str, double_quant: bool, compute_dtype: str):
     from transformers import BitsAndBytesConfig
 
     dtype = resolve_dtype(compute_dtype)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                              bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
 
 
-def load_model(source: str, *, dtype=None, quantization_config=None,
-               trust_remote_code: bool = False):
+def load_model(
+    source: str, *, dtype=None, quantization_config=None, trust_remote_code: bool = False
+):
     """``AutoModelForCausalLM.from_pretrained`` on the right device, with a clear error."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -56,8 +60,9 @@ def collator(tokenizer):
     """Pads per batch; labels are padded with -100 so padding never counts in the loss."""
     from transformers import DataCollatorForSeq2Seq
 
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                  return_tensors="pt")
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"
+    )
 
 
 def batches(rows: Iterable[dict], tokenizer, batch_size: int):
@@ -85,13 +90,19 @@ def eval_loss(model, rows, tokenizer, batch_size: int = 8, desc: str = "eval") -
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             shift_logits, shift_labels = logits[:, :-1].float(), b["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
             n = int((shift_labels != -100).sum())
             total, count = total + float(loss), count + n
     loss = total / max(count, 1)
-    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50)), 4),
-            "tokens": count}
+    return {
+        "loss": round(loss, 6),
+        "perplexity": round(math.exp(min(loss, 50)), 4),
+        "tokens": count,
+    }
 
 
 def take(dataset, n: int):

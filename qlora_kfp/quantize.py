@@ -36,16 +36,20 @@ def dequant_error(model_4bit, model_16bit) -> dict:
             diff = torch.linalg.norm(w - dq).item() ** 2
             num, den, layers = num + diff, den + torch.linalg.norm(w).item() ** 2, layers + 1
             worst = max(worst, (diff / max(torch.linalg.norm(w).item() ** 2, 1e-30)) ** 0.5)
-    return {"quant_rel_error": round((num / max(den, 1e-30)) ** 0.5, 6),
-            "quant_rel_error_worst_layer": round(worst, 6), "quant_layers": layers}
+    return {
+        "quant_rel_error": round((num / max(den, 1e-30)) ** 0.5, 6),
+        "quant_rel_error_worst_layer": round(worst, 6),
+        "quant_layers": layers,
+    }
 
 
 def folder_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
 
 
-def run_quantize(cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None = None
-                 ) -> QuantizeResult:
+def run_quantize(
+    cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None = None
+) -> QuantizeResult:
     """Quantize ``cfg.base_model`` to 4 bit and save it (with tokenizer) under ``output_dir``.
 
     Args:
@@ -69,18 +73,27 @@ def run_quantize(cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None =
         tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
     qcfg = modeling.bnb_config(cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
     dtype = modeling.resolve_dtype(cfg.compute_dtype)
-    model16 = modeling.load_model(cfg.base_model, dtype=dtype,
-                                  trust_remote_code=cfg.trust_remote_code)
-    model4 = modeling.load_model(cfg.base_model, dtype=dtype, quantization_config=qcfg,
-                                 trust_remote_code=cfg.trust_remote_code)
+    model16 = modeling.load_model(
+        cfg.base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+    )
+    model4 = modeling.load_model(
+        cfg.base_model,
+        dtype=dtype,
+        quantization_config=qcfg,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     n_params = sum(p.numel() for p in model16.parameters())
     metrics = {"params": n_params, "bytes_16bit": 2 * n_params}
     metrics.update(dequant_error(model4, model16))
     if evals is not None:
         ppl16 = modeling.eval_loss(model16, evals, tokenizer, desc="16-bit eval")
         ppl4 = modeling.eval_loss(model4, evals, tokenizer, desc="4-bit eval")
-        metrics.update(eval_loss_16bit=ppl16["loss"], eval_perplexity_16bit=ppl16["perplexity"],
-                       eval_loss_4bit=ppl4["loss"], eval_perplexity_4bit=ppl4["perplexity"])
+        metrics.update(
+            eval_loss_16bit=ppl16["loss"],
+            eval_perplexity_16bit=ppl16["perplexity"],
+            eval_loss_4bit=ppl4["loss"],
+            eval_perplexity_4bit=ppl4["perplexity"],
+        )
     del model16
     with atomic_folder(output_dir, "quantized-model") as tmp:
         model4.save_pretrained(tmp, safe_serialization=True)

@@ -37,35 +37,47 @@ def client():
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5,
-                 read_timeout=60)
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    )
+    cfg = Config(
+        retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60
+    )
     return boto3.client("s3", endpoint_url=endpoint or None, config=cfg)
 
 
 def _transfer_config():
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
-                          multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=8)
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_THRESHOLD,
+        max_concurrency=8,
+    )
 
 
 def _explain(uri: str, exc: Exception) -> SourceError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, NoCredentialsError):
-        return SourceError(f"{uri}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
-                           "AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        return SourceError(
+            f"{uri}: no AWS credentials; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        )
     if isinstance(exc, EndpointConnectionError):
         return SourceError(f"{uri}: cannot reach the S3 endpoint ({exc}); check AWS_ENDPOINT_URL")
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
-        hint = {"NoSuchBucket": "the bucket does not exist",
-                "InvalidAccessKeyId": "wrong AWS_ACCESS_KEY_ID",
-                "SignatureDoesNotMatch": "wrong AWS_SECRET_ACCESS_KEY",
-                "AccessDenied": "the credentials may not read/write here",
-                "404": "no such object", "NoSuchKey": "no such object"}.get(code, str(exc))
+        hint = {
+            "NoSuchBucket": "the bucket does not exist",
+            "InvalidAccessKeyId": "wrong AWS_ACCESS_KEY_ID",
+            "SignatureDoesNotMatch": "wrong AWS_SECRET_ACCESS_KEY",
+            "AccessDenied": "the credentials may not read/write here",
+            "404": "no such object",
+            "NoSuchKey": "no such object",
+        }.get(code, str(exc))
         return SourceError(f"{uri}: {hint} ({code})")
     return SourceError(f"{uri}: {exc}")
 
@@ -91,8 +103,13 @@ def upload_folder(folder: str | os.PathLike, uri: str, kind: str = "folder") -> 
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
     total = sum(p.stat().st_size for p in files)
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"upload {uri}",
-                  disable=total < MULTIPART_THRESHOLD) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"upload {uri}",
+            disable=total < MULTIPART_THRESHOLD,
+        ) as bar:
             for p in files + [root / MANIFEST]:
                 key = f"{prefix}/{p.relative_to(root).as_posix()}".lstrip("/")
                 s3.upload_file(str(p), bucket, key, Config=cfg, Callback=bar.update)
@@ -112,19 +129,24 @@ def download_folder(uri: str, dest: str | os.PathLike, verify_manifest: bool = T
     dest = Path(dest)
     try:
         keys = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                  Prefix=prefix + "/"):
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix + "/"
+        ):
             keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
         if not keys:
             # A single object, e.g. s3://bucket/data.jsonl.
             head = s3.head_object(Bucket=bucket, Key=prefix)
             keys = [(prefix, head["ContentLength"])]
             dest = dest / Path(prefix).name
-        with tqdm(total=sum(s for _, s in keys), unit="B", unit_scale=True,
-                  desc=f"download {uri}", disable=sum(s for _, s in keys) < MULTIPART_THRESHOLD
-                  ) as bar:
+        with tqdm(
+            total=sum(s for _, s in keys),
+            unit="B",
+            unit_scale=True,
+            desc=f"download {uri}",
+            disable=sum(s for _, s in keys) < MULTIPART_THRESHOLD,
+        ) as bar:
             for key, _ in keys:
-                rel = key[len(prefix):].lstrip("/") if len(keys) > 1 or key != prefix else ""
+                rel = key[len(prefix) :].lstrip("/") if len(keys) > 1 or key != prefix else ""
                 target = dest / rel if rel else dest
                 if ".." in Path(rel).parts:
                     raise SourceError(f"s3://{bucket}/{key}: key escapes its prefix")

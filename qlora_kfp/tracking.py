@@ -45,8 +45,9 @@ def check_server(timeout_s: float = 10.0) -> None:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
                 r.read()
         except Exception as exc:  # noqa: BLE001
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); check "
-                                "MLFLOW_TRACKING_URI") from None
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({exc}); check MLFLOW_TRACKING_URI"
+            ) from None
 
 
 def git_commit() -> str:
@@ -55,8 +56,13 @@ def git_commit() -> str:
         return os.environ["QLORA_KFP_GIT_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=5, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except Exception:  # noqa: BLE001 - installed from a wheel, no git: not an error
         return "unknown"
 
@@ -75,9 +81,16 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
             # Local stores: keep artifacts beside the database, not in the current folder.
             mlflow.create_experiment(experiment, artifact_location=root)
         exp = mlflow.set_experiment(experiment)
-        run = client().create_run(exp.experiment_id, run_name=run_name or None, tags={
-            "pipeline.version": PIPELINE_VERSION, "git.commit": git_commit(), "qlora.role": "pipeline",
-            **tags})
+        run = client().create_run(
+            exp.experiment_id,
+            run_name=run_name or None,
+            tags={
+                "pipeline.version": PIPELINE_VERSION,
+                "git.commit": git_commit(),
+                "qlora.role": "pipeline",
+                **tags,
+            },
+        )
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']}: {exc}") from None
     return run.info.run_id
@@ -90,9 +103,11 @@ def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
     exp = client().get_experiment_by_name(experiment)
     if exp is None:
         return ""
-    runs = client().search_runs([exp.experiment_id], max_results=1,
-                                filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' "
-                                              "and tags.`qlora.role` = 'pipeline'")
+    runs = client().search_runs(
+        [exp.experiment_id],
+        max_results=1,
+        filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`qlora.role` = 'pipeline'",
+    )
     return runs[0].info.run_id if runs else ""
 
 
@@ -128,8 +143,13 @@ class StageRun:
             if new:
                 client().log_batch(rid, params=new)
 
-    def metrics(self, metrics: dict[str, Any], step: int | None = None, parent: bool = True,
-                prefix: str = "") -> None:
+    def metrics(
+        self,
+        metrics: dict[str, Any],
+        step: int | None = None,
+        parent: bool = True,
+        prefix: str = "",
+    ) -> None:
         if not self.run_id:
             return
         import time
@@ -137,11 +157,14 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(prefix + k, float(v), now, step or 0) for k, v in metrics.items()
-              if isinstance(v, int | float) and not isinstance(v, bool)]
+        ms = [
+            Metric(prefix + k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
         for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
             for i in range(0, len(ms), 900):  # the REST API takes 1000 metrics per batch
-                client().log_batch(rid, metrics=ms[i:i + 900])
+                client().log_batch(rid, metrics=ms[i : i + 900])
 
     def history(self, rows: list[dict], keys: tuple[str, ...]) -> None:
         """Per-step metrics (loss, learning rate, ...) as MLflow metric histories."""
@@ -175,10 +198,17 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[StageRun]:
         parent = c.get_run(parent_run_id)
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"MLflow parent run {parent_run_id}: {exc}") from None
-    run = c.create_run(parent.info.experiment_id, run_name=stage, tags={
-        "mlflow.parentRunId": parent_run_id, "stage": stage,
-        **{k: v for k, v in parent.data.tags.items()
-           if not k.startswith(("mlflow.", "qlora."))}})
+    run = c.create_run(
+        parent.info.experiment_id,
+        run_name=stage,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "stage": stage,
+            **{
+                k: v for k, v in parent.data.tags.items() if not k.startswith(("mlflow.", "qlora."))
+            },
+        },
+    )
     handle = StageRun(run.info.run_id, parent_run_id)
     try:
         yield handle

@@ -29,20 +29,32 @@ def check_target_modules(model, cfg: TrainConfig) -> None:
     wanted = cfg.target_module_list
     if wanted == "all-linear":
         return
-    leaves = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-              if not list(mod.children()) and hasattr(mod, "weight")}
+    leaves = {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if not list(mod.children()) and hasattr(mod, "weight")
+    }
     missing = sorted(set(wanted) - leaves)
     if missing:
-        raise ConfigError(f"target_modules {missing} are not in the model; it has "
-                          f"{sorted(leaves)} (or use all-linear)")
+        raise ConfigError(
+            f"target_modules {missing} are not in the model; it has "
+            f"{sorted(leaves)} (or use all-linear)"
+        )
 
 
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_module_list, use_dora=cfg.use_dora,
-                      use_rslora=cfg.use_rslora, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_module_list,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def resolve_optimizer(name: str) -> str:
@@ -64,8 +76,10 @@ def _callback(history: list[dict], tokens_seen: list[int]):
             self.t0, self.tok0 = time.perf_counter(), 0
 
         def on_log(self, args, state, control, logs=None, **kw):
-            row = {"step": state.global_step, **{k: float(v) for k, v in (logs or {}).items()
-                                                 if isinstance(v, int | float)}}
+            row = {
+                "step": state.global_step,
+                **{k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)},
+            }
             dt = time.perf_counter() - self.t0
             if "loss" in row and dt > 0:
                 row["tokens_per_s"] = round((tokens_seen[0] - self.tok0) / dt, 2)
@@ -107,8 +121,10 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
     check_target_modules(model, cfg)
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+        model,
+        use_gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
     model = get_peft_model(model, lora_config(cfg))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -123,28 +139,47 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
     history: list[dict] = []
     with atomic_folder(output_dir, "adapter") as tmp:
         args = TrainingArguments(
-            output_dir=str(tmp / "_trainer"), per_device_train_batch_size=cfg.batch_size,
+            output_dir=str(tmp / "_trainer"),
+            per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
-            warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.num_epochs,
-            max_steps=cfg.max_steps or -1, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm, optim=resolve_optimizer(cfg.optimizer),
-            logging_steps=cfg.logging_steps, logging_first_step=True,
-            eval_strategy="steps" if cfg.eval_steps else "no", eval_steps=cfg.eval_steps or None,
-            save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_ratio,
+            num_train_epochs=cfg.num_epochs,
+            max_steps=cfg.max_steps or -1,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            optim=resolve_optimizer(cfg.optimizer),
+            logging_steps=cfg.logging_steps,
+            logging_first_step=True,
+            eval_strategy="steps" if cfg.eval_steps else "no",
+            eval_steps=cfg.eval_steps or None,
+            save_strategy="no",
+            report_to="none",
+            seed=cfg.seed,
+            data_seed=cfg.seed,
             bf16=dtype == torch.bfloat16 and modeling.device() == "cuda",
             fp16=dtype == torch.float16 and modeling.device() == "cuda",
             gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
-            remove_unused_columns=False, dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=collate, callbacks=[_callback(history, tokens_seen)])
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=collate,
+            callbacks=[_callback(history, tokens_seen)],
+        )
         out = trainer.train()
         final_eval = trainer.evaluate()  # the Recorder logs it into history too
         if not math.isfinite(out.training_loss):
-            raise FloatingPointError(f"training loss is {out.training_loss}; lower "
-                                     "learning_rate or check the data")
+            raise FloatingPointError(
+                f"training loss is {out.training_loss}; lower learning_rate or check the data"
+            )
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
@@ -155,9 +190,12 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
     losses = [h["loss"] for h in history if "loss" in h]
     metrics = {
-        "train_loss": round(out.training_loss, 6), "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "eval_loss": final_eval["eval_loss"],
-        "steps": out.global_step, "trainable_params": trainable,
+        "train_loss": round(out.training_loss, 6),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "eval_loss": final_eval["eval_loss"],
+        "steps": out.global_step,
+        "trainable_params": trainable,
         "train_runtime_s": round(out.metrics["train_runtime"], 2),
         "tokens_per_s": round(tokens_seen[0] / max(out.metrics["train_runtime"], 1e-9), 2),
     }

@@ -32,14 +32,20 @@ def _percentiles(lengths: list[int]) -> dict[str, float]:
         return {}
     s = sorted(lengths)
     pick = lambda q: float(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))])  # noqa: E731
-    return {"tokens_p50": pick(0.5), "tokens_p90": pick(0.9), "tokens_p99": pick(0.99),
-            "tokens_max": float(s[-1]), "tokens_mean": round(sum(s) / len(s), 2)}
+    return {
+        "tokens_p50": pick(0.5),
+        "tokens_p90": pick(0.9),
+        "tokens_p99": pick(0.99),
+        "tokens_max": float(s[-1]),
+        "tokens_mean": round(sum(s) / len(s), 2),
+    }
 
 
 def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded], dict]:
     """Read and encode every row, validating all of it before returning (fail before work)."""
-    stats = dict(rows_read=0, dropped_duplicate=0, dropped_too_long=0, dropped_no_target=0,
-                 truncated=0)
+    stats = dict(
+        rows_read=0, dropped_duplicate=0, dropped_too_long=0, dropped_no_target=0, truncated=0
+    )
     seen: set[str] = set()
     out: list[templates.Encoded] = []
     for file, row, rec in readers.read_rows(cfg.data_source, cfg.data_format):
@@ -53,8 +59,13 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
                 stats["dropped_duplicate"] += 1
                 continue
             seen.add(key)
-        enc = templates.encode(tokenizer, messages, cfg.max_seq_length, cfg.train_on_prompt,
-                               truncate=cfg.overlong == "truncate")
+        enc = templates.encode(
+            tokenizer,
+            messages,
+            cfg.max_seq_length,
+            cfg.train_on_prompt,
+            truncate=cfg.overlong == "truncate",
+        )
         if enc is None:
             stats["dropped_too_long"] += 1
             continue
@@ -68,7 +79,9 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
     if not out:
         raise DataError(
             f"no rows left after filtering ({stats}); raise max_seq_length (now "
-            f"{cfg.max_seq_length}) or set overlong=truncate", source=cfg.data_source)
+            f"{cfg.max_seq_length}) or set overlong=truncate",
+            source=cfg.data_source,
+        )
     return out, stats
 
 
@@ -81,7 +94,9 @@ def split(rows: list, cfg: PrepareConfig) -> tuple[list, list]:
         raise DataError(
             f"{len(rows)} usable rows give {n_eval} eval and {len(rows) - n_eval} train rows; "
             f"need at least {cfg.min_eval_rows} eval and 1 train row. Add data or raise "
-            "eval_fraction", source=cfg.data_source)
+            "eval_fraction",
+            source=cfg.data_source,
+        )
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
@@ -104,8 +119,12 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     template = templates.apply_template(tokenizer, cfg.chat_template)
     rows, stats = encode_rows(cfg, tokenizer)
     train, evals = split(rows, cfg)
-    stats.update(rows_kept=len(rows), train_rows=len(train), eval_rows=len(evals),
-                 **_percentiles([len(r.input_ids) for r in rows]))
+    stats.update(
+        rows_kept=len(rows),
+        train_rows=len(train),
+        eval_rows=len(evals),
+        **_percentiles([len(r.input_ids) for r in rows]),
+    )
     stats["label_tokens"] = sum(sum(x != templates.IGNORE for x in r.labels) for r in rows)
     log.info("prepared %s", stats)
     with atomic_folder(output_dir, "dataset") as tmp:

@@ -14,8 +14,14 @@ from pathlib import Path
 from qlora_kfp import sources
 from qlora_kfp.errors import DataError, SourceError
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-           ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 Row = tuple[str, int, dict]  # (file, row number, record)
 
@@ -25,8 +31,11 @@ def detect_format(path: Path, data_format: str) -> str:
         return data_format
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"unknown format '{path.suffix or '(no extension)'}'; use one of "
-                        f"{', '.join(sorted(FORMATS))} or set data_format", source=str(path))
+        raise DataError(
+            f"unknown format '{path.suffix or '(no extension)'}'; use one of "
+            f"{', '.join(sorted(FORMATS))} or set data_format",
+            source=str(path),
+        )
     return fmt
 
 
@@ -38,8 +47,9 @@ def _jsonl(path: Path) -> Iterator[Row]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno})",
-                                source=str(path), row=n) from None
+                raise DataError(
+                    f"malformed JSON ({exc.msg} at column {exc.colno})", source=str(path), row=n
+                ) from None
             yield str(path), n, rec
 
 
@@ -47,14 +57,16 @@ def _json(path: Path) -> Iterator[Row]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
-                        source=str(path)) from None
+        raise DataError(
+            f"malformed JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})", source=str(path)
+        ) from None
     if isinstance(data, dict):
         # {"data": [...]} / {"train": [...]} are common wrappers.
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError("expected a list of records or an object holding one list",
-                            source=str(path))
+            raise DataError(
+                "expected a list of records or an object holding one list", source=str(path)
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise DataError("expected a list of records", source=str(path))
@@ -67,8 +79,12 @@ def _csv(path: Path) -> Iterator[Row]:
         reader = csv.DictReader(f)
         for n, rec in enumerate(reader, 1):
             if None in rec:  # more cells than header columns
-                raise DataError(f"{len(rec) - 1 + len(rec[None])} cells but the header has "
-                                f"{len(reader.fieldnames or [])} columns", source=str(path), row=n)
+                raise DataError(
+                    f"{len(rec) - 1 + len(rec[None])} cells but the header has "
+                    f"{len(reader.fieldnames or [])} columns",
+                    source=str(path),
+                    row=n,
+                )
             yield str(path), n, rec
 
 
@@ -104,8 +120,9 @@ def read_rows(source: str, data_format: str = "auto") -> Iterator[Row]:
             fmt = detect_format(f, data_format)
             for file, n, rec in READERS[fmt](f):
                 if not isinstance(rec, dict):
-                    raise DataError(f"expected an object, got {type(rec).__name__}",
-                                    source=file, row=n)
+                    raise DataError(
+                        f"expected an object, got {type(rec).__name__}", source=file, row=n
+                    )
                 yield file, n, rec
         return
     if not sources.is_hub_id(local):

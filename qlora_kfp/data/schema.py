@@ -25,7 +25,10 @@ def detect_schema(rec: dict, file: str, row: int) -> str:
             return name
     raise DataError(
         f"no known schema; keys are {sorted(rec)}. Expected 'messages', "
-        "'instruction'+'output' (Alpaca) or 'prompt'+'completion'", source=file, row=row)
+        "'instruction'+'output' (Alpaca) or 'prompt'+'completion'",
+        source=file,
+        row=row,
+    )
 
 
 def _text(rec: dict, key: str, file: str, row: int, required: bool = True) -> str:
@@ -35,8 +38,9 @@ def _text(rec: dict, key: str, file: str, row: int, required: bool = True) -> st
             raise DataError("missing or empty", source=file, row=row, field=key)
         return ""
     if not isinstance(value, str):
-        raise DataError(f"expected text, got {type(value).__name__}", source=file, row=row,
-                        field=key)
+        raise DataError(
+            f"expected text, got {type(value).__name__}", source=file, row=row, field=key
+        )
     return value
 
 
@@ -47,31 +51,46 @@ def to_messages(rec: dict, file: str, row: int) -> list[dict[str, str]]:
         instruction = _text(rec, "instruction", file, row)
         extra = _text(rec, "input", file, row, required=False)
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        return [{"role": "user", "content": user},
-                {"role": "assistant", "content": _text(rec, "output", file, row)}]
+        return [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _text(rec, "output", file, row)},
+        ]
     if schema == "prompt_completion":
-        return [{"role": "user", "content": _text(rec, "prompt", file, row)},
-                {"role": "assistant", "content": _text(rec, "completion", file, row)}]
+        return [
+            {"role": "user", "content": _text(rec, "prompt", file, row)},
+            {"role": "assistant", "content": _text(rec, "completion", file, row)},
+        ]
     msgs = rec["messages"]
     if not isinstance(msgs, list) or not msgs:
-        raise DataError("expected a non-empty list of messages", source=file, row=row,
-                        field="messages")
+        raise DataError(
+            "expected a non-empty list of messages", source=file, row=row, field="messages"
+        )
     out = []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise DataError("expected an object with role and content", source=file, row=row,
-                            field=where)
+            raise DataError(
+                "expected an object with role and content", source=file, row=row, field=where
+            )
         role = m.get("role")
         if role not in ROLES:
-            raise DataError(f"role {role!r} is not one of {', '.join(ROLES)}", source=file,
-                            row=row, field=f"{where}.role")
+            raise DataError(
+                f"role {role!r} is not one of {', '.join(ROLES)}",
+                source=file,
+                row=row,
+                field=f"{where}.role",
+            )
         content = m.get("content")
         if not isinstance(content, str) or not content:
-            raise DataError("missing, empty or not text", source=file, row=row,
-                            field=f"{where}.content")
+            raise DataError(
+                "missing, empty or not text", source=file, row=row, field=f"{where}.content"
+            )
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant":
-        raise DataError("the last message must be the assistant's answer to train on",
-                        source=file, row=row, field=f"messages[{len(out) - 1}].role")
+        raise DataError(
+            "the last message must be the assistant's answer to train on",
+            source=file,
+            row=row,
+            field=f"messages[{len(out) - 1}].role",
+        )
     return out

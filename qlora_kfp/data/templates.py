@@ -25,8 +25,9 @@ def apply_template(tokenizer, name: str) -> str:
     if name == "tokenizer":
         from qlora_kfp.errors import ConfigError
 
-        raise ConfigError("chat_template='tokenizer' but the tokenizer has none; "
-                          "use chatml, alpaca or auto")
+        raise ConfigError(
+            "chat_template='tokenizer' but the tokenizer has none; use chatml, alpaca or auto"
+        )
     chosen = "chatml" if name == "auto" else name
     tokenizer.chat_template = NAMED[chosen]
     return chosen
@@ -49,8 +50,9 @@ class Encoded:
     truncated: bool = False
 
 
-def encode(tokenizer, messages: list[dict], max_len: int, train_on_prompt: bool,
-           truncate: bool) -> Encoded | None:
+def encode(
+    tokenizer, messages: list[dict], max_len: int, train_on_prompt: bool, truncate: bool
+) -> Encoded | None:
     """Render and tokenize one conversation; mask prompt tokens in the labels.
 
     The prompt (everything before the last assistant turn, with the generation prompt) and the
@@ -59,15 +61,18 @@ def encode(tokenizer, messages: list[dict], max_len: int, train_on_prompt: bool,
     not end with it, so the model learns to stop. Returns ``None`` for a row over ``max_len``
     when not truncating.
     """
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], add_generation_prompt=True, tokenize=False
+    )
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         from qlora_kfp.errors import ConfigError
 
-        raise ConfigError("the chat template renders the prompt differently inside the full "
-                          "conversation; use chat_template=chatml or alpaca")
-    completion = full[len(prompt):]
+        raise ConfigError(
+            "the chat template renders the prompt differently inside the full "
+            "conversation; use chat_template=chatml or alpaca"
+        )
+    completion = full[len(prompt) :]
     p_ids = prompt_ids(tokenizer, prompt)
     c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id

@@ -1,0 +1,54 @@
+# qlora-kfp: Kubeflow Pipelines for QLoRA fine-tuning. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/local
+REGISTRY ?= ghcr.io/qlora-kfp
+TAG ?= 0.1.0
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE ?= 1
+export QLORA_KFP_REGISTRY := $(REGISTRY)
+export QLORA_KFP_TAG := $(TAG)
+
+help: ## Show this help
+	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv with the project and its test tools (CPU torch)
+
+run: $(STAMP) ## Run the whole pipeline locally (kfp.local, tiny model, local MLflow)
+	$(BIN)/qlora-kfp run --workdir $(WORKDIR)
+
+compile: $(STAMP) ## Compile the pipelines to pipelines/compiled/*.yaml (REGISTRY, TAG)
+	$(BIN)/qlora-kfp compile --output_dir pipelines/compiled
+
+test: $(STAMP) ## Run every test the CPU can run (gpu tests skip)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## Run the tests not marked slow or integration
+	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## Ruff lint and format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP) ## Ruff format and autofix
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db \
+	  --host 127.0.0.1 --port 5000
+
+clean: ## Remove local runs and caches (keeps .venv)
+	rm -rf runs .pytest_cache .ruff_cache
+
+.PHONY: help install run compile test test-fast lint format mlflow-ui clean

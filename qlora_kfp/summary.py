@@ -1,0 +1,55 @@
+"""The end-of-run summary: where every artifact is and base vs tuned at a glance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SHOWN = [
+    ("eval loss", "base_eval_loss", "tuned_eval_loss"),
+    ("eval perplexity", "base_eval_perplexity", "tuned_eval_perplexity"),
+    ("exact match", "base_exact_match", "tuned_exact_match"),
+    ("ROUGE-L", "base_rougeL", "tuned_rougeL"),
+]
+
+
+def task_metrics(tasks: dict, task: str) -> dict:
+    """The metadata of a task's ``metrics`` output artifact ({} when absent)."""
+    arts = tasks.get(task, {}).get("outputs", {}).get("artifacts", {})
+    items = arts.get("metrics", {}).get("artifacts", [])
+    return items[0].get("metadata", {}) if items else {}
+
+
+def print_summary(result: dict) -> None:
+    tasks = result["tasks"]
+    print("\n=== qlora_finetune: local run finished ===")
+    print(f"run folder:   {result['run_dir']}")
+    if result.get("tracking_uri"):
+        print(f"MLflow store: {result['tracking_uri']}   (make mlflow-ui to browse)")
+    if result.get("seconds"):
+        print(f"wall time:    {result['seconds']} s")
+    print("\nartifacts:")
+    for task, info in sorted(tasks.items()):
+        for name, path in sorted(info.get("artifacts", {}).items()):
+            print(f"  {task:16s} {name:16s} {path}")
+    ev = task_metrics(tasks, "evaluate")
+    if ev:
+        print(f"\n{'metric':18s} {'base':>12s} {'tuned':>12s}")
+        for label, b, t in SHOWN:
+            if b in ev:
+                print(f"{label:18s} {ev[b]:12.4f} {ev[t]:12.4f}")
+    mg = task_metrics(tasks, "merge")
+    if mg:
+        print(
+            f"\nmerge check: max |merged - (base+adapter)| logit = "
+            f"{mg['merge_max_abs_diff']:.3g} (tolerance {mg['merge_tolerance']})"
+        )
+    samples = (
+        Path(tasks.get("evaluate", {}).get("artifacts", {}).get("evaluation", "")) / "samples.jsonl"
+    )
+    if samples.is_file():
+        print("\nsample generations (prompt -> tuned answer | reference):")
+        for line in samples.read_text().splitlines()[:5]:
+            s = json.loads(line)
+            user = s["prompt"].split("user\n", 1)[-1].split("<|im_end|>")[0].strip()
+            print(f"  {user[:50]:50s} -> {s['tuned_answer'][:20]:20s} | {s['reference']}")

@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny random Llama + tokenizer and the artifacts of each stage.
+
+Session-scoped so the chain (prepare -> quantize -> train) is built once and each stage's
+tests assert on real artifacts produced by the previous stage.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a miss costs 25 s otherwise
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests opt in to tracking explicitly
+os.environ.pop("QLORA_KFP_ARTIFACT_URI", None)
+
+import pytest  # noqa: E402
+
+try:
+    import torch  # noqa: E402
+
+    HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # compile-only environments
+    HAS_CUDA = False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    from qlora_kfp.demo import make_demo_assets
+
+    return make_demo_assets(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def prepared(demo_assets, tmp_path_factory):
+    from qlora_kfp.configs import PrepareConfig
+    from qlora_kfp.data.prepare import run_prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "dataset"
+    cfg = PrepareConfig(
+        data_source=demo_assets["data_source"],
+        base_model=demo_assets["base_model"],
+        max_seq_length=64,
+        eval_fraction=0.15,
+    )
+    return run_prepare(cfg, str(out))
+
+
+@pytest.fixture(scope="session")
+def quantized(demo_assets, prepared, tmp_path_factory):
+    from qlora_kfp.configs import QuantizeConfig
+    from qlora_kfp.quantize import run_quantize
+
+    out = tmp_path_factory.mktemp("quantized") / "model"
+    return run_quantize(
+        QuantizeConfig(base_model=demo_assets["base_model"]), str(out), prepared.path
+    )
+
+
+TRAIN_KW = dict(
+    learning_rate=5e-3,
+    num_epochs=12.0,
+    batch_size=8,
+    lora_r=16,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    logging_steps=10,
+    warmup_ratio=0.05,
+)
+
+
+@pytest.fixture(scope="session")
+def trained(quantized, prepared, tmp_path_factory):
+    from qlora_kfp.configs import TrainConfig
+    from qlora_kfp.train import run_train
+
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    return run_train(TrainConfig(**TRAIN_KW), quantized.path, prepared.path, str(out))
+
+
+@pytest.fixture
+def write_rows(tmp_path):
+    """Write rows to a file of the given format and return its path."""
+    import csv
+    import json
+
+    def _write(rows, fmt="jsonl", name="data"):
+        path = tmp_path / f"{name}.{fmt}"
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif fmt == "json":
+            path.write_text(json.dumps(rows))
+        elif fmt == "csv":
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        elif fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        return str(path)
+
+    return _write

@@ -1,0 +1,75 @@
+"""The committed YAML is what `make compile` writes, and compiling needs no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPILED = ROOT / "pipelines" / "compiled"
+
+
+def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
+    from qlora_kfp.compile import compile_all
+
+    for var in (
+        "QLORA_KFP_REGISTRY",
+        "QLORA_KFP_TAG",
+        "QLORA_KFP_CPU_IMAGE",
+        "QLORA_KFP_GPU_IMAGE",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    for path in map(Path, compile_all(tmp_path)):
+        golden = COMPILED / path.name
+        assert golden.is_file(), f"{golden} is missing: run make compile and commit it"
+        assert path.read_text() == golden.read_text(), (
+            f"{golden.name} is stale: run `make compile` and commit the result"
+        )
+
+
+def test_compiling_twice_gives_the_same_bytes(tmp_path):
+    from qlora_kfp.compile import compile_all
+
+    a = [Path(p).read_bytes() for p in compile_all(tmp_path / "a")]
+    b = [Path(p).read_bytes() for p in compile_all(tmp_path / "b")]
+    assert a == b
+
+
+def test_compile_does_not_import_torch(tmp_path):
+    code = (
+        "import sys; from qlora_kfp.compile import compile_all; "
+        f"compile_all({str(tmp_path)!r}); "
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_images_are_set_at_compile_time(tmp_path):
+    env = {
+        "QLORA_KFP_REGISTRY": "registry.example.com/ml",
+        "QLORA_KFP_TAG": "v9",
+        "PATH": "/usr/bin:/bin",
+    }
+    code = f"from qlora_kfp.compile import compile_all; compile_all({str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
+    spec = yaml.safe_load((tmp_path / "qlora_finetune.yaml").read_text())
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {
+        "registry.example.com/ml/qlora-kfp-cpu:v9",
+        "registry.example.com/ml/qlora-kfp-gpu:v9",
+    }
+
+
+def test_pipeline_shape():
+    spec = yaml.safe_load((COMPILED / "qlora_finetune.yaml").read_text())
+    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"prepare-dataset", "quantize", "train", "evaluate", "merge", "start-tracking"} <= set(
+        inner
+    )
+    assert inner["train"]["dependentTasks"] == ["prepare-dataset", "quantize", "start-tracking"]
+    root = spec["root"]["dag"]["tasks"]
+    assert root["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"

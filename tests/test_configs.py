@@ -1,0 +1,101 @@
+"""Typed configs: validation messages, and one name = one meaning across CLI/KFP/pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+from qlora_kfp import configs
+from qlora_kfp.errors import ConfigError
+
+BAD = [
+    ("prepare-unknown-format", configs.PrepareConfig, {"data_format": "xml"}, "data_format"),
+    ("prepare-eval-fraction-1", configs.PrepareConfig, {"eval_fraction": 1.0}, "eval_fraction"),
+    ("prepare-tiny-seq", configs.PrepareConfig, {"max_seq_length": 4}, "max_seq_length"),
+    ("prepare-overlong-keep", configs.PrepareConfig, {"overlong": "keep"}, "overlong"),
+    ("quantize-int3", configs.QuantizeConfig, {"quant_type": "int3"}, "quant_type"),
+    ("quantize-dtype", configs.QuantizeConfig, {"compute_dtype": "fp8"}, "compute_dtype"),
+    ("train-rank-0", configs.TrainConfig, {"lora_r": 0}, "lora_r"),
+    ("train-dropout-1", configs.TrainConfig, {"lora_dropout": 1.0}, "lora_dropout"),
+    ("train-lr-negative", configs.TrainConfig, {"learning_rate": -1.0}, "learning_rate"),
+    ("train-empty-targets", configs.TrainConfig, {"target_modules": " "}, "target_modules"),
+    ("train-no-length", configs.TrainConfig, {"num_epochs": 0.0, "max_steps": 0}, "num_epochs"),
+    ("train-scheduler", configs.TrainConfig, {"lr_scheduler": "step"}, "lr_scheduler"),
+    ("merge-dtype", configs.MergeConfig, {"merge_dtype": "int8"}, "merge_dtype"),
+    ("merge-tolerance", configs.MergeConfig, {"merge_tolerance": 0.0}, "merge_tolerance"),
+]
+REQUIRED = {"data_source": "data.jsonl", "base_model": "model"}
+
+
+@pytest.mark.parametrize("cls,overrides,field", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_invalid_values_name_the_field(cls, overrides, field):
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in REQUIRED.items() if k in names}
+    with pytest.raises(ConfigError, match=rf"^{field}=.* is invalid: "):
+        cls(**kwargs, **overrides)
+
+
+def test_target_module_list_parses_names():
+    assert configs.TrainConfig(target_modules="q_proj, v_proj").target_module_list == [
+        "q_proj",
+        "v_proj",
+    ]
+    assert configs.TrainConfig().target_module_list == "all-linear"
+
+
+def test_every_field_has_help():
+    for cls in configs.STAGE_CONFIGS.values():
+        assert all(configs.field_help(cls).values()), cls
+
+
+def _component_params(component):
+    fn = component.python_func
+    return {
+        n: p.default
+        for n, p in inspect.signature(fn).parameters.items()
+        if "Annotation" not in str(p.annotation)
+    }  # Input[...]/Output[...] artifacts
+
+
+STAGES = [
+    "prepare_dataset:prepare",
+    "quantize:quantize",
+    "train:train",
+    "evaluate:evaluate",
+    "merge:merge",
+]
+
+
+@pytest.mark.parametrize("pair", STAGES, ids=[s.split(":")[0] for s in STAGES])
+def test_component_parameters_are_config_fields(pair):
+    import qlora_kfp.components as comps
+
+    from qlora_kfp.entrypoints import COMMON_PARAMS
+
+    comp_name, stage = pair.split(":")
+    params = _component_params(getattr(comps, comp_name))
+    fields = {f.name: f.default for f in dataclasses.fields(configs.STAGE_CONFIGS[stage])}
+    assert set(params) - set(COMMON_PARAMS) == set(fields)
+    for name, default in fields.items():
+        if default is not dataclasses.MISSING:
+            assert params[name] == default, f"{comp_name}.{name}: {params[name]} != {default}"
+
+
+def test_pipeline_parameters_mean_what_the_configs_say():
+    from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
+
+    from qlora_kfp.cli import pipeline_inputs
+
+    fields = {}
+    for cls in configs.STAGE_CONFIGS.values():
+        for f in dataclasses.fields(cls):
+            fields[f.name] = f.default
+    extra = {"mlflow_experiment", "run_name"}
+    for name, (_, default) in pipeline_inputs(qlora_finetune).items():
+        if name in extra:
+            continue
+        assert name in fields, f"pipeline parameter {name} is no config field"
+        if fields[name] is not dataclasses.MISSING:
+            assert default == fields[name], name

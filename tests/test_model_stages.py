@@ -1,0 +1,198 @@
+"""quantize, train, evaluate, merge on a tiny random Llama with real bitsandbytes 4-bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_kfp import modeling
+from qlora_kfp.configs import EvaluateConfig, MergeConfig, QuantizeConfig, TrainConfig
+from qlora_kfp.errors import ConfigError, VerificationError
+from qlora_kfp.manifest import verify
+
+
+def linear4bit_modules(model):
+    import bitsandbytes as bnb
+
+    return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def test_quantized_artifact_reloads_as_nf4_double_quant(quantized):
+    verify(quantized.path, "quantized-model")
+    model = modeling.load_model(quantized.path)
+    names = linear4bit_modules(model)
+    assert len(names) == 14  # 2 layers x (q, k, v, o, gate, up, down); the head stays 16-bit
+    w = dict(model.named_modules())[names[0]].weight
+    assert w.quant_state.quant_type == "nf4" and w.quant_state.nested
+    assert w.dtype == torch.uint8
+
+
+def test_quantize_metrics_are_consistent(quantized):
+    m = quantized.metrics
+    # NF4 on Gaussian weights: ~9% relative error; far off means the wrong weights were compared.
+    assert 0.03 < m["quant_rel_error"] < 0.2
+    assert m["bytes_4bit"] < m["params"] * 4  # smaller than the float32 it was loaded as
+    assert m["eval_perplexity_4bit"] > 0 and m["eval_perplexity_16bit"] > 0
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("fp4", False), ("nf4", False)])
+def test_quant_options_reach_bitsandbytes(quant_type, double_quant, demo_assets, tmp_path):
+    from qlora_kfp.quantize import run_quantize
+
+    cfg = QuantizeConfig(
+        base_model=demo_assets["base_model"], quant_type=quant_type, double_quant=double_quant
+    )
+    res = run_quantize(cfg, str(tmp_path / "q"))
+    model = modeling.load_model(res.path)
+    w = dict(model.named_modules())[linear4bit_modules(model)[0]].weight
+    assert (w.quant_state.quant_type, w.quant_state.nested) == (quant_type, double_quant)
+    assert "eval_perplexity_4bit" not in res.metrics  # no dataset given
+
+
+def test_training_changes_the_adapter_and_lowers_the_loss(trained):
+    from safetensors.torch import load_file
+
+    m = trained.metrics
+    assert m["last_loss"] < 0.5 * m["first_loss"]
+    weights = load_file(Path(trained.path) / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "lora_B starts at zero"
+    cfg = json.loads((Path(trained.path) / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert (Path(trained.path) / "loss_curve.png").stat().st_size > 1000
+
+
+def test_training_leaves_the_4bit_base_untouched(quantized, trained):
+    from safetensors.torch import load_file
+
+    # Re-reading the artifact proves the file on disk is untouched; the manifest's checksum
+    # covers every byte of the packed 4-bit weights.
+    verify(quantized.path, "quantized-model")
+    before = load_file(Path(quantized.path) / "model.safetensors")
+    model = modeling.load_model(quantized.path)
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, trained.path)
+    base_sd = peft_model.get_base_model().state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(base_sd[key.replace(".weight", ".base_layer.weight")].cpu(), before[key])
+
+
+def test_adapter_loads_with_plain_peft(quantized, trained):
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(trained.path)
+    assert model.peft_config["default"].r == 16
+
+
+def test_unknown_target_module_fails_before_training(quantized, prepared, tmp_path):
+    from qlora_kfp.train import run_train
+
+    with pytest.raises(ConfigError, match=r"\['wq'\] are not in the model.*q_proj"):
+        run_train(
+            TrainConfig(target_modules="q_proj,wq"),
+            quantized.path,
+            prepared.path,
+            str(tmp_path / "a"),
+        )
+    assert not (tmp_path / "a").exists()
+
+
+def test_named_targets_and_max_steps(quantized, prepared, tmp_path):
+    from qlora_kfp.train import run_train
+
+    res = run_train(
+        TrainConfig(
+            target_modules="q_proj,v_proj", max_steps=3, lora_r=4, gradient_checkpointing=False
+        ),
+        quantized.path,
+        prepared.path,
+        str(tmp_path / "a"),
+    )
+    cfg = json.loads((Path(res.path) / "adapter_config.json").read_text())
+    assert res.metrics["steps"] == 3
+    assert {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {"q_proj", "v_proj"}
+
+
+def test_tuned_beats_base_on_the_eval_split(quantized, trained, prepared, tmp_path):
+    from qlora_kfp.evaluate import run_evaluate
+
+    res = run_evaluate(
+        EvaluateConfig(num_generations=8, max_new_tokens=8),
+        quantized.path,
+        trained.path,
+        prepared.path,
+        str(tmp_path / "ev"),
+    )
+    m = res.metrics
+    assert m["tuned_eval_loss"] < 0.5 * m["base_eval_loss"]
+    assert m["tuned_rougeL"] >= m["base_rougeL"]
+    assert len(res.samples) == 8 and {"prompt", "reference", "base_answer", "tuned_answer"} <= set(
+        res.samples[0]
+    )
+    html = (Path(res.path) / "report.html").read_text()
+    assert res.samples[0]["reference"] in html
+
+
+@pytest.mark.parametrize(
+    "ref,pred,exact",
+    [
+        ("cold", "cold", True),
+        ("cold", " Cold.", True),
+        ("cold", "colder", False),
+        ("a b", "a  b", True),
+    ],
+    ids=["same", "case-and-punctuation", "different-word", "spaces"],
+)
+def test_exact_match_normalization(ref, pred, exact):
+    from qlora_kfp.evaluate import normalize, rouge_l
+
+    assert (normalize(ref) == normalize(pred)) is exact
+    assert rouge_l(ref, pred) == pytest.approx(1.0) if exact else rouge_l(ref, pred) < 1.0
+
+
+def test_merged_logits_equal_base_plus_adapter(demo_assets, trained, tmp_path):
+    from peft import PeftModel
+
+    from qlora_kfp.merge import run_merge
+
+    res = run_merge(
+        MergeConfig(base_model=demo_assets["base_model"], merge_dtype="float32"),
+        trained.path,
+        str(tmp_path / "merged"),
+    )
+    assert res.metrics["merge_max_abs_diff"] <= 1e-3
+    merged = modeling.load_model(res.path, dtype=torch.float32)
+    assert not linear4bit_modules(merged) and not any(
+        "lora" in n for n, _ in merged.named_parameters()
+    )
+    base = modeling.load_model(demo_assets["base_model"], dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, trained.path)
+    ids = torch.randint(
+        0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-3)
+
+
+def test_merge_refuses_to_save_when_logits_differ(demo_assets, trained, tmp_path):
+    from qlora_kfp.merge import run_merge
+
+    with pytest.raises(VerificationError, match="was not saved"):
+        run_merge(
+            MergeConfig(base_model=demo_assets["base_model"], merge_tolerance=1e-12),
+            trained.path,
+            str(tmp_path / "merged"),
+        )
+    assert not (tmp_path / "merged").exists()

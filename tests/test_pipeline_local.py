@@ -1,0 +1,94 @@
+"""The whole qlora_finetune pipeline through kfp.local, as `make run` runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlora_kfp.manifest import verify
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "QLORA_KFP_"))}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora_kfp.cli",
+            "run",
+            "--workdir",
+            str(workdir),
+            "--run_name",
+            "e2e",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(json.loads(proc.stdout[proc.stdout.rindex("{") :])["run_dir"])
+    return workdir, run_dir, proc.stdout
+
+
+def metrics_of(run_dir: Path, task: str) -> dict:
+    out = json.loads((run_dir / task / "executor_output.json").read_text())
+    return out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+
+
+def test_every_stage_wrote_a_verified_artifact(local_run):
+    _, run_dir, _ = local_run
+    for task, name, kind in [
+        ("prepare-dataset", "dataset", "dataset"),
+        ("quantize", "quantized_model", "quantized-model"),
+        ("train", "adapter", "adapter"),
+        ("evaluate", "evaluation", "evaluation"),
+        ("merge", "merged_model", "merged-model"),
+    ]:
+        verify(run_dir / task / name, kind)
+    assert (run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "merge" / "merged_model" / "model.safetensors").is_file()
+    assert "<img src='data:image/png;base64," in (run_dir / "train" / "loss_curve").read_text()
+
+
+def test_tuned_beats_base_and_learns_the_task(local_run):
+    _, run_dir, stdout = local_run
+    ev = metrics_of(run_dir, "evaluate")
+    assert ev["tuned_eval_loss"] < 0.2 * ev["base_eval_loss"]
+    assert ev["tuned_exact_match"] >= 0.5 > ev["base_exact_match"]
+    assert metrics_of(run_dir, "merge")["merge_max_abs_diff"] <= 1e-3
+    assert metrics_of(run_dir, "prepare-dataset")["eval_rows"] == 36
+    assert "exact match" in stdout and "merge check" in stdout  # the printed summary
+
+
+def test_mlflow_has_one_parent_run_with_nested_stage_runs(local_run):
+    workdir, _, _ = local_run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("qlora-finetune")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = {
+        r.data.tags["stage"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == {"prepare-dataset", "quantize", "train", "evaluate", "merge"}
+    assert parent.data.params["lora_r"] == "16" and parent.data.params["learning_rate"] == "0.005"
+    assert parent.data.metrics["tuned_exact_match"] >= 0.5
+    history = client.get_metric_history(children["train"].info.run_id, "loss")
+    assert len(history) > 10 and history[-1].value < history[0].value
+    arts = {a.path for a in client.list_artifacts(children["train"].info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in arts
