@@ -8,6 +8,7 @@ from qlora_kfp.components.evaluate import evaluate
 from qlora_kfp.components.merge import merge
 from qlora_kfp.components.prepare_dataset import prepare_dataset
 from qlora_kfp.components.quantize import quantize
+from qlora_kfp.components.register import register_model
 from qlora_kfp.components.tracking import finish_tracking, start_tracking
 from qlora_kfp.components.train import train
 
@@ -17,6 +18,7 @@ __all__ = [
     "merge",
     "prepare_dataset",
     "quantize",
+    "register_model",
     "start_tracking",
     "train",
 ]

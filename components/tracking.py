@@ -9,14 +9,10 @@ from qlora_kfp.components.images import CPU_IMAGE
 def start_tracking(
     mlflow_experiment: str, run_name: str, kfp_run_id: str, base_model: str, data_source: str
 ) -> str:
-    """Create the parent MLflow run (tags: KFP run id, base model); returns its id."""
-    from qlora_kfp import tracking
+    """Check MLflow and S3 before any GPU is claimed, then create the parent MLflow run."""
+    from qlora_kfp import entrypoints
 
-    return tracking.start_pipeline_run(
-        mlflow_experiment,
-        run_name,
-        {"kfp.run_id": kfp_run_id, "base_model": base_model, "data_source": data_source},
-    )
+    return entrypoints.start_tracking(locals())
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -11,6 +11,7 @@ from qlora_kfp.components import (
     merge,
     prepare_dataset,
     quantize,
+    register_model,
     start_tracking,
     train,
 )
@@ -63,6 +64,8 @@ def qlora_finetune(
     max_new_tokens: int = 64,
     # merge
     merge_dtype: str = "bfloat16",
+    # register
+    registered_model_name: str = "qlora-finetune",
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     # The exit task may depend on no task, so it finds the parent run by its KFP run id tag.
@@ -154,3 +157,14 @@ def qlora_finetune(
         )
         mg.after(ev)  # never publish a merged model whose evaluation failed
         platform.gpu_task(mg, cache=False)
+
+        reg = register_model(
+            merged_model=mg.outputs["merged_model"],
+            base_model=base_model,
+            dataset_digest=prep.outputs["Output"],
+            tuned_eval_loss=ev.outputs["Output"],
+            registered_model_name=registered_model_name,
+            mlflow_parent_run_id=parent,
+            kfp_run_id=run_id,
+        )
+        platform.small_task(reg, cache=False)

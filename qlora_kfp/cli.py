@@ -32,6 +32,11 @@ STAGE_PATHS = {  # positional artifact folders of each stage command
         ("output", "report folder to write"),
     ],
     "merge": [("adapter", "adapter folder"), ("output", "merged model folder to write")],
+    "register": [
+        ("merged_model", "merged model folder"),
+        ("evaluation", "evaluation folder (its tuned_eval_loss decides champion)"),
+        ("dataset", "prepared dataset folder (its digest names the eval split)"),
+    ],
 }
 
 
@@ -142,11 +147,36 @@ def _run_stage(name: str, args: argparse.Namespace) -> dict:
         from qlora_kfp.evaluate import run_evaluate
 
         r = run_evaluate(cfg, args.model, args.adapter, args.dataset, args.output)
-    else:
+    elif name == "merge":
         from qlora_kfp.merge import run_merge
 
         r = run_merge(cfg, args.adapter, args.output)
+    else:
+        return _register(cfg, args)
     return {"path": r.path, **r.metrics}
+
+
+def _register(cfg, args: argparse.Namespace) -> dict:
+    from qlora_kfp import entrypoints, tracking
+    from qlora_kfp.data.prepare import dataset_digest
+    from qlora_kfp.errors import TrackingError
+    from qlora_kfp.evaluate import read_metrics
+
+    if not tracking.enabled():
+        raise TrackingError("register needs MLFLOW_TRACKING_URI")
+    parent = tracking.start_pipeline_run("qlora-finetune", "register", {"kfp.run_id": "cli"})
+    art = argparse.Namespace(path=args.merged_model, metadata={})
+    version = entrypoints.register(
+        {
+            **vars(args),
+            "merged_model": art,
+            "mlflow_parent_run_id": parent,
+            "dataset_digest": dataset_digest(args.dataset),
+            "tuned_eval_loss": read_metrics(args.evaluation)["tuned_eval_loss"],
+        }
+    )
+    tracking.finish_pipeline_run("qlora-finetune", "cli", "SUCCEEDED")
+    return {"registered_model_name": cfg.registered_model_name, "version": version}
 
 
 def _run_local(args: argparse.Namespace) -> dict:
@@ -156,6 +186,9 @@ def _run_local(args: argparse.Namespace) -> dict:
     given = {k: v for k, v in vars(args).items() if k in pipeline_inputs(qlora_finetune)}
     if args.params_file:
         given = {**json.loads(Path(args.params_file).read_text()), **given}
+    from qlora_kfp import preflight
+
+    preflight.check_services()  # unreachable MLflow or a bad bucket: fail before any task
     if not given.get("base_model") or not given.get("data_source"):
         # Without a model and data: the embedded default; explicit flags still override.
         result = local_run.demo(args.workdir, given)

@@ -235,18 +235,40 @@ class MergeConfig:
         _check(self.merge_tolerance > 0, "merge_tolerance", self.merge_tolerance, "use > 0")
 
 
+@dataclass
+class RegisterConfig:
+    """Register the merged model in the MLflow Model Registry (challenger / champion)."""
+
+    base_model: str = _help("Base model the adapter was trained on (a tag of the version).")
+    registered_model_name: str = _help(
+        "MLflow registered model to add a version to (empty: do not register).",
+        default="qlora-finetune",
+    )
+
+    def __post_init__(self) -> None:
+        name = self.registered_model_name
+        _check(
+            "/" not in name and ":" not in name,
+            "registered_model_name",
+            name,
+            "use a name without '/' or ':'",
+        )
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "prepare": PrepareConfig,
     "quantize": QuantizeConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "merge": MergeConfig,
+    "register": RegisterConfig,
 }
 
 
 def field_help(cls: type) -> dict[str, str]:
     """Help text of every field of a config class (shared fields borrow it from their owner)."""
     owners = [PrepareConfig, QuantizeConfig, TrainConfig, EvaluateConfig, MergeConfig]
+    owners.append(RegisterConfig)
     out = {}
     for f in dataclasses.fields(cls):
         text = f.metadata.get("help")

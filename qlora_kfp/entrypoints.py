@@ -137,6 +137,7 @@ def train(args: dict) -> float:
         )
         run.artifacts(res.path, "adapter")
         png = Path(res.path) / "loss_curve.png"
+        run.artifact(str(png), "plots", parent=True)
         if args.get("loss_curve") is not None:
             Path(args["loss_curve"].path).write_text(html_with_image(png, "Training loss"))
         _mark(args["adapter"], s3_uri=publish(res.path, "adapter", args))
@@ -154,6 +155,8 @@ def evaluate(args: dict) -> float:
         )
         report(run, args.get("metrics"), res.metrics)
         run.artifacts(res.path, "evaluation")
+        run.artifact(str(Path(res.path) / "comparison.png"), "plots", parent=True)
+        run.table(res.samples, "sample_generations.json")
         if args.get("report") is not None:
             Path(args["report"].path).write_text((Path(res.path) / "report.html").read_text())
         _mark(args["evaluation"], s3_uri=publish(res.path, "evaluation", args))
@@ -167,3 +170,61 @@ def merge(args: dict) -> None:
         res = run_merge(cfg, args["adapter"].path, args["merged_model"].path)
         report(run, args.get("metrics"), res.metrics)
         _mark(args["merged_model"], s3_uri=publish(res.path, "merged-model", args))
+
+
+def register(args: dict) -> str:
+    """Register the merged model as a new version (alias challenger, champion if better)."""
+    from qlora_kfp import registry
+
+    with stage("register", configs.RegisterConfig, args) as (cfg, run):
+        if not (cfg.registered_model_name and run.run_id):
+            log.warning("registration skipped (no registered_model_name or tracking is off)")
+            return ""
+        model = args["merged_model"]
+        source = (model.metadata or {}).get("s3_uri", "")
+        if not source:  # no artifact store configured: the registry keeps its own copy
+            run.artifacts(model.path, "merged_model")
+            source = f"{tracking.client().get_run(run.run_id).info.artifact_uri}/merged_model"
+        tags = {
+            "base_model": cfg.base_model,
+            "dataset_digest": args["dataset_digest"],
+            "kfp.run_id": args.get("kfp_run_id", ""),
+            "mlflow.parent_run": run.parent_run_id,
+        }
+        res = registry.register(
+            cfg.registered_model_name, source, run.run_id, tags, float(args["tuned_eval_loss"])
+        )
+        report(
+            run,
+            args.get("metrics"),
+            {"registered_version": int(res.version), "promoted_to_champion": int(res.promoted)},
+        )
+        run.tags(
+            {
+                "registered_model": f"{cfg.registered_model_name}/{res.version}",
+                "promotion": res.reason,
+            },
+            parent=True,
+        )
+        return res.version
+
+
+def start_tracking(args: dict) -> str:
+    """Fail fast on unreachable MLflow or a bad bucket, then open the parent run."""
+    from qlora_kfp import preflight
+
+    setup_logging()
+    try:
+        preflight.check_services()
+        return tracking.start_pipeline_run(
+            args["mlflow_experiment"],
+            args["run_name"],
+            {
+                "kfp.run_id": args["kfp_run_id"],
+                "base_model": args["base_model"],
+                "data_source": args["data_source"],
+            },
+        )
+    except QloraError as exc:
+        log.error("start-tracking failed: %s", exc)
+        sys.exit(f"start-tracking failed: {exc}")

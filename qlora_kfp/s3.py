@@ -85,8 +85,14 @@ def _explain(uri: str, exc: Exception) -> SourceError:
 def check_access(uri: str) -> None:
     """Fail fast, before long work, when the bucket is missing or the credentials are wrong."""
     bucket, _ = split_uri(uri)
+    from botocore.exceptions import ClientError
+
     try:
         client().head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+            raise SourceError(f"{uri}: the bucket does not exist (NoSuchBucket)") from None
+        raise _explain(uri, exc) from None
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message
         raise _explain(uri, exc) from None
 

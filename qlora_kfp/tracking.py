@@ -175,9 +175,18 @@ class StageRun:
         if self.run_id:
             client().log_artifacts(self.run_id, folder, artifact_path=path)
 
-    def artifact(self, file: str, path: str | None = None) -> None:
-        if self.run_id:
-            client().log_artifact(self.run_id, file, artifact_path=path)
+    def artifact(self, file: str, path: str | None = None, parent: bool = False) -> None:
+        if not self.run_id:
+            return
+        for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
+            client().log_artifact(rid, file, artifact_path=path)
+
+    def table(self, rows: list[dict], artifact_file: str) -> None:
+        """A table (e.g. sample generations) shown in the MLflow UI's artifact view."""
+        if self.run_id and rows:
+            import pandas as pd
+
+            client().log_table(self.run_id, pd.DataFrame(rows), artifact_file)
 
     def tags(self, tags: dict[str, str], parent: bool = False) -> None:
         if not self.run_id:

@@ -14,7 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests opt in to tracking explicitly
 os.environ.pop("QLORA_KFP_ARTIFACT_URI", None)
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/servers.py
 
 try:
     import torch  # noqa: E402
@@ -110,3 +114,50 @@ def write_rows(tmp_path):
         return str(path)
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """Real S3-compatible (moto) and MLflow servers on 127.0.0.1, with their buckets."""
+    import boto3
+    from servers import AWS_ENV, Services, mlflow_server, s3_server
+
+    work = tmp_path_factory.mktemp("servers")
+    with s3_server(work) as endpoint:
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            **{
+                "aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
+                "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+                "region_name": AWS_ENV["AWS_DEFAULT_REGION"],
+            },
+        )
+        for bucket in ("mlflow", "pipeline"):
+            s3.create_bucket(Bucket=bucket)
+        with mlflow_server(work, endpoint, "mlflow") as uri:
+            yield Services(endpoint, uri)
+
+
+@pytest.fixture(scope="session")
+def s3_only(tmp_path_factory):
+    """Just the S3-compatible server (fast), for transfer tests."""
+    import boto3
+    from servers import Services, s3_server
+
+    with s3_server(tmp_path_factory.mktemp("s3")) as endpoint:
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="data")
+        yield Services(endpoint)
+
+
+@pytest.fixture
+def s3_env(s3_only, monkeypatch):
+    for k, v in s3_only.env().items():
+        monkeypatch.setenv(k, v)
+    return s3_only

@@ -1,0 +1,101 @@
+"""S3 through boto3 against a real S3-compatible server on 127.0.0.1 (moto)."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+
+from qlora_kfp import s3, sources
+from qlora_kfp.errors import ArtifactError, SourceError
+from qlora_kfp.manifest import MANIFEST, atomic_folder
+
+pytestmark = pytest.mark.integration
+
+
+def client(env):
+    return boto3.client("s3", endpoint_url=env.s3_endpoint, region_name="us-east-1")
+
+
+def test_folder_round_trip_with_manifest_last(s3_env, tmp_path):
+    with atomic_folder(tmp_path / "art", "adapter") as tmp:
+        (tmp / "a.bin").write_bytes(b"x" * 1000)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.json").write_text("{}")
+    s3.upload_folder(tmp_path / "art", "s3://data/runs/r1/adapter")
+    keys = [
+        o["Key"]
+        for o in client(s3_env).list_objects_v2(Bucket="data", Prefix="runs/r1/")["Contents"]
+    ]
+    assert sorted(keys) == [
+        "runs/r1/adapter/MANIFEST.json",
+        "runs/r1/adapter/a.bin",
+        "runs/r1/adapter/sub/b.json",
+    ]
+    got = s3.download_folder("s3://data/runs/r1/adapter", tmp_path / "back")
+    assert (got / "a.bin").read_bytes() == b"x" * 1000 and (got / MANIFEST).is_file()
+
+
+def test_download_detects_a_corrupted_object(s3_env, tmp_path):
+    with atomic_folder(tmp_path / "art", "adapter") as tmp:
+        (tmp / "a.bin").write_bytes(b"good")
+    s3.upload_folder(tmp_path / "art", "s3://data/corrupt")
+    client(s3_env).put_object(Bucket="data", Key="corrupt/a.bin", Body=b"evil")
+    with pytest.raises(ArtifactError, match="a.bin: checksum mismatch"):
+        s3.download_folder("s3://data/corrupt", tmp_path / "back")
+
+
+def test_model_and_dataset_load_from_s3_uris(s3_env, demo_assets, tmp_path, monkeypatch):
+    from qlora_kfp.configs import PrepareConfig
+    from qlora_kfp.data.prepare import run_prepare
+
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    s3.upload_folder(demo_assets["base_model"], "s3://data/models/tiny")
+    client(s3_env).upload_file(demo_assets["data_source"], "data", "datasets/antonyms.jsonl")
+    local = sources.model_source("s3://data/models/tiny")
+    assert (
+        json.loads(
+            (tmp_path / "cache" / "s3" / "data" / "models" / "tiny" / "config.json").read_text()
+        )["model_type"]
+        == "llama"
+    )
+    res = run_prepare(
+        PrepareConfig(
+            data_source="s3://data/datasets/antonyms.jsonl",
+            base_model="s3://data/models/tiny",
+            max_seq_length=64,
+        ),
+        str(tmp_path / "prepared"),
+    )
+    assert res.stats["rows_read"] == 240 and local.endswith("tiny")
+
+
+@pytest.mark.parametrize(
+    "uri,message",
+    [
+        ("s3://no-such-bucket/x", "the bucket does not exist"),
+        ("s3://data/missing-object.jsonl", "no such object"),
+        ("s3://data/../escape", "escapes its prefix"),
+    ],
+    ids=["missing-bucket", "missing-object", "key-escapes-prefix"],
+)
+def test_s3_errors_are_clear(s3_env, tmp_path, uri, message):
+    with pytest.raises(SourceError, match=message):
+        s3.download_folder(uri, tmp_path / "d")
+
+
+def test_check_access_fails_fast_on_missing_bucket(s3_env):
+    s3.check_access("s3://data/prefix")
+    with pytest.raises(SourceError, match="no-bucket/prefix: the bucket does not exist"):
+        s3.check_access("s3://no-bucket/prefix")
+
+
+def test_unreachable_endpoint(monkeypatch):
+    from servers import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    with pytest.raises(SourceError, match="cannot reach the S3 endpoint"):
+        s3.check_access("s3://bucket/x")

@@ -1,0 +1,145 @@
+"""The pipeline against a real `mlflow server` (SQLite, S3 artifact root) and S3 (moto).
+
+Two local pipeline runs with different LoRA ranks; everything is read back through
+MlflowClient and boto3: runs and nesting, params, metric histories, artifacts in the bucket,
+registered versions and the challenger/champion aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+STAGES = {"prepare-dataset", "quantize", "train", "evaluate", "merge", "register"}
+
+
+def run_cli(args: list[str], env: dict, workdir: Path) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "QLORA_KFP_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_kfp.cli", "run", "--workdir", str(workdir), *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_runs(services, tmp_path_factory):
+    env = {**services.env(), "QLORA_KFP_ARTIFACT_URI": "s3://pipeline/qlora"}
+    out = []
+    for rank in (16, 4):
+        workdir = tmp_path_factory.mktemp(f"r{rank}")
+        proc = run_cli(
+            ["--run_name", f"rank-{rank}", "--lora_r", str(rank), "--mlflow_experiment", "compare"],
+            env,
+            workdir,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out.append(json.loads(proc.stdout[proc.stdout.rindex("{") :])["run_dir"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(services):
+    from mlflow.tracking import MlflowClient
+
+    for k, v in services.env().items():
+        os.environ[k] = v
+    return MlflowClient(tracking_uri=services.tracking_uri)
+
+
+def parents(client):
+    exp = client.get_experiment_by_name("compare")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    return runs, [r for r in runs if r.data.tags.get("qlora.role") == "pipeline"]
+
+
+def test_one_parent_per_pipeline_run_with_a_nested_run_per_stage(two_runs, client):
+    runs, tops = parents(client)
+    assert [p.info.run_name for p in tops] == ["rank-16", "rank-4"]
+    for p in tops:
+        assert p.info.status == "FINISHED" and p.data.tags["kfp.status"] == "SUCCEEDED"
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+        assert {k.data.tags["stage"] for k in kids} == STAGES
+        assert all(k.info.status == "FINISHED" for k in kids)
+        assert p.data.tags["git.commit"] and p.data.tags["kfp.run_id"]
+
+
+def test_runs_are_comparable_side_by_side(two_runs, client):
+    _, (a, b) = parents(client)
+    assert set(a.data.params) == set(b.data.params) and set(a.data.metrics) == set(b.data.metrics)
+    assert (a.data.params["lora_r"], b.data.params["lora_r"]) == ("16", "4")
+    for key in ("tuned_eval_loss", "base_eval_loss", "quant_rel_error", "train_loss"):
+        assert key in a.data.metrics
+    assert a.data.params["learning_rate"] == b.data.params["learning_rate"] == "0.005"
+
+
+def test_training_curve_and_artifacts_live_in_s3(two_runs, client, services):
+    runs, (a, _) = parents(client)
+    train = next(
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == a.info.run_id
+        and r.data.tags["stage"] == "train"
+    )
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s"):
+        hist = client.get_metric_history(train.info.run_id, key)
+        assert len(hist) > 5, key
+        assert sorted(h.step for h in hist) == [h.step for h in sorted(hist, key=lambda h: h.step)]
+    loss = sorted(client.get_metric_history(train.info.run_id, "loss"), key=lambda h: h.step)
+    assert loss[-1].value < loss[0].value
+    assert train.info.artifact_uri.startswith("s3://mlflow/")
+    names = {f.path for f in client.list_artifacts(a.info.run_id, "plots")}
+    assert {"plots/loss_curve.png", "plots/comparison.png"} <= names
+    s3 = boto3.client("s3", endpoint_url=services.s3_endpoint, region_name="us-east-1")
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="pipeline", Prefix="qlora/")
+        for o in page.get("Contents", [])
+    ]
+    kfp_id = a.data.tags["kfp.run_id"]
+    for stage in ("dataset", "quantized-model", "adapter", "evaluation", "merged-model"):
+        assert f"qlora/{kfp_id}/{stage}/MANIFEST.json" in keys, stage
+    assert f"qlora/{kfp_id}/adapter/adapter_model.safetensors" in keys
+    inputs = client.get_run(a.info.run_id).inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == a.data.tags["dataset.digest"]
+
+
+def test_registry_versions_and_aliases(two_runs, client):
+    _, (a, b) = parents(client)
+    versions = sorted(
+        client.search_model_versions("name='qlora-finetune'"), key=lambda v: int(v.version)
+    )
+    assert [v.version for v in versions] == ["1", "2"]
+    assert versions[0].source.startswith("s3://pipeline/qlora/")
+    assert client.get_model_version_by_alias("qlora-finetune", "challenger").version == "2"
+    loss = [float(v.tags["tuned_eval_loss"]) for v in versions]
+    champion = client.get_model_version_by_alias("qlora-finetune", "champion").version
+    assert champion == ("2" if loss[1] < loss[0] else "1")
+    assert versions[1].tags["dataset_digest"] == versions[0].tags["dataset_digest"]
+    assert versions[0].tags["promotion"] == "no champion yet"
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    from servers import free_port
+
+    proc = run_cli([], {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}, tmp_path)
+    assert proc.returncode == 2
+    assert "MLflow tracking server http://127.0.0.1:" in proc.stderr
+    assert "is unreachable" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "kfp").exists(), "no task may start"
+
+
+def test_missing_bucket_fails_fast(services, tmp_path):
+    env = {**services.env(), "QLORA_KFP_ARTIFACT_URI": "s3://no-such-bucket/qlora"}
+    proc = run_cli([], env, tmp_path)
+    assert proc.returncode == 2 and "the bucket does not exist" in proc.stderr
+    assert not (tmp_path / "kfp").exists()
