@@ -44,6 +44,16 @@ lint: $(STAMP) ## Ruff lint and format check
 format: $(STAMP) ## Ruff format and autofix
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
+upload: $(STAMP) ## Upload pipelines/compiled/qlora_finetune.yaml to KFP_HOST (new version if it exists)
+	$(BIN)/qlora-kfp upload
+
+run-remote: $(STAMP) ## Start a KFP run: PARAMS=params.yaml and/or ARGS="--param lora_r=32"
+	$(BIN)/qlora-kfp run-remote $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
+
+schedule: $(STAMP) ## Recurring retraining: ACTION=create|list|pause|resume|delete CRON="0 0 3 * * 1" PARAMS=...
+	$(BIN)/qlora-kfp schedule $(or $(ACTION),create) --cron "$(or $(CRON),0 0 3 * * 1)" \
+	  $(if $(ID),--id $(ID)) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
+
 mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db \
 	  --host 127.0.0.1 --port 5000
@@ -51,4 +61,5 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0
 clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
-.PHONY: help install run compile test test-fast lint format mlflow-ui clean
+.PHONY: help install run compile test test-fast lint format mlflow-ui clean upload run-remote \
+	schedule

@@ -4,6 +4,7 @@ Importing this package needs only kfp: every component imports the library insid
 so compiling never imports torch.
 """
 
+from qlora_kfp.components.decide import decide_training
 from qlora_kfp.components.evaluate import evaluate
 from qlora_kfp.components.merge import merge
 from qlora_kfp.components.prepare_dataset import prepare_dataset
@@ -13,6 +14,7 @@ from qlora_kfp.components.tracking import finish_tracking, start_tracking
 from qlora_kfp.components.train import train
 
 __all__ = [
+    "decide_training",
     "evaluate",
     "finish_tracking",
     "merge",

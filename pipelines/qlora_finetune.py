@@ -6,6 +6,7 @@ from the CLI to the component, the pipeline and MLflow.
 
 from kfp import dsl
 from qlora_kfp.components import (
+    decide_training,
     evaluate,
     finish_tracking,
     merge,
@@ -66,6 +67,7 @@ def qlora_finetune(
     merge_dtype: str = "bfloat16",
     # register
     registered_model_name: str = "qlora-finetune",
+    force_retrain: bool = False,
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     # The exit task may depend on no task, so it finds the parent run by its KFP run id tag.
@@ -99,72 +101,83 @@ def qlora_finetune(
         )
         platform.cpu_task(prep, cache=True)
 
-        quant = quantize(
-            base_model=base_model,
-            dataset=prep.outputs["dataset"],
-            quant_type=quant_type,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            eval_rows=eval_rows,
-            mlflow_parent_run_id=parent,
-            kfp_run_id=run_id,
-        )
-        platform.gpu_task(quant, cache=True)
-
-        tr = train(
-            quantized_model=quant.outputs["quantized_model"],
-            dataset=prep.outputs["dataset"],
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=target_modules,
-            learning_rate=learning_rate,
-            lr_scheduler=lr_scheduler,
-            warmup_ratio=warmup_ratio,
-            num_epochs=num_epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer,
-            logging_steps=logging_steps,
-            compute_dtype=compute_dtype,
-            seed=seed,
-            mlflow_parent_run_id=parent,
-            kfp_run_id=run_id,
-        )
-        platform.gpu_task(tr, cache=False)
-
-        ev = evaluate(
-            quantized_model=quant.outputs["quantized_model"],
-            adapter=tr.outputs["adapter"],
-            dataset=prep.outputs["dataset"],
-            num_generations=num_generations,
-            max_new_tokens=max_new_tokens,
-            eval_rows=eval_rows,
-            compute_dtype=compute_dtype,
-            mlflow_parent_run_id=parent,
-            kfp_run_id=run_id,
-        )
-        platform.gpu_task(ev, cache=False)
-
-        mg = merge(
-            base_model=base_model,
-            adapter=tr.outputs["adapter"],
-            merge_dtype=merge_dtype,
-            mlflow_parent_run_id=parent,
-            kfp_run_id=run_id,
-        )
-        mg.after(ev)  # never publish a merged model whose evaluation failed
-        platform.gpu_task(mg, cache=False)
-
-        reg = register_model(
-            merged_model=mg.outputs["merged_model"],
-            base_model=base_model,
+        decision = decide_training(
             dataset_digest=prep.outputs["Output"],
-            tuned_eval_loss=ev.outputs["Output"],
             registered_model_name=registered_model_name,
+            force_retrain=force_retrain,
             mlflow_parent_run_id=parent,
             kfp_run_id=run_id,
         )
-        platform.small_task(reg, cache=False)
+        platform.small_task(decision, cache=False)
+
+        # Scheduled retraining claims no GPU when the champion already saw this exact data.
+        with dsl.If(decision.output == "train", name="data-changed"):
+            quant = quantize(
+                base_model=base_model,
+                dataset=prep.outputs["dataset"],
+                quant_type=quant_type,
+                double_quant=double_quant,
+                compute_dtype=compute_dtype,
+                eval_rows=eval_rows,
+                mlflow_parent_run_id=parent,
+                kfp_run_id=run_id,
+            )
+            platform.gpu_task(quant, cache=True)
+
+            tr = train(
+                quantized_model=quant.outputs["quantized_model"],
+                dataset=prep.outputs["dataset"],
+                lora_r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=target_modules,
+                learning_rate=learning_rate,
+                lr_scheduler=lr_scheduler,
+                warmup_ratio=warmup_ratio,
+                num_epochs=num_epochs,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                gradient_accumulation_steps=gradient_accumulation_steps,
+                gradient_checkpointing=gradient_checkpointing,
+                optimizer=optimizer,
+                logging_steps=logging_steps,
+                compute_dtype=compute_dtype,
+                seed=seed,
+                mlflow_parent_run_id=parent,
+                kfp_run_id=run_id,
+            )
+            platform.gpu_task(tr, cache=False)
+
+            ev = evaluate(
+                quantized_model=quant.outputs["quantized_model"],
+                adapter=tr.outputs["adapter"],
+                dataset=prep.outputs["dataset"],
+                num_generations=num_generations,
+                max_new_tokens=max_new_tokens,
+                eval_rows=eval_rows,
+                compute_dtype=compute_dtype,
+                mlflow_parent_run_id=parent,
+                kfp_run_id=run_id,
+            )
+            platform.gpu_task(ev, cache=False)
+
+            mg = merge(
+                base_model=base_model,
+                adapter=tr.outputs["adapter"],
+                merge_dtype=merge_dtype,
+                mlflow_parent_run_id=parent,
+                kfp_run_id=run_id,
+            )
+            mg.after(ev)  # never publish a merged model whose evaluation failed
+            platform.gpu_task(mg, cache=False)
+
+            reg = register_model(
+                merged_model=mg.outputs["merged_model"],
+                base_model=base_model,
+                dataset_digest=prep.outputs["Output"],
+                tuned_eval_loss=ev.outputs["Output"],
+                registered_model_name=registered_model_name,
+                mlflow_parent_run_id=parent,
+                kfp_run_id=run_id,
+            )
+            platform.small_task(reg, cache=False)

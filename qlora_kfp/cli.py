@@ -122,6 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params_file", default=None, help="JSON file of pipeline parameters")
     add_pipeline_flags(p, qlora_finetune)
 
+    p = sub.add_parser(
+        "upload", help="upload the compiled pipeline to KFP (same name: new version)"
+    )
+    p.add_argument("--package", default="pipelines/compiled/qlora_finetune.yaml")
+    p.add_argument("--name", default="", help="pipeline name (default: from the YAML)")
+    p.add_argument("--version", default="", help="version name (default: a timestamp)")
+
+    p = sub.add_parser("run-remote", help="start a run on KFP with parameters from a file/flags")
+    p.add_argument("--name", default="qlora-finetune", help="uploaded pipeline name")
+    p.add_argument("--experiment", default="qlora-finetune")
+    p.add_argument("--run_name", default="")
+    p.add_argument("--params_file", default=None, help="JSON or YAML of pipeline parameters")
+    p.add_argument("--param", action="append", default=[], help="key=value (repeatable)")
+
+    p = sub.add_parser("schedule", help="recurring retraining runs: create, list, pause, ...")
+    p.add_argument("action", choices=["create", "list", "pause", "resume", "delete"])
+    p.add_argument("--id", default="", help="recurring run id (pause, resume, delete)")
+    p.add_argument("--name", default="qlora-finetune", help="uploaded pipeline name")
+    p.add_argument("--cron", default="0 0 3 * * 1", help="6-field cron, seconds first")
+    p.add_argument("--experiment", default="qlora-finetune")
+    p.add_argument("--job_name", default="")
+    p.add_argument("--params_file", default=None, help="JSON or YAML of pipeline parameters")
+    p.add_argument("--param", action="append", default=[], help="key=value (repeatable)")
+
     p = sub.add_parser("demo-assets", help="write the tiny demo model and dataset to a folder")
     p.add_argument("output")
     return parser
@@ -202,6 +226,25 @@ def _run_local(args: argparse.Namespace) -> dict:
     return {"run_dir": result["run_dir"]}
 
 
+def _remote(args: argparse.Namespace):
+    from qlora_kfp import remote
+
+    if args.command == "upload":
+        return remote.upload(args.package, args.name, args.version)
+    params = remote.load_params(args.params_file, args.param)
+    if args.command == "run-remote":
+        return remote.run(args.name, params, args.experiment, args.run_name)
+    if args.action == "create":
+        return remote.schedule(args.name, args.cron, params, args.experiment, args.job_name)
+    if args.action == "list":
+        return remote.schedules()
+    if not args.id:
+        from qlora_kfp.errors import ConfigError
+
+        raise ConfigError(f"schedule {args.action} needs --id (see: qlora-kfp schedule list)")
+    return remote.set_schedule(args.action, args.id)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -216,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             out = {"compiled": compile_all(args.output_dir)}
         elif args.command == "run":
             out = _run_local(args)
+        elif args.command in ("upload", "run-remote", "schedule"):
+            out = _remote(args)
         else:
             from qlora_kfp.demo import make_demo_assets
 

@@ -228,3 +228,20 @@ def start_tracking(args: dict) -> str:
     except QloraError as exc:
         log.error("start-tracking failed: %s", exc)
         sys.exit(f"start-tracking failed: {exc}")
+
+
+def decide_training(args: dict) -> str:
+    """``"train"`` or ``"skip"``: skip when the champion already saw this exact dataset."""
+    from qlora_kfp import registry
+
+    setup_logging()
+    train, reason = registry.should_train(
+        args["registered_model_name"], args["dataset_digest"], args["force_retrain"]
+    )
+    log.info("training decision: %s (%s)", "train" if train else "skip", reason)
+    with tracking.stage_run(args.get("mlflow_parent_run_id", ""), "decide-training") as run:
+        run.tags(
+            {"training_decision": "train" if train else "skip", "training_decision_reason": reason},
+            parent=True,
+        )
+    return "train" if train else "skip"

@@ -73,3 +73,15 @@ def register(
         c.set_registered_model_alias(name, CHAMPION, mv.version)
     log.info("registered %s version %s (%s)", name, mv.version, reason)
     return RegisterResult(str(mv.version), promote, reason)
+
+
+def should_train(name: str, digest: str, force: bool) -> tuple[bool, str]:
+    """Scheduled retraining: skip when the champion was trained on the same data (unless forced)."""
+    if force:
+        return True, "forced"
+    if not (name and tracking.enabled()):
+        return True, "no registry to compare with"
+    tags = champion_tags(name)
+    if tags and tags.get("dataset_digest") == digest:
+        return False, f"dataset unchanged since champion ({digest}); skipping training"
+    return True, "new data" if tags else "no champion yet"

@@ -56,7 +56,7 @@ def test_images_are_set_at_compile_time(tmp_path):
     }
     code = f"from qlora_kfp.compile import compile_all; compile_all({str(tmp_path)!r})"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
-    spec = yaml.safe_load((tmp_path / "qlora_finetune.yaml").read_text())
+    spec, _ = load(tmp_path / "qlora_finetune.yaml")
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {
         "registry.example.com/ml/qlora-kfp-cpu:v9",
@@ -64,12 +64,22 @@ def test_images_are_set_at_compile_time(tmp_path):
     }
 
 
+def load(path: Path) -> tuple[dict, dict]:
+    """The pipeline spec and the platform (Kubernetes) spec of a compiled file."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
 def test_pipeline_shape():
-    spec = yaml.safe_load((COMPILED / "qlora_finetune.yaml").read_text())
-    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"prepare-dataset", "quantize", "train", "evaluate", "merge", "start-tracking"} <= set(
-        inner
+    spec, _ = load(COMPILED / "qlora_finetune.yaml")
+    comps = spec["components"]
+    outer = comps["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"start-tracking", "prepare-dataset", "decide-training"} <= set(outer)
+    gated = comps["comp-condition-2"]["dag"]["tasks"]
+    assert set(gated) == {"quantize", "train", "evaluate", "merge", "register-model"}
+    assert outer["condition-2"]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--decide-training-Output'] == 'train'"
     )
-    assert inner["train"]["dependentTasks"] == ["prepare-dataset", "quantize", "start-tracking"]
+    assert sorted(gated["merge"]["dependentTasks"]) == ["evaluate", "train"]
     root = spec["root"]["dag"]["tasks"]
     assert root["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"

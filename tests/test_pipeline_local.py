@@ -85,7 +85,15 @@ def test_mlflow_has_one_parent_run_with_nested_stage_runs(local_run):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == {"prepare-dataset", "quantize", "train", "evaluate", "merge"}
+    assert set(children) == {
+        "prepare-dataset",
+        "decide-training",
+        "quantize",
+        "train",
+        "evaluate",
+        "merge",
+        "register",
+    }
     assert parent.data.params["lora_r"] == "16" and parent.data.params["learning_rate"] == "0.005"
     assert parent.data.metrics["tuned_exact_match"] >= 0.5
     history = client.get_metric_history(children["train"].info.run_id, "loss")

@@ -17,7 +17,15 @@ import boto3
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-STAGES = {"prepare-dataset", "quantize", "train", "evaluate", "merge", "register"}
+STAGES = {
+    "prepare-dataset",
+    "decide-training",
+    "quantize",
+    "train",
+    "evaluate",
+    "merge",
+    "register",
+}
 
 
 def run_cli(args: list[str], env: dict, workdir: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,120 @@
+"""The compiled IR carries the Kubernetes settings: GPU pools, secrets, shm, retries, caching."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_TASKS = ["quantize", "train", "evaluate", "merge"]
+ALL_TASKS = GPU_TASKS + [
+    "prepare-dataset",
+    "start-tracking",
+    "decide-training",
+    "register-model",
+    "finish-tracking",
+]
+
+
+def compiled(tmp_path: Path | None = None, env: dict | None = None) -> tuple[dict, dict]:
+    path = ROOT / "pipelines" / "compiled" / "qlora_finetune.yaml"
+    if env is not None:
+        code = f"from qlora_kfp.compile import compile_all; compile_all({str(tmp_path)!r})"
+        subprocess.run(
+            [sys.executable, "-c", code], check=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}
+        )
+        path = tmp_path / "qlora_finetune.yaml"
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def executor(spec: dict, task: str) -> str:
+    for comp in spec["components"].values():
+        for name, t in comp.get("dag", {}).get("tasks", {}).items():
+            if name == task:
+                return spec["components"][t["componentRef"]["name"]]["executorLabel"]
+    for name, t in spec["root"]["dag"]["tasks"].items():
+        if name == task:
+            return spec["components"][t["componentRef"]["name"]]["executorLabel"]
+    raise KeyError(task)
+
+
+def task_spec(spec: dict, task: str) -> dict:
+    for comp in [spec["root"], *spec["components"].values()]:
+        if task in comp.get("dag", {}).get("tasks", {}):
+            return comp["dag"]["tasks"][task]
+    raise KeyError(task)
+
+
+@pytest.mark.parametrize("task", GPU_TASKS)
+def test_gpu_tasks_land_on_the_gpu_pool(task):
+    spec, k8s = compiled()
+    ex = executor(spec, task)
+    res = spec["deploymentSpec"]["executors"][ex]["container"]["resources"]
+    acc = res["accelerator"]
+    assert (acc["resourceType"], acc["resourceCount"]) == ("nvidia.com/gpu", "1")
+    assert (res["resourceMemoryLimit"], res["resourceCpuRequest"]) == ("64Gi", "4")
+    assert k8s[ex]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert k8s[ex]["tolerations"] == [
+        {"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}
+    ]
+    assert k8s[ex]["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
+    ]
+    retry = task_spec(spec, task)["retryPolicy"]
+    assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s"
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_credentials_come_from_the_secret_never_parameters(task):
+    spec, k8s = compiled()
+    ex = executor(spec, task)
+    env = {e["envVar"] for s in k8s[ex]["secretAsEnv"] for e in s["keyToEnv"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} <= env
+    assert k8s[ex]["secretAsEnv"][0]["secretName"] == "qlora-kfp-credentials"
+    cm = {e["envVar"] for s in k8s[ex]["configMapAsEnv"] for e in s["keyToEnv"]}
+    assert "MLFLOW_TRACKING_URI" in cm
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert not {p for p in params if "secret" in p or "password" in p or "key" in p.lower()}
+
+
+@pytest.mark.parametrize(
+    "task,cached",
+    [
+        ("prepare-dataset", True),
+        ("quantize", True),
+        ("train", False),
+        ("evaluate", False),
+        ("merge", False),
+        ("start-tracking", False),
+    ],
+)
+def test_caching_per_task(task, cached):
+    spec, _ = compiled()
+    assert task_spec(spec, task)["cachingOptions"].get("enableCache", False) is cached
+
+
+def test_compile_time_options_for_another_cluster(tmp_path):
+    spec, k8s = compiled(
+        tmp_path,
+        {
+            "QLORA_KFP_GPU_NODE_LABEL": "cloud.google.com/gke-accelerator=nvidia-l4",
+            "QLORA_KFP_GPU_TOLERATION": "dedicated=gpu:NoExecute",
+            "QLORA_KFP_GPUS": "2",
+            "QLORA_KFP_CACHE_PVC": "model-cache",
+            "QLORA_KFP_SECRET": "my-creds",
+        },
+    )
+    ex = executor(spec, "train")
+    assert k8s[ex]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert k8s[ex]["tolerations"] == [
+        {"effect": "NoExecute", "key": "dedicated", "operator": "Equal", "value": "gpu"}
+    ]
+    assert k8s[ex]["pvcMount"][0]["mountPath"] == "/cache"
+    assert k8s[ex]["secretAsEnv"][0]["secretName"] == "my-creds"
+    res = spec["deploymentSpec"]["executors"][ex]["container"]["resources"]
+    assert res["accelerator"]["resourceCount"] == "2"
