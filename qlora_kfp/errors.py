@@ -43,3 +43,7 @@ class TrackingError(QloraError):
 
 class VerificationError(QloraError):
     """A numerical check failed (e.g. merged logits differ from base+adapter)."""
+
+
+class TrainingDivergedError(QloraError):
+    """The loss became NaN or Inf; training stopped and no adapter was written."""

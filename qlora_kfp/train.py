@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qlora_kfp import modeling
 from qlora_kfp.configs import TrainConfig
-from qlora_kfp.errors import ConfigError
+from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.manifest import atomic_folder, verify
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def resolve_optimizer(name: str) -> str:
     return "paged_adamw_32bit" if modeling.device() == "cuda" else "adamw_torch"
 
 
-def _callback(history: list[dict], tokens_seen: list[int]):
+def _callback(history: list[dict], tokens_seen: list[int], diverged: list[str]):
     import torch
     from transformers import TrainerCallback
 
@@ -87,6 +87,15 @@ def _callback(history: list[dict], tokens_seen: list[int]):
             if torch.cuda.is_available():
                 row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             history.append(row)
+            bad = [
+                k
+                for k in ("loss", "grad_norm", "eval_loss")
+                if k in row and not math.isfinite(row[k])
+            ]
+            if bad:  # stop now: every further step would only spend GPU time on NaNs
+                diverged.append(f"{bad[0]} is {row[bad[0]]} at step {state.global_step}")
+                control.should_training_stop = True
+            return control
 
     return Recorder()
 
@@ -137,6 +146,7 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
         return batch
 
     history: list[dict] = []
+    diverged: list[str] = []
     with atomic_folder(output_dir, "adapter") as tmp:
         args = TrainingArguments(
             output_dir=str(tmp / "_trainer"),
@@ -172,14 +182,16 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             data_collator=collate,
-            callbacks=[_callback(history, tokens_seen)],
+            callbacks=[_callback(history, tokens_seen, diverged)],
         )
         out = trainer.train()
-        final_eval = trainer.evaluate()  # the Recorder logs it into history too
-        if not math.isfinite(out.training_loss):
-            raise FloatingPointError(
-                f"training loss is {out.training_loss}; lower learning_rate or check the data"
+        if diverged or not math.isfinite(out.training_loss):
+            raise TrainingDivergedError(
+                f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
+                "no adapter was written. Lower learning_rate, keep max_grad_norm small, or "
+                "use compute_dtype=bfloat16 instead of float16"
             )
+        final_eval = trainer.evaluate()  # the Recorder logs it into history too
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "history.json").write_text(json.dumps(history, indent=1))

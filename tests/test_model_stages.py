@@ -196,3 +196,51 @@ def test_merge_refuses_to_save_when_logits_differ(demo_assets, trained, tmp_path
             str(tmp_path / "merged"),
         )
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize(
+    "logs",
+    [{"loss": float("nan")}, {"loss": 1.0, "grad_norm": float("inf")}],
+    ids=["nan-loss", "inf-grad-norm"],
+)
+def test_non_finite_loss_stops_training(logs):
+    from transformers import TrainerControl, TrainerState
+
+    from qlora_kfp.train import _callback
+
+    history, diverged = [], []
+    cb = _callback(history, [0], diverged)
+    cb.on_train_begin(None, TrainerState(), TrainerControl())
+    state = TrainerState()
+    state.global_step = 7
+    control = cb.on_log(None, state, TrainerControl(), logs=logs)
+    assert control.should_training_stop and "at step 7" in diverged[0]
+
+
+def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monkeypatch):
+    from qlora_kfp import train as train_mod
+    from qlora_kfp.errors import TrainingDivergedError
+
+    real = train_mod._callback
+
+    def poisoned(history, tokens, diverged):  # a real run whose 2nd logged loss is NaN
+        cb = real(history, tokens, diverged)
+        on_log = cb.on_log
+
+        def patched(args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and state.global_step >= 2:
+                logs = {**logs, "loss": float("nan")}
+            return on_log(args, state, control, logs=logs, **kw)
+
+        cb.on_log = patched
+        return cb
+
+    monkeypatch.setattr(train_mod, "_callback", poisoned)
+    with pytest.raises(TrainingDivergedError, match="loss is nan at step 2"):
+        train_mod.run_train(
+            TrainConfig(max_steps=20, logging_steps=1),
+            quantized.path,
+            prepared.path,
+            str(tmp_path / "a"),
+        )
+    assert not (tmp_path / "a").exists()

@@ -39,9 +39,18 @@ def run_cli(args: list[str], env: dict, workdir: Path) -> subprocess.CompletedPr
     )
 
 
+SECRET = "s3cr3t-Zq81x-do-not-log"  # moto accepts any key; this one must never leak
+LOGS: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def two_runs(services, tmp_path_factory):
-    env = {**services.env(), "QLORA_KFP_ARTIFACT_URI": "s3://pipeline/qlora"}
+    env = {
+        **services.env(),
+        "QLORA_KFP_ARTIFACT_URI": "s3://pipeline/qlora",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "MLFLOW_TRACKING_PASSWORD": SECRET,
+    }
     out = []
     for rank in (16, 4):
         workdir = tmp_path_factory.mktemp(f"r{rank}")
@@ -51,6 +60,7 @@ def two_runs(services, tmp_path_factory):
             workdir,
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
+        LOGS.extend([proc.stdout, proc.stderr])
         out.append(json.loads(proc.stdout[proc.stdout.rindex("{") :])["run_dir"])
     return out
 
@@ -151,3 +161,15 @@ def test_missing_bucket_fails_fast(services, tmp_path):
     proc = run_cli([], env, tmp_path)
     assert proc.returncode == 2 and "the bucket does not exist" in proc.stderr
     assert not (tmp_path / "kfp").exists()
+
+
+def test_no_credential_in_yaml_mlflow_or_logs(two_runs, client):
+    root = Path(__file__).resolve().parents[1]
+    assert SECRET not in (root / "pipelines/compiled/qlora_finetune.yaml").read_text()
+    assert LOGS and not any(SECRET in log for log in LOGS)
+    runs, _ = parents(client)
+    for r in runs:
+        assert SECRET not in json.dumps({**r.data.params, **r.data.tags})
+    for run_dir in two_runs:
+        for f in Path(run_dir).rglob("*.json"):
+            assert SECRET not in f.read_text(errors="ignore"), f
