@@ -60,6 +60,8 @@ def qlora_finetune(
     gradient_checkpointing: bool = True,
     optimizer: str = "auto",
     logging_steps: int = 5,
+    length_grouping: bool = True,
+    fused_kernels: str = "auto",
     # evaluate
     num_generations: int = 16,
     max_new_tokens: int = 64,
@@ -141,6 +143,8 @@ def qlora_finetune(
                 gradient_checkpointing=gradient_checkpointing,
                 optimizer=optimizer,
                 logging_steps=logging_steps,
+                length_grouping=length_grouping,
+                fused_kernels=fused_kernels,
                 compute_dtype=compute_dtype,
                 seed=seed,
                 mlflow_parent_run_id=parent,

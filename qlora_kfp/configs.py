@@ -146,6 +146,16 @@ class TrainConfig:
     max_grad_norm: float = _help("Gradient clipping norm (QLoRA paper: 0.3).", default=0.3)
     eval_steps: int = _help("Evaluate every this many steps (0: only at the end).", default=0)
     logging_steps: int = _help("Log training metrics every this many steps.", default=5)
+    length_grouping: bool = _help(
+        "Batch rows of similar length together (less padding, same data per epoch).",
+        default=True,
+    )
+    fused_kernels: str = _help(
+        "Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without the "
+        "vocab-sized logits): auto (on a GPU when liger-kernel is installed), on or off.",
+        default="auto",
+    )
+    attn_implementation: str = _help("Attention kernel: sdpa or eager.", default="sdpa")
     compute_dtype: str = QuantizeConfig.__dataclass_fields__["compute_dtype"].default
     seed: int = PrepareConfig.__dataclass_fields__["seed"].default
 
@@ -190,6 +200,8 @@ class TrainConfig:
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "use 0 or more")
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "use 1 or more")
         _one_of("compute_dtype", self.compute_dtype, DTYPES)
+        _one_of("fused_kernels", self.fused_kernels, ("auto", "on", "off"))
+        _one_of("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
 
     @property
     def target_module_list(self) -> str | list[str]:

@@ -38,7 +38,12 @@ def bnb_config(quant_type: str, double_quant: bool, compute_dtype: str):
 
 
 def load_model(
-    source: str, *, dtype=None, quantization_config=None, trust_remote_code: bool = False
+    source: str,
+    *,
+    dtype=None,
+    quantization_config=None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ):
     """``AutoModelForCausalLM.from_pretrained`` on the right device, with a clear error."""
     import torch
@@ -50,6 +55,8 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

@@ -57,6 +57,23 @@ def lora_config(cfg: TrainConfig):
     )
 
 
+def token_rows(dataset_dir: str, split: str) -> list[dict]:
+    """``input_ids``/``labels`` of a prepared split, read with pyarrow (no datasets needed)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(dataset_dir) / f"{split}.parquet", columns=["input_ids", "labels"])
+    return table.to_pylist()
+
+
+def use_fused_kernels(mode: str) -> bool:
+    """``auto``: Liger kernels on a GPU when liger-kernel is installed (they are Triton-only)."""
+    if mode != "auto":
+        return mode == "on"
+    import importlib.util
+
+    return modeling.device() == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
 def resolve_optimizer(name: str) -> str:
     if name != "auto":
         return name
@@ -117,16 +134,15 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from qlora_kfp.data.prepare import load_split
     from qlora_kfp.plots import loss_curve
 
     verify(model_dir, "quantized-model")
-    train_ds = load_split(dataset_dir, "train").select_columns(["input_ids", "labels"])
-    eval_ds = load_split(dataset_dir, "eval").select_columns(["input_ids", "labels"])
+    verify(dataset_dir, "dataset")
+    train_ds, eval_ds = token_rows(dataset_dir, "train"), token_rows(dataset_dir, "eval")
     tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
     set_seed(cfg.seed)
     dtype = modeling.resolve_dtype(cfg.compute_dtype)
-    model = modeling.load_model(model_dir, dtype=dtype)
+    model = modeling.load_model(model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
     check_target_modules(model, cfg)
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(
@@ -174,6 +190,8 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
             gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
             remove_unused_columns=False,
+            train_sampling_strategy="group_by_length" if cfg.length_grouping else "random",
+            use_liger_kernel=use_fused_kernels(cfg.fused_kernels),
             dataloader_num_workers=0,
         )
         trainer = Trainer(
@@ -213,5 +231,6 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
     }
     if torch.cuda.is_available():
         metrics["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        metrics["gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     log.info("trained: %s", metrics)
     return TrainResult(str(output_dir), metrics, history)
