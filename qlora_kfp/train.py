@@ -91,12 +91,15 @@ def _callback(history: list[dict], tokens_seen: list[int], diverged: list[str]):
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.tok0 = time.perf_counter(), 0
+            self.start = self.t0
 
         def on_log(self, args, state, control, logs=None, **kw):
             row = {
                 "step": state.global_step,
                 **{k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)},
             }
+            row["time_s"] = round(time.perf_counter() - self.start, 4)
+            row["tokens_seen"] = tokens_seen[0]
             dt = time.perf_counter() - self.t0
             if "loss" in row and dt > 0:
                 row["tokens_per_s"] = round((tokens_seen[0] - self.tok0) / dt, 2)

@@ -1,0 +1,270 @@
+"""Train-stage throughput against the seeds' recipe, side by side in one process tree.
+
+Runs on a GPU machine (see bench/run_device.sh): builds the random Llama checkpoint of
+``seed_recipe.py``, runs the baseline (seed_recipe.py as is), quantizes the same checkpoint
+with the project's code, then runs the project's train stage (``qlora_kfp.train.run_train``)
+on the same rows for each variant, and prints non-padding tokens/s, peak GPU memory, MFU and
+the ratio to the baseline. Rows, LoRA shape (r=64, alpha=16, dropout 0.1, all linear layers),
+optimizer (paged AdamW 32-bit), learning rate and clipping are the baseline's.
+
+Usage: python bench/train_bench.py --size 8b --data chat --bs 8 --steps 20 --warmup 3 \
+           --variants "grouped:bs=8" "grouped+liger:bs=8,fused=on"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+
+def rows_like_seed(size: str, data: str, seq: int, n: int) -> list[list[int]]:
+    """The exact token rows seed_recipe.py trains on (same seeds, same length draw)."""
+    import torch
+    from seed_recipe import SIZES
+
+    g = torch.Generator().manual_seed(1)
+    vocab = SIZES[size]["vocab_size"]
+    if data == "fixed":
+        lens = [seq] * n
+    else:
+        ln = torch.distributions.LogNormal(torch.tensor(256.0).log(), torch.tensor(0.8))
+        torch.manual_seed(1)
+        lens = ln.sample((n,)).clamp(32, seq).long().tolist()
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for length in lens]
+
+
+def write_dataset(rows: list[list[int]], folder: Path) -> None:
+    """A prepared-dataset artifact holding the rows (labels = inputs, like the baseline)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qlora_kfp.demo import build_tokenizer
+    from qlora_kfp.manifest import atomic_folder
+
+    with atomic_folder(folder, "dataset") as tmp:
+        for name, part in (("train", rows), ("eval", rows[:8])):
+            pq.write_table(
+                pa.table(
+                    {
+                        "input_ids": part,
+                        "labels": part,
+                        "prompt": [""] * len(part),
+                        "reference": [""] * len(part),
+                    }
+                ),
+                tmp / f"{name}.parquet",
+            )
+        # Only padding uses the tokenizer: pad id 2 exists in every vocabulary here.
+        build_tokenizer(["a b c"], vocab_size=300).save_pretrained(tmp / "tokenizer")
+
+
+def quantize(checkpoint: str, out: Path) -> float:
+    """The quantize stage's loading and saving path, without its 16-bit comparisons."""
+    import torch
+
+    from qlora_kfp import modeling
+    from qlora_kfp.demo import build_tokenizer
+    from qlora_kfp.manifest import atomic_folder
+
+    t = time.perf_counter()
+    model = modeling.load_model(
+        checkpoint,
+        dtype=torch.bfloat16,
+        quantization_config=modeling.bnb_config("nf4", True, "bfloat16"),
+    )
+    with atomic_folder(out, "quantized-model") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer(["a b c"], vocab_size=300).save_pretrained(tmp)
+    del model
+    torch.cuda.empty_cache()
+    return time.perf_counter() - t
+
+
+def flops_per_token(size: str, seq: int) -> float:
+    """The baseline's model-FLOPs count: 4N per token plus attention (no recompute)."""
+    from seed_recipe import SIZES
+
+    c = SIZES[size]
+    L, H, inter, V = (
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["vocab_size"],
+    )
+    kv = c["num_key_value_heads"] * (H // c["num_attention_heads"])
+    n = L * (2 * H * H + 2 * H * kv + 3 * H * inter) + H * V
+    return 4 * n + 3 * (L * 2 * 2 * seq * H)
+
+
+VARIANT_KEYS = {
+    "bs": ("batch_size", int),
+    "gc": ("gradient_checkpointing", lambda v: v == "1"),
+    "fused": ("fused_kernels", str),
+    "group": ("length_grouping", lambda v: v == "1"),
+    "ga": ("gradient_accumulation_steps", int),
+}
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    name, _, opts = spec.partition(":")
+    kw = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        field, conv = VARIANT_KEYS[key]
+        kw[field] = conv(value)
+    return name, kw
+
+
+def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int) -> dict:
+    """One train-stage run in a fresh process, so its peak memory is its own."""
+    cfg = dict(
+        lora_r=64,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules="all-linear",
+        learning_rate=2e-4,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        max_grad_norm=0.3,
+        optimizer="paged_adamw_32bit",
+        logging_steps=1,
+        max_steps=steps,
+        compute_dtype="bfloat16",
+        seed=1,
+        **kw,
+    )
+    code = (
+        "import json,sys; from qlora_kfp.configs import TrainConfig; "
+        "from qlora_kfp.train import run_train; "
+        f"r = run_train(TrainConfig(**{cfg!r}), {str(model_dir)!r}, {str(data_dir)!r}, "
+        f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+        },
+    )
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(line[-1][7:])
+
+
+def steady_tokens_per_s(history: list[dict], warmup: int) -> float:
+    rows = [h for h in history if "loss" in h and "time_s" in h]
+    a = next(h for h in rows if h["step"] >= warmup)
+    b = rows[-1]
+    return (b["tokens_seen"] - a["tokens_seen"]) / (b["time_s"] - a["time_s"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="8b", choices=["8b", "1b"])
+    p.add_argument("--data", default="chat", choices=["chat", "fixed"])
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--bs", type=int, default=8, help="baseline batch size")
+    p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--ckpt", default="/tmp/ckpt")
+    p.add_argument("--work", default="/tmp/bench")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--variants", nargs="+", default=["grouped:bs=8"])
+    a = p.parse_args()
+
+    from seed_recipe import make_checkpoint
+
+    work = Path(a.work)
+    checkpoint = f"{a.ckpt}-{a.size}"
+    t = time.perf_counter()
+    make_checkpoint(a.size, checkpoint)
+    results = {"setup": {"make_checkpoint_s": round(time.perf_counter() - t, 1)}}
+
+    base_cmd = [
+        sys.executable,
+        str(HERE / "seed_recipe.py"),
+        "--size",
+        a.size,
+        "--data",
+        a.data,
+        "--seq",
+        str(a.seq),
+        "--bs",
+        str(a.bs),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--ckpt",
+        a.ckpt,
+    ]
+    proc = subprocess.run(base_cmd, capture_output=True, text=True)
+    base = (
+        json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+        if (proc.returncode == 0)
+        else {"error": proc.stderr[-2000:]}
+    )
+    results["baseline"] = base
+    print("baseline", json.dumps(base), flush=True)
+
+    n = a.bs * (a.steps + a.warmup + 2)
+    write_dataset(rows_like_seed(a.size, a.data, a.seq, n), work / "dataset")
+    results["setup"]["quantize_s"] = round(quantize(checkpoint, work / "model4"), 1)
+
+    fpt = flops_per_token(a.size, a.seq)
+    table = []
+    for spec in a.variants:
+        name, kw = parse_variant(spec)
+        bs = kw.get("batch_size", 4)
+        steps = (a.steps + a.warmup) * a.bs // bs  # the same rows as the baseline
+        r = run_variant(kw, work / "model4", work / "dataset", work / f"adapter-{name}", steps)
+        if "error" in r:
+            results[name] = r
+            print(name, "FAILED", r["error"][-800:], flush=True)
+            continue
+        tok_s = steady_tokens_per_s(r["h"], max(1, a.warmup * a.bs // bs))
+        row = {
+            "variant": name,
+            **kw,
+            "tokens_per_s": round(tok_s, 1),
+            "ratio": round(tok_s / base["tokens_per_s"], 3) if "tokens_per_s" in base else None,
+            "peak_gib": r["m"].get("gpu_peak_gib"),
+            "reserved_gib": r["m"].get("gpu_reserved_gib"),
+            "mfu_h100": round(fpt * tok_s / 989e12, 4),
+            "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
+        }
+        results[name] = row
+        table.append(row)
+        print(name, json.dumps(row), flush=True)
+
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "bench_results.json").write_text(json.dumps(results, indent=1))
+    print(
+        f"\n{'variant':22s} {'tok/s':>9s} {'x base':>7s} {'peak GiB':>9s} {'rsv GiB':>8s} "
+        f"{'MFU':>6s}"
+    )
+    if "tokens_per_s" in base:
+        print(
+            f"{'baseline (seed recipe)':22s} {base['tokens_per_s']:9.1f} {1.0:7.2f} "
+            f"{base['peak_gib']:9.2f} {base['reserved_gib']:8.2f} {base['mfu_h100']:6.3f}"
+        )
+    for row in table:
+        print(
+            f"{row['variant']:22s} {row['tokens_per_s']:9.1f} {row['ratio'] or 0:7.2f} "
+            f"{row['peak_gib'] or 0:9.2f} {row['reserved_gib'] or 0:8.2f} {row['mfu_h100']:6.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
