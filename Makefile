@@ -32,7 +32,12 @@ run: $(STAMP) ## Run the whole pipeline locally (kfp.local, tiny model, local ML
 compile: $(STAMP) ## Compile the pipelines to pipelines/compiled/*.yaml (REGISTRY, TAG)
 	$(BIN)/qlora-kfp compile --output_dir pipelines/compiled
 
-test: $(STAMP) ## Run every test the CPU can run (gpu tests skip)
+install-browser: ## Install Debian's chromium for the MLflow UI browser test (root, apt)
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+
+test: $(STAMP) install-browser ## Run every test the CPU can run (gpu tests skip)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## Run the tests not marked slow or integration
@@ -72,4 +77,4 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run compile test test-fast lint format mlflow-ui clean upload run-remote \
-	schedule images manifests
+	schedule images manifests install-browser

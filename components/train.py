@@ -34,6 +34,7 @@ def train(
     length_grouping: bool = True,
     fused_kernels: str = "auto",
     attn_implementation: str = "sdpa",
+    checkpoint_steps: int = 50,
     compute_dtype: str = "auto",
     seed: int = 42,
     mlflow_parent_run_id: str = "",

@@ -156,6 +156,11 @@ class TrainConfig:
         default="auto",
     )
     attn_implementation: str = _help("Attention kernel: sdpa or eager.", default="sdpa")
+    checkpoint_steps: int = _help(
+        "Save a resumable checkpoint every this many steps (0: never). A restarted task "
+        "resumes from the newest complete one (local, or the S3 mirror).",
+        default=50,
+    )
     compute_dtype: str = QuantizeConfig.__dataclass_fields__["compute_dtype"].default
     seed: int = PrepareConfig.__dataclass_fields__["seed"].default
 
@@ -202,6 +207,7 @@ class TrainConfig:
         _one_of("compute_dtype", self.compute_dtype, DTYPES)
         _one_of("fused_kernels", self.fused_kernels, ("auto", "on", "off"))
         _one_of("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _check(self.checkpoint_steps >= 0, "checkpoint_steps", self.checkpoint_steps, "use >= 0")
 
     @property
     def target_module_list(self) -> str | list[str]:

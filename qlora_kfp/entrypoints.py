@@ -123,8 +123,14 @@ def train(args: dict) -> float:
     from qlora_kfp.train import run_train
 
     with stage("train", configs.TrainConfig, args) as (cfg, run):
+        base = os.environ.get(ARTIFACT_URI_ENV, "")
+        mirror = f"{base.rstrip('/')}/{args.get('kfp_run_id') or 'local'}/train-checkpoints"
         res = run_train(
-            cfg, args["quantized_model"].path, args["dataset"].path, args["adapter"].path
+            cfg,
+            args["quantized_model"].path,
+            args["dataset"].path,
+            args["adapter"].path,
+            checkpoint_uri=mirror if base else "",
         )
         run.history(
             res.history,

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlora_kfp import modeling
+from qlora_kfp import checkpoints, modeling
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.manifest import atomic_folder, verify
@@ -120,7 +120,14 @@ def _callback(history: list[dict], tokens_seen: list[int], diverged: list[str]):
     return Recorder()
 
 
-def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: str) -> TrainResult:
+def run_train(
+    cfg: TrainConfig,
+    model_dir: str,
+    dataset_dir: str,
+    output_dir: str,
+    checkpoint_dir: str = "",
+    checkpoint_uri: str = "",
+) -> TrainResult:
     """Train a LoRA adapter on the 4-bit model in ``model_dir`` and save it to ``output_dir``.
 
     Args:
@@ -129,6 +136,10 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
         dataset_dir: A prepared dataset artifact.
         output_dir: Folder to create: ``adapter_model.safetensors``, ``adapter_config.json``,
             the tokenizer, ``history.json`` and ``loss_curve.png``.
+        checkpoint_dir: Where resumable checkpoints go (default: ``<output_dir>.checkpoints``);
+            a rerun resumes from the newest complete one.
+        checkpoint_uri: Optional ``s3://`` mirror of the checkpoints, for a restart on
+            another machine (a KFP retry after preemption).
 
     Returns:
         The folder, final metrics and the per-step history.
@@ -166,9 +177,13 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
 
     history: list[dict] = []
     diverged: list[str] = []
+    ckpt_root = Path(checkpoint_dir or f"{output_dir}.checkpoints")
+    resume = (
+        checkpoints.find_resume_point(ckpt_root, checkpoint_uri) if cfg.checkpoint_steps else None
+    )
     with atomic_folder(output_dir, "adapter") as tmp:
         args = TrainingArguments(
-            output_dir=str(tmp / "_trainer"),
+            output_dir=str(ckpt_root),
             per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -184,7 +199,9 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
             logging_first_step=True,
             eval_strategy="steps" if cfg.eval_steps else "no",
             eval_steps=cfg.eval_steps or None,
-            save_strategy="no",
+            save_strategy="steps" if cfg.checkpoint_steps else "no",
+            save_steps=cfg.checkpoint_steps or 500,
+            save_total_limit=2,
             report_to="none",
             seed=cfg.seed,
             data_seed=cfg.seed,
@@ -203,9 +220,12 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             data_collator=collate,
-            callbacks=[_callback(history, tokens_seen, diverged)],
+            callbacks=[
+                _callback(history, tokens_seen, diverged),
+                checkpoints.callback(ckpt_root, checkpoint_uri),
+            ],
         )
-        out = trainer.train()
+        out = trainer.train(resume_from_checkpoint=resume)
         if diverged or not math.isfinite(out.training_loss):
             raise TrainingDivergedError(
                 f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
@@ -218,11 +238,12 @@ def run_train(cfg: TrainConfig, model_dir: str, dataset_dir: str, output_dir: st
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
         (tmp / "train.json").write_text(json.dumps({"config": asdict(cfg)}, indent=1))
         loss_curve(history, tmp / "loss_curve.png")
-        import shutil
+    import shutil
 
-        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the adapter is complete: no resume needed
     losses = [h["loss"] for h in history if "loss" in h]
     metrics = {
+        "resumed_from_step": int(Path(resume).name.split("-")[1]) if resume else 0,
         "train_loss": round(out.training_loss, 6),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

@@ -52,13 +52,15 @@ def two_runs(services, tmp_path_factory):
         "MLFLOW_TRACKING_PASSWORD": SECRET,
     }
     out = []
-    for rank in (16, 4):
-        workdir = tmp_path_factory.mktemp(f"r{rank}")
-        proc = run_cli(
-            ["--run_name", f"rank-{rank}", "--lora_r", str(rank), "--mlflow_experiment", "compare"],
-            env,
-            workdir,
-        )
+    # Same data three times: the 2nd run forces retraining with another rank; the 3rd, not
+    # forced, must skip training because the champion already saw this dataset digest.
+    for name, extra in (
+        ("rank-16", ["--lora_r", "16"]),
+        ("rank-4", ["--lora_r", "4", "--force_retrain"]),
+        ("unchanged-data", []),
+    ):
+        workdir = tmp_path_factory.mktemp(name)
+        proc = run_cli(["--run_name", name, "--mlflow_experiment", "compare", *extra], env, workdir)
         assert proc.returncode == 0, proc.stderr[-4000:]
         LOGS.extend([proc.stdout, proc.stderr])
         out.append(json.loads(proc.stdout[proc.stdout.rindex("{") :])["run_dir"])
@@ -82,8 +84,8 @@ def parents(client):
 
 def test_one_parent_per_pipeline_run_with_a_nested_run_per_stage(two_runs, client):
     runs, tops = parents(client)
-    assert [p.info.run_name for p in tops] == ["rank-16", "rank-4"]
-    for p in tops:
+    assert [p.info.run_name for p in tops] == ["rank-16", "rank-4", "unchanged-data"]
+    for p in tops[:2]:
         assert p.info.status == "FINISHED" and p.data.tags["kfp.status"] == "SUCCEEDED"
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
         assert {k.data.tags["stage"] for k in kids} == STAGES
@@ -92,7 +94,7 @@ def test_one_parent_per_pipeline_run_with_a_nested_run_per_stage(two_runs, clien
 
 
 def test_runs_are_comparable_side_by_side(two_runs, client):
-    _, (a, b) = parents(client)
+    _, (a, b, _) = parents(client)
     assert set(a.data.params) == set(b.data.params) and set(a.data.metrics) == set(b.data.metrics)
     assert (a.data.params["lora_r"], b.data.params["lora_r"]) == ("16", "4")
     for key in ("tuned_eval_loss", "base_eval_loss", "quant_rel_error", "train_loss"):
@@ -101,7 +103,7 @@ def test_runs_are_comparable_side_by_side(two_runs, client):
 
 
 def test_training_curve_and_artifacts_live_in_s3(two_runs, client, services):
-    runs, (a, _) = parents(client)
+    runs, (a, _, _) = parents(client)
     train = next(
         r
         for r in runs
@@ -132,7 +134,6 @@ def test_training_curve_and_artifacts_live_in_s3(two_runs, client, services):
 
 
 def test_registry_versions_and_aliases(two_runs, client):
-    _, (a, b) = parents(client)
     versions = sorted(
         client.search_model_versions("name='qlora-finetune'"), key=lambda v: int(v.version)
     )
@@ -173,3 +174,57 @@ def test_no_credential_in_yaml_mlflow_or_logs(two_runs, client):
     for run_dir in two_runs:
         for f in Path(run_dir).rglob("*.json"):
             assert SECRET not in f.read_text(errors="ignore"), f
+
+
+def test_unchanged_data_skips_training_and_says_why(two_runs, client):
+    runs, (_, _, skipped) = parents(client)
+    assert skipped.info.status == "FINISHED"
+    assert skipped.data.tags["training_decision"] == "skip"
+    assert "dataset unchanged since champion" in skipped.data.tags["training_decision_reason"]
+    kids = {
+        r.data.tags["stage"]
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == skipped.info.run_id
+    }
+    assert kids == {"prepare-dataset", "decide-training"}
+    assert not (Path(two_runs[2]) / "train").exists()
+    assert len(client.search_model_versions("name='qlora-finetune'")) == 2
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_mlflow_ui_compares_the_two_runs_in_a_browser(two_runs, client, services, tmp_path):
+    """Headless Chromium opens the MLflow UI's run comparison and finds both runs' metrics."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is needed (make install-browser installs it)")
+    from playwright.sync_api import sync_playwright
+
+    _, (a, b, _) = parents(client)
+    ids = json.dumps([a.info.run_id, b.info.run_id]).replace(" ", "")
+    url = (
+        f"{services.tracking_uri}/#/compare-runs?runs={ids}"
+        f"&experiments={json.dumps([a.info.experiment_id])}"
+    )
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+        page.get_by_text("tuned_eval_loss").first.wait_for(timeout=60_000)
+        text = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+        browser.close()
+    for needle in ("rank-16", "rank-4", "tuned_eval_loss", "lora_r", "train_loss"):
+        assert needle in text, needle
