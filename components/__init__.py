@@ -7,6 +7,7 @@ so compiling never imports torch.
 from qlora_kfp.components.decide import decide_training
 from qlora_kfp.components.evaluate import evaluate
 from qlora_kfp.components.merge import merge
+from qlora_kfp.components.preflight import preflight
 from qlora_kfp.components.prepare_dataset import prepare_dataset
 from qlora_kfp.components.quantize import quantize
 from qlora_kfp.components.register import register_model
@@ -18,6 +19,7 @@ __all__ = [
     "evaluate",
     "finish_tracking",
     "merge",
+    "preflight",
     "prepare_dataset",
     "quantize",
     "register_model",

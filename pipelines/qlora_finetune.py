@@ -10,6 +10,7 @@ from qlora_kfp.components import (
     evaluate,
     finish_tracking,
     merge,
+    preflight,
     prepare_dataset,
     quantize,
     register_model,
@@ -70,6 +71,7 @@ def qlora_finetune(
     # register
     registered_model_name: str = "qlora-finetune",
     force_retrain: bool = False,
+    gpu_memory_gib: float = 80.0,
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
     # The exit task may depend on no task, so it finds the parent run by its KFP run id tag.
@@ -86,6 +88,19 @@ def qlora_finetune(
         )
         platform.small_task(tracking, cache=False)
         parent = tracking.output
+
+        check = preflight(
+            base_model=base_model,
+            max_seq_length=max_seq_length,
+            batch_size=batch_size,
+            lora_r=lora_r,
+            gradient_checkpointing=gradient_checkpointing,
+            fused_kernels=fused_kernels,
+            gpu_memory_gib=gpu_memory_gib,
+            mlflow_parent_run_id=parent,
+            kfp_run_id=run_id,
+        )
+        platform.small_task(check, cache=False)
 
         prep = prepare_dataset(
             data_source=data_source,
@@ -111,6 +126,7 @@ def qlora_finetune(
             kfp_run_id=run_id,
         )
         platform.small_task(decision, cache=False)
+        decision.after(check)  # no GPU task starts before the memory check has passed
 
         # Scheduled retraining claims no GPU when the champion already saw this exact data.
         with dsl.If(decision.output == "train", name="data-changed"):

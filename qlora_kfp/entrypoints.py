@@ -251,3 +251,47 @@ def decide_training(args: dict) -> str:
             parent=True,
         )
     return "train" if train else "skip"
+
+
+def preflight(args: dict) -> str:
+    """Fail before any GPU is claimed when training cannot fit the GPU; returns the estimate."""
+    import json
+
+    from transformers import AutoConfig
+
+    from qlora_kfp import memory, sources
+    from qlora_kfp.errors import ConfigError
+
+    setup_logging()
+    try:
+        cfg = AutoConfig.from_pretrained(sources.model_source(args["base_model"]))
+        kw = dict(
+            gradient_checkpointing=args["gradient_checkpointing"],
+            fused_loss=args["fused_kernels"] != "off",
+        )
+        est = memory.estimate(cfg, args["max_seq_length"], args["batch_size"], args["lora_r"], **kw)
+        log.info(
+            "estimated peak GPU memory for batch %d x %d tokens:\n%s",
+            args["batch_size"],
+            args["max_seq_length"],
+            est.table(),
+        )
+        budget = 0.95 * args["gpu_memory_gib"]
+        if est.total_gib > budget:
+            fits = memory.largest_batch(cfg, args["max_seq_length"], args["lora_r"], budget, **kw)
+            hint = (
+                f"use batch_size={fits} with gradient_accumulation_steps="
+                f"{-(-args['batch_size'] // fits)}"
+                if fits
+                else "lower max_seq_length or use a GPU with more memory"
+            )
+            raise ConfigError(
+                f"training needs about {est.total_gib} GiB but the GPU has "
+                f"{args['gpu_memory_gib']} GiB; {hint}\n{est.table()}"
+            )
+        with tracking.stage_run(args.get("mlflow_parent_run_id", ""), "preflight") as run:
+            run.metrics({"estimated_peak_gib": est.total_gib})
+        return json.dumps(est.parts_gib)
+    except QloraError as exc:
+        log.error("preflight failed: %s", exc)
+        sys.exit(f"preflight failed: {exc}")

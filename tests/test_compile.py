@@ -74,7 +74,8 @@ def test_pipeline_shape():
     spec, _ = load(COMPILED / "qlora_finetune.yaml")
     comps = spec["components"]
     outer = comps["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"start-tracking", "prepare-dataset", "decide-training"} <= set(outer)
+    assert {"start-tracking", "preflight", "prepare-dataset", "decide-training"} <= set(outer)
+    assert "preflight" in outer["decide-training"]["dependentTasks"]
     gated = comps["comp-condition-2"]["dag"]["tasks"]
     assert set(gated) == {"quantize", "train", "evaluate", "merge", "register-model"}
     assert outer["condition-2"]["triggerPolicy"]["condition"] == (

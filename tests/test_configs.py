@@ -94,7 +94,12 @@ def test_pipeline_parameters_mean_what_the_configs_say():
     for cls in configs.STAGE_CONFIGS.values():
         for f in dataclasses.fields(cls):
             fields[f.name] = f.default
-    extra = {"mlflow_experiment", "run_name", "force_retrain"}  # pipeline-level switches
+    extra = {
+        "mlflow_experiment",
+        "run_name",
+        "force_retrain",
+        "gpu_memory_gib",
+    }  # pipeline-level switches
     for name, (_, default) in pipeline_inputs(qlora_finetune).items():
         if name in extra:
             continue

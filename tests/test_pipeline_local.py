@@ -88,6 +88,7 @@ def test_mlflow_has_one_parent_run_with_nested_stage_runs(local_run):
     assert set(children) == {
         "prepare-dataset",
         "decide-training",
+        "preflight",
         "quantize",
         "train",
         "evaluate",

@@ -34,15 +34,35 @@ cfg = TrainConfig(**json.loads(sys.argv[1]))
 r = train.run_train(cfg, sys.argv[2], sys.argv[3], sys.argv[4])
 print("RESULT " + json.dumps(r.metrics))
 """
-CFG = dict(max_steps=24, checkpoint_steps=6, batch_size=4, lora_r=8, lora_dropout=0.0,
-           learning_rate=3e-3, logging_steps=2, gradient_checkpointing=False)
+CFG = dict(
+    max_steps=24,
+    checkpoint_steps=6,
+    batch_size=4,
+    lora_r=8,
+    lora_dropout=0.0,
+    learning_rate=3e-3,
+    logging_steps=2,
+    gradient_checkpointing=False,
+)
 
 
 def start(quantized, prepared, out: Path, slow: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(CFG), quantized.path,
-                             prepared.path, str(out), str(slow)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            json.dumps(CFG),
+            quantized.path,
+            prepared.path,
+            str(out),
+            str(slow),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def result(proc: subprocess.Popen) -> dict:
@@ -51,8 +71,9 @@ def result(proc: subprocess.Popen) -> dict:
     return json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
 
 
-def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(quantized, prepared,
-                                                                       tmp_path):
+def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(
+    quantized, prepared, tmp_path
+):
     straight = result(start(quantized, prepared, tmp_path / "straight", 0.0))
     assert straight["resumed_from_step"] == 0
 

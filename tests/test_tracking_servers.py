@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 STAGES = {
     "prepare-dataset",
     "decide-training",
+    "preflight",
     "quantize",
     "train",
     "evaluate",
@@ -186,7 +187,7 @@ def test_unchanged_data_skips_training_and_says_why(two_runs, client):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == skipped.info.run_id
     }
-    assert kids == {"prepare-dataset", "decide-training"}
+    assert kids == {"prepare-dataset", "decide-training", "preflight"}
     assert not (Path(two_runs[2]) / "train").exists()
     assert len(client.search_model_versions("name='qlora-finetune'")) == 2
 

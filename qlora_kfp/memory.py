@@ -1,0 +1,96 @@
+"""Peak GPU memory of QLoRA training, estimated from the model's config alone (no weights).
+
+Used by the preflight task, before any GPU is claimed. The parts:
+
+* 4-bit weights: NF4 packs two weights a byte; double quantization stores one 8-bit absmax per
+  64 weights plus one float32 per 256 of those (0.516 bytes a weight in all);
+* 16-bit parts: embeddings and head, upcast to float32 by ``prepare_model_for_kbit_training``;
+* LoRA: r x (in + out) per adapted Linear, float32 weights + grads + AdamW's two moments;
+* activations: with checkpointing each layer keeps its bf16 input, plus one layer's working set
+  while it is recomputed (fitted: ``ACT_BYTES`` per token and per hidden + intermediate unit);
+* logits: float32 logits and their gradient plus a bf16 copy, unless the fused linear
+  cross-entropy (Liger) computes the loss in chunks without them.
+
+Calibrated on one measurement (Llama-3.1-8B shapes, batch 8 x 2,048, one H100, BENCHMARKS.md;
+``max_memory_allocated``, so compare without the 1 GiB context): estimated 22.5 GiB vs 22.5
+measured with Liger (the point the activation constant was fitted on), 42.1 vs 39.7 without
+Liger (+6%). Other shapes are not yet measured; expect tens of percent either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+ACT_BYTES = 31.0  # per token per (hidden + intermediate) unit, one recomputed layer
+OVERHEAD_GIB = 1.0  # CUDA context, allocator slack
+
+
+@dataclass
+class MemoryEstimate:
+    parts_bytes: dict[str, float]
+    tokens_per_batch: int
+
+    @property
+    def parts_gib(self) -> dict[str, float]:
+        return {k: round(v / GIB, 2) for k, v in self.parts_bytes.items()}
+
+    @property
+    def total_gib(self) -> float:
+        return round(sum(self.parts_bytes.values()) / GIB, 2)
+
+    def table(self) -> str:
+        rows = [f"  {k:28s} {v:8.2f} GiB" for k, v in self.parts_gib.items()]
+        return "\n".join([*rows, f"  {'total':28s} {self.total_gib:8.2f} GiB"])
+
+
+def linear_shapes(cfg) -> list[tuple[int, int]]:
+    """(in, out) of every decoder Linear: q, k, v, o, gate, up, down per layer."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    per_layer = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
+    return per_layer * cfg.num_hidden_layers
+
+
+def estimate(
+    cfg,
+    seq_len: int,
+    batch_size: int,
+    lora_r: int,
+    gradient_checkpointing: bool = True,
+    fused_loss: bool = True,
+) -> MemoryEstimate:
+    """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens."""
+    shapes = linear_shapes(cfg)
+    h, inter, vocab, layers = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.num_hidden_layers,
+    )
+    tokens = seq_len * batch_size
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    parts = {
+        "4-bit weights": sum(i * o for i, o in shapes) * NF4_DQ_BYTES,
+        "embeddings + head (fp32)": vocab * h * 4 * (1 if tied else 2),
+        "LoRA + grads + AdamW": sum(lora_r * (i + o) for i, o in shapes) * 16,
+    }
+    if gradient_checkpointing:
+        parts["checkpointed activations"] = tokens * (layers * h * 2 + ACT_BYTES * (h + inter))
+    else:  # every layer's working set stays alive until backward
+        parts["activations"] = tokens * layers * ACT_BYTES * (h + inter)
+    parts["logits"] = 0 if fused_loss else tokens * vocab * 10
+    parts["CUDA context + slack"] = OVERHEAD_GIB * GIB
+    return MemoryEstimate(parts, tokens)
+
+
+def largest_batch(cfg, seq_len: int, lora_r: int, budget_gib: float, **kw) -> int:
+    """The largest micro-batch whose estimate fits ``budget_gib`` (0 when none does)."""
+    best = 0
+    for b in range(1, 513):
+        if estimate(cfg, seq_len, b, lora_r, **kw).total_gib > budget_gib:
+            break
+        best = b
+    return best

@@ -1,0 +1,87 @@
+"""The memory estimate: its parts against what the CPU can measure, and the preflight gate."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig, LlamaConfig
+
+from qlora_kfp import memory
+
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
+
+
+def test_4bit_weight_bytes_match_the_quantized_model(quantized, demo_assets):
+    import bitsandbytes as bnb
+
+    from qlora_kfp import modeling
+
+    model = modeling.load_model(quantized.path)
+    real = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            real += m.weight.numel() * m.weight.element_size() + qs.absmax.numel()
+            real += qs.state2.absmax.numel() * 4  # the nested float32 constants
+    cfg = AutoConfig.from_pretrained(demo_assets["base_model"])
+    est = memory.estimate(cfg, 16, 1, 8).parts_bytes["4-bit weights"]
+    assert est == pytest.approx(real, rel=0.02)
+
+
+def test_lora_parameter_count_matches_peft(quantized, demo_assets):
+    from peft import get_peft_model
+
+    from qlora_kfp import modeling
+    from qlora_kfp.configs import TrainConfig
+    from qlora_kfp.train import lora_config
+
+    model = get_peft_model(modeling.load_model(quantized.path), lora_config(TrainConfig(lora_r=8)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = AutoConfig.from_pretrained(demo_assets["base_model"])
+    shapes = memory.linear_shapes(cfg)
+    assert sum(8 * (i + o) for i, o in shapes) == trainable
+
+
+@pytest.mark.parametrize(
+    "fused,measured_gib", [(True, 22.51), (False, 39.66)], ids=["liger", "no-liger"]
+)
+def test_estimate_against_the_h100_measurement(fused, measured_gib):
+    """BENCHMARKS.md: 8B shapes, batch 8 x 2,048, one H100 (max_memory_allocated)."""
+    est = memory.estimate(LlamaConfig(**LLAMA_8B), 2048, 8, 64, True, fused)
+    allocated = est.total_gib - memory.OVERHEAD_GIB
+    assert allocated == pytest.approx(measured_gib, rel=0.1)
+
+
+def test_largest_batch_fits_and_the_next_does_not():
+    cfg = LlamaConfig(**LLAMA_8B)
+    b = memory.largest_batch(cfg, 2048, 64, 24.0)
+    assert memory.estimate(cfg, 2048, b, 64).total_gib <= 24.0
+    assert memory.estimate(cfg, 2048, b + 1, 64).total_gib > 24.0
+
+
+def test_preflight_fails_early_with_a_suggestion(demo_assets):
+    from qlora_kfp.entrypoints import preflight
+
+    args = dict(
+        base_model=demo_assets["base_model"],
+        max_seq_length=4096,
+        batch_size=64,
+        lora_r=16,
+        gradient_checkpointing=True,
+        fused_kernels="auto",
+        gpu_memory_gib=2.0,
+    )
+    with pytest.raises(
+        SystemExit,
+        match=r"preflight failed: training needs about .* GiB but "
+        r"the GPU has 2.0 GiB; use batch_size=\d+",
+    ):
+        preflight(args)
+    ok = preflight({**args, "gpu_memory_gib": 80.0})
+    assert "4-bit weights" in ok
