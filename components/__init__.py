@@ -6,6 +6,7 @@ so compiling never imports torch.
 
 from qlora_kfp.components.decide import decide_training
 from qlora_kfp.components.evaluate import evaluate
+from qlora_kfp.components.fingerprint import fingerprint_sources
 from qlora_kfp.components.merge import merge
 from qlora_kfp.components.preflight import preflight
 from qlora_kfp.components.prepare_dataset import prepare_dataset
@@ -18,6 +19,7 @@ __all__ = [
     "decide_training",
     "evaluate",
     "finish_tracking",
+    "fingerprint_sources",
     "merge",
     "preflight",
     "prepare_dataset",

@@ -22,6 +22,7 @@ def prepare_dataset(
     max_rows: int = 0,
     seed: int = 42,
     trust_remote_code: bool = False,
+    cache_fingerprint: str = "",
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",
 ) -> str:

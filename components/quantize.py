@@ -16,6 +16,7 @@ def quantize(
     compute_dtype: str = "auto",
     eval_rows: int = 64,
     trust_remote_code: bool = False,
+    cache_fingerprint: str = "",
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",
 ):

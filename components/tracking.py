@@ -1,7 +1,7 @@
-"""KFP components: open and close the pipeline's parent MLflow run."""
+"""KFP components: open the pipeline's parent MLflow run, and the exit handler."""
 
 from kfp import dsl
-from kfp.dsl import PipelineTaskFinalStatus
+from kfp.dsl import Markdown, Output, PipelineTaskFinalStatus
 from qlora_kfp.components.images import CPU_IMAGE
 
 
@@ -16,10 +16,13 @@ def start_tracking(
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def finish_tracking(mlflow_experiment: str, kfp_run_id: str, status: PipelineTaskFinalStatus):
-    """Exit handler: close the parent run as FINISHED or FAILED with the reason."""
-    from qlora_kfp import tracking
+def finish_tracking(
+    mlflow_experiment: str,
+    kfp_run_id: str,
+    status: PipelineTaskFinalStatus,
+    report: Output[Markdown],
+):
+    """Exit handler: close the parent run, write the run report, post the webhook, clean up."""
+    from qlora_kfp import entrypoints
 
-    tracking.finish_pipeline_run(
-        mlflow_experiment, kfp_run_id, status.state, status.error_message or ""
-    )
+    entrypoints.finish(locals())

@@ -30,6 +30,7 @@ SECRET_KEYS = {
     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
     "HF_TOKEN": "HF_TOKEN",
+    "QLORA_KFP_WEBHOOK_URL": "QLORA_KFP_WEBHOOK_URL",  # Slack-compatible; a URL is a secret
 }
 CONFIG_KEYS = {
     k: k
@@ -39,6 +40,7 @@ CONFIG_KEYS = {
         "AWS_ENDPOINT_URL",
         "AWS_DEFAULT_REGION",
         "QLORA_KFP_ARTIFACT_URI",
+        "KFP_UI_URL",
     )
 }
 
@@ -72,6 +74,8 @@ def _common(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions) -> dsl.P
     kubernetes.use_secret_as_env(task, opts.secret, SECRET_KEYS, optional=True)
     kubernetes.use_config_map_as_env(task, opts.config_map, CONFIG_KEYS, optional=True)
     task.set_env_variable("HF_HUB_DISABLE_TELEMETRY", "1")
+    # The task knows its own image: part of the cache fingerprint (qlora_kfp.fingerprint).
+    task.set_env_variable("QLORA_KFP_IMAGE", task.component_spec.implementation.container.image)
     if opts.cache_pvc:
         kubernetes.mount_pvc(task, opts.cache_pvc, "/cache")
         task.set_env_variable("QLORA_KFP_CACHE", "/cache/qlora-kfp")

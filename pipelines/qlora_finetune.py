@@ -8,6 +8,7 @@ from kfp import dsl
 from qlora_kfp.components import (
     decide_training,
     evaluate,
+    fingerprint_sources,
     finish_tracking,
     merge,
     preflight,
@@ -102,7 +103,13 @@ def qlora_finetune(
         )
         platform.small_task(check, cache=False)
 
+        # Cached tasks take the sources' content digest and the code version as an input,
+        # so new data under the same path or a rebuilt image never hits an old cache entry.
+        fp = fingerprint_sources(data_source=data_source, base_model=base_model)
+        platform.small_task(fp, cache=False)
+
         prep = prepare_dataset(
+            cache_fingerprint=fp.output,
             data_source=data_source,
             base_model=base_model,
             data_format=data_format,
@@ -131,6 +138,7 @@ def qlora_finetune(
         # Scheduled retraining claims no GPU when the champion already saw this exact data.
         with dsl.If(decision.output == "train", name="data-changed"):
             quant = quantize(
+                cache_fingerprint=fp.output,
                 base_model=base_model,
                 dataset=prep.outputs["dataset"],
                 quant_type=quant_type,

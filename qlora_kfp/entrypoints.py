@@ -86,7 +86,12 @@ def prepare_dataset(args: dict) -> str:
         run.artifact(str(Path(res.path) / "stats.json"), "dataset")
         _log_dataset_input(run, res.path, res.digest, cfg.data_source)
         run.tags({"dataset.digest": res.digest}, parent=True)
-        _mark(args["dataset"], digest=res.digest, s3_uri=publish(res.path, "dataset", args))
+        _mark(
+            args["dataset"],
+            digest=res.digest,
+            cache_fingerprint=args.get("cache_fingerprint"),
+            s3_uri=publish(res.path, "dataset", args),
+        )
         return res.digest
 
 
@@ -295,3 +300,43 @@ def preflight(args: dict) -> str:
     except QloraError as exc:
         log.error("preflight failed: %s", exc)
         sys.exit(f"preflight failed: {exc}")
+
+
+def finish(args: dict) -> None:
+    """Exit handler: close the parent run, write the report, post the webhook, clean up."""
+    from qlora_kfp import report
+
+    setup_logging()
+    status = args["status"]
+    state, error = status.state, status.error_message or ""
+    run_id = tracking.finish_pipeline_run(
+        args["mlflow_experiment"], args["kfp_run_id"], state, error
+    )
+    metrics, tags, png, exp_id = {}, {}, None, ""
+    if run_id:
+        run = tracking.client().get_run(run_id)
+        metrics, tags, exp_id = run.data.metrics, run.data.tags, run.info.experiment_id
+        try:
+            png = Path(
+                tracking.client().download_artifacts(run_id, "plots/loss_curve.png", "/tmp")
+            ).read_bytes()
+        except Exception:  # noqa: BLE001 - a failed run may have no plot
+            png = None
+    text = report.build(
+        state,
+        error,
+        args["kfp_run_id"],
+        metrics,
+        tags,
+        report.links(args["kfp_run_id"], exp_id, run_id),
+        png,
+    )
+    Path(args["report"].path).write_text(text)
+    url = os.environ.get(report.WEBHOOK_ENV, "")
+    if url:
+        report.post_webhook(url, report.summary(state, args["kfp_run_id"], metrics, error))
+    base = os.environ.get(ARTIFACT_URI_ENV, "")
+    if base and state == "SUCCEEDED":  # resumable checkpoints are not needed any more
+        from qlora_kfp import s3
+
+        s3.delete_prefix(f"{base.rstrip('/')}/{args['kfp_run_id']}/train-checkpoints")

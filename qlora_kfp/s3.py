@@ -168,3 +168,15 @@ def download_folder(uri: str, dest: str | os.PathLike, verify_manifest: bool = T
             if sha256_file(dest / rel) != meta["sha256"]:
                 raise ArtifactError(f"{uri}/{rel}: checksum mismatch after download")
     return dest
+
+
+def delete_prefix(uri: str) -> int:
+    """Delete every object under ``uri`` (temporary storage); returns how many."""
+    bucket, prefix = split_uri(uri)
+    s3, n = client(), 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+            n += len(keys)
+    return n

@@ -59,7 +59,11 @@ def _component_params(component):
     }  # Input[...]/Output[...] artifacts
 
 
-RUNTIME_INPUTS = {"dataset_digest", "tuned_eval_loss"}  # upstream outputs, not configuration
+RUNTIME_INPUTS = {
+    "dataset_digest",
+    "tuned_eval_loss",
+    "cache_fingerprint",
+}  # upstream outputs, not configuration
 STAGES = [
     "prepare_dataset:prepare",
     "quantize:quantize",

@@ -101,3 +101,10 @@ def test_mlflow_has_one_parent_run_with_nested_stage_runs(local_run):
     assert len(history) > 10 and history[-1].value < history[0].value
     arts = {a.path for a in client.list_artifacts(children["train"].info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in arts
+
+
+def test_exit_handler_wrote_the_run_report(local_run):
+    _, run_dir, _ = local_run
+    text = (run_dir / "finish-tracking" / "report").read_text()
+    assert ": SUCCEEDED" in text and "| exact match |" in text
+    assert "![loss curve](data:image/png;base64," in text

@@ -118,3 +118,14 @@ def test_compile_time_options_for_another_cluster(tmp_path):
     assert k8s[ex]["secretAsEnv"][0]["secretName"] == "my-creds"
     res = spec["deploymentSpec"]["executors"][ex]["container"]["resources"]
     assert res["accelerator"]["resourceCount"] == "2"
+
+
+@pytest.mark.parametrize("task", ["prepare-dataset", "quantize"])
+def test_cached_tasks_are_keyed_by_the_content_fingerprint(task):
+    spec, _ = compiled()
+    src = task_spec(spec, task)["inputs"]["parameters"]["cache_fingerprint"]
+    producer = src.get("taskOutputParameter", {}).get("producerTask") or src.get(
+        "componentInputParameter"
+    )
+    assert producer in ("fingerprint-sources", "pipelinechannel--fingerprint-sources-Output")
+    assert task_spec(spec, "fingerprint-sources")["cachingOptions"].get("enableCache") is not True

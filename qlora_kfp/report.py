@@ -1,0 +1,90 @@
+"""The run report that always arrives: written by the exit handler, success or failure.
+
+A Markdown artifact (rendered by the KFP UI) with the status, the failure reason, base vs tuned
+metrics, the loss curve, and links to the MLflow and KFP runs; optionally posted as a
+Slack-compatible JSON message to ``QLORA_KFP_WEBHOOK_URL`` (from the Secret).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import urllib.request
+
+log = logging.getLogger(__name__)
+WEBHOOK_ENV = "QLORA_KFP_WEBHOOK_URL"
+SHOWN = [
+    ("eval loss", "base_eval_loss", "tuned_eval_loss"),
+    ("perplexity", "base_eval_perplexity", "tuned_eval_perplexity"),
+    ("exact match", "base_exact_match", "tuned_exact_match"),
+    ("ROUGE-L", "base_rougeL", "tuned_rougeL"),
+]
+
+
+def links(kfp_run_id: str, experiment_id: str = "", run_id: str = "") -> dict[str, str]:
+    out = {}
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if run_id and uri.startswith(("http://", "https://")):
+        out["MLflow run"] = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    ui = os.environ.get("KFP_UI_URL", "")
+    if ui and kfp_run_id:
+        out["KFP run"] = f"{ui.rstrip('/')}/#/runs/details/{kfp_run_id}"
+    return out
+
+
+def build(
+    status: str,
+    error: str,
+    kfp_run_id: str,
+    metrics: dict,
+    tags: dict,
+    link_map: dict[str, str],
+    loss_png: bytes | None = None,
+) -> str:
+    """The Markdown report."""
+    icon = "✅" if status == "SUCCEEDED" else "❌"
+    lines = [f"# {icon} qlora-finetune run {kfp_run_id}: {status}", ""]
+    if error:
+        lines += ["**Failure:**", "", "```", error.strip()[:4000], "```", ""]
+    if tags.get("training_decision") == "skip":
+        lines += [f"Training skipped: {tags.get('training_decision_reason', '')}", ""]
+    rows = [(label, metrics[b], metrics[t]) for label, b, t in SHOWN if b in metrics]
+    if rows:
+        lines += ["| metric | base | tuned | delta |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {lab} | {b:.4f} | {t:.4f} | {t - b:+.4f} |" for lab, b, t in rows]
+        lines.append("")
+    if "registered_model" in tags:
+        lines += [f"Registered as `{tags['registered_model']}` ({tags.get('promotion', '')}).", ""]
+    for name, url in link_map.items():
+        lines.append(f"- [{name}]({url})")
+    if loss_png:
+        lines += ["", f"![loss curve](data:image/png;base64,{base64.b64encode(loss_png).decode()})"]
+    return "\n".join(lines) + "\n"
+
+
+def summary(status: str, kfp_run_id: str, metrics: dict, error: str) -> str:
+    """One Slack line."""
+    text = f"qlora-finetune {kfp_run_id}: {status}"
+    if "tuned_eval_loss" in metrics:
+        text += f" | eval loss {metrics['base_eval_loss']:.4f} -> {metrics['tuned_eval_loss']:.4f}"
+    if error:
+        text += f" | {error.strip().splitlines()[0][:300]}"
+    return text
+
+
+def post_webhook(url: str, text: str, timeout_s: float = 10.0) -> bool:
+    """POST ``{"text": ...}``; a failing webhook is logged, never fatal for the exit handler."""
+    req = urllib.request.Request(
+        url,
+        data=json.dumps({"text": text}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return 200 <= r.status < 300
+    except Exception as exc:  # noqa: BLE001
+        log.error("webhook post failed: %s", exc)
+        return False

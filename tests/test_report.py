@@ -1,0 +1,95 @@
+"""The exit handler's report and webhook (a loopback HTTP server stands in for Slack)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+from qlora_kfp import report, tracking
+from qlora_kfp.entrypoints import finish
+
+
+@pytest.fixture
+def webhook():
+    """A loopback HTTP endpoint that records the JSON bodies POSTed to it."""
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+
+
+@pytest.fixture
+def local_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("QLORA_KFP_MLFLOW_ARTIFACT_ROOT", (tmp_path / "art").as_uri())
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "state,error",
+    [("SUCCEEDED", ""), ("FAILED", "train failed: loss is nan at step 7")],
+    ids=["success", "failure"],
+)
+def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, monkeypatch):
+    url, received = webhook
+    monkeypatch.setenv(report.WEBHOOK_ENV, url)
+    monkeypatch.setenv("KFP_UI_URL", "https://kfp.example.com")
+    parent = tracking.start_pipeline_run("exp", "r", {"kfp.run_id": "run-42"})
+    tracking.client().log_metric(parent, "base_eval_loss", 6.5)
+    tracking.client().log_metric(parent, "tuned_eval_loss", 0.5)
+    out = local_mlflow / "report.md"
+    finish(
+        {
+            "mlflow_experiment": "exp",
+            "kfp_run_id": "run-42",
+            "status": SimpleNamespace(state=state, error_message=error),
+            "report": SimpleNamespace(path=str(out)),
+        }
+    )
+    text = out.read_text()
+    assert f"run-42: {state}" in text and "| eval loss | 6.5000 | 0.5000 | -6.0000 |" in text
+    assert "https://kfp.example.com/#/runs/details/run-42" in text
+    assert (error in text) if error else "Failure" not in text
+    assert received == [
+        {
+            "text": report.summary(
+                state, "run-42", {"base_eval_loss": 6.5, "tuned_eval_loss": 0.5}, error
+            )
+        }
+    ]
+    run = tracking.client().get_run(parent)
+    assert run.info.status == ("FINISHED" if state == "SUCCEEDED" else "FAILED")
+
+
+def test_unreachable_webhook_is_logged_not_fatal():
+    from servers import free_port
+
+    assert report.post_webhook(f"http://127.0.0.1:{free_port()}/x", "hi", timeout_s=2) is False
+
+
+def test_report_without_tracking(tmp_path):
+    out = tmp_path / "r.md"
+    finish(
+        {
+            "mlflow_experiment": "e",
+            "kfp_run_id": "k",
+            "report": SimpleNamespace(path=str(out)),
+            "status": SimpleNamespace(state="FAILED", error_message="quantize failed: OOM"),
+        }
+    )
+    assert "quantize failed: OOM" in out.read_text()
