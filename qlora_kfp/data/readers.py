@@ -40,8 +40,14 @@ def detect_format(path: Path, data_format: str) -> str:
 
 
 def _jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"not UTF-8 text (byte {exc.start + 1})", source=str(path), row=n
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -111,6 +117,14 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def _guard_encoding(rows: Iterator[Row], path: Path) -> Iterator[Row]:
+    """Turn a decoding error anywhere in a text file into a DataError naming the file."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text (byte {exc.start + 1})", source=str(path)) from None
+
+
 def read_rows(source: str, data_format: str = "auto") -> Iterator[Row]:
     """Yield ``(file, row, record)`` for every record of a local path, s3:// URI or hub id."""
     local = sources.localize(source)
@@ -118,7 +132,7 @@ def read_rows(source: str, data_format: str = "auto") -> Iterator[Row]:
     if path.exists():
         for f in _files(path):
             fmt = detect_format(f, data_format)
-            for file, n, rec in READERS[fmt](f):
+            for file, n, rec in _guard_encoding(READERS[fmt](f), f):
                 if not isinstance(rec, dict):
                     raise DataError(
                         f"expected an object, got {type(rec).__name__}", source=file, row=n
