@@ -69,6 +69,9 @@ schedule: $(STAMP) ## Recurring retraining: ACTION=create|list|pause|resume|dele
 	$(BIN)/qlora-kfp schedule $(or $(ACTION),create) --cron "$(or $(CRON),0 0 3 * * 1)" \
 	  $(if $(ID),--id $(ID)) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
 
+bench: ## On a GPU machine: train stage vs the seeds' recipe (see BENCHMARKS.md; BENCH_ARGS=...)
+	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data chat --bs 8 --steps 20 --warmup 3)
+
 mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db \
 	  --host 127.0.0.1 --port 5000
@@ -77,4 +80,4 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run compile test test-fast lint format mlflow-ui clean upload run-remote \
-	schedule images manifests install-browser
+	schedule images manifests install-browser bench

@@ -12,6 +12,7 @@ from qlora_kfp.components.preflight import preflight
 from qlora_kfp.components.prepare_dataset import prepare_dataset
 from qlora_kfp.components.quantize import quantize
 from qlora_kfp.components.register import register_model
+from qlora_kfp.components.sweep import pick_best_trial
 from qlora_kfp.components.tracking import finish_tracking, start_tracking
 from qlora_kfp.components.train import train
 
@@ -21,6 +22,7 @@ __all__ = [
     "finish_tracking",
     "fingerprint_sources",
     "merge",
+    "pick_best_trial",
     "preflight",
     "prepare_dataset",
     "quantize",

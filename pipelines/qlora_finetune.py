@@ -8,17 +8,14 @@ from kfp import dsl
 from qlora_kfp.components import (
     decide_training,
     evaluate,
-    fingerprint_sources,
-    finish_tracking,
     merge,
     preflight,
     prepare_dataset,
     quantize,
     register_model,
-    start_tracking,
     train,
 )
-from qlora_kfp.pipelines import platform
+from qlora_kfp.pipelines import common, platform
 
 PIPELINE_NAME = "qlora-finetune"
 
@@ -75,19 +72,10 @@ def qlora_finetune(
     gpu_memory_gib: float = 80.0,
 ):
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    # The exit task may depend on no task, so it finds the parent run by its KFP run id tag.
-    finish = finish_tracking(mlflow_experiment=mlflow_experiment, kfp_run_id=run_id)
-    platform.small_task(finish, cache=False)
+    finish = common.exit_task(mlflow_experiment, run_id)
 
     with dsl.ExitHandler(finish, name="qlora-stages"):
-        tracking = start_tracking(
-            mlflow_experiment=mlflow_experiment,
-            run_name=run_name,
-            kfp_run_id=run_id,
-            base_model=base_model,
-            data_source=data_source,
-        )
-        platform.small_task(tracking, cache=False)
+        tracking, fp = common.open_run(mlflow_experiment, run_name, run_id, base_model, data_source)
         parent = tracking.output
 
         check = preflight(
@@ -102,11 +90,6 @@ def qlora_finetune(
             kfp_run_id=run_id,
         )
         platform.small_task(check, cache=False)
-
-        # Cached tasks take the sources' content digest and the code version as an input,
-        # so new data under the same path or a rebuilt image never hits an old cache entry.
-        fp = fingerprint_sources(data_source=data_source, base_model=base_model)
-        platform.small_task(fp, cache=False)
 
         prep = prepare_dataset(
             cache_fingerprint=fp.output,

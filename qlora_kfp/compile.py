@@ -8,8 +8,9 @@ from pathlib import Path
 def pipelines() -> dict:
     """``{file stem: pipeline function}`` of every pipeline the project ships."""
     from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
+    from qlora_kfp.pipelines.qlora_sweep import qlora_sweep
 
-    return {"qlora_finetune": qlora_finetune}
+    return {"qlora_finetune": qlora_finetune, "qlora_sweep": qlora_sweep}
 
 
 def compile_all(output_dir: str | Path = "pipelines/compiled") -> list[str]:

@@ -301,5 +301,16 @@ def field_help(cls: type) -> dict[str, str]:
 
 def from_params(cls: type, params: dict[str, Any]) -> Any:
     """Build ``cls`` from a dict, ignoring keys that are not its fields (e.g. artifacts)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in params.items() if k in names})
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in params:
+            continue
+        value, typ = params[f.name], hints[f.name]
+        # JSON carries every number as a float (KFP loop items, params files): 16.0 -> 16.
+        if typ is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        out[f.name] = value
+    return cls(**out)

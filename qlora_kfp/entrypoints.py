@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -37,7 +38,9 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, tracking.Stag
     setup_logging()
     try:
         cfg = configs.from_params(cls, args)
-        with tracking.stage_run(args.get("mlflow_parent_run_id", ""), name) as run:
+        with tracking.stage_run(
+            args.get("mlflow_parent_run_id", ""), name, args.get("kfp_run_id", "")
+        ) as run:
             run.params(dataclasses.asdict(cfg))
             yield cfg, run
     except QloraError as exc:
@@ -340,3 +343,19 @@ def finish(args: dict) -> None:
         from qlora_kfp import s3
 
         s3.delete_prefix(f"{base.rstrip('/')}/{args['kfp_run_id']}/train-checkpoints")
+
+
+def pick_best(args: dict) -> dict:
+    """Choose the sweep trial with the lowest eval loss; ``dsl.Collected`` keeps grid order."""
+    setup_logging()
+    grid, losses = list(args["lora_grid"]), [float(x) for x in args["eval_losses"]]
+    if len(grid) != len(losses):
+        sys.exit(f"pick-best-trial failed: {len(grid)} trials but {len(losses)} results")
+    best = min(range(len(grid)), key=losses.__getitem__)
+    with tracking.stage_run(args.get("mlflow_parent_run_id", ""), "pick-best-trial") as run:
+        report(run, args.get("metrics"), {"best_trial": best, "best_eval_loss": losses[best]})
+        run.tags({"best_trial": json.dumps(grid[best], sort_keys=True)}, parent=True)
+        for i, loss in enumerate(losses):
+            run.metrics({"trial_eval_loss": loss}, step=i, parent=False)
+    log.info("best trial %d of %d: %s (eval loss %.6g)", best, len(grid), grid[best], losses[best])
+    return {**grid[best], "trial": best, "eval_loss": losses[best]}

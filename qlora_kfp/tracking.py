@@ -97,14 +97,21 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
 
 
 def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
-    """Id of the parent run tagged with this KFP run id ("" when there is none)."""
+    """Id of the parent run tagged with this KFP run id ("" when there is none).
+
+    ``experiment`` "" searches every experiment.
+    """
     if not enabled():
         return ""
-    exp = client().get_experiment_by_name(experiment)
-    if exp is None:
+    if experiment:
+        exp = client().get_experiment_by_name(experiment)
+        ids = [exp.experiment_id] if exp else []
+    else:
+        ids = [e.experiment_id for e in client().search_experiments()]
+    if not ids:
         return ""
     runs = client().search_runs(
-        [exp.experiment_id],
+        ids,
         max_results=1,
         filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`qlora.role` = 'pipeline'",
     )
@@ -197,8 +204,14 @@ class StageRun:
 
 
 @contextlib.contextmanager
-def stage_run(parent_run_id: str, stage: str) -> Iterator[StageRun]:
-    """Open the nested run of one stage; it ends FAILED (and re-raises) on an exception."""
+def stage_run(parent_run_id: str, stage: str, kfp_run_id: str = "") -> Iterator[StageRun]:
+    """Open the nested run of one stage; it ends FAILED (and re-raises) on an exception.
+
+    Without ``parent_run_id`` the parent is looked up by its ``kfp.run_id`` tag (tasks inside
+    a ``dsl.ParallelFor`` get it that way: kfp.local misroutes task outputs into loop bodies).
+    """
+    if enabled() and not parent_run_id and kfp_run_id:
+        parent_run_id = find_pipeline_run("", kfp_run_id)
     if not (enabled() and parent_run_id):
         yield StageRun("", "")
         return

@@ -11,14 +11,33 @@ from qlora_kfp.data.readers import read_rows
 from qlora_kfp.data.schema import to_messages
 from qlora_kfp.errors import QloraError
 
-SETTINGS = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["prompt", "completion", "instruction", "input", "output", "messages",
-                         "role", "content", "x"]), inner, max_size=4),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "prompt",
+                    "completion",
+                    "instruction",
+                    "input",
+                    "output",
+                    "messages",
+                    "role",
+                    "content",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
 
 
 def consume(path: str, fmt: str) -> int:

@@ -223,9 +223,15 @@ def test_mlflow_ui_compares_the_two_runs_in_a_browser(two_runs, client, services
         )
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-        page.get_by_text("tuned_eval_loss").first.wait_for(timeout=60_000)
+        needles = ["rank-16", "rank-4", "tuned_eval_loss", "lora_r", "train_loss"]
+        # The UI is a React app: wait until the comparison table has rendered every needle.
+        page.wait_for_function(
+            "needles => needles.every(n => document.body.innerText.includes(n))",
+            arg=needles,
+            timeout=120_000,
+        )
         text = page.inner_text("body")
         page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
         browser.close()
-    for needle in ("rank-16", "rank-4", "tuned_eval_loss", "lora_r", "train_loss"):
+    for needle in needles:
         assert needle in text, needle
