@@ -31,11 +31,18 @@ def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
 
 
 def test_compiling_twice_gives_the_same_bytes(tmp_path):
-    from qlora_kfp.compile import compile_all
-
-    a = [Path(p).read_bytes() for p in compile_all(tmp_path / "a")]
-    b = [Path(p).read_bytes() for p in compile_all(tmp_path / "b")]
-    assert a == b
+    """Two processes with different hash seeds (dict order in KFP's header comment varies)."""
+    out = []
+    for seed in ("1", "2"):
+        code = f"from qlora_kfp.compile import compile_all; compile_all({str(tmp_path / seed)!r})"
+        subprocess.run(
+            [sys.executable, "-c", code],
+            check=True,
+            cwd=ROOT,
+            env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": seed},
+        )
+        out.append(sorted((p.name, p.read_bytes()) for p in (tmp_path / seed).iterdir()))
+    assert out[0] == out[1]
 
 
 def test_compile_does_not_import_torch(tmp_path):
