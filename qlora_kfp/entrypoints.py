@@ -87,6 +87,7 @@ def prepare_dataset(args: dict) -> str:
         res = run_prepare(cfg, args["dataset"].path)
         report(run, args.get("metrics"), res.stats)
         run.artifact(str(Path(res.path) / "stats.json"), "dataset")
+        run.artifact(str(Path(res.path) / "rendered_samples.txt"), "dataset")
         _log_dataset_input(run, res.path, res.digest, cfg.data_source)
         run.tags({"dataset.digest": res.digest}, parent=True)
         _mark(

@@ -190,3 +190,11 @@ def test_eval_split_too_small(write_rows, demo_assets, tmp_path):
 def test_hub_dataset_id_offline_is_a_clear_error(demo_assets, tmp_path):
     with pytest.raises(SourceError, match="someone/some-dataset: cannot load from the hub"):
         run_prepare(cfg("someone/some-dataset", demo_assets["base_model"]), str(tmp_path / "o"))
+
+
+def test_rendered_samples_show_what_is_learned(prepared):
+    text = (__import__("pathlib").Path(prepared.path) / "rendered_samples.txt").read_text()
+    first = text.split("--- row 1")[0]
+    # The prompt is masked (in brackets); the answer and the EOS token are trained on.
+    assert first.count("[") >= 1 and "<|im_start|>assistant\n]" in first
+    assert first.rstrip().endswith("<|im_end|>\n") or "<|im_end|>" in first.split("]")[-1]

@@ -99,3 +99,20 @@ def test_unreachable_endpoint(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     with pytest.raises(SourceError, match="cannot reach the S3 endpoint"):
         s3.check_access("s3://bucket/x")
+
+
+def test_checkpoint_mirror_resumes_on_a_new_machine(s3_env, tmp_path):
+    """A sealed checkpoint uploaded by one pod is found and downloaded by the next."""
+    from types import SimpleNamespace
+
+    from qlora_kfp import checkpoints
+
+    root = tmp_path / "pod1"
+    (root / "checkpoint-12").mkdir(parents=True)
+    (root / "checkpoint-12" / "optimizer.pt").write_bytes(b"state")
+    (root / "checkpoint-18").mkdir()  # cut off before its manifest: never uploaded
+    cb = checkpoints.callback(root, "s3://data/run-1/train-checkpoints")
+    cb.on_save(None, SimpleNamespace(global_step=12), None)
+    found = checkpoints.find_resume_point(tmp_path / "pod2", "s3://data/run-1/train-checkpoints")
+    assert found and found.endswith("checkpoint-12")
+    assert (tmp_path / "pod2" / "checkpoint-12" / "optimizer.pt").read_bytes() == b"state"

@@ -132,10 +132,32 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
             cols = {c: [getattr(r, c) for r in part] for c in COLUMNS}
             datasets.Dataset.from_dict(cols).to_parquet(str(tmp / f"{name}.parquet"))
         tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "rendered_samples.txt").write_text(render_samples(tokenizer, train[:3]))
         info = {"config": asdict(cfg), "chat_template_used": template, "stats": stats}
         (tmp / "stats.json").write_text(json.dumps(info, indent=1, sort_keys=True))
     digest = dataset_digest(output_dir)
     return PrepareResult(str(output_dir), stats, digest)
+
+
+def render_samples(tokenizer, rows: list[templates.Encoded]) -> str:
+    """Rows as training sees them: masked tokens in [brackets], trained tokens plain, so a
+    person can check that the answer and the EOS token are learned and the prompt is not."""
+    out = []
+    for i, r in enumerate(rows):
+        parts, masked, buf = [], None, []
+        for tok, lab in zip(r.input_ids, r.labels, strict=True):
+            m = lab == templates.IGNORE
+            if masked is not None and m != masked:
+                text = tokenizer.decode(buf)
+                parts.append(f"[{text}]" if masked else text)
+                buf = []
+            masked = m
+            buf.append(tok)
+        if buf:
+            text = tokenizer.decode(buf)
+            parts.append(f"[{text}]" if masked else text)
+        out.append(f"--- row {i} ({len(r.input_ids)} tokens; [masked]) ---\n{''.join(parts)}")
+    return "\n".join(out) + "\n"
 
 
 def dataset_digest(folder: str) -> str:
