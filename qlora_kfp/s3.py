@@ -90,8 +90,14 @@ def check_access(uri: str) -> None:
     try:
         client().head_bucket(Bucket=bucket)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+        code = exc.response.get("Error", {}).get("Code")
+        if code in ("404", "NoSuchBucket"):
             raise SourceError(f"{uri}: the bucket does not exist (NoSuchBucket)") from None
+        if code == "403":  # HEAD has no body: ask again with a GET to learn why
+            try:
+                client().list_objects_v2(Bucket=bucket, MaxKeys=1)
+            except Exception as exc2:  # noqa: BLE001
+                raise _explain(uri, exc2) from None
         raise _explain(uri, exc) from None
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message
         raise _explain(uri, exc) from None

@@ -116,3 +116,32 @@ def test_checkpoint_mirror_resumes_on_a_new_machine(s3_env, tmp_path):
     found = checkpoints.find_resume_point(tmp_path / "pod2", "s3://data/run-1/train-checkpoints")
     assert found and found.endswith("checkpoint-12")
     assert (tmp_path / "pod2" / "checkpoint-12" / "optimizer.pt").read_bytes() == b"state"
+
+
+def test_wrong_credentials_fail_fast(tmp_path, monkeypatch):
+    """moto with IAM auth on from the first request: unknown keys are refused as on AWS."""
+    import os
+
+    from servers import _serve, free_port
+
+    port = free_port()
+    exe = str(__import__("pathlib").Path(__import__("sys").executable).parent / "moto_server")
+    env = {
+        "INITIAL_NO_AUTH_ACTION_COUNT": "0",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+    }
+    with _serve(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        env,
+        f"http://127.0.0.1:{port}/moto-api/",
+        60,
+        tmp_path / "moto-auth.log",
+    ):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        with pytest.raises(SourceError, match=r"s3://bucket/x: wrong AWS_ACCESS_KEY_ID"):
+            s3.check_access("s3://bucket/x")
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "AKIAWRONGWRONGWRONG0"
