@@ -31,6 +31,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the weights (``*.safetensors``) under a folder."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+
+
 def write_manifest(folder: str | os.PathLike, kind: str, extra: dict | None = None) -> dict:
     """Write ``MANIFEST.json`` listing every file under ``folder`` with size and sha256."""
     root = Path(folder)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from qlora_kfp import modeling, sources
 from qlora_kfp.configs import MergeConfig
 from qlora_kfp.errors import VerificationError
-from qlora_kfp.manifest import atomic_folder, verify
+from qlora_kfp.manifest import atomic_folder, folder_bytes, verify
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,6 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge.json").write_text(json.dumps({"config": asdict(cfg), **metrics}, indent=1))
-    metrics["merged_bytes"] = sum(
-        p.stat().st_size for p in __import__("pathlib").Path(output_dir).rglob("*.safetensors")
-    )
+    metrics["merged_bytes"] = folder_bytes(output_dir)
     log.info("merged %s + %s: %s", sources.model_source(cfg.base_model), adapter_dir, metrics)
     return MergeResult(str(output_dir), metrics)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qlora_kfp import modeling, sources
 from qlora_kfp.configs import QuantizeConfig
-from qlora_kfp.manifest import atomic_folder
+from qlora_kfp.manifest import atomic_folder, folder_bytes
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ def dequant_error(model_4bit, model_16bit) -> dict:
         "quant_rel_error_worst_layer": round(worst, 6),
         "quant_layers": layers,
     }
-
-
-def folder_bytes(path: str) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
 
 
 def run_quantize(
