@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_kfp.checkpoints import latest_local
+from qlora_kfp.manifest import verify
 
 pytestmark = pytest.mark.slow
 
@@ -82,12 +83,13 @@ def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(
     ckpts = Path(f"{out}.checkpoints")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        done = latest_local(ckpts) if ckpts.exists() else None
-        if done is not None and done.name == "checkpoint-12":
+        # Look without touching: latest_local() would remove the checkpoint being written.
+        if (ckpts / "checkpoint-12" / "MANIFEST.json").is_file():
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # preemption: no cleanup, no atexit
     proc.wait()
+    verify(ckpts / "checkpoint-12", "train-checkpoint")
     assert not out.exists(), "a killed run must leave no adapter"
 
     resumed = result(start(quantized, prepared, out, 0.0))
