@@ -15,9 +15,9 @@ import urllib.request
 
 log = logging.getLogger(__name__)
 WEBHOOK_ENV = "QLORA_KFP_WEBHOOK_URL"
-SHOWN = [
+SHOWN = [  # (label, base metric, tuned metric): the report's and the CLI summary's table
     ("eval loss", "base_eval_loss", "tuned_eval_loss"),
-    ("perplexity", "base_eval_perplexity", "tuned_eval_perplexity"),
+    ("eval perplexity", "base_eval_perplexity", "tuned_eval_perplexity"),
     ("exact match", "base_exact_match", "tuned_exact_match"),
     ("ROUGE-L", "base_rougeL", "tuned_rougeL"),
 ]

@@ -5,12 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SHOWN = [
-    ("eval loss", "base_eval_loss", "tuned_eval_loss"),
-    ("eval perplexity", "base_eval_perplexity", "tuned_eval_perplexity"),
-    ("exact match", "base_exact_match", "tuned_exact_match"),
-    ("ROUGE-L", "base_rougeL", "tuned_rougeL"),
-]
+from qlora_kfp.report import SHOWN  # the same base-vs-tuned rows as the run report
 
 
 def task_metrics(tasks: dict, task: str) -> dict:
