@@ -12,6 +12,8 @@ def preflight(
     lora_r: int = 16,
     gradient_checkpointing: bool = True,
     fused_kernels: str = "auto",
+    packing: str = "padding_free",
+    pack_length: int = 0,
     gpu_memory_gib: float = 80.0,
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",

@@ -32,6 +32,8 @@ def train(
     eval_steps: int = 0,
     logging_steps: int = 5,
     length_grouping: bool = True,
+    packing: str = "padding_free",
+    pack_length: int = 0,
     fused_kernels: str = "auto",
     attn_implementation: str = "sdpa",
     checkpoint_steps: int = 50,

@@ -150,12 +150,26 @@ class TrainConfig:
         "Batch rows of similar length together (less padding, same data per epoch).",
         default=True,
     )
+    packing: str = _help(
+        "How rows become batches: padding_free (a micro-batch's rows end to end in one row, "
+        "each document attending only to itself: no compute on padding, same loss as off), "
+        "bins (rows packed into bins of pack_length tokens; batch_size counts bins; fewer, "
+        "fuller steps) or off (pad each micro-batch to its longest row).",
+        default="padding_free",
+    )
+    pack_length: int = _help(
+        "Tokens per bin when packing=bins (0: the longest training row).", default=0
+    )
     fused_kernels: str = _help(
         "Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without the "
         "vocab-sized logits): auto (on a GPU when liger-kernel is installed), on or off.",
         default="auto",
     )
-    attn_implementation: str = _help("Attention kernel: sdpa or eager.", default="sdpa")
+    attn_implementation: str = _help(
+        "Attention kernel: sdpa, eager or flex_attention (skips the masked-out blocks between "
+        "packed documents; compiles a Triton kernel on first use).",
+        default="sdpa",
+    )
     checkpoint_steps: int = _help(
         "Save a resumable checkpoint every this many steps (0: never). A restarted task "
         "resumes from the newest complete one (local, or the S3 mirror).",
@@ -206,7 +220,11 @@ class TrainConfig:
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "use 1 or more")
         _one_of("compute_dtype", self.compute_dtype, DTYPES)
         _one_of("fused_kernels", self.fused_kernels, ("auto", "on", "off"))
-        _one_of("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _one_of("packing", self.packing, ("off", "padding_free", "bins"))
+        _check(self.pack_length >= 0, "pack_length", self.pack_length, "use 0 (auto) or more")
+        _one_of(
+            "attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention")
+        )
         _check(self.checkpoint_steps >= 0, "checkpoint_steps", self.checkpoint_steps, "use >= 0")
 
     @property

@@ -277,17 +277,22 @@ def preflight(args: dict) -> str:
         kw = dict(
             gradient_checkpointing=args["gradient_checkpointing"],
             fused_loss=args["fused_kernels"] != "off",
+            packing=args["packing"],
         )
-        est = memory.estimate(cfg, args["max_seq_length"], args["batch_size"], args["lora_r"], **kw)
+        # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
+        seq = args["max_seq_length"]
+        if args["packing"] == "bins" and args["pack_length"]:
+            seq = args["pack_length"]
+        est = memory.estimate(cfg, seq, args["batch_size"], args["lora_r"], **kw)
         log.info(
             "estimated peak GPU memory for batch %d x %d tokens:\n%s",
             args["batch_size"],
-            args["max_seq_length"],
+            seq,
             est.table(),
         )
         budget = 0.95 * args["gpu_memory_gib"]
         if est.total_gib > budget:
-            fits = memory.largest_batch(cfg, args["max_seq_length"], args["lora_r"], budget, **kw)
+            fits = memory.largest_batch(cfg, seq, args["lora_r"], budget, **kw)
             hint = (
                 f"use batch_size={fits} with gradient_accumulation_steps="
                 f"{-(-args['batch_size'] // fits)}"

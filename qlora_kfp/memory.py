@@ -62,8 +62,13 @@ def estimate(
     lora_r: int,
     gradient_checkpointing: bool = True,
     fused_loss: bool = True,
+    packing: str = "off",
 ) -> MemoryEstimate:
-    """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens."""
+    """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
+
+    ``packing="padding_free"`` lays the micro-batch out as one row of ``batch_size x seq_len``
+    tokens, whose boolean attention mask grows with the square of that length.
+    """
     shapes = linear_shapes(cfg)
     h, inter, vocab, layers = (
         cfg.hidden_size,
@@ -83,6 +88,8 @@ def estimate(
     else:  # every layer's working set stays alive until backward
         parts["activations"] = tokens * layers * ACT_BYTES * (h + inter)
     parts["logits"] = 0 if fused_loss else tokens * vocab * 10
+    rows, width = (1, tokens) if packing == "padding_free" else (batch_size, seq_len)
+    parts["attention mask"] = rows * width * width
     parts["CUDA context + slack"] = OVERHEAD_GIB * GIB
     return MemoryEstimate(parts, tokens)
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlora_kfp import checkpoints, modeling
+from qlora_kfp import batching, checkpoints, modeling
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.manifest import atomic_folder, verify
@@ -168,12 +168,19 @@ def run_train(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     tokens_seen = [0]
-    base_collate = modeling.collator(tokenizer)
 
-    def collate(rows):
-        batch = base_collate(rows)
-        tokens_seen[0] += int(batch["attention_mask"].sum())
-        return batch
+    def count(n: int) -> None:
+        tokens_seen[0] += n
+
+    collate = batching.make_collator(cfg.packing, tokenizer, on_tokens=count)
+    if cfg.packing == "bins":
+        capacity = cfg.pack_length or max(len(r["input_ids"]) for r in train_ds)
+        try:
+            bins = batching.packed_rows(train_ds, capacity)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; raise pack_length or use 0 (the longest row)") from None
+        log.info("packed %d rows into %d bins of <= %d tokens", len(train_ds), len(bins), capacity)
+        train_ds = bins
 
     history: list[dict] = []
     diverged: list[str] = []
@@ -210,7 +217,10 @@ def run_train(
             gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
             remove_unused_columns=False,
-            train_sampling_strategy="group_by_length" if cfg.length_grouping else "random",
+            # Bins are all about pack_length long: grouping them by length would do nothing.
+            train_sampling_strategy=(
+                "group_by_length" if cfg.length_grouping and cfg.packing != "bins" else "random"
+            ),
             use_liger_kernel=use_fused_kernels(cfg.fused_kernels),
             dataloader_num_workers=0,
         )

@@ -75,6 +75,8 @@ def test_preflight_fails_early_with_a_suggestion(demo_assets):
         lora_r=16,
         gradient_checkpointing=True,
         fused_kernels="auto",
+        packing="off",
+        pack_length=0,
         gpu_memory_gib=2.0,
     )
     with pytest.raises(
@@ -85,3 +87,38 @@ def test_preflight_fails_early_with_a_suggestion(demo_assets):
         preflight(args)
     ok = preflight({**args, "gpu_memory_gib": 80.0})
     assert "4-bit weights" in ok
+
+
+def test_preflight_sizes_a_batch_of_bins_by_pack_length(demo_assets, caplog):
+    import logging
+
+    from qlora_kfp.entrypoints import preflight
+
+    args = dict(
+        base_model=demo_assets["base_model"],
+        max_seq_length=64,
+        batch_size=4,
+        lora_r=16,
+        gradient_checkpointing=True,
+        fused_kernels="auto",
+        packing="bins",
+        pack_length=1024,
+        gpu_memory_gib=80.0,
+    )
+    with caplog.at_level(logging.INFO, logger="qlora_kfp"):
+        preflight(args)
+    assert "batch 4 x 1024 tokens" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "packing,mask_bytes",
+    [
+        pytest.param("off", 8 * 2048**2, id="padded-rows-one-mask-each"),
+        pytest.param("bins", 8 * 2048**2, id="bins-one-mask-each"),
+        pytest.param("padding_free", (8 * 2048) ** 2, id="one-long-row-square-mask"),
+    ],
+)
+def test_attention_mask_memory_by_packing(packing, mask_bytes):
+    cfg = LlamaConfig(**LLAMA_8B)
+    est = memory.estimate(cfg, 2048, 8, 64, packing=packing)
+    assert est.parts_bytes["attention mask"] == mask_bytes
