@@ -110,6 +110,9 @@ VARIANT_KEYS = {
     "fused": ("fused_kernels", str),
     "group": ("length_grouping", lambda v: v == "1"),
     "ga": ("gradient_accumulation_steps", int),
+    "pack": ("packing", str),
+    "pl": ("pack_length", int),
+    "attn": ("attn_implementation", str),
 }
 
 
@@ -136,7 +139,11 @@ def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int
         max_grad_norm=0.3,
         optimizer="paged_adamw_32bit",
         logging_steps=1,
-        max_steps=steps,
+        # Bins: one pass over the same rows (their count of steps follows from the packing).
+        max_steps=0 if kw.get("packing") == "bins" else steps,
+        num_epochs=1.0,
+        checkpoint_steps=0,
+        eval_steps=0,
         compute_dtype="bfloat16",
         seed=1,
         **kw,
@@ -147,19 +154,36 @@ def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int
         f"r = run_train(TrainConfig(**{cfg!r}), {str(model_dir)!r}, {str(data_dir)!r}, "
         f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-        },
-    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not line:
         return {"error": proc.stderr[-2000:]}
     return json.loads(line[-1][7:])
+
+
+def _save(out: str, results: dict) -> None:
+    """Written after every run, so a call cut off at its time limit still returns results."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "bench_results.json").write_text(json.dumps(results, indent=1))
+
+
+def _env() -> dict:
+    path = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def loss_agreement(base: list[float], ours: list[float]) -> dict:
+    """Step-by-step loss differences over the steps both runs logged."""
+    n = min(len(base), len(ours))
+    if not n:
+        return {}
+    diffs = [abs(a - b) for a, b in zip(base[:n], ours[:n], strict=True)]
+    return {
+        "steps_compared": n,
+        "max_abs_diff": round(max(diffs), 5),
+        "mean_abs_diff": round(sum(diffs) / n, 5),
+        "max_rel_diff": round(max(d / abs(a) for d, a in zip(diffs, base, strict=False)), 6),
+    }
 
 
 def steady_tokens_per_s(history: list[dict], warmup: int) -> float:
@@ -180,7 +204,14 @@ def main() -> None:
     p.add_argument("--ckpt", default="/tmp/ckpt")
     p.add_argument("--work", default="/tmp/bench")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--variants", nargs="+", default=["grouped:bs=8"])
+    p.add_argument("--variants", nargs="*", default=["grouped:bs=8"])
+    p.add_argument(
+        "--profiles",
+        nargs="*",
+        default=[],
+        help='profile_step.py argument strings, e.g. "--rows 4 --seq 2048 --fused 1"',
+    )
+    p.add_argument("--skip-baseline", action="store_true")
     a = p.parse_args()
 
     from seed_recipe import make_checkpoint
@@ -193,7 +224,7 @@ def main() -> None:
 
     base_cmd = [
         sys.executable,
-        str(HERE / "seed_recipe.py"),
+        str(HERE / "seed_losses.py"),
         "--size",
         a.size,
         "--data",
@@ -209,13 +240,20 @@ def main() -> None:
         "--ckpt",
         a.ckpt,
     ]
-    proc = subprocess.run(base_cmd, capture_output=True, text=True)
+    if a.skip_baseline:
+        base_cmd = [sys.executable, "-c", "print('{}')"]
+    proc = subprocess.run(base_cmd, capture_output=True, text=True, env=_env())
     base = (
         json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
         if (proc.returncode == 0)
         else {"error": proc.stderr[-2000:]}
     )
+    base_losses = [
+        json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("LOSSES ")
+    ]
+    base["losses"] = [loss for _, loss in base_losses[-1]] if base_losses else []
     results["baseline"] = base
+    _save(a.out, results)
     print("baseline", json.dumps(base), flush=True)
 
     n = a.bs * (a.steps + a.warmup + 2)
@@ -244,12 +282,26 @@ def main() -> None:
             "mfu_h100": round(fpt * tok_s / 989e12, 4),
             "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
         }
+        if kw.get("batch_size", 4) == a.bs and not kw.get("length_grouping", True):
+            # Same rows in the same batches as the baseline: the losses must agree step by step.
+            ours = [h["loss"] for h in r["h"] if "loss" in h]
+            row["losses"] = ours
+            row["loss_agreement"] = loss_agreement(base.get("losses", []), ours)
         results[name] = row
         table.append(row)
         print(name, json.dumps(row), flush=True)
+        _save(a.out, results)
 
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "bench_results.json").write_text(json.dumps(results, indent=1))
+    for spec in a.profiles:
+        cmd = [sys.executable, str(HERE / "profile_step.py"), "--model", str(work / "model4")]
+        proc = subprocess.run([*cmd, *spec.split()], capture_output=True, text=True, env=_env())
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE ")]
+        prof = json.loads(line[-1][8:]) if line else {"error": proc.stderr[-1500:]}
+        results.setdefault("profiles", []).append({"args": spec, **prof})
+        print("profile", spec, json.dumps(prof), flush=True)
+        _save(a.out, results)
+
+    _save(a.out, results)
     print(
         f"\n{'variant':22s} {'tok/s':>9s} {'x base':>7s} {'peak GiB':>9s} {'rsv GiB':>8s} "
         f"{'MFU':>6s}"

@@ -14,6 +14,7 @@ def preflight(
     fused_kernels: str = "auto",
     packing: str = "padding_free",
     pack_length: int = 0,
+    fp32_upcast: bool = False,
     gpu_memory_gib: float = 80.0,
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",

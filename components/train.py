@@ -34,6 +34,7 @@ def train(
     length_grouping: bool = True,
     packing: str = "padding_free",
     pack_length: int = 0,
+    fp32_upcast: bool = False,
     fused_kernels: str = "auto",
     attn_implementation: str = "sdpa",
     checkpoint_steps: int = 50,

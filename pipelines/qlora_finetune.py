@@ -62,6 +62,7 @@ def qlora_finetune(
     length_grouping: bool = True,
     packing: str = "padding_free",
     pack_length: int = 0,
+    fp32_upcast: bool = False,
     fused_kernels: str = "auto",
     # evaluate
     num_generations: int = 16,
@@ -89,6 +90,7 @@ def qlora_finetune(
             fused_kernels=fused_kernels,
             packing=packing,
             pack_length=pack_length,
+            fp32_upcast=fp32_upcast,
             gpu_memory_gib=gpu_memory_gib,
             mlflow_parent_run_id=parent,
             kfp_run_id=run_id,
@@ -157,6 +159,7 @@ def qlora_finetune(
                 length_grouping=length_grouping,
                 packing=packing,
                 pack_length=pack_length,
+                fp32_upcast=fp32_upcast,
                 fused_kernels=fused_kernels,
                 compute_dtype=compute_dtype,
                 seed=seed,

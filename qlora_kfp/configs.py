@@ -160,6 +160,12 @@ class TrainConfig:
     pack_length: int = _help(
         "Tokens per bin when packing=bins (0: the longest training row).", default=0
     )
+    fp32_upcast: bool = _help(
+        "Cast the 16-bit weights (embeddings, norms, head) to float32 before training, as "
+        "peft's prepare_model_for_kbit_training does: slower and 4 GiB more on 8B shapes. "
+        "Off: they stay in compute_dtype (LoRA weights are float32 either way).",
+        default=False,
+    )
     fused_kernels: str = _help(
         "Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without the "
         "vocab-sized logits): auto (on a GPU when liger-kernel is installed), on or off.",

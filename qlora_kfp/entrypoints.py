@@ -278,6 +278,7 @@ def preflight(args: dict) -> str:
             gradient_checkpointing=args["gradient_checkpointing"],
             fused_loss=args["fused_kernels"] != "off",
             packing=args["packing"],
+            fp32_upcast=args["fp32_upcast"],
         )
         # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
         seq = args["max_seq_length"]

@@ -4,7 +4,8 @@ Used by the preflight task, before any GPU is claimed. The parts:
 
 * 4-bit weights: NF4 packs two weights a byte; double quantization stores one 8-bit absmax per
   64 weights plus one float32 per 256 of those (0.516 bytes a weight in all);
-* 16-bit parts: embeddings and head, upcast to float32 by ``prepare_model_for_kbit_training``;
+* 16-bit parts: embeddings and head, in float32 with ``fp32_upcast`` (what peft's
+  ``prepare_model_for_kbit_training`` does), else in the compute dtype;
 * LoRA: r x (in + out) per adapted Linear, float32 weights + grads + AdamW's two moments;
 * activations: with checkpointing each layer keeps its bf16 input, plus one layer's working set
   while it is recomputed (fitted: ``ACT_BYTES`` per token and per hidden + intermediate unit);
@@ -63,6 +64,7 @@ def estimate(
     gradient_checkpointing: bool = True,
     fused_loss: bool = True,
     packing: str = "off",
+    fp32_upcast: bool = True,
 ) -> MemoryEstimate:
     """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
 
@@ -80,7 +82,7 @@ def estimate(
     tied = getattr(cfg, "tie_word_embeddings", False)
     parts = {
         "4-bit weights": sum(i * o for i, o in shapes) * NF4_DQ_BYTES,
-        "embeddings + head (fp32)": vocab * h * 4 * (1 if tied else 2),
+        "embeddings + head": vocab * h * (4 if fp32_upcast else 2) * (1 if tied else 2),
         "LoRA + grads + AdamW": sum(lora_r * (i + o) for i, o in shapes) * 16,
     }
     if gradient_checkpointing:

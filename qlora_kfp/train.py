@@ -57,6 +57,31 @@ def lora_config(cfg: TrainConfig):
     )
 
 
+def prepare_model(model, cfg: TrainConfig):
+    """Freeze the base, enable checkpointing and, with ``fp32_upcast``, do what peft does.
+
+    peft's ``prepare_model_for_kbit_training`` casts every 16-bit weight (embeddings, norms,
+    the head: 4 GiB on 8B shapes) to float32. The residual stream then runs in float32 and the
+    fused cross-entropy multiplies by a float32 head, off the tensor cores. Without it those
+    weights stay in ``compute_dtype``; the LoRA weights are float32 either way (peft's
+    ``autocast_adapter_dtype``), so the optimizer state keeps its precision.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    kw = {"use_reentrant": False}
+    if cfg.fp32_upcast:
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=kw,
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    return model
+
+
 def token_rows(dataset_dir: str, split: str) -> list[dict]:
     """``input_ids``/``labels`` of a prepared split, read with pyarrow (no datasets needed)."""
     import pyarrow.parquet as pq
@@ -145,7 +170,7 @@ def run_train(
         The folder, final metrics and the per-step history.
     """
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     from qlora_kfp.plots import loss_curve
@@ -159,11 +184,7 @@ def run_train(
     model = modeling.load_model(model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
     check_target_modules(model, cfg)
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    model = prepare_model(model, cfg)
     model = get_peft_model(model, lora_config(cfg))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -77,6 +77,7 @@ def test_preflight_fails_early_with_a_suggestion(demo_assets):
         fused_kernels="auto",
         packing="off",
         pack_length=0,
+        fp32_upcast=True,
         gpu_memory_gib=2.0,
     )
     with pytest.raises(
@@ -103,6 +104,7 @@ def test_preflight_sizes_a_batch_of_bins_by_pack_length(demo_assets, caplog):
         fused_kernels="auto",
         packing="bins",
         pack_length=1024,
+        fp32_upcast=False,
         gpu_memory_gib=80.0,
     )
     with caplog.at_level(logging.INFO, logger="qlora_kfp"):

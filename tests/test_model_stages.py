@@ -244,3 +244,26 @@ def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monk
             str(tmp_path / "a"),
         )
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "fp32_upcast,embed_dtype",
+    [
+        pytest.param(False, torch.bfloat16, id="16-bit-weights-stay-16-bit"),
+        pytest.param(True, torch.float32, id="peft-style-float32-upcast"),
+    ],
+)
+def test_prepare_model_freezes_the_base_and_casts_only_when_asked(
+    quantized, fp32_upcast, embed_dtype
+):
+    from qlora_kfp.train import prepare_model
+
+    model = modeling.load_model(quantized.path)
+    for p in model.parameters():  # as a GPU loads them: 16-bit beside the packed 4-bit weights
+        if p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+    model = prepare_model(model, TrainConfig(fp32_upcast=fp32_upcast))
+    assert model.get_input_embeddings().weight.dtype == embed_dtype
+    assert model.model.norm.weight.dtype == embed_dtype
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.is_gradient_checkpointing

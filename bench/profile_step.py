@@ -1,0 +1,167 @@
+"""Where a QLoRA training step spends its GPU time: torch.profiler over a few steps.
+
+Builds the model the way ``qlora_kfp.train.run_train`` does (4-bit model, k-bit preparation,
+LoRA on all linear layers, Liger when asked), runs plain forward / backward / clip / paged
+AdamW steps on packed rows of random tokens, and prints per-step wall time, the GPU's busy
+share (low means the step waits on Python and kernel launches) and the GPU time by kernel
+family (NF4 dequantization, matrix multiplies, attention, optimizer, the rest).
+
+Usage (GPU machine): python bench/profile_step.py --model /tmp/bench/model4 --rows 4 --seq 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+FAMILIES = [
+    ("nf4 dequantize", r"dequant|kDequantize"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90|matmul"),
+    ("attention", r"fmha|flash|attention|efficient_attention"),
+    ("optimizer", r"optimizer|adam|Adam"),
+    ("liger / triton", r"liger|triton|_kernel$"),
+]
+
+
+def family(name: str) -> str:
+    for label, pattern in FAMILIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "elementwise / other"
+
+
+def build(model_dir: str, fused: bool, gc: bool, r: int, upcast: bool):
+    import torch
+    from peft import get_peft_model
+
+    from qlora_kfp import modeling
+    from qlora_kfp.configs import TrainConfig
+    from qlora_kfp.train import lora_config, prepare_model
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = modeling.load_model(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    cfg = TrainConfig(
+        lora_r=r, lora_alpha=16, lora_dropout=0.1, gradient_checkpointing=gc, fp32_upcast=upcast
+    )
+    model = prepare_model(model, cfg)
+    if fused:  # what Trainer(use_liger_kernel=True) does for a model about to get adapters
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    return get_peft_model(model, lora_config(cfg))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a quantized-model folder")
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--docs", type=int, default=1, help="documents per row (packed)")
+    p.add_argument("--fused", type=int, default=1)
+    p.add_argument("--gc", type=int, default=1)
+    p.add_argument("--r", type=int, default=64)
+    p.add_argument("--upcast", type=int, default=0, help="fp32_upcast (peft's float32 cast)")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+
+    import bitsandbytes as bnb
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora_kfp.batching import collate_packed
+
+    model = build(a.model, bool(a.fused), bool(a.gc), a.r, bool(a.upcast))
+    model.train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    cuda = torch.cuda.is_available()  # the CPU runs only as a smoke test of this script
+    opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4) if cuda else torch.optim.AdamW(params)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    doc = a.seq // a.docs
+    groups = [
+        [
+            {
+                "input_ids": (ids := torch.randint(0, vocab, (doc,), generator=g).tolist()),
+                "labels": ids,
+            }
+            for _ in range(a.docs)
+        ]
+        for _ in range(a.rows)
+    ]
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) for k, v in collate_packed(groups, pad_id=0).items()}
+    tokens = a.rows * doc
+
+    def step():
+        # What Trainer(bf16=True) does: autocast the forward; backward follows its dtypes.
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    times = []
+    for _ in range(a.steps):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        t = time.perf_counter()
+        for _ in range(a.profile_steps):
+            step()
+        sync()
+        wall = time.perf_counter() - t
+
+    by_family: dict[str, float] = {}
+    top = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if ev.device_type.name != "CUDA" or not us:
+            continue
+        by_family[family(ev.key)] = by_family.get(family(ev.key), 0.0) + us
+        top.append((us, ev.count, ev.key[:90]))
+    busy = sum(by_family.values()) / 1e6
+    step_s = sorted(times[1:])[len(times[1:]) // 2]
+    result = {
+        "rows": a.rows,
+        "seq": a.seq,
+        "docs_per_row": a.docs,
+        "fused": a.fused,
+        "gc": a.gc,
+        "upcast": a.upcast,
+        "tokens_per_step": tokens,
+        "step_s_median": round(step_s, 4),
+        "tokens_per_s": round(tokens / step_s, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "gpu_busy_share": round(busy / wall, 3),
+        "gpu_s_per_step_by_family": {
+            k: round(v / 1e6 / a.profile_steps, 4)
+            for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {"gpu_ms_per_step": round(us / 1e3 / a.profile_steps, 2), "calls": n, "name": k}
+            for us, n, k in sorted(top, reverse=True)[:15]
+        ],
+    }
+    print("PROFILE " + json.dumps(result), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
