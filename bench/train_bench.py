@@ -113,6 +113,7 @@ VARIANT_KEYS = {
     "pack": ("packing", str),
     "pl": ("pack_length", int),
     "attn": ("attn_implementation", str),
+    "up": ("fp32_upcast", lambda v: v == "1"),
 }
 
 
