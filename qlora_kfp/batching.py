@@ -68,16 +68,19 @@ def _groups(features: list[dict], flatten: bool) -> list[list[dict]]:
     return [[d for group in docs for d in group]] if flatten else docs
 
 
-def collate_packed(groups: list[list[dict]], pad_id: int) -> dict:
+def collate_packed(groups: list[list[dict]], pad_id: int, width: int = 0) -> dict:
     """Tensors for rows that each hold one or more documents, laid end to end.
 
     Position ids restart at 0 for every document; the tail padding of a short row gets its
     own run of positions, so it forms a segment of its own, and labels -100. No attention mask
     is returned: transformers builds the per-document causal mask from the position ids.
+    ``width`` pads every row to that many tokens (at least the longest row): one shape for
+    every step, so kernels tuned or compiled for it (cuDNN attention, flex attention) are
+    reused instead of rebuilt for each new width.
     """
     import torch
 
-    width = max(sum(len(d["input_ids"]) for d in g) for g in groups)
+    width = max(width, *(sum(len(d["input_ids"]) for d in g) for g in groups))
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     labels = torch.full((len(groups), width), -100, dtype=torch.long)
     pos = torch.zeros((len(groups), width), dtype=torch.long)
@@ -93,8 +96,13 @@ def collate_packed(groups: list[list[dict]], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
-def make_collator(mode: str, tokenizer, on_tokens: Callable[[int], None] | None = None):
-    """The data collator for ``mode``; ``on_tokens`` is told each batch's real token count."""
+def make_collator(
+    mode: str, tokenizer, on_tokens: Callable[[int], None] | None = None, width: int = 0
+):
+    """The data collator for ``mode``; ``on_tokens`` is told each batch's real token count.
+
+    ``width``: with ``bins``, pad every bin to this many tokens (the bin capacity).
+    """
     from qlora_kfp import modeling
 
     padded = modeling.collator(tokenizer)
@@ -106,7 +114,8 @@ def make_collator(mode: str, tokenizer, on_tokens: Callable[[int], None] | None 
             real = int(batch["attention_mask"].sum())
         else:
             groups = _groups(features, flatten=mode == "padding_free")
-            batch = collate_packed(groups, pad_id)
+            packed_bins = mode == "bins" and any("rows" in f for f in features)
+            batch = collate_packed(groups, pad_id, width if packed_bins else 0)
             real = sum(len(d["input_ids"]) for g in groups for d in g)
         if on_tokens is not None:
             on_tokens(real)

@@ -193,7 +193,7 @@ def run_train(
     def count(n: int) -> None:
         tokens_seen[0] += n
 
-    collate = batching.make_collator(cfg.packing, tokenizer, on_tokens=count)
+    capacity = 0
     if cfg.packing == "bins":
         capacity = cfg.pack_length or max(len(r["input_ids"]) for r in train_ds)
         try:
@@ -202,6 +202,7 @@ def run_train(
             raise ConfigError(f"{exc}; raise pack_length or use 0 (the longest row)") from None
         log.info("packed %d rows into %d bins of <= %d tokens", len(train_ds), len(bins), capacity)
         train_ds = bins
+    collate = batching.make_collator(cfg.packing, tokenizer, on_tokens=count, width=capacity)
 
     history: list[dict] = []
     diverged: list[str] = []

@@ -53,6 +53,25 @@ def test_collate_packed_restarts_positions_and_masks_each_first_label():
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 1]]
     assert b["labels"].tolist() == [[-100, 12, 13, -100, 22], [-100, 12, 13, -100, -100]]
     assert "attention_mask" not in b  # the mask comes from the position ids
+    wide = batching.collate_packed([docs[:1]], pad_id=0, width=6)
+    assert wide["input_ids"].tolist() == [[11, 12, 13, 0, 0, 0]]
+    assert wide["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2]]
+
+
+def test_bins_are_padded_to_the_bin_capacity_eval_rows_are_not():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=_tiny_tokenizer(), pad_token="<pad>")
+    rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 4, 2)]
+    collate = batching.make_collator("bins", tok, width=8)
+    assert collate(batching.packed_rows(rows, 8))["input_ids"].shape == (2, 8)
+    assert collate(rows)["input_ids"].shape == (3, 4)  # eval: one row each, longest width
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({"<pad>": 0, "a": 1}, unk_token="<pad>"))
 
 
 @pytest.fixture(scope="module")
