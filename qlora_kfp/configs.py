@@ -172,8 +172,7 @@ class TrainConfig:
         default="auto",
     )
     attn_implementation: str = _help(
-        "Attention kernel: sdpa, eager or flex_attention (skips the masked-out blocks between "
-        "packed documents; compiles a Triton kernel on first use).",
+        "Attention kernel: sdpa or eager (flex_attention measured 9x slower: BENCHMARKS.md).",
         default="sdpa",
     )
     checkpoint_steps: int = _help(
@@ -228,9 +227,7 @@ class TrainConfig:
         _one_of("fused_kernels", self.fused_kernels, ("auto", "on", "off"))
         _one_of("packing", self.packing, ("off", "padding_free", "bins"))
         _check(self.pack_length >= 0, "pack_length", self.pack_length, "use 0 (auto) or more")
-        _one_of(
-            "attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention")
-        )
+        _one_of("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         _check(self.checkpoint_steps >= 0, "checkpoint_steps", self.checkpoint_steps, "use >= 0")
 
     @property
