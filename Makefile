@@ -70,7 +70,12 @@ schedule: $(STAMP) ## Recurring retraining: ACTION=create|list|pause|resume|dele
 	  $(if $(ID),--id $(ID)) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
 
 bench: ## On a GPU machine: train stage vs the seeds' recipe (see BENCHMARKS.md; BENCH_ARGS=...)
-	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data chat --bs 8 --steps 20 --warmup 3)
+	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data chat --bs 8 --steps 47 --warmup 3 \
+	  --variants "padfree-same:bs=8,group=0,fused=off,pack=padding_free" \
+	  "bins+liger-bs4:bs=4,pack=bins,pl=2048,fused=on" "bins+liger-bs8:bs=8,pack=bins,pl=2048,fused=on")
+
+bench-stages: ## On a GPU machine: every stage once on 1B shapes, wall time + peak memory
+	bash bench/run_gpu_stages.sh $(BENCH_ARGS)
 
 mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db \
@@ -80,4 +85,4 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run compile test test-fast lint format mlflow-ui clean upload run-remote \
-	schedule images manifests install-browser bench
+	schedule images manifests install-browser bench bench-stages

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-FAMILIES = [
+FAMILIES = [  # first match wins: cuDNN's attention kernel names contain "sm90" too
     ("nf4 dequantize", r"dequant|kDequantize"),
+    ("attention", r"fmha|flash|attention|sdpa"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90|matmul"),
-    ("attention", r"fmha|flash|attention|efficient_attention"),
     ("optimizer", r"optimizer|adam|Adam"),
     ("liger / triton", r"liger|triton|_kernel$"),
 ]
