@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def build_assets(root: Path, hidden: int, layers: int) -> dict:
     """A 1B-shaped random Llama (bfloat16) with the demo tokenizer, and the demo data."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora_kfp import demo
 
@@ -32,21 +31,17 @@ def build_assets(root: Path, hidden: int, layers: int) -> dict:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tiny["base_model"])
-        cfg = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=hidden,
+        model = demo.build_model(
+            len(tok),
+            hidden,
+            layers,
             intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
             num_attention_heads=32,
             num_key_value_heads=8,
             max_position_embeddings=2048,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=2,
             initializer_range=0.02,
         )
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(model_dir)
+        model.to(torch.bfloat16).save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
     return {"base_model": str(model_dir), "data_source": tiny["data_source"]}
 

@@ -102,12 +102,17 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1000):
     return fast
 
 
-def build_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: int = 0):
-    """A random Llama with real Llama modules (q/k/v/o, gate/up/down projections)."""
+def build_model(
+    vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: int = 0, **overrides
+):
+    """A random Llama with real Llama modules (q/k/v/o, gate/up/down projections).
+
+    ``overrides`` replace ``LlamaConfig`` fields (heads, MLP width, initializer range, ...).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -123,6 +128,8 @@ def build_model(vocab_size: int, hidden_size: int = 128, layers: int = 2, seed: 
         # cannot exceed ~2.5 and no adapter could make the model confident.
         initializer_range=0.1,
     )
+    # Given to the constructor, not set afterwards: LlamaConfig derives head_dim from them.
+    cfg = LlamaConfig(**{**fields, **overrides})
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 

@@ -65,18 +65,25 @@ def test_largest_batch_fits_and_the_next_does_not():
     assert memory.estimate(cfg, 2048, b + 1, 64).total_gib > 24.0
 
 
+def preflight_args(base_model: str, **kw) -> dict:
+    """The preflight component's parameters (its defaults), with ``kw`` replaced."""
+    import inspect
+
+    from qlora_kfp.components.preflight import preflight
+
+    sig = inspect.signature(preflight.python_func).parameters
+    defaults = {n: p.default for n, p in sig.items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, "base_model": base_model, **kw}
+
+
 def test_preflight_fails_early_with_a_suggestion(demo_assets):
     from qlora_kfp.entrypoints import preflight
 
-    args = dict(
-        base_model=demo_assets["base_model"],
+    args = preflight_args(
+        demo_assets["base_model"],
         max_seq_length=4096,
         batch_size=64,
-        lora_r=16,
-        gradient_checkpointing=True,
-        fused_kernels="auto",
         packing="off",
-        pack_length=0,
         fp32_upcast=True,
         gpu_memory_gib=2.0,
     )
@@ -95,17 +102,8 @@ def test_preflight_sizes_a_batch_of_bins_by_pack_length(demo_assets, caplog):
 
     from qlora_kfp.entrypoints import preflight
 
-    args = dict(
-        base_model=demo_assets["base_model"],
-        max_seq_length=64,
-        batch_size=4,
-        lora_r=16,
-        gradient_checkpointing=True,
-        fused_kernels="auto",
-        packing="bins",
-        pack_length=1024,
-        fp32_upcast=False,
-        gpu_memory_gib=80.0,
+    args = preflight_args(
+        demo_assets["base_model"], max_seq_length=64, packing="bins", pack_length=1024
     )
     with caplog.at_level(logging.INFO, logger="qlora_kfp"):
         preflight(args)
