@@ -37,25 +37,19 @@ def family(name: str) -> str:
 
 
 def build(model_dir: str, fused: bool, gc: bool, r: int, upcast: bool):
-    import torch
-    from peft import get_peft_model
-
-    from qlora_kfp import modeling
+    """The train stage's model (``build_peft_model``), with Liger as the Trainer applies it."""
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.train import lora_config, prepare_model
+    from qlora_kfp.train import build_peft_model
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = modeling.load_model(model_dir, dtype=dtype, attn_implementation="sdpa")
-    model.config.use_cache = False
     cfg = TrainConfig(
         lora_r=r, lora_alpha=16, lora_dropout=0.1, gradient_checkpointing=gc, fp32_upcast=upcast
     )
-    model = prepare_model(model, cfg)
-    if fused:  # what Trainer(use_liger_kernel=True) does for a model about to get adapters
+    model = build_peft_model(cfg, model_dir)
+    if fused:  # Trainer(use_liger_kernel=True) patches the base model under the adapters
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=model)
-    return get_peft_model(model, lora_config(cfg))
+        _apply_liger_kernel_to_instance(model=model.get_base_model())
+    return model
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ def make_collator(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def collate(features: list[dict]) -> dict:
-        if mode == "off" and not any("rows" in f for f in features):
+        if mode == "off":
             batch = padded(features)
             real = int(batch["attention_mask"].sum())
         else:

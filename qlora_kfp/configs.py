@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlora_kfp.batching import PACKING_MODES
 from qlora_kfp.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -225,7 +226,7 @@ class TrainConfig:
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "use 1 or more")
         _one_of("compute_dtype", self.compute_dtype, DTYPES)
         _one_of("fused_kernels", self.fused_kernels, ("auto", "on", "off"))
-        _one_of("packing", self.packing, ("off", "padding_free", "bins"))
+        _one_of("packing", self.packing, PACKING_MODES)
         _check(self.pack_length >= 0, "pack_length", self.pack_length, "use 0 (auto) or more")
         _one_of("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         _check(self.checkpoint_steps >= 0, "checkpoint_steps", self.checkpoint_steps, "use >= 0")

@@ -82,6 +82,17 @@ def prepare_model(model, cfg: TrainConfig):
     return model
 
 
+def build_peft_model(cfg: TrainConfig, model_dir: str):
+    """The 4-bit model in ``model_dir``, prepared for training, with fresh LoRA adapters."""
+    from peft import get_peft_model
+
+    dtype = modeling.resolve_dtype(cfg.compute_dtype)
+    model = modeling.load_model(model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    check_target_modules(model, cfg)
+    model.config.use_cache = False  # with a KV cache transformers ignores packed documents
+    return get_peft_model(prepare_model(model, cfg), lora_config(cfg))
+
+
 def token_rows(dataset_dir: str, split: str) -> list[dict]:
     """``input_ids``/``labels`` of a prepared split, read with pyarrow (no datasets needed)."""
     import pyarrow.parquet as pq
@@ -170,7 +181,6 @@ def run_train(
         The folder, final metrics and the per-step history.
     """
     import torch
-    from peft import get_peft_model
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     from qlora_kfp.plots import loss_curve
@@ -181,11 +191,7 @@ def run_train(
     tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
     set_seed(cfg.seed)
     dtype = modeling.resolve_dtype(cfg.compute_dtype)
-    model = modeling.load_model(model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
-    check_target_modules(model, cfg)
-    model.config.use_cache = False
-    model = prepare_model(model, cfg)
-    model = get_peft_model(model, lora_config(cfg))
+    model = build_peft_model(cfg, model_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     tokens_seen = [0]
