@@ -156,10 +156,21 @@ def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int
         f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not line:
+    result = last_json(proc.stdout, "RESULT ")
+    if proc.returncode or result is None:
         return {"error": proc.stderr[-2000:]}
-    return json.loads(line[-1][7:])
+    return result
+
+
+def last_json(stdout: str, tag: str, keep_tag: bool = False):
+    """The JSON on the last line of ``stdout`` that starts with ``tag`` (or None).
+
+    ``keep_tag``: the tag is the JSON's own start (seed_recipe.py prints a bare ``{...}``).
+    """
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(tag)]
+    if not lines:
+        return None
+    return json.loads(lines[-1] if keep_tag else lines[-1][len(tag) :])
 
 
 def _save(out: str, results: dict) -> None:
@@ -244,15 +255,9 @@ def main() -> None:
     if a.skip_baseline:
         base_cmd = [sys.executable, "-c", "print('{}')"]
     proc = subprocess.run(base_cmd, capture_output=True, text=True, env=_env())
-    base = (
-        json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-        if (proc.returncode == 0)
-        else {"error": proc.stderr[-2000:]}
-    )
-    base_losses = [
-        json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("LOSSES ")
-    ]
-    base["losses"] = [loss for _, loss in base_losses[-1]] if base_losses else []
+    base = last_json(proc.stdout, "{", keep_tag=True) if proc.returncode == 0 else None
+    base = base if base is not None else {"error": proc.stderr[-2000:]}
+    base["losses"] = [loss for _, loss in last_json(proc.stdout, "LOSSES ") or []]
     results["baseline"] = base
     _save(a.out, results)
     print("baseline", json.dumps(base), flush=True)
@@ -296,13 +301,11 @@ def main() -> None:
     for spec in a.profiles:
         cmd = [sys.executable, str(HERE / "profile_step.py"), "--model", str(work / "model4")]
         proc = subprocess.run([*cmd, *spec.split()], capture_output=True, text=True, env=_env())
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE ")]
-        prof = json.loads(line[-1][8:]) if line else {"error": proc.stderr[-1500:]}
+        prof = last_json(proc.stdout, "PROFILE ") or {"error": proc.stderr[-1500:]}
         results.setdefault("profiles", []).append({"args": spec, **prof})
         print("profile", spec, json.dumps(prof), flush=True)
         _save(a.out, results)
 
-    _save(a.out, results)
     print(
         f"\n{'variant':22s} {'tok/s':>9s} {'x base':>7s} {'peak GiB':>9s} {'rsv GiB':>8s} "
         f"{'MFU':>6s}"
