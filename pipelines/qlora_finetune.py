@@ -64,6 +64,8 @@ def qlora_finetune(
     pack_length: int = 0,
     fp32_upcast: bool = False,
     fused_kernels: str = "auto",
+    fused_lora: bool = True,
+    attn_implementation: str = "auto",
     # evaluate
     num_generations: int = 16,
     max_new_tokens: int = 64,
@@ -161,6 +163,8 @@ def qlora_finetune(
                 pack_length=pack_length,
                 fp32_upcast=fp32_upcast,
                 fused_kernels=fused_kernels,
+                fused_lora=fused_lora,
+                attn_implementation=attn_implementation,
                 compute_dtype=compute_dtype,
                 seed=seed,
                 mlflow_parent_run_id=parent,

@@ -21,6 +21,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 
+from qlora_kfp.attention import cu_seq_lens
+
 PACKING_MODES = ("off", "padding_free", "bins")
 
 
@@ -73,7 +75,9 @@ def collate_packed(groups: list[list[dict]], pad_id: int, width: int = 0) -> dic
 
     Position ids restart at 0 for every document; the tail padding of a short row gets its
     own run of positions, so it forms a segment of its own, and labels -100. No attention mask
-    is returned: transformers builds the per-document causal mask from the position ids.
+    is returned: transformers builds the per-document causal mask from the position ids for
+    ``sdpa``, and the ``varlen`` kernel takes the document boundaries of the flattened batch
+    (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``: see ``qlora_kfp.attention``).
     ``width`` pads every row to that many tokens (at least the longest row): one shape for
     every step, so kernels tuned or compiled for it (cuDNN attention, flex attention) are
     reused instead of rebuilt for each new width.
@@ -84,6 +88,7 @@ def collate_packed(groups: list[list[dict]], pad_id: int, width: int = 0) -> dic
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     labels = torch.full((len(groups), width), -100, dtype=torch.long)
     pos = torch.zeros((len(groups), width), dtype=torch.long)
+    lengths: list[int] = []
     for r, group in enumerate(groups):
         at = 0
         for doc in group:
@@ -91,9 +96,21 @@ def collate_packed(groups: list[list[dict]], pad_id: int, width: int = 0) -> dic
             ids[r, at : at + n] = torch.tensor(doc["input_ids"])
             labels[r, at + 1 : at + n] = torch.tensor(doc["labels"][1:])
             pos[r, at : at + n] = torch.arange(n)
+            lengths.append(n)
             at += n
         pos[r, at:] = torch.arange(width - at)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+        if width > at:
+            lengths.append(width - at)
+    cu = cu_seq_lens(lengths)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": pos,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
 
 
 def make_collator(

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlora_kfp.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
 from qlora_kfp.batching import PACKING_MODES
 from qlora_kfp.errors import ConfigError
 
@@ -172,9 +173,17 @@ class TrainConfig:
         "vocab-sized logits): auto (on a GPU when liger-kernel is installed), on or off.",
         default="auto",
     )
+    fused_lora: bool = _help(
+        "Compute each LoRA update as one addmm (scaling and add inside the matmul) instead of "
+        "peft's clone, scale and add: the same sum with one rounding, fewer passes over "
+        "activations (qlora_kfp/lora_fused.py).",
+        default=True,
+    )
     attn_implementation: str = _help(
-        "Attention kernel: sdpa or eager (flex_attention measured 9x slower: BENCHMARKS.md).",
-        default="sdpa",
+        "Attention kernel: varlen (flash attention per document of a packed row; CUDA), sdpa, "
+        "eager, or auto (varlen on a GPU when packing is on, else sdpa). flex_attention was "
+        "measured 9x slower (BENCHMARKS.md).",
+        default="auto",
     )
     checkpoint_steps: int = _help(
         "Save a resumable checkpoint every this many steps (0: never). A restarted task "
@@ -228,7 +237,13 @@ class TrainConfig:
         _one_of("fused_kernels", self.fused_kernels, ("auto", "on", "off"))
         _one_of("packing", self.packing, PACKING_MODES)
         _check(self.pack_length >= 0, "pack_length", self.pack_length, "use 0 (auto) or more")
-        _one_of("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _one_of("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _check(
+            self.attn_implementation != "varlen" or self.packing != "off",
+            "attn_implementation",
+            self.attn_implementation,
+            "varlen needs packed rows: set packing to padding_free or bins, or use sdpa",
+        )
         _check(self.checkpoint_steps >= 0, "checkpoint_steps", self.checkpoint_steps, "use >= 0")
 
     @property

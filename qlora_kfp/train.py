@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlora_kfp import batching, checkpoints, modeling
+from qlora_kfp import attention, batching, checkpoints, lora_fused, modeling
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.manifest import atomic_folder, verify
@@ -87,10 +87,17 @@ def build_peft_model(cfg: TrainConfig, model_dir: str):
     from peft import get_peft_model
 
     dtype = modeling.resolve_dtype(cfg.compute_dtype)
-    model = modeling.load_model(model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    attn = attention.resolve(cfg.attn_implementation, cfg.packing)
+    if attn == attention.NAME:
+        attention.register()
+    model = modeling.load_model(model_dir, dtype=dtype, attn_implementation=attn)
     check_target_modules(model, cfg)
     model.config.use_cache = False  # with a KV cache transformers ignores packed documents
-    return get_peft_model(prepare_model(model, cfg), lora_config(cfg))
+    model = get_peft_model(prepare_model(model, cfg), lora_config(cfg))
+    if cfg.fused_lora:
+        log.info("fused LoRA updates in %d layers", lora_fused.fuse_lora_updates(model))
+    log.info("attention: %s", attn)
+    return model
 
 
 def token_rows(dataset_dir: str, split: str) -> list[dict]:
