@@ -36,13 +36,19 @@ def family(name: str) -> str:
     return "elementwise / other"
 
 
-def build(model_dir: str, fused: bool, gc: bool, r: int, upcast: bool):
+def build(model_dir: str, fused: bool, gc: bool, r: int, upcast: bool, attn: str, lora: bool):
     """The train stage's model (``build_peft_model``), with Liger as the Trainer applies it."""
     from qlora_kfp.configs import TrainConfig
     from qlora_kfp.train import build_peft_model
 
     cfg = TrainConfig(
-        lora_r=r, lora_alpha=16, lora_dropout=0.1, gradient_checkpointing=gc, fp32_upcast=upcast
+        lora_r=r,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        gradient_checkpointing=gc,
+        fp32_upcast=upcast,
+        attn_implementation=attn,
+        fused_lora=lora,
     )
     model = build_peft_model(cfg, model_dir)
     if fused:  # Trainer(use_liger_kernel=True) patches the base model under the adapters
@@ -62,6 +68,8 @@ def main() -> None:
     p.add_argument("--gc", type=int, default=1)
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--upcast", type=int, default=0, help="fp32_upcast (peft's float32 cast)")
+    p.add_argument("--attn", default="auto", help="attn_implementation (auto: varlen on a GPU)")
+    p.add_argument("--fused-lora", type=int, default=1, help="fused_lora (one addmm)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--out", default="")
@@ -73,7 +81,9 @@ def main() -> None:
 
     from qlora_kfp.batching import collate_packed
 
-    model = build(a.model, bool(a.fused), bool(a.gc), a.r, bool(a.upcast))
+    model = build(
+        a.model, bool(a.fused), bool(a.gc), a.r, bool(a.upcast), a.attn, bool(a.fused_lora)
+    )
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     cuda = torch.cuda.is_available()  # the CPU runs only as a smoke test of this script
@@ -93,8 +103,11 @@ def main() -> None:
         for _ in range(a.rows)
     ]
     dev = next(model.parameters()).device
-    batch = {k: v.to(dev) for k, v in collate_packed(groups, pad_id=0).items()}
-    tokens = a.rows * doc
+    batch = {
+        k: v.to(dev) if isinstance(v, torch.Tensor) else v
+        for k, v in collate_packed(groups, pad_id=0).items()
+    }
+    tokens = a.rows * a.docs * doc
 
     def step():
         # What Trainer(bf16=True) does: autocast the forward; backward follows its dtypes.
@@ -138,6 +151,8 @@ def main() -> None:
         "fused": a.fused,
         "gc": a.gc,
         "upcast": a.upcast,
+        "attn": a.attn,
+        "fused_lora": a.fused_lora,
         "tokens_per_step": tokens,
         "step_s_median": round(step_s, 4),
         "tokens_per_s": round(tokens / step_s, 1),

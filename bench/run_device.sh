@@ -7,5 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The GPU-only tests first (the varlen kernel against its reference); pytest comes from .whl/.
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_attention.py 2>&1 | tail -3
 python3 bench/train_bench.py --out "${OUT:-.}" "$@" 2>&1 | tee "${OUT:-.}/bench.log" | \
   grep -v -E "it/s\]|s/it\]|Warning|warn\(" 

@@ -114,6 +114,7 @@ VARIANT_KEYS = {
     "pl": ("pack_length", int),
     "attn": ("attn_implementation", str),
     "up": ("fp32_upcast", lambda v: v == "1"),
+    "fl": ("fused_lora", lambda v: v == "1"),
 }
 
 
