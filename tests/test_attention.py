@@ -125,7 +125,9 @@ def test_cuda_varlen_kernel_matches_the_reference_forward_and_backward():
     cu = attention.cu_seq_lens(lengths).cuda()
     grads = []
     for fn in ("kernel", "reference"):
-        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        # The reference runs in float32: the kernel's bf16 error is measured against it.
+        dtype = torch.bfloat16 if fn == "kernel" else torch.float32
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
         if fn == "kernel":
             out, _ = attention.varlen_attention_forward(
                 None, *xs, None, cu_seq_lens_q=cu, max_length_q=max(lengths)
@@ -135,5 +137,6 @@ def test_cuda_varlen_kernel_matches_the_reference_forward_and_backward():
             out = attention._per_document(*flat, cu.cpu(), None).unsqueeze(0)
         out.float().square().sum().backward()
         grads.append([out.detach().float()] + [x.grad.float() for x in xs])
-    for got, want in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *grads, strict=True):
+        err = (got - want).abs().max() / want.abs().max()
+        assert err < 1e-2, f"{name}: largest error {err:.2e} of the largest value"
