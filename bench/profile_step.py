@@ -36,6 +36,37 @@ def family(name: str) -> str:
     return "elementwise / other"
 
 
+def summarize(prof, wall: float, steps: int) -> dict:
+    """GPU busy share, GPU time per step by kernel family, the top kernels and CPU ops."""
+    by_family: dict[str, float] = {}
+    top, cpu = [], []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if ev.device_type.name == "CPU":
+            cpu.append((ev.self_cpu_time_total, ev.count, ev.key[:90]))
+        if ev.device_type.name != "CUDA" or not us:
+            continue
+        by_family[family(ev.key)] = by_family.get(family(ev.key), 0.0) + us
+        top.append((us, ev.count, ev.key[:90]))
+    busy = sum(by_family.values()) / 1e6
+    return {
+        "wall_s_per_step": round(wall / steps, 4),
+        "gpu_busy_share": round(busy / wall, 3),
+        "gpu_s_per_step_by_family": {
+            k: round(v / 1e6 / steps, 4)
+            for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {"gpu_ms_per_step": round(us / 1e3 / steps, 2), "calls": n, "name": k}
+            for us, n, k in sorted(top, reverse=True)[:15]
+        ],
+        "top_cpu_ops": [
+            {"self_cpu_ms_per_step": round(us / 1e3 / steps, 2), "calls": n, "name": k}
+            for us, n, k in sorted(cpu, reverse=True)[:12]
+        ],
+    }
+
+
 def build(model_dir: str, fused: bool, gc: bool, r: int, upcast: bool, attn: str, lora: bool):
     """The train stage's model (``build_peft_model``), with Liger as the Trainer applies it."""
     from qlora_kfp.configs import TrainConfig
@@ -134,15 +165,6 @@ def main() -> None:
         sync()
         wall = time.perf_counter() - t
 
-    by_family: dict[str, float] = {}
-    top = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
-        if ev.device_type.name != "CUDA" or not us:
-            continue
-        by_family[family(ev.key)] = by_family.get(family(ev.key), 0.0) + us
-        top.append((us, ev.count, ev.key[:90]))
-    busy = sum(by_family.values()) / 1e6
     step_s = sorted(times[1:])[len(times[1:]) // 2]
     result = {
         "rows": a.rows,
@@ -157,15 +179,7 @@ def main() -> None:
         "step_s_median": round(step_s, 4),
         "tokens_per_s": round(tokens / step_s, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "gpu_busy_share": round(busy / wall, 3),
-        "gpu_s_per_step_by_family": {
-            k: round(v / 1e6 / a.profile_steps, 4)
-            for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])
-        },
-        "top_kernels": [
-            {"gpu_ms_per_step": round(us / 1e3 / a.profile_steps, 2), "calls": n, "name": k}
-            for us, n, k in sorted(top, reverse=True)[:15]
-        ],
+        **summarize(prof, wall, a.profile_steps),
     }
     print("PROFILE " + json.dumps(result), flush=True)
     if a.out:

@@ -128,9 +128,9 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, kw
 
 
-def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int) -> dict:
-    """One train-stage run in a fresh process, so its peak memory is its own."""
-    cfg = dict(
+def stage_config(kw: dict, steps: int) -> dict:
+    """TrainConfig fields of a variant: the baseline's recipe plus the variant's keys."""
+    return dict(
         lora_r=64,
         lora_alpha=16,
         lora_dropout=0.1,
@@ -150,6 +150,11 @@ def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int
         seed=1,
         **kw,
     )
+
+
+def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int) -> dict:
+    """One train-stage run in a fresh process, so its peak memory is its own."""
+    cfg = stage_config(kw, steps)
     code = (
         "import json,sys; from qlora_kfp.configs import TrainConfig; "
         "from qlora_kfp.train import run_train; "
