@@ -204,6 +204,12 @@ def loss_agreement(base: list[float], ours: list[float]) -> dict:
     }
 
 
+def step_times(history: list[dict]) -> list[float]:
+    """Seconds between consecutive logged steps (the bench logs every step)."""
+    t = [h["time_s"] for h in history if "loss" in h and "time_s" in h]
+    return [round(b - a, 3) for a, b in zip(t[:-1], t[1:], strict=True)]
+
+
 def steady_tokens_per_s(history: list[dict], warmup: int) -> float:
     rows = [h for h in history if "loss" in h and "time_s" in h]
     a = next(h for h in rows if h["step"] >= warmup)
@@ -293,6 +299,7 @@ def main() -> None:
             "reserved_gib": r["m"].get("gpu_reserved_gib"),
             "mfu_h100": round(fpt * tok_s / 989e12, 4),
             "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
+            "step_times_s": step_times(r["h"]),
         }
         if kw.get("batch_size", 4) == a.bs and not kw.get("length_grouping", True):
             # Same rows in the same batches as the baseline: the losses must agree step by step.

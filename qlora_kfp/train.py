@@ -125,6 +125,25 @@ def resolve_optimizer(name: str) -> str:
     return "paged_adamw_32bit" if modeling.device() == "cuda" else "adamw_torch"
 
 
+REAL_TOKENS = "num_real_tokens"  # batch key: the collator's count of non-padding tokens
+
+
+def _counting_trainer(trainer_cls, tokens_seen: list[int]):
+    """A Trainer that adds up the real tokens of the batches it trains on (and drops the key
+    before the model sees it)."""
+
+    class CountingTrainer(trainer_cls):
+        def training_step(self, model, inputs, *args, **kwargs):
+            tokens_seen[0] += inputs.pop(REAL_TOKENS, 0)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            inputs.pop(REAL_TOKENS, None)
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
+    return CountingTrainer
+
+
 def _callback(history: list[dict], tokens_seen: list[int], diverged: list[str]):
     import torch
     from transformers import TrainerCallback
@@ -201,10 +220,7 @@ def run_train(
     model = build_peft_model(cfg, model_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    tokens_seen = [0]
-
-    def count(n: int) -> None:
-        tokens_seen[0] += n
+    tokens_seen = [0]  # real tokens of the batches training steps have consumed
 
     capacity = 0
     if cfg.packing == "bins":
@@ -215,7 +231,15 @@ def run_train(
             raise ConfigError(f"{exc}; raise pack_length or use 0 (the longest row)") from None
         log.info("packed %d rows into %d bins of <= %d tokens", len(train_ds), len(bins), capacity)
         train_ds = bins
-    collate = batching.make_collator(cfg.packing, tokenizer, on_tokens=count, width=capacity)
+    counted: list[int] = []
+    collate_rows = batching.make_collator(
+        cfg.packing, tokenizer, on_tokens=counted.append, width=capacity
+    )
+
+    def collate(features: list[dict]) -> dict:
+        # The count rides with its batch: the data loader runs a batch ahead of training, so a
+        # count taken at collation time would credit a step with its successor's tokens.
+        return {**collate_rows(features), REAL_TOKENS: counted.pop()}
 
     history: list[dict] = []
     diverged: list[str] = []
@@ -259,7 +283,7 @@ def run_train(
             use_liger_kernel=use_fused_kernels(cfg.fused_kernels),
             dataloader_num_workers=0,
         )
-        trainer = Trainer(
+        trainer = _counting_trainer(Trainer, tokens_seen)(
             model=model,
             args=args,
             train_dataset=train_ds,
@@ -271,6 +295,7 @@ def run_train(
             ],
         )
         out = trainer.train(resume_from_checkpoint=resume)
+        trained_tokens = tokens_seen[0]  # before evaluate() collates the eval split
         if diverged or not math.isfinite(out.training_loss):
             raise TrainingDivergedError(
                 f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
@@ -296,7 +321,7 @@ def run_train(
         "steps": out.global_step,
         "trainable_params": trainable,
         "train_runtime_s": round(out.metrics["train_runtime"], 2),
-        "tokens_per_s": round(tokens_seen[0] / max(out.metrics["train_runtime"], 1e-9), 2),
+        "tokens_per_s": round(trained_tokens / max(out.metrics["train_runtime"], 1e-9), 2),
     }
     if torch.cuda.is_available():
         metrics["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
