@@ -72,7 +72,8 @@ schedule: $(STAMP) ## Recurring retraining: ACTION=create|list|pause|resume|dele
 bench: ## On a GPU machine: train stage vs the seeds' recipe (see BENCHMARKS.md; BENCH_ARGS=...)
 	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data chat --bs 8 --steps 47 --warmup 3 \
 	  --variants "padfree-same:bs=8,group=0,fused=off,pack=padding_free" \
-	  "bins+liger-bs4:bs=4,pack=bins,pl=2048,fused=on" "bins+liger-bs8:bs=8,pack=bins,pl=2048,fused=on")
+	  "bins+liger-bs8-sdpa:bs=8,pack=bins,pl=2048,fused=on,attn=sdpa,fl=0" \
+	  "bins+liger-bs8:bs=8,pack=bins,pl=2048,fused=on" "bins+liger-bs4:bs=4,pack=bins,pl=2048,fused=on")
 
 bench-stages: ## On a GPU machine: every stage once on 1B shapes, wall time + peak memory
 	bash bench/run_gpu_stages.sh $(BENCH_ARGS)
