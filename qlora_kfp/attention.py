@@ -43,6 +43,11 @@ def kernel():
 
 def resolve(name: str, packing: str) -> str:
     """``auto``: ``varlen`` for packed rows on a GPU with the kernel, else ``sdpa``."""
+    if name == NAME and kernel() is None:
+        log.warning(
+            "attn_implementation=varlen without its CUDA kernel (needs a GPU and torch>=2.10): "
+            "each document runs through SDPA on its own, correct but slow"
+        )
     if name != "auto":
         return name
     return NAME if packing != "off" and kernel() is not None else "sdpa"
