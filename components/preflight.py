@@ -15,6 +15,7 @@ def preflight(
     packing: str = "padding_free",
     pack_length: int = 0,
     fp32_upcast: bool = False,
+    attn_implementation: str = "auto",
     gpu_memory_gib: float = 80.0,
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",

@@ -93,6 +93,7 @@ def qlora_finetune(
             packing=packing,
             pack_length=pack_length,
             fp32_upcast=fp32_upcast,
+            attn_implementation=attn_implementation,
             gpu_memory_gib=gpu_memory_gib,
             mlflow_parent_run_id=parent,
             kfp_run_id=run_id,

@@ -41,16 +41,20 @@ def kernel():
     return varlen_attn
 
 
-def resolve(name: str, packing: str) -> str:
-    """``auto``: ``varlen`` for packed rows on a GPU with the kernel, else ``sdpa``."""
-    if name == NAME and kernel() is None:
+def resolve(name: str, packing: str, has_kernel: bool | None = None) -> str:
+    """``auto``: ``varlen`` for packed rows on a GPU with the kernel, else ``sdpa``.
+
+    ``has_kernel``: whether the training machine has the kernel (default: this machine).
+    """
+    has_kernel = kernel() is not None if has_kernel is None else has_kernel
+    if name == NAME and not has_kernel:
         log.warning(
             "attn_implementation=varlen without its CUDA kernel (needs a GPU and torch>=2.10): "
             "each document runs through SDPA on its own, correct but slow"
         )
     if name != "auto":
         return name
-    return NAME if packing != "off" and kernel() is not None else "sdpa"
+    return NAME if packing != "off" and has_kernel else "sdpa"
 
 
 def register() -> None:

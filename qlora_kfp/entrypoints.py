@@ -268,7 +268,7 @@ def preflight(args: dict) -> str:
 
     from transformers import AutoConfig
 
-    from qlora_kfp import memory, sources
+    from qlora_kfp import attention, memory, sources
     from qlora_kfp.errors import ConfigError
 
     setup_logging()
@@ -279,6 +279,8 @@ def preflight(args: dict) -> str:
             fused_loss=args["fused_kernels"] != "off",
             packing=args["packing"],
             fp32_upcast=args["fp32_upcast"],
+            # Training runs on the GPU image, whose torch has the varlen kernel.
+            attention=attention.resolve(args["attn_implementation"], args["packing"], True),
         )
         # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
         seq = args["max_seq_length"]

@@ -9,6 +9,7 @@ Used by the preflight task, before any GPU is claimed. The parts:
 * LoRA: r x (in + out) per adapted Linear, float32 weights + grads + AdamW's two moments;
 * activations: with checkpointing each layer keeps its bf16 input, plus one layer's working set
   while it is recomputed (fitted: ``ACT_BYTES`` per token and per hidden + intermediate unit);
+* attention mask: the boolean mask of each row for ``sdpa`` (none for ``varlen``);
 * logits: float32 logits and their gradient plus a bf16 copy, unless the fused linear
   cross-entropy (Liger) computes the loss in chunks without them.
 
@@ -65,11 +66,13 @@ def estimate(
     fused_loss: bool = True,
     packing: str = "off",
     fp32_upcast: bool = True,
+    attention: str = "sdpa",
 ) -> MemoryEstimate:
     """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
 
     ``packing="padding_free"`` lays the micro-batch out as one row of ``batch_size x seq_len``
-    tokens, whose boolean attention mask grows with the square of that length.
+    tokens, whose boolean attention mask grows with the square of that length;
+    ``attention="varlen"`` builds no mask (it takes document boundaries instead).
     """
     shapes = linear_shapes(cfg)
     h, inter, vocab, layers = (
@@ -91,7 +94,7 @@ def estimate(
         parts["activations"] = tokens * layers * ACT_BYTES * (h + inter)
     parts["logits"] = 0 if fused_loss else tokens * vocab * 10
     rows, width = (1, tokens) if packing == "padding_free" else (batch_size, seq_len)
-    parts["attention mask"] = rows * width * width
+    parts["attention mask"] = 0 if attention == "varlen" else rows * width * width
     parts["CUDA context + slack"] = OVERHEAD_GIB * GIB
     return MemoryEstimate(parts, tokens)
 

@@ -48,6 +48,13 @@ def test_resolve_table(monkeypatch, name, packing, kernel, want):
     assert attention.resolve(name, packing) == want
 
 
+def test_resolve_for_another_machine_ignores_this_one(monkeypatch):
+    # The preflight task runs on a CPU node but sizes training on the GPU image.
+    monkeypatch.setattr(attention, "kernel", lambda: None)
+    assert attention.resolve("auto", "bins", has_kernel=True) == "varlen"
+    assert attention.resolve("auto", "off", has_kernel=True) == "sdpa"
+
+
 def test_varlen_on_padded_rows_is_a_config_error():
     with pytest.raises(ConfigError, match="varlen needs packed rows"):
         TrainConfig(attn_implementation="varlen", packing="off")

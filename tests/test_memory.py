@@ -116,9 +116,11 @@ def test_preflight_sizes_a_batch_of_bins_by_pack_length(demo_assets, caplog):
         pytest.param("off", 8 * 2048**2, id="padded-rows-one-mask-each"),
         pytest.param("bins", 8 * 2048**2, id="bins-one-mask-each"),
         pytest.param("padding_free", (8 * 2048) ** 2, id="one-long-row-square-mask"),
+        pytest.param("varlen-bins", 0, id="varlen-builds-no-mask"),
     ],
 )
 def test_attention_mask_memory_by_packing(packing, mask_bytes):
     cfg = LlamaConfig(**LLAMA_8B)
-    est = memory.estimate(cfg, 2048, 8, 64, packing=packing)
+    attn, _, packing = packing.rpartition("-")
+    est = memory.estimate(cfg, 2048, 8, 64, packing=packing, attention=attn or "sdpa")
     assert est.parts_bytes["attention mask"] == mask_bytes
