@@ -123,8 +123,8 @@ def varlen_attention_forward(
     b, hq, n, d = query.shape
     cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None:  # lengths not supplied by the collator: derive them (one sync per call)
-        pos = kwargs.get("position_ids")
-        lengths = doc_lengths(pos) if pos is not None else [n] * b
+        pos = kwargs.get("position_ids")  # (1, n) when the model made them: one per row
+        lengths = doc_lengths(pos.expand(b, -1)) if pos is not None else [n] * b
         cu, longest = cu_seq_lens(lengths).to(query.device), max(lengths)
     q, k, v = (x.transpose(1, 2).reshape(b * n, x.shape[1], d) for x in (query, key, value))
     run = kernel()

@@ -86,6 +86,16 @@ def test_varlen_forward_is_block_diagonal_causal_attention_with_grouped_heads():
     torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-5)
 
 
+def test_shared_position_ids_mean_one_document_per_row():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 2, 5, 4, generator=g) for _ in "qkv")
+    out, _ = attention.varlen_attention_forward(
+        None, q, k, v, None, position_ids=torch.arange(5)[None]
+    )
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def two_models(demo_assets):
     attention.register()
