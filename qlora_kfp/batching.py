@@ -19,11 +19,12 @@ row that label is never a target either, so the loss counts the same tokens in a
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from qlora_kfp.attention import cu_seq_lens
 
 PACKING_MODES = ("off", "padding_free", "bins")
+REAL_TOKENS = "num_real_tokens"  # batch key of the real-token count (``count_tokens``)
 
 
 def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -113,12 +114,13 @@ def collate_packed(groups: list[list[dict]], pad_id: int, width: int = 0) -> dic
     }
 
 
-def make_collator(
-    mode: str, tokenizer, on_tokens: Callable[[int], None] | None = None, width: int = 0
-):
-    """The data collator for ``mode``; ``on_tokens`` is told each batch's real token count.
+def make_collator(mode: str, tokenizer, width: int = 0, count_tokens: bool = False):
+    """The data collator for ``mode``.
 
     ``width``: with ``bins``, pad every bin to this many tokens (the bin capacity).
+    ``count_tokens``: put the batch's count of real (non-padding) tokens under
+    ``REAL_TOKENS``, so it travels with the batch to the step that trains on it (the data
+    loader collates a batch ahead of training); the trainer removes it before the model.
     """
     from qlora_kfp import modeling
 
@@ -134,8 +136,8 @@ def make_collator(
             packed_bins = mode == "bins" and any("rows" in f for f in features)
             batch = collate_packed(groups, pad_id, width if packed_bins else 0)
             real = sum(len(d["input_ids"]) for g in groups for d in g)
-        if on_tokens is not None:
-            on_tokens(real)
+        if count_tokens:
+            batch[REAL_TOKENS] = real
         return batch
 
     return collate

@@ -125,20 +125,17 @@ def resolve_optimizer(name: str) -> str:
     return "paged_adamw_32bit" if modeling.device() == "cuda" else "adamw_torch"
 
 
-REAL_TOKENS = "num_real_tokens"  # batch key: the collator's count of non-padding tokens
-
-
 def _counting_trainer(trainer_cls, tokens_seen: list[int]):
     """A Trainer that adds up the real tokens of the batches it trains on (and drops the key
     before the model sees it)."""
 
     class CountingTrainer(trainer_cls):
         def training_step(self, model, inputs, *args, **kwargs):
-            tokens_seen[0] += inputs.pop(REAL_TOKENS, 0)
+            tokens_seen[0] += inputs.pop(batching.REAL_TOKENS, 0)
             return super().training_step(model, inputs, *args, **kwargs)
 
         def prediction_step(self, model, inputs, *args, **kwargs):
-            inputs.pop(REAL_TOKENS, None)
+            inputs.pop(batching.REAL_TOKENS, None)
             return super().prediction_step(model, inputs, *args, **kwargs)
 
     return CountingTrainer
@@ -231,15 +228,9 @@ def run_train(
             raise ConfigError(f"{exc}; raise pack_length or use 0 (the longest row)") from None
         log.info("packed %d rows into %d bins of <= %d tokens", len(train_ds), len(bins), capacity)
         train_ds = bins
-    counted: list[int] = []
-    collate_rows = batching.make_collator(
-        cfg.packing, tokenizer, on_tokens=counted.append, width=capacity
-    )
-
-    def collate(features: list[dict]) -> dict:
-        # The count rides with its batch: the data loader runs a batch ahead of training, so a
-        # count taken at collation time would credit a step with its successor's tokens.
-        return {**collate_rows(features), REAL_TOKENS: counted.pop()}
+    # The count rides with its batch: the data loader runs a batch ahead of training, so a
+    # count taken at collation time would credit a step with its successor's tokens.
+    collate = batching.make_collator(cfg.packing, tokenizer, width=capacity, count_tokens=True)
 
     history: list[dict] = []
     diverged: list[str] = []

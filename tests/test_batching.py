@@ -122,7 +122,8 @@ def test_collator_counts_only_real_tokens(model_and_rows):
     real = sum(len(r["input_ids"]) for r in rows)
     for mode in batching.PACKING_MODES:
         features = batching.packed_rows(rows, 64) if mode == "bins" else rows
-        batching.make_collator(mode, tok, on_tokens=seen.append)(features)
+        batch = batching.make_collator(mode, tok, count_tokens=True)(features)
+        seen.append(batch[batching.REAL_TOKENS])
     assert seen == [real] * 3
 
 
