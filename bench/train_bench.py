@@ -107,6 +107,7 @@ def flops_per_token(size: str, seq: int) -> float:
 VARIANT_KEYS = {
     "bs": ("batch_size", int),
     "gc": ("gradient_checkpointing", lambda v: v == "1"),
+    "gcl": ("gradient_checkpointing_layers", int),
     "fused": ("fused_kernels", str),
     "group": ("length_grouping", lambda v: v == "1"),
     "ga": ("gradient_accumulation_steps", int),

@@ -11,6 +11,7 @@ def preflight(
     batch_size: int = 4,
     lora_r: int = 16,
     gradient_checkpointing: bool = True,
+    gradient_checkpointing_layers: int = -1,
     fused_kernels: str = "auto",
     packing: str = "padding_free",
     pack_length: int = 0,

@@ -26,6 +26,7 @@ def train(
     batch_size: int = 4,
     gradient_accumulation_steps: int = 1,
     gradient_checkpointing: bool = True,
+    gradient_checkpointing_layers: int = -1,
     optimizer: str = "auto",
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.3,

@@ -140,6 +140,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _help(
         "Recompute activations in backward to save memory.", default=True
     )
+    gradient_checkpointing_layers: int = _help(
+        "With gradient_checkpointing: how many decoder layers, counted from the first, "
+        "recompute their activations in backward (-1: all). The others keep theirs: no "
+        "recompute (faster) for more memory; preflight's estimate counts it.",
+        default=-1,
+    )
     optimizer: str = _help(
         "Optimizer (transformers name). auto: paged_adamw_32bit on GPU, adamw_torch on CPU.",
         default="auto",
@@ -229,6 +235,12 @@ class TrainConfig:
             "gradient_accumulation_steps",
             self.gradient_accumulation_steps,
             "use 1 or more",
+        )
+        _check(
+            self.gradient_checkpointing_layers >= -1,
+            "gradient_checkpointing_layers",
+            self.gradient_checkpointing_layers,
+            "use -1 (every layer) or a count of layers from 0",
         )
         _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "use > 0")
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "use 0 or more")

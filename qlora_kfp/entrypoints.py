@@ -276,6 +276,7 @@ def preflight(args: dict) -> str:
         cfg = AutoConfig.from_pretrained(sources.model_source(args["base_model"]))
         kw = dict(
             gradient_checkpointing=args["gradient_checkpointing"],
+            gradient_checkpointing_layers=args["gradient_checkpointing_layers"],
             fused_loss=args["fused_kernels"] != "off",
             packing=args["packing"],
             fp32_upcast=args["fp32_upcast"],

@@ -63,6 +63,29 @@ def load_model(
         raise SourceError(f"{source}: cannot load the model ({sources._first_line(exc)})") from None
 
 
+def checkpoint_first_layers(model, n: int) -> tuple[int, int]:
+    """Keep gradient checkpointing on the first ``n`` decoder layers only (``-1``: all).
+
+    Call after ``gradient_checkpointing_enable``. A layer left out keeps its activations until
+    backward instead of recomputing its forward there: about a third less matrix work for that
+    layer, for its activations' memory (``memory.KEPT_ACT_BYTES``).
+
+    Returns:
+        (layers checkpointed, layers that were checkpointed before).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+    ]
+    keep = len(layers) if n < 0 else min(n, len(layers))
+    for layer in layers[keep:]:
+        layer.gradient_checkpointing = False
+    return keep, len(layers)
+
+
 def collator(tokenizer):
     """Pads per batch; labels are padded with -100 so padding never counts in the loss."""
     from transformers import DataCollatorForSeq2Seq

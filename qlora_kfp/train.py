@@ -70,15 +70,19 @@ def prepare_model(model, cfg: TrainConfig):
 
     kw = {"use_reentrant": False}
     if cfg.fp32_upcast:
-        return prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs=kw,
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if cfg.gradient_checkpointing:
+        kept, total = modeling.checkpoint_first_layers(model, cfg.gradient_checkpointing_layers)
+        log.info("gradient checkpointing in %d of %d layers", kept, total)
     return model
 
 
@@ -264,8 +268,9 @@ def run_train(
             data_seed=cfg.seed,
             bf16=dtype == torch.bfloat16 and modeling.device() == "cuda",
             fp16=dtype == torch.float16 and modeling.device() == "cuda",
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            # prepare_model has set checkpointing up layer by layer; the Trainer's own switch
+            # would turn it back on in every layer.
+            gradient_checkpointing=False,
             remove_unused_columns=False,
             # Bins are all about pack_length long: grouping them by length would do nothing.
             train_sampling_strategy=(

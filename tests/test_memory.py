@@ -124,3 +124,35 @@ def test_attention_mask_memory_by_packing(packing, mask_bytes):
     attn, _, packing = packing.rpartition("-")
     est = memory.estimate(cfg, 2048, 8, 64, packing=packing, attention=attn or "sdpa")
     assert est.parts_bytes["attention mask"] == mask_bytes
+
+
+@pytest.mark.parametrize(
+    "layers, same_as",
+    [
+        pytest.param(-1, "all", id="minus-one-checkpoints-every-layer"),
+        pytest.param(32, "all", id="every-layer-by-count"),
+        pytest.param(99, "all", id="more-than-the-model-has"),
+        pytest.param(0, "none", id="zero-is-no-checkpointing"),
+    ],
+)
+def test_checkpointing_some_layers_by_count(layers, same_as):
+    cfg = LlamaConfig(**LLAMA_8B)
+    kw = dict(attention="varlen", packing="bins")
+    ends = {
+        "all": memory.estimate(cfg, 2048, 4, 64, **kw).total_gib,
+        "none": memory.estimate(cfg, 2048, 4, 64, gradient_checkpointing=False, **kw).total_gib,
+    }
+    est = memory.estimate(cfg, 2048, 4, 64, gradient_checkpointing_layers=layers, **kw)
+    assert est.total_gib == ends[same_as]
+
+
+def test_each_layer_that_keeps_its_activations_adds_the_same_memory():
+    cfg = LlamaConfig(**LLAMA_8B)
+    totals = [
+        memory.estimate(cfg, 2048, 4, 64, gradient_checkpointing_layers=n).total_gib
+        for n in (30, 20, 10)
+    ]
+    # Ten fewer checkpointed layers: ten layers' kept activations minus ten layers' inputs.
+    per_layer = 4 * 2048 * (memory.KEPT_ACT_BYTES * (4096 + 14336) - 2 * 4096) / memory.GIB
+    assert totals[1] - totals[0] == pytest.approx(10 * per_layer, abs=0.02)
+    assert totals[2] - totals[1] == pytest.approx(10 * per_layer, abs=0.02)

@@ -1,0 +1,105 @@
+"""Gradient checkpointing layer by layer: which layers recompute, and that nothing else changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_kfp.configs import TrainConfig
+from qlora_kfp.errors import ConfigError
+from qlora_kfp.train import build_peft_model
+
+
+def _attention_calls(model_fn):
+    """Run ``model_fn`` and count the calls of each layer's attention module by layer index.
+
+    A checkpointed layer's recompute calls ``forward`` itself (hooks on the decoder layer do not
+    fire) but its attention module again through ``__call__``: two calls a step instead of one.
+    """
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    calls: dict[int, int] = {}
+
+    def hook(module, args, output):
+        if isinstance(module, LlamaAttention):
+            calls[module.layer_idx] = calls.get(module.layer_idx, 0) + 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = model_fn()
+    finally:
+        handle.remove()
+    return calls, result
+
+
+def _step(quantized, batch, layers: int):
+    cfg = TrainConfig(lora_r=8, lora_dropout=0.1, gradient_checkpointing_layers=layers)
+    torch.manual_seed(0)
+    model = build_peft_model(cfg, quantized.path)
+    torch.manual_seed(1)  # lora_B starts at zero: give it values so every gradient is nonzero
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    model.train()
+
+    def step():
+        torch.manual_seed(2)  # the same dropout masks in every run
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    return _attention_calls(step)
+
+
+@pytest.fixture(scope="module")
+def batch(prepared):
+    from transformers import AutoTokenizer
+
+    from qlora_kfp import batching
+    from qlora_kfp.train import token_rows
+
+    tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")
+    return batching.make_collator("padding_free", tok)(token_rows(prepared.path, "train")[:4])
+
+
+@pytest.mark.parametrize(
+    "layers, calls",
+    [
+        pytest.param(-1, {0: 2, 1: 2}, id="all-layers-recompute"),
+        pytest.param(1, {0: 2, 1: 1}, id="first-layer-only"),
+        pytest.param(5, {0: 2, 1: 2}, id="more-than-the-model-has"),
+        pytest.param(0, {0: 1, 1: 1}, id="none"),
+    ],
+)
+def test_only_the_first_layers_recompute_and_the_gradients_do_not_change(
+    quantized, batch, layers, calls
+):
+    want_calls, (want_loss, want) = _step(quantized, batch, -1)
+    got_calls, (got_loss, got) = _step(quantized, batch, layers)
+    assert got_calls == calls and want_calls == {0: 2, 1: 2}
+    # The recompute replays the same dropout masks (checkpoint restores the RNG state).
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert want.keys() == got.keys() and all(g.abs().sum() > 0 for g in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_the_train_stage_keeps_the_choice_through_the_trainer(quantized, prepared, tmp_path):
+    """The Trainer's own checkpointing switch would turn recompute back on in every layer."""
+    from qlora_kfp.train import run_train
+
+    cfg = TrainConfig(
+        lora_r=8, max_steps=3, batch_size=4, gradient_checkpointing_layers=1, checkpoint_steps=0
+    )
+    calls, res = _attention_calls(
+        lambda: run_train(cfg, quantized.path, prepared.path, str(tmp_path / "adapter"))
+    )
+    assert res.metrics["steps"] == 3
+    # Evaluation calls both layers alike; training recomputes only the first layer, once a step.
+    assert calls[0] - calls[1] == 3
+
+
+def test_a_negative_count_other_than_minus_one_is_refused():
+    with pytest.raises(ConfigError, match="gradient_checkpointing_layers"):
+        TrainConfig(gradient_checkpointing_layers=-2)
