@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ def setup_logging() -> None:
 def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, tracking.StageRun]]:
     """Build the config, open the nested MLflow run, and turn user errors into a clean exit."""
     setup_logging()
+    t0 = time.perf_counter()
     try:
         cfg = configs.from_params(cls, args)
         with tracking.stage_run(
@@ -43,9 +45,31 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, tracking.Stag
         ) as run:
             run.params(dataclasses.asdict(cfg))
             yield cfg, run
+            usage = resource_usage(time.perf_counter() - t0)
+            log.info("%s used %s", name, json.dumps(usage))
+            run.metrics(usage, parent=False)
+            # On the parent run, one name per stage, so runs compare stage by stage.
+            tracking.StageRun(run.parent_run_id, "").metrics(usage, parent=False, prefix=f"{name}.")
     except QloraError as exc:
         log.error("%s failed: %s", name, exc)
         sys.exit(f"{name} failed: {exc}")
+
+
+def resource_usage(seconds: float) -> dict[str, float]:
+    """The stage's wall time and peak memory: this process's RSS and, when it used CUDA, the
+    GPU's (each KFP task is its own process, so the peaks are the stage's own)."""
+    import resource
+
+    usage = {
+        "stage_seconds": round(seconds, 2),
+        # ru_maxrss is in KiB on Linux.
+        "stage_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
+    torch = sys.modules.get("torch")  # a stage that never imported torch used no GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        usage["stage_gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        usage["stage_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    return usage
 
 
 def report(run: tracking.StageRun, kfp_metrics: Any, metrics: dict) -> None:

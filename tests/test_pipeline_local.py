@@ -101,6 +101,13 @@ def test_mlflow_has_one_parent_run_with_nested_stage_runs(local_run):
     assert len(history) > 10 and history[-1].value < history[0].value
     arts = {a.path for a in client.list_artifacts(children["train"].info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in arts
+    # Every model stage records its wall time and peak memory; the parent, one name per stage.
+    for name in ("prepare-dataset", "quantize", "train", "evaluate", "merge"):
+        usage = children[name].data.metrics
+        assert usage["stage_seconds"] > 0 and usage["stage_peak_rss_gib"] > 0.1, name
+        assert parent.data.metrics[f"{name}.stage_seconds"] == usage["stage_seconds"], name
+    train = children["train"].data.metrics
+    assert train["stage_seconds"] >= train["train_runtime_s"]
 
 
 def test_exit_handler_wrote_the_run_report(local_run):
