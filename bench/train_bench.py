@@ -116,6 +116,7 @@ VARIANT_KEYS = {
     "attn": ("attn_implementation", str),
     "up": ("fp32_upcast", lambda v: v == "1"),
     "fl": ("fused_lora", lambda v: v == "1"),
+    "opt": ("optimizer", str),
 }
 
 
@@ -130,8 +131,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 
 def stage_config(kw: dict, steps: int) -> dict:
-    """TrainConfig fields of a variant: the baseline's recipe plus the variant's keys."""
-    return dict(
+    """TrainConfig fields of a variant: the baseline's recipe, overridden by the variant's keys."""
+    recipe = dict(
         lora_r=64,
         lora_alpha=16,
         lora_dropout=0.1,
@@ -149,8 +150,8 @@ def stage_config(kw: dict, steps: int) -> dict:
         eval_steps=0,
         compute_dtype="bfloat16",
         seed=1,
-        **kw,
     )
+    return {**recipe, **kw}
 
 
 def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int) -> dict:
