@@ -63,10 +63,12 @@ def main() -> None:
     a = p.parse_args()
 
     import torch
-    from gpu_stages import build_assets
-    from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
 
-    from qlora_kfp import local_run
+    # The installed project first: gpu_stages puts the checkout on sys.path, whose qlora_kfp
+    # folder has no pipelines/components subpackages (they install from the top-level folders).
+    from qlora_kfp import local_run  # isort: skip
+    from qlora_kfp.pipelines.qlora_finetune import qlora_finetune  # isort: skip
+    from gpu_stages import build_assets  # isort: skip
 
     work = Path(a.work)
     local_run.local_tracking_env(work)
