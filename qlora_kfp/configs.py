@@ -147,7 +147,8 @@ class TrainConfig:
         default=-1,
     )
     optimizer: str = _help(
-        "Optimizer (transformers name). auto: paged_adamw_32bit on GPU, adamw_torch on CPU.",
+        "Optimizer (transformers name). auto: adamw_torch_fused on a GPU (measured faster than "
+        "paged_adamw_32bit, same 32-bit AdamW), adamw_torch on the CPU.",
         default="auto",
     )
     weight_decay: float = _help("AdamW weight decay.", default=0.0)

@@ -319,17 +319,33 @@ def preflight(args: dict) -> str:
             est.table(),
         )
         budget = 0.95 * args["gpu_memory_gib"]
+        fewest = None
+        if args["gradient_checkpointing"]:
+            fewest = memory.fewest_checkpointed_layers(
+                cfg, seq, args["batch_size"], args["lora_r"], budget, **kw
+            )
+        layers = args["gradient_checkpointing_layers"]
         if est.total_gib > budget:
             fits = memory.largest_batch(cfg, seq, args["lora_r"], budget, **kw)
-            hint = (
-                f"use batch_size={fits} with gradient_accumulation_steps="
-                f"{-(-args['batch_size'] // fits)}"
-                if fits
-                else "lower max_seq_length or use a GPU with more memory"
-            )
+            if fewest is not None:  # only fewer layers keeping their activations fit
+                hint = f"use gradient_checkpointing_layers={fewest} (or -1: every layer)"
+            elif fits:
+                hint = (
+                    f"use batch_size={fits} with gradient_accumulation_steps="
+                    f"{-(-args['batch_size'] // fits)}"
+                )
+            else:
+                hint = "lower max_seq_length or use a GPU with more memory"
             raise ConfigError(
                 f"training needs about {est.total_gib} GiB but the GPU has "
                 f"{args['gpu_memory_gib']} GiB; {hint}\n{est.table()}"
+            )
+        if fewest is not None and (layers < 0 or fewest < min(layers, cfg.num_hidden_layers)):
+            log.info(
+                "this GPU also fits gradient_checkpointing_layers=%d (now %d): fewer layers "
+                "recompute their activations, which trains faster (BENCHMARKS.md)",
+                fewest,
+                layers,
             )
         with tracking.stage_run(args.get("mlflow_parent_run_id", ""), "preflight") as run:
             run.metrics({"estimated_peak_gib": est.total_gib})

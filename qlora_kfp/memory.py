@@ -30,9 +30,10 @@ NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 ACT_BYTES = 31.0  # per token per (hidden + intermediate) unit, one recomputed layer
 # Per token per unit, a layer that keeps its activations: the saved inputs of the norms, the
 # 4-bit matmuls and the LoRA A matmuls (each its own dropout copy), q/k/v and attention output,
-# the MLP's gate and up. Counted from the graph for LoRA on every Linear with dropout (about
-# 250 KB a token a layer on 8B shapes); to be checked against a measurement.
-KEPT_ACT_BYTES = 14.0
+# the MLP's gate and up. Fitted: 8B shapes, 4 bins of 2,048 tokens, LoRA r=64 with dropout on
+# every Linear, one H100: each layer kept adds 1.60 GiB (0, 4 and 12 of 32 layers checkpointed:
+# 61.4, 54.9 and 41.7 GiB allocated, against 10.1 with all 32; BENCHMARKS.md).
+KEPT_ACT_BYTES = 11.8
 OVERHEAD_GIB = 1.0  # CUDA context, allocator slack
 
 
@@ -108,6 +109,20 @@ def estimate(
     parts["attention mask"] = 0 if attention == "varlen" else rows * width * width
     parts["CUDA context + slack"] = OVERHEAD_GIB * GIB
     return MemoryEstimate(parts, tokens)
+
+
+def fewest_checkpointed_layers(
+    cfg, seq_len: int, batch_size: int, lora_r: int, budget_gib: float, **kw
+) -> int | None:
+    """The fewest checkpointed layers (the fastest training) whose estimate fits ``budget_gib``:
+    0 when none need checkpointing, None when not even checkpointing every layer fits."""
+    kw = {**kw, "gradient_checkpointing": True}
+    kw.pop("gradient_checkpointing_layers", None)
+    for n in range(cfg.num_hidden_layers + 1):
+        est = estimate(cfg, seq_len, batch_size, lora_r, gradient_checkpointing_layers=n, **kw)
+        if est.total_gib <= budget_gib:
+            return n
+    return None
 
 
 def largest_batch(cfg, seq_len: int, lora_r: int, budget_gib: float, **kw) -> int:

@@ -156,3 +156,63 @@ def test_each_layer_that_keeps_its_activations_adds_the_same_memory():
     per_layer = 4 * 2048 * (memory.KEPT_ACT_BYTES * (4096 + 14336) - 2 * 4096) / memory.GIB
     assert totals[1] - totals[0] == pytest.approx(10 * per_layer, abs=0.02)
     assert totals[2] - totals[1] == pytest.approx(10 * per_layer, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "layers, measured_gib",
+    [
+        pytest.param(0, 61.43, id="no-layer-checkpointed"),
+        pytest.param(4, 54.91, id="4-of-32-checkpointed"),
+        pytest.param(12, 41.68, id="12-of-32-checkpointed"),
+    ],
+)
+def test_kept_activations_against_the_h100_measurement(layers, measured_gib):
+    """BENCHMARKS.md: 8B shapes, 4 bins of 2,048, varlen + Liger, one H100 (allocated)."""
+    est = memory.estimate(
+        LlamaConfig(**LLAMA_8B),
+        2048,
+        4,
+        64,
+        packing="bins",
+        attention="varlen",
+        fp32_upcast=False,
+        gradient_checkpointing_layers=layers,
+    )
+    # Never below the measurement by more than 2%, and not above it by more than 12%.
+    assert measured_gib * 0.98 <= est.total_gib - memory.OVERHEAD_GIB <= measured_gib * 1.12
+
+
+@pytest.fixture
+def config_8b(tmp_path):
+    """A folder holding only an 8B-shaped config.json: preflight reads nothing else."""
+    LlamaConfig(**LLAMA_8B).save_pretrained(tmp_path / "llama-8b")
+    return str(tmp_path / "llama-8b")
+
+
+def test_preflight_names_the_fewest_checkpointed_layers_that_fit(config_8b, caplog):
+    import logging
+
+    from qlora_kfp.entrypoints import preflight
+
+    args = preflight_args(config_8b, packing="bins", pack_length=2048, gpu_memory_gib=80.0)
+    with caplog.at_level(logging.INFO, logger="qlora_kfp"):
+        preflight(args)
+    fewest = memory.fewest_checkpointed_layers(
+        LlamaConfig(**LLAMA_8B), 2048, 4, 16, 0.95 * 80.0, packing="bins", attention="varlen"
+    )
+    assert 0 <= fewest < 32
+    assert f"also fits gradient_checkpointing_layers={fewest} (now -1)" in caplog.text
+
+
+def test_preflight_asks_for_more_checkpointed_layers_when_too_few_fit(config_8b):
+    from qlora_kfp.entrypoints import preflight
+
+    args = preflight_args(
+        config_8b,
+        packing="bins",
+        pack_length=2048,
+        gradient_checkpointing_layers=0,
+        gpu_memory_gib=24.0,
+    )
+    with pytest.raises(SystemExit, match=r"use gradient_checkpointing_layers=\d+ \(or -1"):
+        preflight(args)
