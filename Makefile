@@ -69,14 +69,25 @@ schedule: $(STAMP) ## Recurring retraining: ACTION=create|list|pause|resume|dele
 	$(BIN)/qlora-kfp schedule $(or $(ACTION),create) --cron "$(or $(CRON),0 0 3 * * 1)" \
 	  $(if $(ID),--id $(ID)) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
 
-bench: ## On a GPU machine: train stage vs the seeds' recipe (see BENCHMARKS.md; BENCH_ARGS=...)
+device-wheels: ## Fill .whl/ with the wheels a lent GPU machine lacks (bench/device_wheels.sh)
+	bash bench/device_wheels.sh
+
+bench: ## On a GPU machine: train stage vs the seeds' recipe, chat rows (BENCHMARKS.md; BENCH_ARGS=...)
 	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data chat --bs 8 --steps 47 --warmup 3 \
-	  --variants "padfree-same:bs=8,group=0,fused=off,pack=padding_free" \
-	  "bins+liger-bs8-sdpa:bs=8,pack=bins,pl=2048,fused=on,attn=sdpa,fl=0" \
-	  "bins+liger-bs8:bs=8,pack=bins,pl=2048,fused=on" "bins+liger-bs4:bs=4,pack=bins,pl=2048,fused=on")
+	  --variants "bins+liger-bs8-paged:bs=8,pack=bins,pl=2048,fused=on,opt=paged_adamw_32bit" \
+	  "bins+liger-bs8:bs=8,pack=bins,pl=2048,fused=on")
+
+bench-mfu: ## On a GPU machine: MFU on fixed 2,048-token rows, with and without recompute
+	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data fixed --bs 2 --steps 30 --warmup 3 \
+	  --variants "ckpt-all-bs4:bs=4,pack=bins,pl=2048,fused=on" \
+	  "ckpt4-bs4:bs=4,pack=bins,pl=2048,fused=on,gcl=4" \
+	  "ckpt0-bs4:bs=4,pack=bins,pl=2048,fused=on,gc=0")
 
 bench-stages: ## On a GPU machine: every stage once on 1B shapes, wall time + peak memory
 	bash bench/run_gpu_stages.sh $(BENCH_ARGS)
+
+bench-pipeline: ## On a GPU machine: the whole pipeline through kfp.local on 1B shapes
+	bash bench/run_pipeline_gpu.sh $(BENCH_ARGS)
 
 mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow.db \
@@ -86,4 +97,5 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run compile test test-fast lint format mlflow-ui clean upload run-remote \
-	schedule images manifests install-browser bench bench-stages
+	schedule images manifests install-browser bench bench-mfu bench-stages bench-pipeline \
+	device-wheels
