@@ -48,6 +48,10 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, tracking.Stag
             usage = resource_usage(time.perf_counter() - t0)
             log.info("%s used %s", name, json.dumps(usage))
             run.metrics(usage, parent=False)
+            kfp_metrics = args.get("metrics")  # the KFP UI shows them with the task's metrics
+            if kfp_metrics is not None:
+                for k, v in usage.items():
+                    kfp_metrics.log_metric(k, float(v))
             # On the parent run, one name per stage, so runs compare stage by stage.
             tracking.StageRun(run.parent_run_id, "").metrics(usage, parent=False, prefix=f"{name}.")
     except QloraError as exc:

@@ -21,6 +21,35 @@ SHOWN = [  # (label, base metric, tuned metric): the report's and the CLI summar
     ("exact match", "base_exact_match", "tuned_exact_match"),
     ("ROUGE-L", "base_rougeL", "tuned_rougeL"),
 ]
+STAGES = ("prepare-dataset", "quantize", "train", "evaluate", "merge", "register")
+USAGE = (  # (column, metric each stage logs): the report's and the CLI summary's cost table
+    ("seconds", "stage_seconds"),
+    ("GPU peak GiB", "stage_gpu_peak_gib"),
+    ("RSS peak GiB", "stage_peak_rss_gib"),
+)
+
+
+def usage_rows(metrics_of: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """One row a stage that logged its cost: the stage, then each ``USAGE`` column ("-": none).
+
+    ``metrics_of`` maps a stage name to its metrics (unprefixed names).
+    """
+    rows = []
+    for stage in STAGES:
+        m = metrics_of.get(stage, {})
+        if "stage_seconds" in m:
+            rows.append((stage, [f"{m[k]:.2f}" if k in m else "-" for _, k in USAGE]))
+    return rows
+
+
+def usage_from_parent(metrics: dict) -> dict[str, dict]:
+    """The per-stage cost the stages logged to the parent run as ``<stage>.<metric>``."""
+    out: dict[str, dict] = {}
+    for name, value in metrics.items():
+        stage, _, key = name.partition(".")
+        if stage in STAGES and key:
+            out.setdefault(stage, {})[key] = value
+    return out
 
 
 def links(kfp_run_id: str, experiment_id: str = "", run_id: str = "") -> dict[str, str]:
@@ -54,6 +83,12 @@ def build(
     if rows:
         lines += ["| metric | base | tuned | delta |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {lab} | {b:.4f} | {t:.4f} | {t - b:+.4f} |" for lab, b, t in rows]
+        lines.append("")
+    usage = usage_rows(usage_from_parent(metrics))
+    if usage:
+        lines += ["| stage | " + " | ".join(c for c, _ in USAGE) + " |"]
+        lines += ["| --- |" + " ---: |" * len(USAGE)]
+        lines += [f"| {stage} | " + " | ".join(cells) + " |" for stage, cells in usage]
         lines.append("")
     if "registered_model" in tags:
         lines += [f"Registered as `{tags['registered_model']}` ({tags.get('promotion', '')}).", ""]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlora_kfp.report import SHOWN  # the same base-vs-tuned rows as the run report
+from qlora_kfp.report import SHOWN, STAGES, USAGE, usage_rows  # the run report's tables
+
+TASK_OF = {"register": "register-model"}  # KFP names the task after its component
 
 
 def task_metrics(tasks: dict, task: str) -> dict:
@@ -39,6 +41,11 @@ def print_summary(result: dict) -> None:
             f"\nmerge check: max |merged - (base+adapter)| logit = "
             f"{mg['merge_max_abs_diff']:.3g} (tolerance {mg['merge_tolerance']})"
         )
+    usage = usage_rows({t: task_metrics(tasks, TASK_OF.get(t, t)) for t in STAGES})
+    if usage:
+        print(f"\n{'stage':18s} " + " ".join(f"{c:>13s}" for c, _ in USAGE))
+        for stage, cells in usage:
+            print(f"{stage:18s} " + " ".join(f"{c:>13s}" for c in cells))
     samples = (
         Path(tasks.get("evaluate", {}).get("artifacts", {}).get("evaluation", "")) / "samples.jsonl"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,8 @@ def test_tuned_beats_base_and_learns_the_task(local_run):
     assert metrics_of(run_dir, "merge")["merge_max_abs_diff"] <= 1e-3
     assert metrics_of(run_dir, "prepare-dataset")["eval_rows"] == 36
     assert "exact match" in stdout and "merge check" in stdout  # the printed summary
+    assert metrics_of(run_dir, "train")["stage_seconds"] > 0  # the task's own cost, in KFP
+    assert re.search(r"\ntrain +\d+\.\d\d +- +\d+\.\d\d\n", stdout)  # the printed cost table
 
 
 def test_mlflow_has_one_parent_run_with_nested_stage_runs(local_run):

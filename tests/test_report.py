@@ -52,6 +52,15 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
     parent = tracking.start_pipeline_run("exp", "r", {"kfp.run_id": "run-42"})
     tracking.client().log_metric(parent, "base_eval_loss", 6.5)
     tracking.client().log_metric(parent, "tuned_eval_loss", 0.5)
+    # What the train and quantize stages log to the parent about their own cost.
+    for name, value in [
+        ("train.stage_seconds", 57.78),
+        ("train.stage_gpu_peak_gib", 0.705),
+        ("train.stage_peak_rss_gib", 1.77),
+        ("quantize.stage_seconds", 30.87),
+        ("quantize.stage_peak_rss_gib", 2.96),
+    ]:
+        tracking.client().log_metric(parent, name, value)
     out = local_mlflow / "report.md"
     finish(
         {
@@ -64,6 +73,8 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
     text = out.read_text()
     assert f"run-42: {state}" in text and "| eval loss | 6.5000 | 0.5000 | -6.0000 |" in text
     assert "https://kfp.example.com/#/runs/details/run-42" in text
+    # The cost table: pipeline order, "-" where a stage used no GPU.
+    assert "| quantize | 30.87 | - | 2.96 |\n| train | 57.78 | 0.70 | 1.77 |" in text
     assert (error in text) if error else "Failure" not in text
     assert received == [
         {
