@@ -22,12 +22,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE)]
 
-STAGES = ("prepare-dataset", "quantize", "train", "evaluate", "merge", "register")
-
 
 def stage_usage(tracking_uri: str) -> tuple[list[dict], dict]:
     """Per-stage usage metrics of the newest pipeline run, and that parent run's metrics."""
     from mlflow.tracking import MlflowClient
+
+    from qlora_kfp.report import STAGES
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name("qlora-finetune")

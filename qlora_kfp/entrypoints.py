@@ -47,13 +47,8 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, tracking.Stag
             yield cfg, run
             usage = resource_usage(time.perf_counter() - t0)
             log.info("%s used %s", name, json.dumps(usage))
-            run.metrics(usage, parent=False)
-            kfp_metrics = args.get("metrics")  # the KFP UI shows them with the task's metrics
-            if kfp_metrics is not None:
-                for k, v in usage.items():
-                    kfp_metrics.log_metric(k, float(v))
             # On the parent run, one name per stage, so runs compare stage by stage.
-            tracking.StageRun(run.parent_run_id, "").metrics(usage, parent=False, prefix=f"{name}.")
+            report(run, args.get("metrics"), usage, parent_prefix=f"{name}.")
     except QloraError as exc:
         log.error("%s failed: %s", name, exc)
         sys.exit(f"{name} failed: {exc}")
@@ -76,12 +71,15 @@ def resource_usage(seconds: float) -> dict[str, float]:
     return usage
 
 
-def report(run: tracking.StageRun, kfp_metrics: Any, metrics: dict) -> None:
-    """Log numeric metrics to the KFP Metrics artifact and to MLflow (stage and parent run)."""
+def report(
+    run: tracking.StageRun, kfp_metrics: Any, metrics: dict, parent_prefix: str = ""
+) -> None:
+    """Log numeric metrics to the KFP Metrics artifact and to MLflow (stage and parent run,
+    there under ``parent_prefix`` + name)."""
     for k, v in metrics.items():
         if isinstance(v, int | float) and not isinstance(v, bool) and kfp_metrics is not None:
             kfp_metrics.log_metric(k, float(v))
-    run.metrics(metrics)
+    run.metrics(metrics, parent_prefix=parent_prefix)
 
 
 def publish(folder: str, stage_name: str, args: dict) -> str:

@@ -155,8 +155,10 @@ class StageRun:
         metrics: dict[str, Any],
         step: int | None = None,
         parent: bool = True,
-        prefix: str = "",
+        parent_prefix: str = "",
     ) -> None:
+        """Log numeric metrics on the stage run and (``parent``) on the parent, there under
+        ``parent_prefix`` + name: a prefix such as ``"train."`` keeps per-stage names apart."""
         if not self.run_id:
             return
         import time
@@ -164,12 +166,14 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [
-            Metric(prefix + k, float(v), now, step or 0)
+        values = {
+            k: float(v)
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
-        ]
-        for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
+        }
+        targets = [(self.run_id, "")] + ([(self.parent_run_id, parent_prefix)] if parent else [])
+        for rid, pre in targets:
+            ms = [Metric(pre + k, v, now, step or 0) for k, v in values.items()]
             for i in range(0, len(ms), 900):  # the REST API takes 1000 metrics per batch
                 client().log_batch(rid, metrics=ms[i : i + 900])
 

@@ -293,7 +293,6 @@ def run_train(
             ],
         )
         out = trainer.train(resume_from_checkpoint=resume)
-        trained_tokens = tokens_seen[0]  # before evaluate() collates the eval split
         if diverged or not math.isfinite(out.training_loss):
             raise TrainingDivergedError(
                 f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
@@ -319,7 +318,8 @@ def run_train(
         "steps": out.global_step,
         "trainable_params": trainable,
         "train_runtime_s": round(out.metrics["train_runtime"], 2),
-        "tokens_per_s": round(trained_tokens / max(out.metrics["train_runtime"], 1e-9), 2),
+        # Evaluation batches are not counted (CountingTrainer.prediction_step).
+        "tokens_per_s": round(tokens_seen[0] / max(out.metrics["train_runtime"], 1e-9), 2),
     }
     if torch.cuda.is_available():
         metrics["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
