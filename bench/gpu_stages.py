@@ -23,7 +23,7 @@ def build_assets(root: Path, hidden: int, layers: int) -> dict:
     """A 1B-shaped random Llama (bfloat16) with the demo tokenizer, and the demo data."""
     import torch
 
-    from qlora_kfp import demo
+    from qlora_kfp.app import demo
 
     tiny = demo.make_demo_assets(root / "demo")
     model_dir = root / f"model-{hidden}x{layers}"
@@ -85,11 +85,11 @@ def main() -> None:
         QuantizeConfig,
         TrainConfig,
     )
-    from qlora_kfp.data.prepare import run_prepare
-    from qlora_kfp.evaluate import run_evaluate
-    from qlora_kfp.merge import run_merge
-    from qlora_kfp.quantize import run_quantize
-    from qlora_kfp.train import run_train
+    from qlora_kfp.stages.evaluate import run_evaluate
+    from qlora_kfp.stages.merge import run_merge
+    from qlora_kfp.stages.prepare import run_prepare
+    from qlora_kfp.stages.quantize import run_quantize
+    from qlora_kfp.stages.train import run_train
 
     work = Path(a.work)
     assets = build_assets(work, a.hidden, a.layers)

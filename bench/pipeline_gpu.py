@@ -27,7 +27,7 @@ def stage_usage(tracking_uri: str) -> tuple[list[dict], dict]:
     """Per-stage usage metrics of the newest pipeline run, and that parent run's metrics."""
     from mlflow.tracking import MlflowClient
 
-    from qlora_kfp.report import STAGES
+    from qlora_kfp.tracking.report import STAGES
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name("qlora-finetune")
@@ -66,7 +66,7 @@ def main() -> None:
 
     # The installed project first: gpu_stages puts the checkout on sys.path, whose qlora_kfp
     # folder has no pipelines/components subpackages (they install from the top-level folders).
-    from qlora_kfp import local_run  # isort: skip
+    from qlora_kfp.app import local_run
     from qlora_kfp.pipelines.qlora_finetune import qlora_finetune  # isort: skip
     from gpu_stages import build_assets  # isort: skip
 

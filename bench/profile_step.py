@@ -1,6 +1,6 @@
 """Where a QLoRA training step spends its GPU time: torch.profiler over a few steps.
 
-Builds the model the way ``qlora_kfp.train.run_train`` does (4-bit model, k-bit preparation,
+Builds the model the way ``qlora_kfp.stages.train.run_train`` does (4-bit model, k-bit preparation,
 LoRA on all linear layers, Liger when asked), runs plain forward / backward / clip / paged
 AdamW steps on packed rows of random tokens, and prints per-step wall time, the GPU's busy
 share (low means the step waits on Python and kernel launches) and the GPU time by kernel
@@ -70,7 +70,7 @@ def summarize(prof, wall: float, steps: int) -> dict:
 def build(model_dir: str, fused: bool, gc: bool, r: int, upcast: bool, attn: str, lora: bool):
     """The train stage's model (``build_peft_model``), with Liger as the Trainer applies it."""
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.train import build_peft_model
+    from qlora_kfp.stages.train import build_peft_model
 
     cfg = TrainConfig(
         lora_r=r,
@@ -110,7 +110,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from qlora_kfp.batching import collate_packed
+    from qlora_kfp.training.batching import collate_packed
 
     model = build(
         a.model, bool(a.fused), bool(a.gc), a.r, bool(a.upcast), a.attn, bool(a.fused_lora)

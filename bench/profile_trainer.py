@@ -1,6 +1,6 @@
 """Where a step of the train stage itself (Trainer and all) spends its time: torch.profiler.
 
-Runs ``qlora_kfp.train.run_train`` on a benchmark dataset (``train_bench.py`` writes one) with
+Runs ``qlora_kfp.stages.train.run_train`` on a benchmark dataset (``train_bench.py`` writes one) with
 one extra Trainer callback that profiles steps ``--start`` + 1 to ``--start`` + ``--steps``, and
 prints the same summary as ``profile_step.py`` (GPU busy share, GPU time by kernel family, top
 kernels) plus the CPU operations that take the most time: the difference to the plain loop of
@@ -39,7 +39,7 @@ def main() -> None:
     from train_bench import parse_variant, stage_config
 
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.train import run_train
+    from qlora_kfp.stages.train import run_train
 
     found: dict = {}
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -2,7 +2,7 @@
 
 Runs on a GPU machine (see bench/run_device.sh): builds the random Llama checkpoint of
 ``seed_recipe.py``, runs the baseline (seed_recipe.py as is), quantizes the same checkpoint
-with the project's code, then runs the project's train stage (``qlora_kfp.train.run_train``)
+with the project's code, then runs the project's train stage (``qlora_kfp.stages.train.run_train``)
 on the same rows for each variant, and prints non-padding tokens/s, peak GPU memory, MFU and
 the ratio to the baseline. Rows, LoRA shape (r=64, alpha=16, dropout 0.1, all linear layers),
 optimizer (paged AdamW 32-bit), learning rate and clipping are the baseline's.
@@ -46,8 +46,8 @@ def write_dataset(rows: list[list[int]], folder: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from qlora_kfp.demo import build_tokenizer
-    from qlora_kfp.manifest import atomic_folder
+    from qlora_kfp.app.demo import build_tokenizer
+    from qlora_kfp.storage.manifest import atomic_folder
 
     with atomic_folder(folder, "dataset") as tmp:
         for name, part in (("train", rows), ("eval", rows[:8])):
@@ -70,9 +70,9 @@ def quantize(checkpoint: str, out: Path) -> float:
     """The quantize stage's loading and saving path, without its 16-bit comparisons."""
     import torch
 
-    from qlora_kfp import modeling
-    from qlora_kfp.demo import build_tokenizer
-    from qlora_kfp.manifest import atomic_folder
+    from qlora_kfp.app.demo import build_tokenizer
+    from qlora_kfp.storage.manifest import atomic_folder
+    from qlora_kfp.training import modeling
 
     t = time.perf_counter()
     model = modeling.load_model(
@@ -159,7 +159,7 @@ def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int
     cfg = stage_config(kw, steps)
     code = (
         "import json,sys; from qlora_kfp.configs import TrainConfig; "
-        "from qlora_kfp.train import run_train; "
+        "from qlora_kfp.stages.train import run_train; "
         f"r = run_train(TrainConfig(**{cfg!r}), {str(model_dir)!r}, {str(data_dir)!r}, "
         f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
     )

@@ -1,32 +1,26 @@
-"""KFP v2 components: thin typed wrappers, one per stage, over the qlora_kfp library.
+"""KFP v2 components: thin typed wrappers, one per task, over ``qlora_kfp.tasks``.
 
-Importing this package needs only kfp: every component imports the library inside its body,
-so compiling never imports torch.
+Each component lives in its own module, generated from ``components/spec.py`` and the stage
+configs (``make generate``). Importing this package needs only kfp: every component imports
+the library inside its body, so compiling never imports torch. Components load on first use
+(``from qlora_kfp.components import train``), so the generator can import the spec before the
+modules it writes exist.
 """
 
-from qlora_kfp.components.decide import decide_training
-from qlora_kfp.components.evaluate import evaluate
-from qlora_kfp.components.fingerprint import fingerprint_sources
-from qlora_kfp.components.merge import merge
-from qlora_kfp.components.preflight import preflight
-from qlora_kfp.components.prepare_dataset import prepare_dataset
-from qlora_kfp.components.quantize import quantize
-from qlora_kfp.components.register import register_model
-from qlora_kfp.components.sweep import pick_best_trial
-from qlora_kfp.components.tracking import finish_tracking, start_tracking
-from qlora_kfp.components.train import train
+from __future__ import annotations
 
-__all__ = [
-    "decide_training",
-    "evaluate",
-    "finish_tracking",
-    "fingerprint_sources",
-    "merge",
-    "pick_best_trial",
-    "preflight",
-    "prepare_dataset",
-    "quantize",
-    "register_model",
-    "start_tracking",
-    "train",
-]
+import importlib
+from typing import Any
+
+from qlora_kfp.components.spec import COMPONENTS
+
+__all__ = sorted(s.name for s in COMPONENTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        component = getattr(importlib.import_module(f"qlora_kfp.components.{name}"), name)
+        # Importing the module bound its name here to the module; the component replaces it.
+        globals()[name] = component
+        return component
+    raise AttributeError(f"module 'qlora_kfp.components' has no attribute {name!r}")

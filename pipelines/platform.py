@@ -74,7 +74,7 @@ def _common(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions) -> dsl.P
     kubernetes.use_secret_as_env(task, opts.secret, SECRET_KEYS, optional=True)
     kubernetes.use_config_map_as_env(task, opts.config_map, CONFIG_KEYS, optional=True)
     task.set_env_variable("HF_HUB_DISABLE_TELEMETRY", "1")
-    # The task knows its own image: part of the cache fingerprint (qlora_kfp.fingerprint).
+    # The task knows its own image: part of the cache fingerprint (qlora_kfp.storage.fingerprint).
     task.set_env_variable("QLORA_KFP_IMAGE", task.component_spec.implementation.container.image)
     if opts.cache_pvc:
         kubernetes.mount_pvc(task, opts.cache_pvc, "/cache")

@@ -12,11 +12,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from qlora_kfp.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
-from qlora_kfp.batching import PACKING_MODES
 from qlora_kfp.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+PACKING_MODES = ("off", "padding_free", "bins")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -323,6 +323,29 @@ class RegisterConfig:
         )
 
 
+@dataclass
+class PipelineConfig:
+    """Settings of a whole pipeline run that belong to no single stage."""
+
+    mlflow_experiment: str = _help(
+        "MLflow experiment the run's parent and stage runs go to.", default="qlora-finetune"
+    )
+    run_name: str = _help("Name of the parent MLflow run (empty: MLflow picks one).", default="")
+    force_retrain: bool = _help(
+        "Train even when the registered champion was trained on exactly this dataset.",
+        default=False,
+    )
+    gpu_memory_gib: float = _help(
+        "Memory of one GPU in GiB: preflight fails before any GPU is claimed when training "
+        "cannot fit it, and names the setting that would.",
+        default=80.0,
+    )
+
+    def __post_init__(self) -> None:
+        _check(bool(self.mlflow_experiment), "mlflow_experiment", "", "name an experiment")
+        _check(self.gpu_memory_gib > 0, "gpu_memory_gib", self.gpu_memory_gib, "use > 0")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "prepare": PrepareConfig,
     "quantize": QuantizeConfig,
@@ -331,16 +354,55 @@ STAGE_CONFIGS: dict[str, type] = {
     "merge": MergeConfig,
     "register": RegisterConfig,
 }
+ALL_CONFIGS: tuple[type, ...] = (*STAGE_CONFIGS.values(), PipelineConfig)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter as every layer sees it: CLI flag, component and pipeline input."""
+
+    name: str
+    type: type
+    default: Any  # dataclasses.MISSING: required
+    help: str
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+
+def params_of(*classes: type) -> list[Param]:
+    """The fields of ``classes`` in order, each name once (a shared field, such as ``seed``,
+    has one default and one help text: its owner's)."""
+    import typing
+
+    out: dict[str, Param] = {}
+    for cls in classes:
+        hints, helps = typing.get_type_hints(cls), field_help(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in out:
+                out[f.name] = Param(f.name, hints[f.name], f.default, helps[f.name])
+    return list(out.values())
+
+
+def check_known(params: dict[str, Any], known: set[str] | list[str], where: str) -> None:
+    """Fail on a key that is no parameter, naming the closest valid one (typos in params
+    files, sweep grids)."""
+    import difflib
+
+    for key in params:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{where}: unknown parameter {key!r}{hint}")
 
 
 def field_help(cls: type) -> dict[str, str]:
     """Help text of every field of a config class (shared fields borrow it from their owner)."""
-    owners = [PrepareConfig, QuantizeConfig, TrainConfig, EvaluateConfig, MergeConfig]
-    owners.append(RegisterConfig)
     out = {}
     for f in dataclasses.fields(cls):
         text = f.metadata.get("help")
-        for owner in owners:
+        for owner in ALL_CONFIGS:
             if text:
                 break
             of = owner.__dataclass_fields__.get(f.name)

@@ -1,12 +1,22 @@
-"""Checks that fail fast, before any long or GPU work, with a message that says what to fix."""
+"""Checks that fail fast, before any long or GPU work, with a message that says what to fix.
+
+Two checks: the services a run needs answer (:func:`check_services`), and training fits the
+GPU's memory (:func:`check_memory`, from the model's ``config.json`` alone).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 
-from qlora_kfp import s3, tracking
+from qlora_kfp.configs import TrainConfig
+from qlora_kfp.errors import ConfigError
+from qlora_kfp.storage import s3
+from qlora_kfp.tracking import runs
 
+log = logging.getLogger(__name__)
 ARTIFACT_URI_ENV = "QLORA_KFP_ARTIFACT_URI"
+HEADROOM = 0.95  # share of the GPU the estimate may fill (allocator fragmentation, CUDA context)
 
 
 def check_services() -> None:
@@ -16,7 +26,77 @@ def check_services() -> None:
         TrackingError: MLflow is unreachable.
         SourceError: the bucket is missing, the credentials are wrong or S3 is unreachable.
     """
-    tracking.check_server()
+    runs.check_server()
     uri = os.environ.get(ARTIFACT_URI_ENV, "")
     if uri:
         s3.check_access(uri)
+
+
+def check_memory(
+    base_model: str, cfg: TrainConfig, max_seq_length: int, gpu_memory_gib: float
+) -> dict[str, float]:
+    """Estimate peak training memory on one GPU and fail when it cannot fit.
+
+    Args:
+        base_model: Hub id, local folder or ``s3://`` URI; only its ``config.json`` is read.
+        cfg: The train stage's config (batch, rank, checkpointing, packing, kernels).
+        max_seq_length: Longest row, from the prepare stage's config.
+        gpu_memory_gib: The GPU's memory.
+
+    Returns:
+        The estimate's parts in GiB (their sum is what must fit).
+
+    Raises:
+        ConfigError: training cannot fit; the message names the setting that would.
+    """
+    from transformers import AutoConfig
+
+    from qlora_kfp.storage import sources
+    from qlora_kfp.training import attention, memory
+
+    model_cfg = AutoConfig.from_pretrained(sources.model_source(base_model))
+    kw = dict(
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_layers=cfg.gradient_checkpointing_layers,
+        fused_loss=cfg.fused_kernels != "off",
+        packing=cfg.packing,
+        fp32_upcast=cfg.fp32_upcast,
+        # Training runs on the GPU image, whose torch has the varlen kernel.
+        attention=attention.resolve(cfg.attn_implementation, cfg.packing, True),
+    )
+    # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
+    seq = cfg.pack_length if cfg.packing == "bins" and cfg.pack_length else max_seq_length
+    est = memory.estimate(model_cfg, seq, cfg.batch_size, cfg.lora_r, **kw)
+    log.info(
+        "estimated peak GPU memory for batch %d x %d tokens:\n%s", cfg.batch_size, seq, est.table()
+    )
+    budget = HEADROOM * gpu_memory_gib
+    fewest = None
+    if cfg.gradient_checkpointing:
+        fewest = memory.fewest_checkpointed_layers(
+            model_cfg, seq, cfg.batch_size, cfg.lora_r, budget, **kw
+        )
+    if est.total_gib > budget:
+        fits = memory.largest_batch(model_cfg, seq, cfg.lora_r, budget, **kw)
+        if fewest is not None:  # only fewer layers keeping their activations fit
+            hint = f"use gradient_checkpointing_layers={fewest} (or -1: every layer)"
+        elif fits:
+            hint = (
+                f"use batch_size={fits} with gradient_accumulation_steps="
+                f"{-(-cfg.batch_size // fits)}"
+            )
+        else:
+            hint = "lower max_seq_length or use a GPU with more memory"
+        raise ConfigError(
+            f"training needs about {est.total_gib} GiB but the GPU has "
+            f"{gpu_memory_gib} GiB; {hint}\n{est.table()}"
+        )
+    layers = cfg.gradient_checkpointing_layers
+    if fewest is not None and (layers < 0 or fewest < min(layers, model_cfg.num_hidden_layers)):
+        log.info(
+            "this GPU also fits gradient_checkpointing_layers=%d (now %d): fewer layers "
+            "recompute their activations, which trains faster",
+            fewest,
+            layers,
+        )
+    return est.parts_gib

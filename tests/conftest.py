@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-    from qlora_kfp.demo import make_demo_assets
+    from qlora_kfp.app.demo import make_demo_assets
 
     return make_demo_assets(tmp_path_factory.mktemp("demo"))
 
@@ -45,7 +45,7 @@ def demo_assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared(demo_assets, tmp_path_factory):
     from qlora_kfp.configs import PrepareConfig
-    from qlora_kfp.data.prepare import run_prepare
+    from qlora_kfp.stages.prepare import run_prepare
 
     out = tmp_path_factory.mktemp("prepared") / "dataset"
     cfg = PrepareConfig(
@@ -60,7 +60,7 @@ def prepared(demo_assets, tmp_path_factory):
 @pytest.fixture(scope="session")
 def quantized(demo_assets, prepared, tmp_path_factory):
     from qlora_kfp.configs import QuantizeConfig
-    from qlora_kfp.quantize import run_quantize
+    from qlora_kfp.stages.quantize import run_quantize
 
     out = tmp_path_factory.mktemp("quantized") / "model"
     return run_quantize(
@@ -83,7 +83,7 @@ TRAIN_KW = dict(
 @pytest.fixture(scope="session")
 def trained(quantized, prepared, tmp_path_factory):
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.train import run_train
+    from qlora_kfp.stages.train import run_train
 
     out = tmp_path_factory.mktemp("adapter") / "adapter"
     return run_train(TrainConfig(**TRAIN_KW), quantized.path, prepared.path, str(out))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_kfp import attention, batching, modeling
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError
+from qlora_kfp.training import attention, batching, modeling
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def two_models(demo_assets):
 def test_varlen_model_gives_the_sdpa_logits(two_models, prepared, mode, boundaries):
     from transformers import AutoTokenizer
 
-    from qlora_kfp.train import token_rows
+    from qlora_kfp.stages.train import token_rows
 
     rows = token_rows(prepared.path, "train")[:6]
     tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlora_kfp import batching, modeling
+from qlora_kfp.configs import PACKING_MODES
+from qlora_kfp.training import batching, modeling
 
 
 @pytest.mark.parametrize(
@@ -78,7 +79,7 @@ def _tiny_tokenizer():
 def model_and_rows(demo_assets, prepared):
     from transformers import AutoTokenizer
 
-    from qlora_kfp.train import token_rows
+    from qlora_kfp.stages.train import token_rows
 
     model = modeling.load_model(demo_assets["base_model"], dtype=torch.float32)
     model.eval()
@@ -120,7 +121,7 @@ def test_collator_counts_only_real_tokens(model_and_rows):
     _, tok, rows = model_and_rows
     seen = []
     real = sum(len(r["input_ids"]) for r in rows)
-    for mode in batching.PACKING_MODES:
+    for mode in PACKING_MODES:
         features = batching.packed_rows(rows, 64) if mode == "bins" else rows
         batch = batching.make_collator(mode, tok, count_tokens=True)(features)
         seen.append(batch[batching.REAL_TOKENS])
@@ -129,7 +130,7 @@ def test_collator_counts_only_real_tokens(model_and_rows):
 
 def test_training_on_bins_takes_fewer_fuller_steps_and_learns(quantized, prepared, tmp_path):
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.train import run_train, token_rows
+    from qlora_kfp.stages.train import run_train, token_rows
 
     rows = token_rows(prepared.path, "train")
     cfg = TrainConfig(
@@ -158,7 +159,7 @@ def test_training_on_bins_takes_fewer_fuller_steps_and_learns(quantized, prepare
 def test_pack_length_below_the_longest_row_is_a_config_error(quantized, prepared, tmp_path):
     from qlora_kfp.configs import TrainConfig
     from qlora_kfp.errors import ConfigError
-    from qlora_kfp.train import run_train
+    from qlora_kfp.stages.train import run_train
 
     cfg = TrainConfig(packing="bins", pack_length=4, max_steps=1, checkpoint_steps=0)
     with pytest.raises(ConfigError, match="more than pack_length=4; raise pack_length"):

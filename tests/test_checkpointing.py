@@ -7,7 +7,7 @@ import torch
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError
-from qlora_kfp.train import build_peft_model
+from qlora_kfp.stages.train import build_peft_model
 
 
 def _attention_calls(model_fn):
@@ -55,8 +55,8 @@ def _step(quantized, batch, layers: int):
 def batch(prepared):
     from transformers import AutoTokenizer
 
-    from qlora_kfp import batching
-    from qlora_kfp.train import token_rows
+    from qlora_kfp.stages.train import token_rows
+    from qlora_kfp.training import batching
 
     tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")
     return batching.make_collator("padding_free", tok)(token_rows(prepared.path, "train")[:4])
@@ -87,7 +87,7 @@ def test_only_the_first_layers_recompute_and_the_gradients_do_not_change(
 @pytest.mark.slow
 def test_the_train_stage_keeps_the_choice_through_the_trainer(quantized, prepared, tmp_path):
     """The Trainer's own checkpointing switch would turn recompute back on in every layer."""
-    from qlora_kfp.train import run_train
+    from qlora_kfp.stages.train import run_train
 
     cfg = TrainConfig(
         lora_r=8, max_steps=3, batch_size=4, gradient_checkpointing_layers=1, checkpoint_steps=0

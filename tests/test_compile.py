@@ -13,7 +13,7 @@ COMPILED = ROOT / "pipelines" / "compiled"
 
 
 def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
-    from qlora_kfp.compile import compile_all
+    from qlora_kfp.app.compile import compile_all
 
     for var in (
         "QLORA_KFP_REGISTRY",
@@ -34,7 +34,9 @@ def test_compiling_twice_gives_the_same_bytes(tmp_path):
     """Two processes with different hash seeds (dict order in KFP's header comment varies)."""
     out = []
     for seed in ("1", "2"):
-        code = f"from qlora_kfp.compile import compile_all; compile_all({str(tmp_path / seed)!r})"
+        code = (
+            f"from qlora_kfp.app.compile import compile_all; compile_all({str(tmp_path / seed)!r})"
+        )
         subprocess.run(
             [sys.executable, "-c", code],
             check=True,
@@ -47,7 +49,7 @@ def test_compiling_twice_gives_the_same_bytes(tmp_path):
 
 def test_compile_does_not_import_torch(tmp_path):
     code = (
-        "import sys; from qlora_kfp.compile import compile_all; "
+        "import sys; from qlora_kfp.app.compile import compile_all; "
         f"compile_all({str(tmp_path)!r}); "
         "bad = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
         "assert not bad, bad"
@@ -61,7 +63,7 @@ def test_images_are_set_at_compile_time(tmp_path):
         "QLORA_KFP_TAG": "v9",
         "PATH": "/usr/bin:/bin",
     }
-    code = f"from qlora_kfp.compile import compile_all; compile_all({str(tmp_path)!r})"
+    code = f"from qlora_kfp.app.compile import compile_all; compile_all({str(tmp_path)!r})"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
     spec, _ = load(tmp_path / "qlora_finetune.yaml")
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
@@ -82,7 +84,7 @@ def test_pipeline_shape():
     comps = spec["components"]
     outer = comps["comp-exit-handler-1"]["dag"]["tasks"]
     assert {"start-tracking", "preflight", "prepare-dataset", "decide-training"} <= set(outer)
-    assert "preflight" in outer["decide-training"]["dependentTasks"]
+    assert "preflight" in outer["condition-2"]["dependentTasks"]  # no GPU task before it
     gated = comps["comp-condition-2"]["dag"]["tasks"]
     assert set(gated) == {"quantize", "train", "evaluate", "merge", "register-model"}
     assert outer["condition-2"]["triggerPolicy"]["condition"] == (

@@ -63,7 +63,8 @@ RUNTIME_INPUTS = {
     "dataset_digest",
     "tuned_eval_loss",
     "cache_fingerprint",
-}  # upstream outputs, not configuration
+    "config_overrides",
+}  # upstream outputs and per-trial overrides, not configuration
 STAGES = [
     "prepare_dataset:prepare",
     "quantize:quantize",
@@ -77,8 +78,7 @@ STAGES = [
 @pytest.mark.parametrize("pair", STAGES, ids=[s.split(":")[0] for s in STAGES])
 def test_component_parameters_are_config_fields(pair):
     import qlora_kfp.components as comps
-
-    from qlora_kfp.entrypoints import COMMON_PARAMS
+    from qlora_kfp.components.spec import CONTEXT as COMMON_PARAMS
 
     comp_name, stage = pair.split(":")
     params = _component_params(getattr(comps, comp_name))
@@ -89,24 +89,23 @@ def test_component_parameters_are_config_fields(pair):
             assert params[name] == default, f"{comp_name}.{name}: {params[name]} != {default}"
 
 
-def test_pipeline_parameters_mean_what_the_configs_say():
+def test_every_config_field_is_a_pipeline_parameter_with_its_default():
     from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
 
-    from qlora_kfp.cli import pipeline_inputs
+    from qlora_kfp.app.cli import pipeline_inputs
 
-    fields = {}
-    for cls in configs.STAGE_CONFIGS.values():
-        for f in dataclasses.fields(cls):
-            fields[f.name] = f.default
-    extra = {
-        "mlflow_experiment",
-        "run_name",
-        "force_retrain",
-        "gpu_memory_gib",
-    }  # pipeline-level switches
-    for name, (_, default) in pipeline_inputs(qlora_finetune).items():
-        if name in extra:
-            continue
-        assert name in fields, f"pipeline parameter {name} is no config field"
-        if fields[name] is not dataclasses.MISSING:
-            assert default == fields[name], name
+    fields = {p.name: p.default for p in configs.params_of(*configs.ALL_CONFIGS)}
+    inputs = pipeline_inputs(qlora_finetune)
+    assert set(inputs) == set(fields)
+    for name, (_, default) in inputs.items():
+        expected = None if fields[name] is dataclasses.MISSING else fields[name]
+        assert default == expected, name
+
+
+def test_unknown_parameter_names_the_closest_one():
+    with pytest.raises(
+        ConfigError, match=r"params\.json: unknown parameter 'lora_rank'; did you mean lora_r\?"
+    ):
+        configs.check_known(
+            {"lora_rank": 8}, configs.TrainConfig.__dataclass_fields__, "params.json"
+        )

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from qlora_kfp.configs import PrepareConfig
-from qlora_kfp.data.prepare import encode_rows, load_split, run_prepare, split
 from qlora_kfp.data.templates import IGNORE, apply_template
 from qlora_kfp.errors import DataError, SourceError
-from qlora_kfp.manifest import verify
-from qlora_kfp.sources import load_tokenizer
+from qlora_kfp.stages.prepare import encode_rows, load_split, run_prepare, split
+from qlora_kfp.storage.manifest import verify
+from qlora_kfp.storage.sources import load_tokenizer
 
 ALPACA = [{"instruction": f"Opposite of: w{i}", "input": "", "output": f"a{i}"} for i in range(20)]
 PROMPT_COMPLETION = [{"prompt": f"Opposite of: w{i}", "completion": f"a{i}"} for i in range(20)]

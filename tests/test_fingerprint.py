@@ -5,7 +5,7 @@ from __future__ import annotations
 import boto3
 import pytest
 
-from qlora_kfp.fingerprint import fingerprint, source_digest
+from qlora_kfp.storage.fingerprint import fingerprint, source_digest
 
 
 def test_same_path_new_content_changes_the_digest(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_kfp import lora_fused
 from qlora_kfp.configs import TrainConfig
-from qlora_kfp.train import build_peft_model
+from qlora_kfp.stages.train import build_peft_model
+from qlora_kfp.training import lora_fused
 
 
 def _model(quantized, fused: bool, **cfg):
@@ -35,8 +35,8 @@ def _loss_and_grads(model, batch):
 def batch(prepared):
     from transformers import AutoTokenizer
 
-    from qlora_kfp import batching
-    from qlora_kfp.train import token_rows
+    from qlora_kfp.stages.train import token_rows
+    from qlora_kfp.training import batching
 
     tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")
     return batching.make_collator("padding_free", tok)(token_rows(prepared.path, "train")[:4])

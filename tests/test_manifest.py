@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_kfp.errors import ArtifactError
-from qlora_kfp.manifest import MANIFEST, atomic_folder, verify
+from qlora_kfp.storage.manifest import MANIFEST, atomic_folder, verify
 
 
 def test_complete_write_has_a_verifiable_manifest(tmp_path):

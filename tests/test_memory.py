@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig, LlamaConfig
 
-from qlora_kfp import memory
+from qlora_kfp.training import memory
 
 LLAMA_8B = dict(
     hidden_size=4096,
@@ -20,7 +20,7 @@ LLAMA_8B = dict(
 def test_4bit_weight_bytes_match_the_quantized_model(quantized, demo_assets):
     import bitsandbytes as bnb
 
-    from qlora_kfp import modeling
+    from qlora_kfp.training import modeling
 
     model = modeling.load_model(quantized.path)
     real = 0
@@ -37,9 +37,9 @@ def test_4bit_weight_bytes_match_the_quantized_model(quantized, demo_assets):
 def test_lora_parameter_count_matches_peft(quantized, demo_assets):
     from peft import get_peft_model
 
-    from qlora_kfp import modeling
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.train import lora_config
+    from qlora_kfp.stages.train import lora_config
+    from qlora_kfp.training import modeling
 
     model = get_peft_model(modeling.load_model(quantized.path), lora_config(TrainConfig(lora_r=8)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -73,11 +73,11 @@ def preflight_args(base_model: str, **kw) -> dict:
 
     sig = inspect.signature(preflight.python_func).parameters
     defaults = {n: p.default for n, p in sig.items() if p.default is not inspect.Parameter.empty}
-    return {**defaults, "base_model": base_model, **kw}
+    return {**defaults, "base_model": base_model, "data_source": "data.jsonl", **kw}
 
 
 def test_preflight_fails_early_with_a_suggestion(demo_assets):
-    from qlora_kfp.entrypoints import preflight
+    from qlora_kfp.tasks.run import preflight
 
     args = preflight_args(
         demo_assets["base_model"],
@@ -100,7 +100,7 @@ def test_preflight_fails_early_with_a_suggestion(demo_assets):
 def test_preflight_sizes_a_batch_of_bins_by_pack_length(demo_assets, caplog):
     import logging
 
-    from qlora_kfp.entrypoints import preflight
+    from qlora_kfp.tasks.run import preflight
 
     args = preflight_args(
         demo_assets["base_model"], max_seq_length=64, packing="bins", pack_length=1024
@@ -192,7 +192,7 @@ def config_8b(tmp_path):
 def test_preflight_names_the_fewest_checkpointed_layers_that_fit(config_8b, caplog):
     import logging
 
-    from qlora_kfp.entrypoints import preflight
+    from qlora_kfp.tasks.run import preflight
 
     args = preflight_args(config_8b, packing="bins", pack_length=2048, gpu_memory_gib=80.0)
     with caplog.at_level(logging.INFO, logger="qlora_kfp"):
@@ -205,7 +205,7 @@ def test_preflight_names_the_fewest_checkpointed_layers_that_fit(config_8b, capl
 
 
 def test_preflight_asks_for_more_checkpointed_layers_when_too_few_fit(config_8b):
-    from qlora_kfp.entrypoints import preflight
+    from qlora_kfp.tasks.run import preflight
 
     args = preflight_args(
         config_8b,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_kfp import modeling
 from qlora_kfp.configs import EvaluateConfig, MergeConfig, QuantizeConfig, TrainConfig
 from qlora_kfp.errors import ConfigError, VerificationError
-from qlora_kfp.manifest import verify
+from qlora_kfp.storage.manifest import verify
+from qlora_kfp.training import modeling
 
 
 def linear4bit_modules(model):
@@ -40,7 +40,7 @@ def test_quantize_metrics_are_consistent(quantized):
 
 @pytest.mark.parametrize("quant_type,double_quant", [("fp4", False), ("nf4", False)])
 def test_quant_options_reach_bitsandbytes(quant_type, double_quant, demo_assets, tmp_path):
-    from qlora_kfp.quantize import run_quantize
+    from qlora_kfp.stages.quantize import run_quantize
 
     cfg = QuantizeConfig(
         base_model=demo_assets["base_model"], quant_type=quant_type, double_quant=double_quant
@@ -97,7 +97,7 @@ def test_adapter_loads_with_plain_peft(quantized, trained):
 
 
 def test_unknown_target_module_fails_before_training(quantized, prepared, tmp_path):
-    from qlora_kfp.train import run_train
+    from qlora_kfp.stages.train import run_train
 
     with pytest.raises(ConfigError, match=r"\['wq'\] are not in the model.*q_proj"):
         run_train(
@@ -110,7 +110,7 @@ def test_unknown_target_module_fails_before_training(quantized, prepared, tmp_pa
 
 
 def test_named_targets_and_max_steps(quantized, prepared, tmp_path):
-    from qlora_kfp.train import run_train
+    from qlora_kfp.stages.train import run_train
 
     res = run_train(
         TrainConfig(
@@ -126,7 +126,7 @@ def test_named_targets_and_max_steps(quantized, prepared, tmp_path):
 
 
 def test_tuned_beats_base_on_the_eval_split(quantized, trained, prepared, tmp_path):
-    from qlora_kfp.evaluate import run_evaluate
+    from qlora_kfp.stages.evaluate import run_evaluate
 
     res = run_evaluate(
         EvaluateConfig(num_generations=8, max_new_tokens=8),
@@ -156,7 +156,7 @@ def test_tuned_beats_base_on_the_eval_split(quantized, trained, prepared, tmp_pa
     ids=["same", "case-and-punctuation", "different-word", "spaces"],
 )
 def test_exact_match_normalization(ref, pred, exact):
-    from qlora_kfp.evaluate import normalize, rouge_l
+    from qlora_kfp.stages.evaluate import normalize, rouge_l
 
     assert (normalize(ref) == normalize(pred)) is exact
     assert rouge_l(ref, pred) == pytest.approx(1.0) if exact else rouge_l(ref, pred) < 1.0
@@ -165,7 +165,7 @@ def test_exact_match_normalization(ref, pred, exact):
 def test_merged_logits_equal_base_plus_adapter(demo_assets, trained, tmp_path):
     from peft import PeftModel
 
-    from qlora_kfp.merge import run_merge
+    from qlora_kfp.stages.merge import run_merge
 
     res = run_merge(
         MergeConfig(base_model=demo_assets["base_model"], merge_dtype="float32"),
@@ -187,7 +187,7 @@ def test_merged_logits_equal_base_plus_adapter(demo_assets, trained, tmp_path):
 
 
 def test_merge_refuses_to_save_when_logits_differ(demo_assets, trained, tmp_path):
-    from qlora_kfp.merge import run_merge
+    from qlora_kfp.stages.merge import run_merge
 
     with pytest.raises(VerificationError, match="was not saved"):
         run_merge(
@@ -206,7 +206,7 @@ def test_merge_refuses_to_save_when_logits_differ(demo_assets, trained, tmp_path
 def test_non_finite_loss_stops_training(logs):
     from transformers import TrainerControl, TrainerState
 
-    from qlora_kfp.train import _callback
+    from qlora_kfp.stages.train import _callback
 
     history, diverged = [], []
     cb = _callback(history, [0], diverged)
@@ -218,8 +218,8 @@ def test_non_finite_loss_stops_training(logs):
 
 
 def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monkeypatch):
-    from qlora_kfp import train as train_mod
     from qlora_kfp.errors import TrainingDivergedError
+    from qlora_kfp.stages import train as train_mod
 
     real = train_mod._callback
 
@@ -256,7 +256,7 @@ def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monk
 def test_prepare_model_freezes_the_base_and_casts_only_when_asked(
     quantized, fp32_upcast, embed_dtype
 ):
-    from qlora_kfp.train import prepare_model
+    from qlora_kfp.stages.train import prepare_model
 
     model = modeling.load_model(quantized.path)
     for p in model.parameters():  # as a GPU loads them: 16-bit beside the packed 4-bit weights

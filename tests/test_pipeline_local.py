@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kfp.manifest import verify
+from qlora_kfp.storage.manifest import verify
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -24,7 +24,7 @@ def local_run(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "qlora_kfp.cli",
+            "qlora_kfp.app.cli",
             "run",
             "--workdir",
             str(workdir),

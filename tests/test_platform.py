@@ -23,7 +23,7 @@ ALL_TASKS = GPU_TASKS + [
 def compiled(tmp_path: Path | None = None, env: dict | None = None) -> tuple[dict, dict]:
     path = ROOT / "pipelines" / "compiled" / "qlora_finetune.yaml"
     if env is not None:
-        code = f"from qlora_kfp.compile import compile_all; compile_all({str(tmp_path)!r})"
+        code = f"from qlora_kfp.app.compile import compile_all; compile_all({str(tmp_path)!r})"
         subprocess.run(
             [sys.executable, "-c", code], check=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fake_kfp_api import FakeKfpApiServer
 
-from qlora_kfp import remote
+from qlora_kfp.app import remote
 from qlora_kfp.errors import ConfigError
 
 PACKAGE = str(Path(__file__).resolve().parents[1] / "pipelines/compiled/qlora_finetune.yaml")

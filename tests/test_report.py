@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from qlora_kfp import report, tracking
-from qlora_kfp.entrypoints import finish
+from qlora_kfp.tasks.run import finish
+from qlora_kfp.tracking import report, runs
 
 
 @pytest.fixture
@@ -49,9 +49,9 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
     url, received = webhook
     monkeypatch.setenv(report.WEBHOOK_ENV, url)
     monkeypatch.setenv("KFP_UI_URL", "https://kfp.example.com")
-    parent = tracking.start_pipeline_run("exp", "r", {"kfp.run_id": "run-42"})
-    tracking.client().log_metric(parent, "base_eval_loss", 6.5)
-    tracking.client().log_metric(parent, "tuned_eval_loss", 0.5)
+    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-42"})
+    runs.client().log_metric(parent, "base_eval_loss", 6.5)
+    runs.client().log_metric(parent, "tuned_eval_loss", 0.5)
     # What the train and quantize stages log to the parent about their own cost.
     for name, value in [
         ("train.stage_seconds", 57.78),
@@ -60,7 +60,7 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
         ("quantize.stage_seconds", 30.87),
         ("quantize.stage_peak_rss_gib", 2.96),
     ]:
-        tracking.client().log_metric(parent, name, value)
+        runs.client().log_metric(parent, name, value)
     out = local_mlflow / "report.md"
     finish(
         {
@@ -83,7 +83,7 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
             )
         }
     ]
-    run = tracking.client().get_run(parent)
+    run = runs.client().get_run(parent)
     assert run.info.status == ("FINISHED" if state == "SUCCEEDED" else "FAILED")
 
 

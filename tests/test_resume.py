@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_kfp.checkpoints import latest_local
-from qlora_kfp.manifest import verify
+from qlora_kfp.storage.manifest import verify
+from qlora_kfp.training.checkpoints import latest_local
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import json, sys, time
-from qlora_kfp import train
+from qlora_kfp.stages import train
 from qlora_kfp.configs import TrainConfig
 slow = float(sys.argv[5])
 if slow:  # make the run slow enough to be killed between two checkpoints
@@ -105,7 +105,7 @@ def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(
 
 
 def test_partial_checkpoint_is_ignored(tmp_path):
-    from qlora_kfp.manifest import write_manifest
+    from qlora_kfp.storage.manifest import write_manifest
 
     good, partial = tmp_path / "checkpoint-6", tmp_path / "checkpoint-12"
     for p in (good, partial):

@@ -7,9 +7,9 @@ import json
 import boto3
 import pytest
 
-from qlora_kfp import s3, sources
 from qlora_kfp.errors import ArtifactError, SourceError
-from qlora_kfp.manifest import MANIFEST, atomic_folder
+from qlora_kfp.storage import s3, sources
+from qlora_kfp.storage.manifest import MANIFEST, atomic_folder
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_download_detects_a_corrupted_object(s3_env, tmp_path):
 
 def test_model_and_dataset_load_from_s3_uris(s3_env, demo_assets, tmp_path, monkeypatch):
     from qlora_kfp.configs import PrepareConfig
-    from qlora_kfp.data.prepare import run_prepare
+    from qlora_kfp.stages.prepare import run_prepare
 
     monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
     s3.upload_folder(demo_assets["base_model"], "s3://data/models/tiny")
@@ -105,7 +105,7 @@ def test_checkpoint_mirror_resumes_on_a_new_machine(s3_env, tmp_path):
     """A sealed checkpoint uploaded by one pod is found and downloaded by the next."""
     from types import SimpleNamespace
 
-    from qlora_kfp import checkpoints
+    from qlora_kfp.training import checkpoints
 
     root = tmp_path / "pod1"
     (root / "checkpoint-12").mkdir(parents=True)

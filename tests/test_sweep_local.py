@@ -33,8 +33,8 @@ def test_sweep_trains_each_trial_and_picks_the_lowest_eval_loss(tmp_path, monkey
     from mlflow.tracking import MlflowClient
     from qlora_kfp.pipelines.qlora_sweep import qlora_sweep
 
-    from qlora_kfp import local_run
-    from qlora_kfp.demo import make_demo_assets
+    from qlora_kfp.app import local_run
+    from qlora_kfp.app.demo import make_demo_assets
 
     for k in [k for k in os.environ if k.startswith(("MLFLOW_", "QLORA_KFP_"))]:
         monkeypatch.delenv(k)

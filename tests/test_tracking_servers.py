@@ -32,7 +32,7 @@ STAGES = {
 def run_cli(args: list[str], env: dict, workdir: Path) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "QLORA_KFP_"))}
     return subprocess.run(
-        [sys.executable, "-m", "qlora_kfp.cli", "run", "--workdir", str(workdir), *args],
+        [sys.executable, "-m", "qlora_kfp.app.cli", "run", "--workdir", str(workdir), *args],
         env={**base, **env},
         capture_output=True,
         text=True,

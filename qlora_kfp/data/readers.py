@@ -11,8 +11,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from qlora_kfp import sources
 from qlora_kfp.errors import DataError, SourceError
+from qlora_kfp.storage import sources
 
 FORMATS = {
     ".jsonl": "jsonl",

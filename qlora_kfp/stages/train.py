@@ -9,10 +9,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlora_kfp import attention, batching, checkpoints, lora_fused, modeling
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
-from qlora_kfp.manifest import atomic_folder, verify
+from qlora_kfp.storage.manifest import atomic_folder, verify
+from qlora_kfp.training import attention, batching, checkpoints, lora_fused, modeling
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def run_train(
 
     Args:
         cfg: The stage configuration.
-        model_dir: A quantized-model artifact (from :func:`qlora_kfp.quantize.run_quantize`).
+        model_dir: A quantized-model artifact (from :func:`qlora_kfp.stages.quantize.run_quantize`).
         dataset_dir: A prepared dataset artifact.
         output_dir: Folder to create: ``adapter_model.safetensors``, ``adapter_config.json``,
             the tokenizer, ``history.json`` and ``loss_curve.png``.
@@ -212,7 +212,7 @@ def run_train(
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from qlora_kfp.plots import loss_curve
+    from qlora_kfp.tracking.plots import loss_curve
 
     verify(model_dir, "quantized-model")
     verify(dataset_dir, "dataset")

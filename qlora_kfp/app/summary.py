@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlora_kfp.report import SHOWN, STAGES, USAGE, usage_rows  # the run report's tables
+from qlora_kfp.tracking.report import SHOWN, STAGES, USAGE, usage_rows  # the run report's tables
 
 TASK_OF = {"register": "register-model"}  # KFP names the task after its component
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from qlora_kfp import tracking
+from qlora_kfp.tracking import runs
 
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -44,7 +44,7 @@ def champion_tags(name: str) -> dict | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(tracking.client().get_model_version_by_alias(name, CHAMPION).tags)
+        return dict(runs.client().get_model_version_by_alias(name, CHAMPION).tags)
     except MlflowException:
         return None
 
@@ -55,7 +55,7 @@ def register(
     """Create a model version from ``source`` (a folder URI) and set the aliases."""
     from mlflow.exceptions import MlflowException
 
-    c = tracking.client()
+    c = runs.client()
     try:
         c.create_registered_model(name, description="QLoRA fine-tuned models (qlora-kfp)")
     except MlflowException as exc:
@@ -79,7 +79,7 @@ def should_train(name: str, digest: str, force: bool) -> tuple[bool, str]:
     """Scheduled retraining: skip when the champion was trained on the same data (unless forced)."""
     if force:
         return True, "forced"
-    if not (name and tracking.enabled()):
+    if not (name and runs.enabled()):
         return True, "no registry to compare with"
     tags = champion_tags(name)
     if tags and tags.get("dataset_digest") == digest:

@@ -24,7 +24,6 @@ import logging
 log = logging.getLogger(__name__)
 
 NAME = "varlen"
-IMPLEMENTATIONS = ("auto", "sdpa", "eager", NAME)
 
 
 @functools.cache

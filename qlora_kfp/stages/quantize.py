@@ -7,9 +7,10 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlora_kfp import modeling, sources
 from qlora_kfp.configs import QuantizeConfig
-from qlora_kfp.manifest import atomic_folder, folder_bytes
+from qlora_kfp.storage import sources
+from qlora_kfp.storage.manifest import atomic_folder, folder_bytes
+from qlora_kfp.training import modeling
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def run_quantize(
     """
     import torch
 
-    from qlora_kfp.data.prepare import load_split
+    from qlora_kfp.stages.prepare import load_split
 
     evals = modeling.take(load_split(dataset_dir, "eval"), cfg.eval_rows) if dataset_dir else None
     tokenizer = sources.load_tokenizer(cfg.base_model, cfg.trust_remote_code)

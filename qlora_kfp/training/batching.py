@@ -21,9 +21,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from qlora_kfp.attention import cu_seq_lens
+from qlora_kfp.training.attention import cu_seq_lens
 
-PACKING_MODES = ("off", "padding_free", "bins")
 REAL_TOKENS = "num_real_tokens"  # batch key of the real-token count (``count_tokens``)
 
 
@@ -78,7 +77,7 @@ def collate_packed(groups: list[list[dict]], pad_id: int, width: int = 0) -> dic
     own run of positions, so it forms a segment of its own, and labels -100. No attention mask
     is returned: transformers builds the per-document causal mask from the position ids for
     ``sdpa``, and the ``varlen`` kernel takes the document boundaries of the flattened batch
-    (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``: see ``qlora_kfp.attention``).
+    (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``: see ``qlora_kfp.training.attention``).
     ``width`` pads every row to that many tokens (at least the longest row): one shape for
     every step, so kernels tuned or compiled for it (cuDNN attention, flex attention) are
     reused instead of rebuilt for each new width.
@@ -122,7 +121,7 @@ def make_collator(mode: str, tokenizer, width: int = 0, count_tokens: bool = Fal
     ``REAL_TOKENS``, so it travels with the batch to the step that trains on it (the data
     loader collates a batch ahead of training); the trainer removes it before the model.
     """
-    from qlora_kfp import modeling
+    from qlora_kfp.training import modeling
 
     padded = modeling.collator(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -13,11 +13,11 @@ import json
 import os
 from pathlib import Path
 
-from qlora_kfp import s3, sources
+from qlora_kfp.storage import s3, sources
 
 
 def _local(path: Path) -> str:
-    from qlora_kfp.manifest import sha256_file
+    from qlora_kfp.storage.manifest import sha256_file
 
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     h = hashlib.sha256()
@@ -59,13 +59,13 @@ def code_version() -> str:
     """What runs: the package version, the image's git commit and the image reference."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from qlora_kfp import tracking
+    from qlora_kfp.version import git_commit
 
     try:
         pkg = version("qlora-kfp")
     except PackageNotFoundError:
         pkg = "source"
-    return f"{pkg}+{tracking.git_commit()[:12]}+{os.environ.get('QLORA_KFP_IMAGE', '')}"
+    return f"{pkg}+{git_commit()[:12]}+{os.environ.get('QLORA_KFP_IMAGE', '')}"
 
 
 def fingerprint(data_source: str, base_model: str) -> str:

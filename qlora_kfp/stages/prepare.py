@@ -12,7 +12,7 @@ from pathlib import Path
 from qlora_kfp.configs import PrepareConfig
 from qlora_kfp.data import readers, schema, templates
 from qlora_kfp.errors import DataError
-from qlora_kfp.manifest import atomic_folder
+from qlora_kfp.storage.manifest import atomic_folder
 
 log = logging.getLogger(__name__)
 COLUMNS = ("input_ids", "labels", "prompt", "reference")
@@ -113,7 +113,7 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     """
     import datasets
 
-    from qlora_kfp.sources import load_tokenizer
+    from qlora_kfp.storage.sources import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     template = templates.apply_template(tokenizer, cfg.chat_template)
@@ -173,7 +173,7 @@ def load_split(folder: str, name: str):
     """Load ``train`` or ``eval`` of a prepared dataset as a ``datasets.Dataset``."""
     import datasets
 
-    from qlora_kfp.manifest import verify
+    from qlora_kfp.storage.manifest import verify
 
     verify(folder, "dataset")
     return datasets.Dataset.from_parquet(str(Path(folder) / f"{name}.parquet"))

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from qlora_kfp.errors import ArtifactError, SourceError
-from qlora_kfp.manifest import MANIFEST, sha256_file, write_manifest
+from qlora_kfp.storage.manifest import MANIFEST, sha256_file, write_manifest
 
 MULTIPART_THRESHOLD = 64 * 2**20
 

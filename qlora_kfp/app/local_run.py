@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from qlora_kfp.demo import make_demo_assets
+from qlora_kfp.app.demo import make_demo_assets
 
 # Small enough for a 2-core CPU in a few minutes, large enough that the adapter learns the task.
 DEMO_PARAMS = dict(

@@ -155,24 +155,24 @@ def _run_stage(name: str, args: argparse.Namespace) -> dict:
     cls = configs.STAGE_CONFIGS[name]
     cfg = configs.from_params(cls, vars(args))
     if name == "prepare":
-        from qlora_kfp.data.prepare import run_prepare
+        from qlora_kfp.stages.prepare import run_prepare
 
         r = run_prepare(cfg, args.output)
         return {"path": r.path, "digest": r.digest, **r.stats}
     if name == "quantize":
-        from qlora_kfp.quantize import run_quantize
+        from qlora_kfp.stages.quantize import run_quantize
 
         r = run_quantize(cfg, args.output, args.dataset)
     elif name == "train":
-        from qlora_kfp.train import run_train
+        from qlora_kfp.stages.train import run_train
 
         r = run_train(cfg, args.model, args.dataset, args.output)
     elif name == "evaluate":
-        from qlora_kfp.evaluate import run_evaluate
+        from qlora_kfp.stages.evaluate import run_evaluate
 
         r = run_evaluate(cfg, args.model, args.adapter, args.dataset, args.output)
     elif name == "merge":
-        from qlora_kfp.merge import run_merge
+        from qlora_kfp.stages.merge import run_merge
 
         r = run_merge(cfg, args.adapter, args.output)
     else:
@@ -181,16 +181,17 @@ def _run_stage(name: str, args: argparse.Namespace) -> dict:
 
 
 def _register(cfg, args: argparse.Namespace) -> dict:
-    from qlora_kfp import entrypoints, tracking
-    from qlora_kfp.data.prepare import dataset_digest
     from qlora_kfp.errors import TrackingError
-    from qlora_kfp.evaluate import read_metrics
+    from qlora_kfp.stages.evaluate import read_metrics
+    from qlora_kfp.stages.prepare import dataset_digest
+    from qlora_kfp.tasks import stages
+    from qlora_kfp.tracking import runs
 
-    if not tracking.enabled():
+    if not runs.enabled():
         raise TrackingError("register needs MLFLOW_TRACKING_URI")
-    parent = tracking.start_pipeline_run("qlora-finetune", "register", {"kfp.run_id": "cli"})
+    parent = runs.start_pipeline_run("qlora-finetune", "register", {"kfp.run_id": "cli"})
     art = argparse.Namespace(path=args.merged_model, metadata={})
-    version = entrypoints.register(
+    version = stages.register(
         {
             **vars(args),
             "merged_model": art,
@@ -199,12 +200,12 @@ def _register(cfg, args: argparse.Namespace) -> dict:
             "tuned_eval_loss": read_metrics(args.evaluation)["tuned_eval_loss"],
         }
     )
-    tracking.finish_pipeline_run("qlora-finetune", "cli", "SUCCEEDED")
+    runs.finish_pipeline_run("qlora-finetune", "cli", "SUCCEEDED")
     return {"registered_model_name": cfg.registered_model_name, "version": version}
 
 
 def _run_local(args: argparse.Namespace) -> dict:
-    from qlora_kfp import local_run
+    from qlora_kfp.app import local_run
     from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
 
     given = {k: v for k, v in vars(args).items() if k in pipeline_inputs(qlora_finetune)}
@@ -220,14 +221,14 @@ def _run_local(args: argparse.Namespace) -> dict:
         local_run.local_tracking_env(Path(args.workdir))
         run_dir = local_run.run_pipeline(qlora_finetune, given, args.workdir)
         result = {"run_dir": str(run_dir), "tasks": local_run.collect(run_dir)}
-    from qlora_kfp.summary import print_summary
+    from qlora_kfp.app.summary import print_summary
 
     print_summary(result)
     return {"run_dir": result["run_dir"]}
 
 
 def _remote(args: argparse.Namespace):
-    from qlora_kfp import remote
+    from qlora_kfp.app import remote
 
     if args.command == "upload":
         return remote.upload(args.package, args.name, args.version)
@@ -249,12 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in configs.STAGE_CONFIGS:
-            from qlora_kfp.entrypoints import setup_logging
+            from qlora_kfp.tasks.context import setup_logging
 
             setup_logging()
             out = _run_stage(args.command, args)
         elif args.command == "compile":
-            from qlora_kfp.compile import compile_all
+            from qlora_kfp.app.compile import compile_all
 
             out = {"compiled": compile_all(args.output_dir)}
         elif args.command == "run":
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("upload", "run-remote", "schedule"):
             out = _remote(args)
         else:
-            from qlora_kfp.demo import make_demo_assets
+            from qlora_kfp.app.demo import make_demo_assets
 
             out = make_demo_assets(args.output)
     except QloraError as exc:

@@ -14,9 +14,9 @@ import re
 import shutil
 from pathlib import Path
 
-from qlora_kfp import s3
 from qlora_kfp.errors import ArtifactError
-from qlora_kfp.manifest import MANIFEST, verify, write_manifest
+from qlora_kfp.storage import s3
+from qlora_kfp.storage.manifest import MANIFEST, verify, write_manifest
 
 log = logging.getLogger(__name__)
 STEP = re.compile(r"^checkpoint-(\d+)$")

@@ -9,9 +9,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qlora_kfp import modeling
 from qlora_kfp.configs import EvaluateConfig
-from qlora_kfp.manifest import atomic_folder, verify
+from qlora_kfp.storage.manifest import atomic_folder, verify
+from qlora_kfp.training import modeling
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def run_evaluate(
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from qlora_kfp.data.prepare import load_split
-    from qlora_kfp.plots import comparison_bars
+    from qlora_kfp.stages.prepare import load_split
+    from qlora_kfp.tracking.plots import comparison_bars
 
     verify(model_dir, "quantized-model")
     verify(adapter_dir, "adapter")

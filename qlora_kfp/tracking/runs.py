@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 from qlora_kfp.errors import TrackingError
+from qlora_kfp.version import PIPELINE_VERSION, git_commit
 
 log = logging.getLogger(__name__)
-PIPELINE_VERSION = "0.1.0"
 
 
 def enabled() -> bool:
@@ -48,23 +47,6 @@ def check_server(timeout_s: float = 10.0) -> None:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({exc}); check MLFLOW_TRACKING_URI"
             ) from None
-
-
-def git_commit() -> str:
-    """The project's git commit: from the image (``QLORA_KFP_GIT_COMMIT``) or the checkout."""
-    if os.environ.get("QLORA_KFP_GIT_COMMIT"):
-        return os.environ["QLORA_KFP_GIT_COMMIT"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(
-            ["git", "-C", here, "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001 - installed from a wheel, no git: not an error
-        return "unknown"
 
 
 def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:

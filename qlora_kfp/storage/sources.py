@@ -11,8 +11,8 @@ import os
 import re
 from pathlib import Path
 
-from qlora_kfp import s3
 from qlora_kfp.errors import SourceError
+from qlora_kfp.storage import s3
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -10,10 +10,11 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
-from qlora_kfp import modeling, sources
 from qlora_kfp.configs import MergeConfig
 from qlora_kfp.errors import VerificationError
-from qlora_kfp.manifest import atomic_folder, folder_bytes, verify
+from qlora_kfp.storage import sources
+from qlora_kfp.storage.manifest import atomic_folder, folder_bytes, verify
+from qlora_kfp.training import modeling
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from qlora_kfp import sources
 from qlora_kfp.errors import SourceError
+from qlora_kfp.storage import sources
 
 
 def device() -> str:

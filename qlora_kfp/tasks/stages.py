@@ -1,0 +1,163 @@
+"""What the stage components call: artifacts in, the library stage, artifacts out.
+
+Each stage component's body is one line, ``return stages.<stage>(locals())``. This module turns
+those locals into the stage's typed config (:func:`context.stage`), calls the plain library
+function, and reports: KFP ``Metrics``/``HTML`` artifacts, MLflow params, metrics and
+artifacts, and an S3 copy of the artifact when ``QLORA_KFP_ARTIFACT_URI`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qlora_kfp import configs
+from qlora_kfp.tasks.context import html_with_image, mark, report, stage
+from qlora_kfp.tracking import runs
+
+log = logging.getLogger("qlora_kfp")
+
+
+def prepare_dataset(args: dict) -> str:
+    """Run prepare-dataset; returns the dataset digest (used for caching and skip logic)."""
+    from qlora_kfp.stages.prepare import run_prepare
+
+    with stage("prepare-dataset", configs.PrepareConfig, args) as (cfg, run, ctx):
+        res = run_prepare(cfg, args["dataset"].path)
+        report(run, args.get("metrics"), res.stats)
+        run.artifact(str(Path(res.path) / "stats.json"), "dataset")
+        run.artifact(str(Path(res.path) / "rendered_samples.txt"), "dataset")
+        _log_dataset_input(run, res.path, res.digest, cfg.data_source)
+        run.tags({"dataset.digest": res.digest}, parent=True)
+        mark(
+            args["dataset"],
+            digest=res.digest,
+            cache_fingerprint=args.get("cache_fingerprint"),
+            s3_uri=ctx.publish(res.path, "dataset"),
+        )
+        return res.digest
+
+
+def _log_dataset_input(run: runs.StageRun, folder: str, digest: str, source: str) -> None:
+    if not run.run_id:
+        return
+    import mlflow
+    import pandas as pd
+
+    df = pd.read_parquet(Path(folder) / "train.parquet", columns=["prompt", "reference"])
+    ds = mlflow.data.from_pandas(df, source=source, name="train", digest=digest)
+    with mlflow.start_run(run_id=run.run_id):
+        mlflow.log_input(ds, context="training")
+    with mlflow.start_run(run_id=run.parent_run_id):
+        mlflow.log_input(ds, context="training")
+
+
+def quantize(args: dict) -> None:
+    from qlora_kfp.stages.quantize import run_quantize
+
+    with stage("quantize", configs.QuantizeConfig, args) as (cfg, run, ctx):
+        dataset = args.get("dataset")
+        res = run_quantize(cfg, args["quantized_model"].path, dataset.path if dataset else None)
+        report(run, args.get("metrics"), res.metrics)
+        mark(
+            args["quantized_model"],
+            quant_type=cfg.quant_type,
+            s3_uri=ctx.publish(res.path, "quantized-model"),
+        )
+
+
+def train(args: dict) -> float:
+    """Run train; returns the final eval loss."""
+    from qlora_kfp.stages.train import run_train
+
+    overrides = args.get("config_overrides") or {}
+    configs.check_known(overrides, configs.TrainConfig.__dataclass_fields__, "config_overrides")
+    with stage("train", configs.TrainConfig, {**args, **overrides}) as (cfg, run, ctx):
+        res = run_train(
+            cfg,
+            args["quantized_model"].path,
+            args["dataset"].path,
+            args["adapter"].path,
+            checkpoint_uri=ctx.artifact_uri("train-checkpoints"),
+        )
+        run.history(
+            res.history,
+            ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "gpu_mem_gib"),
+        )
+        report(
+            run,
+            args.get("metrics"),
+            {f"final_{k}" if k in ("eval_loss",) else k: v for k, v in res.metrics.items()},
+        )
+        run.artifacts(res.path, "adapter")
+        png = Path(res.path) / "loss_curve.png"
+        run.artifact(str(png), "plots", parent=True)
+        if args.get("loss_curve") is not None:
+            Path(args["loss_curve"].path).write_text(html_with_image(png, "Training loss"))
+        mark(args["adapter"], s3_uri=ctx.publish(res.path, "adapter"))
+        return float(res.metrics["eval_loss"])
+
+
+def evaluate(args: dict) -> float:
+    """Run evaluate; returns the tuned model's eval loss."""
+    from qlora_kfp.stages.evaluate import run_evaluate
+
+    with stage("evaluate", configs.EvaluateConfig, args) as (cfg, run, ctx):
+        out = args["evaluation"].path
+        res = run_evaluate(
+            cfg, args["quantized_model"].path, args["adapter"].path, args["dataset"].path, out
+        )
+        report(run, args.get("metrics"), res.metrics)
+        run.artifacts(res.path, "evaluation")
+        run.artifact(str(Path(res.path) / "comparison.png"), "plots", parent=True)
+        run.table(res.samples, "sample_generations.json")
+        if args.get("report") is not None:
+            Path(args["report"].path).write_text((Path(res.path) / "report.html").read_text())
+        mark(args["evaluation"], s3_uri=ctx.publish(res.path, "evaluation"))
+        return float(res.metrics["tuned_eval_loss"])
+
+
+def merge(args: dict) -> None:
+    from qlora_kfp.stages.merge import run_merge
+
+    with stage("merge", configs.MergeConfig, args) as (cfg, run, ctx):
+        res = run_merge(cfg, args["adapter"].path, args["merged_model"].path)
+        report(run, args.get("metrics"), res.metrics)
+        mark(args["merged_model"], s3_uri=ctx.publish(res.path, "merged-model"))
+
+
+def register(args: dict) -> str:
+    """Register the merged model as a new version (alias challenger, champion if better)."""
+    from qlora_kfp.tracking import registry
+
+    with stage("register", configs.RegisterConfig, args) as (cfg, run, ctx):
+        if not (cfg.registered_model_name and run.run_id):
+            log.warning("registration skipped (no registered_model_name or tracking is off)")
+            return ""
+        model = args["merged_model"]
+        source = (model.metadata or {}).get("s3_uri", "")
+        if not source:  # no artifact store configured: the registry keeps its own copy
+            run.artifacts(model.path, "merged_model")
+            source = f"{runs.client().get_run(run.run_id).info.artifact_uri}/merged_model"
+        tags = {
+            "base_model": cfg.base_model,
+            "dataset_digest": args["dataset_digest"],
+            "kfp.run_id": args.get("kfp_run_id", ""),
+            "mlflow.parent_run": run.parent_run_id,
+        }
+        res = registry.register(
+            cfg.registered_model_name, source, run.run_id, tags, float(args["tuned_eval_loss"])
+        )
+        report(
+            run,
+            args.get("metrics"),
+            {"registered_version": int(res.version), "promoted_to_champion": int(res.promoted)},
+        )
+        run.tags(
+            {
+                "registered_model": f"{cfg.registered_model_name}/{res.version}",
+                "promotion": res.reason,
+            },
+            parent=True,
+        )
+        return res.version
