@@ -29,7 +29,10 @@ install: $(STAMP) ## Create .venv with the project and its test tools (CPU torch
 run: $(STAMP) ## Run the whole pipeline locally (kfp.local, tiny model, local MLflow)
 	$(BIN)/qlora-kfp run --workdir $(WORKDIR)
 
-compile: $(STAMP) ## Compile the pipelines to pipelines/compiled/*.yaml (REGISTRY, TAG)
+generate: $(STAMP) ## Regenerate the component modules and README's parameter table from the configs
+	$(BIN)/qlora-kfp generate
+
+compile: generate ## Compile the pipelines to pipelines/compiled/*.yaml (REGISTRY, TAG)
 	$(BIN)/qlora-kfp compile --output_dir pipelines/compiled
 
 install-browser: ## Install Debian's chromium for the MLflow UI browser test (root, apt)
@@ -49,12 +52,12 @@ lint: $(STAMP) ## Ruff lint and format check
 format: $(STAMP) ## Ruff format and autofix
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
+GIT_COMMIT = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
-	for flavour in cpu gpu; do \
-	  docker build -f images/Dockerfile.$$flavour --build-arg GIT_COMMIT=$$(git rev-parse HEAD) \
-	    -t $(REGISTRY)/qlora-kfp-$$flavour:$(TAG) . && \
-	  docker push $(REGISTRY)/qlora-kfp-$$flavour:$(TAG) || exit 1; \
-	done  # builds images/Dockerfile.cpu -> qlora-kfp-cpu, images/Dockerfile.gpu -> qlora-kfp-gpu
+	docker build -f images/Dockerfile.cpu --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(REGISTRY)/qlora-kfp-cpu:$(TAG) .
+	docker push $(REGISTRY)/qlora-kfp-cpu:$(TAG)
+	docker build -f images/Dockerfile.gpu --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(REGISTRY)/qlora-kfp-gpu:$(TAG) .
+	docker push $(REGISTRY)/qlora-kfp-gpu:$(TAG)
 
 manifests: $(STAMP) ## Render the example overlay (kubectl kustomize) to stdout
 	kubectl kustomize manifests/overlays/example
@@ -96,6 +99,6 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0
 clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
-.PHONY: help install run compile test test-fast lint format mlflow-ui clean upload run-remote \
+.PHONY: help install run generate compile test test-fast lint format mlflow-ui clean upload run-remote \
 	schedule images manifests install-browser bench bench-mfu bench-stages bench-pipeline \
 	device-wheels

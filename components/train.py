@@ -65,7 +65,7 @@ def train(
         gradient_accumulation_steps: Micro-batches per optimizer step.
         gradient_checkpointing: Recompute activations in backward to save memory.
         gradient_checkpointing_layers: With gradient_checkpointing: how many decoder layers, counted from the first, recompute their activations in backward (-1: all). The others keep theirs: no recompute (faster) for more memory; preflight's estimate counts it.
-        optimizer: Optimizer (transformers name). auto: adamw_torch_fused on a GPU (measured faster than paged_adamw_32bit, same 32-bit AdamW), adamw_torch on the CPU.
+        optimizer: Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the CPU. Choose paged_adamw_32bit when the optimizer state must page to host memory under memory spikes.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping norm (QLoRA paper: 0.3).
         eval_steps: Evaluate every this many steps (0: only at the end).
@@ -73,10 +73,10 @@ def train(
         length_grouping: Batch rows of similar length together (less padding, same data per epoch).
         packing: How rows become batches: padding_free (a micro-batch's rows end to end in one row, each document attending only to itself: no compute on padding, same loss as off), bins (rows packed into bins of pack_length tokens; batch_size counts bins; fewer, fuller steps) or off (pad each micro-batch to its longest row).
         pack_length: Tokens per bin when packing=bins (0: the longest training row).
-        fp32_upcast: Cast the 16-bit weights (embeddings, norms, head) to float32 before training, as peft's prepare_model_for_kbit_training does: slower and 4 GiB more on 8B shapes. Off: they stay in compute_dtype (LoRA weights are float32 either way).
+        fp32_upcast: Cast the 16-bit weights (embeddings, norms, head) to float32 before training, as peft's prepare_model_for_kbit_training does: slower and more memory; turn on only to reproduce peft's numerics. Off: they stay in compute_dtype (LoRA weights are float32 either way).
         fused_kernels: Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without the vocab-sized logits): auto (on a GPU when liger-kernel is installed), on or off.
-        fused_lora: Compute each LoRA update as one addmm (scaling and add inside the matmul) instead of peft's clone, scale and add: the same sum with one rounding, fewer passes over activations (qlora_kfp/lora_fused.py).
-        attn_implementation: Attention kernel: varlen (flash attention per document of a packed row; CUDA), sdpa, eager, or auto (varlen on a GPU when packing is on, else sdpa). flex_attention was measured 9x slower (BENCHMARKS.md).
+        fused_lora: Compute each LoRA update as one addmm (scaling and add inside the matmul) instead of peft's clone, scale and add: the same sum with one rounding, fewer passes over activations. Turn off only to compare with peft's own forward.
+        attn_implementation: Attention kernel: varlen (flash attention per document of a packed row; CUDA), sdpa, eager, or auto (varlen on a GPU when packing is on, else sdpa). Set sdpa or eager only to compare numerics.
         checkpoint_steps: Save a resumable checkpoint every this many steps (0: never). A restarted task resumes from the newest complete one (local, or the S3 mirror).
         compute_dtype: Dtype of 4-bit matmuls: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.
         seed: Random seed for the split, LoRA init and data order.

@@ -147,8 +147,9 @@ class TrainConfig:
         default=-1,
     )
     optimizer: str = _help(
-        "Optimizer (transformers name). auto: adamw_torch_fused on a GPU (measured faster than "
-        "paged_adamw_32bit, same 32-bit AdamW), adamw_torch on the CPU.",
+        "Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the "
+        "CPU. Choose paged_adamw_32bit when the optimizer state must page to host memory "
+        "under memory spikes.",
         default="auto",
     )
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
@@ -171,8 +172,9 @@ class TrainConfig:
     )
     fp32_upcast: bool = _help(
         "Cast the 16-bit weights (embeddings, norms, head) to float32 before training, as "
-        "peft's prepare_model_for_kbit_training does: slower and 4 GiB more on 8B shapes. "
-        "Off: they stay in compute_dtype (LoRA weights are float32 either way).",
+        "peft's prepare_model_for_kbit_training does: slower and more memory; turn on only "
+        "to reproduce peft's numerics. Off: they stay in compute_dtype (LoRA weights are "
+        "float32 either way).",
         default=False,
     )
     fused_kernels: str = _help(
@@ -183,13 +185,13 @@ class TrainConfig:
     fused_lora: bool = _help(
         "Compute each LoRA update as one addmm (scaling and add inside the matmul) instead of "
         "peft's clone, scale and add: the same sum with one rounding, fewer passes over "
-        "activations (qlora_kfp/lora_fused.py).",
+        "activations. Turn off only to compare with peft's own forward.",
         default=True,
     )
     attn_implementation: str = _help(
         "Attention kernel: varlen (flash attention per document of a packed row; CUDA), sdpa, "
-        "eager, or auto (varlen on a GPU when packing is on, else sdpa). flex_attention was "
-        "measured 9x slower (BENCHMARKS.md).",
+        "eager, or auto (varlen on a GPU when packing is on, else sdpa). Set sdpa or eager "
+        "only to compare numerics.",
         default="auto",
     )
     checkpoint_steps: int = _help(

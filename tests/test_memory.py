@@ -146,16 +146,18 @@ def test_checkpointing_some_layers_by_count(layers, same_as):
     assert est.total_gib == ends[same_as]
 
 
-def test_each_layer_that_keeps_its_activations_adds_the_same_memory():
+def test_each_layer_that_keeps_its_activations_adds_what_the_h100_measured():
+    """BENCHMARKS.md (allocated, 4 bins of 2,048): 0 checkpointed layers 61.43 GiB, 12 of 32
+    checkpointed 41.68 GiB, so each layer that keeps its activations costs 1.646 GiB."""
     cfg = LlamaConfig(**LLAMA_8B)
+    kw = dict(attention="varlen", packing="bins")
     totals = [
-        memory.estimate(cfg, 2048, 4, 64, gradient_checkpointing_layers=n).total_gib
+        memory.estimate(cfg, 2048, 4, 64, gradient_checkpointing_layers=n, **kw).total_gib
         for n in (30, 20, 10)
     ]
-    # Ten fewer checkpointed layers: ten layers' kept activations minus ten layers' inputs.
-    per_layer = 4 * 2048 * (memory.KEPT_ACT_BYTES * (4096 + 14336) - 2 * 4096) / memory.GIB
-    assert totals[1] - totals[0] == pytest.approx(10 * per_layer, abs=0.02)
-    assert totals[2] - totals[1] == pytest.approx(10 * per_layer, abs=0.02)
+    measured_per_layer = (61.43 - 41.68) / 12
+    assert (totals[1] - totals[0]) / 10 == pytest.approx(measured_per_layer, rel=0.1)
+    assert totals[2] - totals[1] == pytest.approx(totals[1] - totals[0], abs=0.02)
 
 
 @pytest.mark.parametrize(

@@ -223,8 +223,8 @@ def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monk
 
     real = train_mod._callback
 
-    def poisoned(history, tokens, diverged):  # a real run whose 2nd logged loss is NaN
-        cb = real(history, tokens, diverged)
+    def poisoned(history, tokens, diverged, on_log=None):  # a run whose 2nd loss is NaN
+        cb = real(history, tokens, diverged, on_log)
         on_log = cb.on_log
 
         def patched(args, state, control, logs=None, **kw):

@@ -76,13 +76,8 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
     # The cost table: pipeline order, "-" where a stage used no GPU.
     assert "| quantize | 30.87 | - | 2.96 |\n| train | 57.78 | 0.70 | 1.77 |" in text
     assert (error in text) if error else "Failure" not in text
-    assert received == [
-        {
-            "text": report.summary(
-                state, "run-42", {"base_eval_loss": 6.5, "tuned_eval_loss": 0.5}, error
-            )
-        }
-    ]
+    line = f"qlora-finetune run-42: {state} | eval loss 6.5000 -> 0.5000"
+    assert received == [{"text": f"{line} | {error}" if error else line}]
     run = runs.client().get_run(parent)
     assert run.info.status == ("FINISHED" if state == "SUCCEEDED" else "FAILED")
 

@@ -29,19 +29,48 @@ STAGES = {
 }
 
 
-def run_cli(args: list[str], env: dict, workdir: Path) -> subprocess.CompletedProcess:
+def cli_command(args: list[str], env: dict, workdir: Path) -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "QLORA_KFP_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "qlora_kfp.app.cli", "run", "--workdir", str(workdir), *args],
+    return dict(
+        args=[sys.executable, "-m", "qlora_kfp.app.cli", "run", "--workdir", str(workdir), *args],
         env={**base, **env},
-        capture_output=True,
         text=True,
-        timeout=900,
     )
+
+
+def run_cli(args: list[str], env: dict, workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(**cli_command(args, env, workdir), capture_output=True, timeout=900)
+
+
+def run_cli_watching_training(args, env, workdir, tracking_uri) -> subprocess.CompletedProcess:
+    """Run the CLI and poll the tracking server while it runs: record how many loss points
+    the train stage's run had while it was still RUNNING (LIVE)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    watcher = MlflowClient(tracking_uri=tracking_uri)
+    with (workdir / "out.txt").open("w+") as out, (workdir / "err.txt").open("w+") as err:
+        proc = subprocess.Popen(**cli_command(args, env, workdir), stdout=out, stderr=err)
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            exp = watcher.get_experiment_by_name("compare")
+            if exp is not None:
+                for r in watcher.search_runs(
+                    [exp.experiment_id], filter_string="tags.stage = 'train'"
+                ):
+                    if r.info.status == "RUNNING":
+                        points = len(watcher.get_metric_history(r.info.run_id, "loss"))
+                        LIVE.append(points)
+            time.sleep(0.5)
+        proc.wait(timeout=60)
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 SECRET = "s3cr3t-Zq81x-do-not-log"  # moto accepts any key; this one must never leak
 LOGS: list[str] = []
+LIVE: list[int] = []  # loss points the train run had, each time it was seen RUNNING
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +90,11 @@ def two_runs(services, tmp_path_factory):
         ("unchanged-data", []),
     ):
         workdir = tmp_path_factory.mktemp(name)
-        proc = run_cli(["--run_name", name, "--mlflow_experiment", "compare", *extra], env, workdir)
+        args = ["--run_name", name, "--mlflow_experiment", "compare", *extra]
+        if name == "rank-16":
+            proc = run_cli_watching_training(args, env, workdir, services.tracking_uri)
+        else:
+            proc = run_cli(args, env, workdir)
         assert proc.returncode == 0, proc.stderr[-4000:]
         LOGS.extend([proc.stdout, proc.stderr])
         out.append(json.loads(proc.stdout[proc.stdout.rindex("{") :])["run_dir"])
@@ -92,6 +125,38 @@ def test_one_parent_per_pipeline_run_with_a_nested_run_per_stage(two_runs, clien
         assert {k.data.tags["stage"] for k in kids} == STAGES
         assert all(k.info.status == "FINISHED" for k in kids)
         assert p.data.tags["git.commit"] and p.data.tags["kfp.run_id"]
+
+
+def test_training_metrics_are_visible_while_the_train_stage_runs(two_runs):
+    """Polled mid-training: the train run was RUNNING and already had a loss history."""
+    assert LIVE, "the train stage's run was never seen RUNNING"
+    assert max(LIVE) >= 2, LIVE
+
+
+def test_runs_say_who_and_what_made_them_and_open_in_the_training_view(two_runs, client):
+    exp = client.get_experiment_by_name("compare")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs, tops = parents(client)
+    for r in runs:
+        tags = r.data.tags
+        assert tags["mlflow.source.type"] == "JOB"
+        assert tags["mlflow.source.name"].startswith("qlora-kfp:")
+        assert tags["mlflow.user"]
+    train = next(r for r in runs if r.data.tags.get("stage") == "train")
+    assert train.data.tags["mlflow.source.name"] == "qlora-kfp:train"
+    # system metrics sampled while training ran (the MLflow UI's system metrics tab)
+    assert any(k.startswith("system/cpu_utilization") for k in train.data.metrics), sorted(
+        train.data.metrics
+    )
+
+
+def test_make_run_prints_one_line_per_task_and_keeps_the_full_log(two_runs):
+    text = LOGS[0]  # stdout of the first run
+    assert len(text.splitlines()) < 90, text[-3000:]
+    assert "prepare-dataset" in text and " done in " in text and "step " in text
+    assert '"executorOutput"' not in text and "Streamed logs" not in text
+    log = Path(two_runs[0]) / "runner.log"
+    assert log.is_file() and "Streamed logs" in log.read_text()
 
 
 def test_runs_are_comparable_side_by_side(two_runs, client):

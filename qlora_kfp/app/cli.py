@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
         add_config_flags(p, cls)
 
+    p = sub.add_parser(
+        "generate", help="regenerate the component modules and README table from the configs"
+    )
+    p.add_argument("--root", default=".", help="project root (where README.md is)")
+
     p = sub.add_parser("compile", help="compile every pipeline to YAML")
     p.add_argument("--output_dir", default="pipelines/compiled")
 
@@ -115,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded demo: tiny model, sample data, local MLflow)",
     )
     p.add_argument("--workdir", default="runs/local", help="where outputs and mlflow.db go")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the local runner's whole log (always kept as runner.log in the run folder)",
+    )
     p.epilog = (
         "Without --base_model and --data_source, runs the embedded default: a tiny "
         "random Llama and an antonym dataset built on the spot."
@@ -208,18 +218,21 @@ def _run_local(args: argparse.Namespace) -> dict:
     from qlora_kfp.app import local_run
     from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
 
-    given = {k: v for k, v in vars(args).items() if k in pipeline_inputs(qlora_finetune)}
+    inputs = pipeline_inputs(qlora_finetune)
+    given = {k: v for k, v in vars(args).items() if k in inputs}
     if args.params_file:
-        given = {**json.loads(Path(args.params_file).read_text()), **given}
+        from_file = json.loads(Path(args.params_file).read_text())
+        configs.check_known(from_file, inputs, args.params_file)
+        given = {**from_file, **given}
     from qlora_kfp import preflight
 
     preflight.check_services()  # unreachable MLflow or a bad bucket: fail before any task
     if not given.get("base_model") or not given.get("data_source"):
         # Without a model and data: the embedded default; explicit flags still override.
-        result = local_run.demo(args.workdir, given)
+        result = local_run.demo(args.workdir, given, args.verbose)
     else:
         local_run.local_tracking_env(Path(args.workdir))
-        run_dir = local_run.run_pipeline(qlora_finetune, given, args.workdir)
+        run_dir = local_run.run_pipeline(qlora_finetune, given, args.workdir, args.verbose)
         result = {"run_dir": str(run_dir), "tasks": local_run.collect(run_dir)}
     from qlora_kfp.app.summary import print_summary
 
@@ -254,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging()
             out = _run_stage(args.command, args)
+        elif args.command == "generate":
+            from qlora_kfp.app import generate
+
+            out = {"changed": generate.write(args.root)}
         elif args.command == "compile":
             from qlora_kfp.app.compile import compile_all
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from qlora_kfp.app.demo import make_demo_assets
+from qlora_kfp.app.progress import run_quietly
 
 # Small enough for a 2-core CPU in a few minutes, large enough that the adapter learns the task.
 DEMO_PARAMS = dict(
@@ -41,8 +42,12 @@ def local_tracking_env(workdir: Path) -> None:
         )
 
 
-def run_pipeline(pipeline, params: dict, workdir: str | Path) -> Path:
-    """Run ``pipeline(**params)`` through ``kfp.local``; returns the run's output folder."""
+def run_pipeline(pipeline, params: dict, workdir: str | Path, verbose: bool = False) -> Path:
+    """Run ``pipeline(**params)`` through ``kfp.local``; returns the run's output folder.
+
+    The terminal shows one line per task (``verbose``: the runner's whole log); the whole log
+    is kept as ``runner.log`` in the run folder.
+    """
     from kfp import local
 
     workdir = Path(workdir).resolve()
@@ -52,9 +57,16 @@ def run_pipeline(pipeline, params: dict, workdir: str | Path) -> Path:
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
     )
-    pipeline(**params)
-    new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
-    return new[-1] if new else root
+    log = workdir / f"runner-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    try:
+        run_quietly(lambda: pipeline(**params), log, verbose)
+    finally:
+        new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+        run_dir = new[-1] if new else root
+        if run_dir != root and log.exists():
+            log = log.rename(run_dir / "runner.log")
+        print(f"  full log: {log}")
+    return run_dir
 
 
 def collect(run_dir: Path) -> dict:
@@ -71,7 +83,7 @@ def collect(run_dir: Path) -> dict:
     return out
 
 
-def demo(workdir: str | Path, overrides: dict | None = None) -> dict:
+def demo(workdir: str | Path, overrides: dict | None = None, verbose: bool = False) -> dict:
     """The embedded default: build the tiny model and data, run qlora_finetune, summarize."""
     from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
 
@@ -86,7 +98,7 @@ def demo(workdir: str | Path, overrides: dict | None = None) -> dict:
         **(overrides or {}),
     }
     t0 = time.perf_counter()
-    run_dir = run_pipeline(qlora_finetune, params, workdir)
+    run_dir = run_pipeline(qlora_finetune, params, workdir, verbose)
     return {
         "run_dir": str(run_dir),
         "params": params,

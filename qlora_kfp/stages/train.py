@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.storage.manifest import atomic_folder, verify
+from qlora_kfp.tracking.live import Progress
 from qlora_kfp.training import attention, batching, checkpoints, lora_fused, modeling
 
 log = logging.getLogger(__name__)
@@ -147,16 +150,23 @@ def _counting_trainer(trainer_cls, tokens_seen: list[int]):
     return CountingTrainer
 
 
-def _callback(history: list[dict], tokens_seen: list[int], diverged: list[str]):
+def _callback(
+    history: list[dict],
+    tokens_seen: list[int],
+    diverged: list[str],
+    on_log: Callable[[dict], None] | None = None,
+):
     import torch
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
-        """Keeps every logged row with its step, tokens/s and GPU memory."""
+        """Keeps every logged row with its step, tokens/s and GPU memory, hands it to
+        ``on_log`` at once and logs a progress line."""
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.tok0 = time.perf_counter(), 0
             self.start = self.t0
+            self.progress = Progress()
 
         def on_log(self, args, state, control, logs=None, **kw):
             row = {
@@ -172,6 +182,9 @@ def _callback(history: list[dict], tokens_seen: list[int], diverged: list[str]):
             if torch.cuda.is_available():
                 row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             history.append(row)
+            self.progress(row, state.max_steps)
+            if on_log is not None:
+                on_log(row)
             bad = [
                 k
                 for k in ("loss", "grad_norm", "eval_loss")
@@ -192,6 +205,7 @@ def run_train(
     output_dir: str,
     checkpoint_dir: str = "",
     checkpoint_uri: str = "",
+    on_log: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the 4-bit model in ``model_dir`` and save it to ``output_dir``.
 
@@ -205,6 +219,8 @@ def run_train(
             a rerun resumes from the newest complete one.
         checkpoint_uri: Optional ``s3://`` mirror of the checkpoints, for a restart on
             another machine (a KFP retry after preemption).
+        on_log: Called with each logged row (``step``, ``loss``, ``learning_rate``, ...) as
+            training logs it, e.g. to stream it to a tracking server.
 
     Returns:
         The folder, final metrics and the per-step history.
@@ -280,6 +296,8 @@ def run_train(
             ),
             use_liger_kernel=use_fused_kernels(cfg.fused_kernels),
             dataloader_num_workers=0,
+            # A pod log is no terminal: progress comes as one line per logging step instead.
+            disable_tqdm=not sys.stderr.isatty(),
         )
         trainer = _counting_trainer(Trainer, tokens_seen)(
             model=model,
@@ -288,7 +306,7 @@ def run_train(
             eval_dataset=eval_ds,
             data_collator=collate,
             callbacks=[
-                _callback(history, tokens_seen, diverged),
+                _callback(history, tokens_seen, diverged, on_log),
                 checkpoints.callback(ckpt_root, checkpoint_uri),
             ],
         )

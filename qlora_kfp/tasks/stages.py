@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_kfp import configs
 from qlora_kfp.tasks.context import html_with_image, mark, report, stage
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import live, runs
 
 log = logging.getLogger("qlora_kfp")
 
@@ -73,17 +73,15 @@ def train(args: dict) -> float:
     overrides = args.get("config_overrides") or {}
     configs.check_known(overrides, configs.TrainConfig.__dataclass_fields__, "config_overrides")
     with stage("train", configs.TrainConfig, {**args, **overrides}) as (cfg, run, ctx):
-        res = run_train(
-            cfg,
-            args["quantized_model"].path,
-            args["dataset"].path,
-            args["adapter"].path,
-            checkpoint_uri=ctx.artifact_uri("train-checkpoints"),
-        )
-        run.history(
-            res.history,
-            ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "gpu_mem_gib"),
-        )
+        with live.system_metrics(run.run_id):
+            res = run_train(
+                cfg,
+                args["quantized_model"].path,
+                args["dataset"].path,
+                args["adapter"].path,
+                checkpoint_uri=ctx.artifact_uri("train-checkpoints"),
+                on_log=live.metric_streamer(run),  # MLflow shows each step as it happens
+            )
         report(
             run,
             args.get("metrics"),

@@ -20,6 +20,10 @@ from qlora_kfp.errors import TrackingError
 from qlora_kfp.version import PIPELINE_VERSION, git_commit
 
 log = logging.getLogger(__name__)
+# MLflow 3's UI opens an experiment in its model-training view, not the GenAI one, by this tag
+# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def enabled() -> bool:
@@ -49,6 +53,24 @@ def check_server(timeout_s: float = 10.0) -> None:
             ) from None
 
 
+def provenance(task: str) -> dict[str, str]:
+    """Who and what created a run: MLflow's own source, user and git tags (the UI's "Source"
+    and "User" columns), with the source named after the KFP task."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags()
+    commit = git_commit()
+    tags.update(
+        {
+            "mlflow.source.type": "JOB",
+            "mlflow.source.name": f"qlora-kfp:{task}",
+        }
+    )
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
     """Create the parent run; returns its id ("" when tracking is off)."""
     if not enabled():
@@ -63,10 +85,13 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
             # Local stores: keep artifacts beside the database, not in the current folder.
             mlflow.create_experiment(experiment, artifact_location=root)
         exp = mlflow.set_experiment(experiment)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         run = client().create_run(
             exp.experiment_id,
             run_name=run_name or None,
             tags={
+                **provenance("pipeline"),
                 "pipeline.version": PIPELINE_VERSION,
                 "git.commit": git_commit(),
                 "qlora.role": "pipeline",
@@ -159,11 +184,6 @@ class StageRun:
             for i in range(0, len(ms), 900):  # the REST API takes 1000 metrics per batch
                 client().log_batch(rid, metrics=ms[i : i + 900])
 
-    def history(self, rows: list[dict], keys: tuple[str, ...]) -> None:
-        """Per-step metrics (loss, learning rate, ...) as MLflow metric histories."""
-        for row in rows:
-            self.metrics({k: row[k] for k in keys if k in row}, step=int(row["step"]))
-
     def artifacts(self, folder: str, path: str | None = None) -> None:
         if self.run_id:
             client().log_artifacts(self.run_id, folder, artifact_path=path)
@@ -210,6 +230,7 @@ def stage_run(parent_run_id: str, stage: str, kfp_run_id: str = "") -> Iterator[
         parent.info.experiment_id,
         run_name=stage,
         tags={
+            **provenance(stage),
             "mlflow.parentRunId": parent_run_id,
             "stage": stage,
             **{
