@@ -9,6 +9,7 @@ Checks live in ``__post_init__`` and say what to do, so bad values fail before a
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,7 +246,19 @@ class TrainConfig:
             self.gradient_checkpointing_layers,
             "use -1 (every layer) or a count of layers from 0",
         )
-        _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "use > 0")
+        _check(0 < self.max_grad_norm < math.inf, "max_grad_norm", self.max_grad_norm, "use > 0")
+        _check(
+            0 <= self.weight_decay <= 1,
+            "weight_decay",
+            self.weight_decay,
+            "use a value from 0 to 1, e.g. 0.01 (larger values drive the weights to NaN)",
+        )
+        _check(
+            self.num_epochs < math.inf,
+            "num_epochs",
+            self.num_epochs,
+            "use a finite number of passes, or max_steps",
+        )
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "use 0 or more")
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "use 1 or more")
         _one_of("compute_dtype", self.compute_dtype, DTYPES)

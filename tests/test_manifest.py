@@ -57,3 +57,62 @@ def test_wrong_kind_is_rejected(tmp_path):
         pass
     with pytest.raises(ArtifactError, match="is a 'adapter' artifact, expected 'dataset'"):
         verify(tmp_path / "art", "dataset")
+
+
+def _user_folder(tmp_path):
+    src = tmp_path / "mydata"
+    src.mkdir()
+    (src / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    return src
+
+
+@pytest.mark.parametrize(
+    "where,message",
+    [
+        pytest.param("user-folder", "holds files that are not an artifact", id="non-empty-folder"),
+        pytest.param("other-kind", "holds a 'adapter' artifact", id="another-stages-artifact"),
+        pytest.param("the-input", "it holds the input", id="the-input-file"),
+        pytest.param("parent-of-input", "it holds the input", id="a-folder-above-the-input"),
+        pytest.param("cwd", "over the working folder", id="dot"),
+        pytest.param("root", "over the root folder", id="root"),
+        pytest.param("home", "over your home folder", id="home"),
+        pytest.param("a-file", "is a file", id="a-file"),
+    ],
+)
+def test_a_stage_never_overwrites_what_is_not_its_own(tmp_path, monkeypatch, where, message):
+    from qlora_kfp.storage.manifest import atomic_folder
+
+    src = _user_folder(tmp_path)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path if where == "cwd" else tmp_path / "home" / "elsewhere")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    other = tmp_path / "adapter"
+    with atomic_folder(other, "adapter") as tmp:
+        (tmp / "w").write_text("x")
+    target = {
+        "user-folder": src,
+        "other-kind": other,
+        "the-input": src / "train.jsonl",
+        "parent-of-input": tmp_path,
+        "cwd": ".",
+        "root": "/",
+        "home": "~",
+        "a-file": src / "train.jsonl",
+    }[where]
+    inputs = [str(src / "train.jsonl")] if where.endswith("input") else []
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(ArtifactError, match=message), atomic_folder(target, "dataset", inputs):
+        pytest.fail("the body must not run")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing lost, nothing left
+
+
+def test_a_stage_replaces_its_own_earlier_artifact_and_an_empty_folder(tmp_path):
+    from qlora_kfp.storage.manifest import atomic_folder, verify
+
+    empty = tmp_path / "kfp-output"
+    empty.mkdir()  # KFP pre-creates output folders
+    for _ in range(2):  # the second run replaces the first one's artifact
+        with atomic_folder(empty, "dataset") as tmp:
+            (tmp / "train.parquet").write_text("rows")
+    assert verify(empty, "dataset")["files"].keys() == {"train.parquet"}

@@ -267,3 +267,67 @@ def test_prepare_model_freezes_the_base_and_casts_only_when_asked(
     assert model.model.norm.weight.dtype == embed_dtype
     assert not any(p.requires_grad for p in model.parameters())
     assert model.is_gradient_checkpointing
+
+
+def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatch):
+    """Finite losses, NaN weights (what an extreme weight decay does): no adapter, an error."""
+    import torch
+
+    from qlora_kfp.errors import TrainingDivergedError
+    from qlora_kfp.stages import train as train_mod
+
+    real = train_mod._callback
+
+    def poisoned(history, tokens, diverged, on_log=None):
+        cb = real(history, tokens, diverged, on_log)
+
+        def on_train_end(args, state, control, model=None, **kw):
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+        cb.on_train_end = on_train_end
+        return cb
+
+    monkeypatch.setattr(train_mod, "_callback", poisoned)
+    with pytest.raises(TrainingDivergedError, match="adapter weights are NaN or Inf"):
+        train_mod.run_train(
+            TrainConfig(max_steps=2, logging_steps=1, checkpoint_steps=0),
+            quantized.path,
+            prepared.path,
+            str(tmp_path / "a"),
+        )
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("rich", id="english"),
+        pytest.param("富有的人", id="chinese"),
+        pytest.param("غني جدا", id="arabic"),
+        pytest.param("богатый человек", id="russian"),
+        pytest.param("お金持ち", id="japanese"),
+        pytest.param("부자 입니다", id="korean"),
+    ],
+)
+def test_identical_answers_score_perfectly_in_any_script(text):
+    from qlora_kfp.stages.evaluate import normalize, rouge_l
+
+    assert rouge_l(text, text) == 1.0
+    assert rouge_l(text, "something else entirely") < 0.5
+    assert normalize(text + ".") == normalize(text)
+
+
+@pytest.mark.parametrize(
+    "generated,answer",
+    [
+        pytest.param("rich<|im_end|>", "rich", id="chatml-marker-as-text"),
+        pytest.param("rich<|eot_id|>\n<|im_start|>user", "rich", id="llama3-marker-and-more"),
+        pytest.param(" loud </s>", "loud", id="eos-as-text"),
+        pytest.param("cold", "cold", id="no-marker"),
+    ],
+)
+def test_answers_are_cut_at_the_end_of_turn_marker(generated, answer):
+    from qlora_kfp.data.templates import cut_at_end_marker
+
+    assert cut_at_end_marker(generated) == answer

@@ -15,6 +15,19 @@ ALPACA = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
 NAMED = {"chatml": CHATML, "alpaca": ALPACA}
+# Strings that end an assistant turn in common templates (ChatML, Llama 3, Gemma, Mistral, GPT
+# style). A tokenizer that lacks one as a special token generates it as plain text, which
+# skip_special_tokens cannot remove: generation stops at it and the answer is cut before it.
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<|endoftext|>", "<|end|>")
+
+
+def cut_at_end_marker(text: str) -> str:
+    """The answer before the first end-of-turn marker, stripped."""
+    for marker in END_MARKERS:
+        text = text.split(marker, 1)[0]
+    return text.strip()
+
+
 IGNORE = -100
 
 

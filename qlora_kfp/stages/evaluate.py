@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_kfp.configs import EvaluateConfig
-from qlora_kfp.storage.manifest import atomic_folder, verify
+from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.training import modeling
 
 log = logging.getLogger(__name__)
@@ -28,17 +28,32 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip(".,;:!?\"'").lower()
 
 
+class AnyScriptTokenizer:
+    """Words of any script for ROUGE: rouge_score's default keeps only ``[a-z0-9]`` and scores
+    identical Chinese or Arabic answers 0. Scripts written without spaces (Han, kana, Hangul)
+    count one token per character."""
+
+    CHAR_SCRIPTS = re.compile(
+        r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
+    )
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(rf"{self.CHAR_SCRIPTS.pattern}|[^\W_]+", text.casefold())
+
+
 def rouge_l(reference: str, prediction: str) -> float:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=AnyScriptTokenizer())
+    return scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy answer to a rendered prompt, cut at EOS, without special tokens."""
+    """Greedy answer to a rendered prompt, cut at EOS or an end-of-turn marker, without
+    special tokens."""
     import torch
 
-    from qlora_kfp.data.templates import prompt_ids
+    from qlora_kfp.data.templates import END_MARKERS, cut_at_end_marker, prompt_ids
 
     dev = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=dev)
@@ -50,8 +65,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            stop_strings=list(END_MARKERS),
+            tokenizer=tokenizer,
         )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return cut_at_end_marker(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
 def score(samples: list[dict], who: str) -> dict:
@@ -97,6 +114,9 @@ def run_evaluate(
     Returns:
         Metrics with ``base_``/``tuned_`` prefixes and the sample generations.
     """
+    check_output(
+        output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir)
+    )  # before any long work
     from peft import PeftModel
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -132,7 +152,7 @@ def run_evaluate(
     metrics.update(score(samples, "tuned"))
     metrics["generations"] = n
     metrics["eval_loss_delta"] = round(metrics["tuned_eval_loss"] - metrics["base_eval_loss"], 6)
-    with atomic_folder(output_dir, "evaluation") as tmp:
+    with atomic_folder(output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir)) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         (tmp / "report.html").write_text(samples_html(samples, metrics))

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from qlora_kfp.configs import MergeConfig
 from qlora_kfp.errors import VerificationError
 from qlora_kfp.storage import sources
-from qlora_kfp.storage.manifest import atomic_folder, folder_bytes, verify
+from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes, verify
 from qlora_kfp.training import modeling
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
     Raises:
         VerificationError: when the merged logits differ by more than the tolerance.
     """
+    check_output(output_dir, "merged-model", (cfg.base_model, adapter_dir))  # before any long work
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -72,7 +73,7 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
             f"{cfg.merge_tolerance}); the merged model was not saved"
         )
     merged = merged.to(getattr(torch, cfg.merge_dtype))
-    with atomic_folder(output_dir, "merged-model") as tmp:
+    with atomic_folder(output_dir, "merged-model", (cfg.base_model, adapter_dir)) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge.json").write_text(json.dumps({"config": asdict(cfg), **metrics}, indent=1))

@@ -12,7 +12,7 @@ from pathlib import Path
 from qlora_kfp.configs import PrepareConfig
 from qlora_kfp.data import readers, schema, templates
 from qlora_kfp.errors import DataError
-from qlora_kfp.storage.manifest import atomic_folder
+from qlora_kfp.storage.manifest import atomic_folder, check_output
 
 log = logging.getLogger(__name__)
 COLUMNS = ("input_ids", "labels", "prompt", "reference")
@@ -111,6 +111,7 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     Returns:
         The folder, the statistics (also logged as KFP/MLflow metrics) and a content digest.
     """
+    check_output(output_dir, "dataset", (cfg.data_source, cfg.base_model))  # before any long work
     import datasets
 
     from qlora_kfp.storage.sources import load_tokenizer
@@ -127,7 +128,7 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     )
     stats["label_tokens"] = sum(sum(x != templates.IGNORE for x in r.labels) for r in rows)
     log.info("prepared %s", stats)
-    with atomic_folder(output_dir, "dataset") as tmp:
+    with atomic_folder(output_dir, "dataset", (cfg.data_source, cfg.base_model)) as tmp:
         for name, part in (("train", train), ("eval", evals)):
             cols = {c: [getattr(r, c) for r in part] for c in COLUMNS}
             datasets.Dataset.from_dict(cols).to_parquet(str(tmp / f"{name}.parquet"))

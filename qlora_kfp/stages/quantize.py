@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import QuantizeConfig
 from qlora_kfp.storage import sources
-from qlora_kfp.storage.manifest import atomic_folder, folder_bytes
+from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
 from qlora_kfp.training import modeling
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ def run_quantize(
     Returns:
         The folder and metrics: sizes, compression ratio, dequantization error, perplexities.
     """
+    check_output(
+        output_dir, "quantized-model", (cfg.base_model, dataset_dir or "")
+    )  # before any long work
     import torch
 
     from qlora_kfp.stages.prepare import load_split
@@ -92,7 +95,7 @@ def run_quantize(
             eval_perplexity_4bit=ppl4["perplexity"],
         )
     del model16
-    with atomic_folder(output_dir, "quantized-model") as tmp:
+    with atomic_folder(output_dir, "quantized-model", (cfg.base_model, dataset_dir or "")) as tmp:
         model4.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "quantize.json").write_text(json.dumps({"config": asdict(cfg)}, indent=1))

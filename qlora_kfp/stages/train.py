@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
-from qlora_kfp.storage.manifest import atomic_folder, verify
+from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.tracking.live import Progress
 from qlora_kfp.training import attention, batching, checkpoints, lora_fused, modeling
 
@@ -134,6 +134,21 @@ def resolve_optimizer(name: str) -> str:
     return "adamw_torch_fused" if modeling.device() == "cuda" else "adamw_torch"
 
 
+def check_finite_adapter(model) -> None:
+    """Fail when a trained LoRA weight is NaN or Inf (losses can look finite while weights
+    are not, e.g. under an extreme weight decay)."""
+    import torch
+
+    bad = [
+        n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
+    ]
+    if bad:
+        raise TrainingDivergedError(
+            f"training diverged: {len(bad)} adapter weights are NaN or Inf (first: {bad[0]}); "
+            "no adapter was written. Lower learning_rate or weight_decay"
+        )
+
+
 def _counting_trainer(trainer_cls, tokens_seen: list[int]):
     """A Trainer that adds up the real tokens of the batches it trains on (and drops the key
     before the model sees it)."""
@@ -225,6 +240,7 @@ def run_train(
     Returns:
         The folder, final metrics and the per-step history.
     """
+    check_output(output_dir, "adapter", (model_dir, dataset_dir))  # before any long work
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -260,7 +276,7 @@ def run_train(
     resume = (
         checkpoints.find_resume_point(ckpt_root, checkpoint_uri) if cfg.checkpoint_steps else None
     )
-    with atomic_folder(output_dir, "adapter") as tmp:
+    with atomic_folder(output_dir, "adapter", (model_dir, dataset_dir)) as tmp:
         args = TrainingArguments(
             output_dir=str(ckpt_root),
             per_device_train_batch_size=cfg.batch_size,
@@ -318,6 +334,7 @@ def run_train(
                 "use compute_dtype=bfloat16 instead of float16"
             )
         final_eval = trainer.evaluate()  # the Recorder logs it into history too
+        check_finite_adapter(model)  # a NaN adapter must never be sealed as complete
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "history.json").write_text(json.dumps(history, indent=1))

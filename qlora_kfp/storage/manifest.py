@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qlora_kfp.errors import ArtifactError
@@ -75,12 +75,57 @@ def verify(folder: str | os.PathLike, kind: str | None = None) -> dict:
     return manifest
 
 
+def check_output(
+    final: str | os.PathLike, kind: str, inputs: Sequence[str | os.PathLike] = ()
+) -> None:
+    """Refuse an output path whose replacement would destroy something of the user's.
+
+    A stage replaces its output folder as a whole, so the folder may only be absent, empty, or
+    an earlier artifact of the same kind (recognised by its manifest). The root, the home
+    folder, the working folder, and any input or a folder holding one are refused outright.
+
+    Raises:
+        ArtifactError: naming the path and what to use instead.
+    """
+    path = Path(final).expanduser().resolve()
+    named = {Path("/"): "the root folder", Path.home().resolve(): "your home folder"}
+    named[Path.cwd().resolve()] = "the working folder"
+    if path in named:
+        raise ArtifactError(f"{final}: refusing to write the {kind} over {named[path]}")
+    for src in inputs:
+        if not src or "://" in str(src):
+            continue
+        src_path = Path(src).expanduser().resolve()
+        if path == src_path or path in src_path.parents:
+            raise ArtifactError(
+                f"{final}: refusing to write the {kind} there: it holds the input {src}; "
+                "choose a new folder"
+            )
+    if path.is_file() or path.is_symlink():
+        raise ArtifactError(f"{final}: is a file, not an output folder; choose a new folder")
+    if path.is_dir() and any(path.iterdir()):
+        try:
+            existing = read_manifest(path).get("kind")
+        except (ArtifactError, ValueError):
+            existing = None
+        if existing != kind:
+            what = f"a {existing!r} artifact" if existing else "files that are not an artifact"
+            raise ArtifactError(
+                f"{final}: holds {what}; a stage replaces only an earlier {kind!r} artifact. "
+                "Choose a new or empty folder"
+            )
+
+
 @contextlib.contextmanager
-def atomic_folder(final: str | os.PathLike, kind: str) -> Iterator[Path]:
+def atomic_folder(
+    final: str | os.PathLike, kind: str, inputs: Sequence[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """Yield a temporary folder; on success write the manifest and move it to ``final``.
 
-    On an exception the temporary folder is removed and ``final`` is left untouched.
+    ``final`` is checked first (:func:`check_output`, against ``inputs`` too). On an exception
+    the temporary folder is removed and ``final`` is left untouched.
     """
+    check_output(final, kind, inputs)
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))

@@ -58,12 +58,24 @@ def decide_training(args: dict) -> str:
 
 def finish(args: dict) -> None:
     """Exit handler: close the parent run, write the report, post the webhook, clean up."""
-    from qlora_kfp.tracking import report
+    from qlora_kfp.tracking import outcome, report
 
     setup_logging()
     status = args["status"]
-    state, error = status.state, status.error_message or ""
-    run_id = runs.finish_pipeline_run(args["mlflow_experiment"], args["kfp_run_id"], state, error)
+    word, error = status.state, status.error_message or ""
+    parent = runs.find_pipeline_run(args["mlflow_experiment"], args["kfp_run_id"])
+    decision = runs.client().get_run(parent).data.tags.get("training_decision") if parent else ""
+    stages = runs.stage_statuses(parent)
+    state, how = outcome.resolve(
+        word, {s: status for s, (status, _) in stages.items()}, skipped=decision == "skip"
+    )
+    log.info("run outcome: %s (%s)", state, how)
+    if state != outcome.SUCCEEDED and not error:
+        # The backend sends no error message: the failed stage's own reason, else what was found.
+        error = next((why for _, why in stages.values() if why), how)
+    run_id = runs.finish_pipeline_run(
+        args["mlflow_experiment"], args["kfp_run_id"], state, error, kfp_state=word
+    )
     metrics, tags, png, exp_id = {}, {}, None, ""
     if run_id:
         run = runs.client().get_run(run_id)
@@ -88,7 +100,7 @@ def finish(args: dict) -> None:
     if url:
         report.post_webhook(url, report.summary(state, args["kfp_run_id"], metrics, error))
     checkpoints = RunContext(args["kfp_run_id"]).artifact_uri("train-checkpoints")
-    if checkpoints and state == "SUCCEEDED":  # resumable checkpoints are not needed any more
+    if checkpoints and state == outcome.SUCCEEDED:  # resumable checkpoints are not needed any more
         from qlora_kfp.storage import s3
 
         s3.delete_prefix(checkpoints)

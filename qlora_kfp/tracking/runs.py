@@ -125,16 +125,41 @@ def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
     return runs[0].info.run_id if runs else ""
 
 
-def finish_pipeline_run(experiment: str, kfp_run_id: str, status: str, error: str = "") -> str:
-    """Close the parent run of a KFP run as FINISHED or FAILED (reason as a tag)."""
+def stage_statuses(parent_run_id: str) -> dict[str, tuple[str, str]]:
+    """``{stage: (MLflow status, failure reason)}`` of a parent run's stage runs (``{}``
+    without tracking)."""
+    if not (enabled() and parent_run_id):
+        return {}
+    parent = client().get_run(parent_run_id)
+    kids = client().search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    return {
+        r.data.tags.get("stage", r.info.run_name): (
+            r.info.status,
+            r.data.tags.get("failure_reason", ""),
+        )
+        for r in kids
+    }
+
+
+def finish_pipeline_run(
+    experiment: str, kfp_run_id: str, outcome: str, error: str = "", kfp_state: str = ""
+) -> str:
+    """Close the parent run of a KFP run: FINISHED, FAILED or KILLED by ``outcome``
+    (``tracking.outcome``), with the runner's own word and the failure reason as tags."""
+    from qlora_kfp.tracking.outcome import MLFLOW_STATUS
+
     run_id = find_pipeline_run(experiment, kfp_run_id)
     if not run_id:
         return ""
     c = client()
-    c.set_tag(run_id, "kfp.status", status)
+    c.set_tag(run_id, "kfp.status", outcome)
+    if kfp_state:
+        c.set_tag(run_id, "kfp.state", kfp_state)
     if error:
         c.set_tag(run_id, "failure_reason", error[:5000])
-    c.set_terminated(run_id, status="FINISHED" if status == "SUCCEEDED" else "FAILED")
+    c.set_terminated(run_id, status=MLFLOW_STATUS[outcome])
     return run_id
 
 

@@ -1,0 +1,92 @@
+"""The exit handler's state, on every runner, to one outcome (tracking/outcome.py).
+
+The backend says COMPLETE/CACHED/FAILED/CANCELED (the MLMD state; never SUCCEEDED) and,
+before 2.17, RUNNING when the exit group holds an If or ParallelFor; kfp.local says SUCCEEDED.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from qlora_kfp.tasks.run import finish
+from qlora_kfp.tracking import outcome, runs
+
+DONE = {"prepare-dataset": "FINISHED", "train": "FINISHED", "register": "FINISHED"}
+CASES = [
+    ("local-succeeded", "SUCCEEDED", {}, False, "SUCCEEDED"),
+    ("backend-complete", "COMPLETE", {}, False, "SUCCEEDED"),
+    ("backend-cached", "CACHED", {}, False, "SUCCEEDED"),
+    ("backend-failed", "FAILED", DONE, False, "FAILED"),
+    ("backend-canceled", "CANCELED", {}, False, "CANCELED"),
+    ("sdk-cancelled-spelling", "CANCELLED", {}, False, "CANCELED"),
+    ("running-every-stage-done", "RUNNING", DONE, False, "SUCCEEDED"),
+    ("running-skipped-training", "RUNNING", {"decide-training": "FINISHED"}, True, "SUCCEEDED"),
+    ("running-a-stage-failed", "RUNNING", {**DONE, "train": "FAILED"}, False, "FAILED"),
+    ("running-a-stage-never-ended", "RUNNING", {"train": "RUNNING"}, False, "FAILED"),
+    ("running-before-the-last-stage", "RUNNING", {"train": "FINISHED"}, False, "FAILED"),
+    ("running-sweep-done", "RUNNING", {"pick-best-trial": "FINISHED"}, False, "SUCCEEDED"),
+    ("unknown-word-no-tracking", "", {}, False, "FAILED"),
+]
+
+
+@pytest.mark.parametrize(
+    "state,stages,skipped,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_every_runner_state_maps_to_one_outcome(state, stages, skipped, expected):
+    got, reason = outcome.resolve(state, stages, skipped)
+    assert got == expected and state in reason
+
+
+@pytest.fixture
+def local_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("QLORA_KFP_MLFLOW_ARTIFACT_ROOT", (tmp_path / "art").as_uri())
+    return tmp_path
+
+
+def _run_with_stages(kfp_run_id: str, failing: str = "") -> str:
+    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": kfp_run_id})
+    for stage in ("prepare-dataset", "train", "register"):
+        try:
+            with runs.stage_run(parent, stage):
+                if stage == failing:
+                    raise RuntimeError("train failed: loss is nan at step 7")
+        except RuntimeError:
+            break
+    return parent
+
+
+@pytest.mark.parametrize(
+    "state,failing,status",
+    [
+        pytest.param("COMPLETE", "", "FINISHED", id="complete-finishes-the-parent"),
+        pytest.param("CACHED", "", "FINISHED", id="cached-finishes-the-parent"),
+        pytest.param("CANCELED", "", "KILLED", id="canceled-kills-the-parent"),
+        pytest.param("RUNNING", "", "FINISHED", id="running-but-every-stage-done"),
+        pytest.param("RUNNING", "train", "FAILED", id="running-with-a-failed-stage"),
+    ],
+)
+def test_exit_handler_closes_the_parent_by_outcome(local_mlflow, state, failing, status):
+    parent = _run_with_stages("run-7", failing)
+    out = local_mlflow / "report.md"
+    # The backend's final status carries no error message.
+    finish(
+        {
+            "mlflow_experiment": "exp",
+            "kfp_run_id": "run-7",
+            "status": SimpleNamespace(state=state, error_message=None),
+            "report": SimpleNamespace(path=str(out)),
+        }
+    )
+    run = runs.client().get_run(parent)
+    assert run.info.status == status
+    assert run.data.tags["kfp.state"] == state
+    text = out.read_text()
+    if failing:  # the failed stage's own reason stands in for the missing error message
+        assert "run-7: FAILED" in text and "train failed: loss is nan at step 7" in text
+    elif status == "KILLED":
+        assert "run-7: CANCELED" in text
+    else:
+        assert "run-7: SUCCEEDED" in text and "Failure" not in text
