@@ -35,6 +35,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def local_mlflow(tmp_path, monkeypatch):
+    """MLflow tracking into a SQLite store under ``tmp_path`` (artifacts beside it)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("QLORA_KFP_MLFLOW_ARTIFACT_ROOT", (tmp_path / "art").as_uri())
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
     from qlora_kfp.app.demo import make_demo_assets

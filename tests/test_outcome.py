@@ -39,13 +39,6 @@ def test_every_runner_state_maps_to_one_outcome(state, stages, skipped, expected
     assert got == expected and state in reason
 
 
-@pytest.fixture
-def local_mlflow(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("QLORA_KFP_MLFLOW_ARTIFACT_ROOT", (tmp_path / "art").as_uri())
-    return tmp_path
-
-
 def _run_with_stages(kfp_run_id: str, failing: str = "") -> str:
     parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": kfp_run_id})
     for stage in ("prepare-dataset", "train", "register"):

@@ -33,13 +33,6 @@ def webhook():
     server.shutdown()
 
 
-@pytest.fixture
-def local_mlflow(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("QLORA_KFP_MLFLOW_ARTIFACT_ROOT", (tmp_path / "art").as_uri())
-    return tmp_path
-
-
 @pytest.mark.parametrize(
     "state,error",
     [("SUCCEEDED", ""), ("FAILED", "train failed: loss is nan at step 7")],
