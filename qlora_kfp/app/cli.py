@@ -85,6 +85,14 @@ def add_pipeline_flags(p: argparse.ArgumentParser, pipeline) -> None:
         )
 
 
+def add_remote_run_flags(p: argparse.ArgumentParser) -> None:
+    """What a run on KFP is started from: the uploaded pipeline, experiment and parameters."""
+    p.add_argument("--name", default="qlora-finetune", help="uploaded pipeline name")
+    p.add_argument("--experiment", default="qlora-finetune")
+    p.add_argument("--params_file", default=None, help="JSON or YAML of pipeline parameters")
+    p.add_argument("--param", action="append", default=[], help="key=value (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-kfp",
@@ -140,21 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="", help="version name (default: a timestamp)")
 
     p = sub.add_parser("run-remote", help="start a run on KFP with parameters from a file/flags")
-    p.add_argument("--name", default="qlora-finetune", help="uploaded pipeline name")
-    p.add_argument("--experiment", default="qlora-finetune")
+    add_remote_run_flags(p)
     p.add_argument("--run_name", default="")
-    p.add_argument("--params_file", default=None, help="JSON or YAML of pipeline parameters")
-    p.add_argument("--param", action="append", default=[], help="key=value (repeatable)")
 
     p = sub.add_parser("schedule", help="recurring retraining runs: create, list, pause, ...")
     p.add_argument("action", choices=["create", "list", "pause", "resume", "delete"])
     p.add_argument("--id", default="", help="recurring run id (pause, resume, delete)")
-    p.add_argument("--name", default="qlora-finetune", help="uploaded pipeline name")
+    add_remote_run_flags(p)
     p.add_argument("--cron", default="0 0 3 * * 1", help="6-field cron, seconds first")
-    p.add_argument("--experiment", default="qlora-finetune")
     p.add_argument("--job_name", default="")
-    p.add_argument("--params_file", default=None, help="JSON or YAML of pipeline parameters")
-    p.add_argument("--param", action="append", default=[], help="key=value (repeatable)")
 
     p = sub.add_parser("demo-assets", help="write the tiny demo model and dataset to a folder")
     p.add_argument("output")
@@ -210,7 +212,7 @@ def _register(cfg, args: argparse.Namespace) -> dict:
             "tuned_eval_loss": read_metrics(args.evaluation)["tuned_eval_loss"],
         }
     )
-    runs.finish_pipeline_run("qlora-finetune", "cli", "SUCCEEDED")
+    runs.close_pipeline_run(parent, "SUCCEEDED")
     return {"registered_model_name": cfg.registered_model_name, "version": version}
 
 

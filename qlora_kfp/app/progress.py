@@ -42,7 +42,6 @@ class TaskProgress(io.TextIOBase):
         self.failures: dict[str, str] = {}
         self.current = ""
         self.tenth: dict[str, int | None] = {}
-        self.lines: list[str] = []  # progress lines shown, for the summary and tests
 
     def writable(self) -> bool:
         return True
@@ -67,7 +66,6 @@ class TaskProgress(io.TextIOBase):
         self.log.close()
 
     def _show(self, line: str) -> None:
-        self.lines.append(line)
         if not self.verbose:
             self.out.write(line + "\n")
             self.out.flush()

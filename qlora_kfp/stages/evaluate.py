@@ -114,9 +114,8 @@ def run_evaluate(
     Returns:
         Metrics with ``base_``/``tuned_`` prefixes and the sample generations.
     """
-    check_output(
-        output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir)
-    )  # before any long work
+    # Refuse an output that is not ours before any long work (atomic_folder checks again).
+    check_output(output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir))
     from peft import PeftModel
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -152,7 +151,7 @@ def run_evaluate(
     metrics.update(score(samples, "tuned"))
     metrics["generations"] = n
     metrics["eval_loss_delta"] = round(metrics["tuned_eval_loss"] - metrics["base_eval_loss"], 6)
-    with atomic_folder(output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir)) as tmp:
+    with atomic_folder(output_dir, "evaluation") as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         (tmp / "report.html").write_text(samples_html(samples, metrics))

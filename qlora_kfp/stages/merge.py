@@ -43,7 +43,8 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
     Raises:
         VerificationError: when the merged logits differ by more than the tolerance.
     """
-    check_output(output_dir, "merged-model", (cfg.base_model, adapter_dir))  # before any long work
+    # Refuse an output that is not ours before any long work (atomic_folder checks again).
+    check_output(output_dir, "merged-model", (cfg.base_model, adapter_dir))
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -73,7 +74,7 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
             f"{cfg.merge_tolerance}); the merged model was not saved"
         )
     merged = merged.to(getattr(torch, cfg.merge_dtype))
-    with atomic_folder(output_dir, "merged-model", (cfg.base_model, adapter_dir)) as tmp:
+    with atomic_folder(output_dir, "merged-model") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge.json").write_text(json.dumps({"config": asdict(cfg), **metrics}, indent=1))

@@ -111,7 +111,8 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     Returns:
         The folder, the statistics (also logged as KFP/MLflow metrics) and a content digest.
     """
-    check_output(output_dir, "dataset", (cfg.data_source, cfg.base_model))  # before any long work
+    # Refuse an output that is not ours before any long work (atomic_folder checks again).
+    check_output(output_dir, "dataset", (cfg.data_source, cfg.base_model))
     import datasets
 
     from qlora_kfp.storage.sources import load_tokenizer
@@ -128,7 +129,7 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     )
     stats["label_tokens"] = sum(sum(x != templates.IGNORE for x in r.labels) for r in rows)
     log.info("prepared %s", stats)
-    with atomic_folder(output_dir, "dataset", (cfg.data_source, cfg.base_model)) as tmp:
+    with atomic_folder(output_dir, "dataset") as tmp:
         for name, part in (("train", train), ("eval", evals)):
             cols = {c: [getattr(r, c) for r in part] for c in COLUMNS}
             datasets.Dataset.from_dict(cols).to_parquet(str(tmp / f"{name}.parquet"))

@@ -58,9 +58,8 @@ def run_quantize(
     Returns:
         The folder and metrics: sizes, compression ratio, dequantization error, perplexities.
     """
-    check_output(
-        output_dir, "quantized-model", (cfg.base_model, dataset_dir or "")
-    )  # before any long work
+    # Refuse an output that is not ours before any long work (atomic_folder checks again).
+    check_output(output_dir, "quantized-model", (cfg.base_model, dataset_dir or ""))
     import torch
 
     from qlora_kfp.stages.prepare import load_split
@@ -95,7 +94,7 @@ def run_quantize(
             eval_perplexity_4bit=ppl4["perplexity"],
         )
     del model16
-    with atomic_folder(output_dir, "quantized-model", (cfg.base_model, dataset_dir or "")) as tmp:
+    with atomic_folder(output_dir, "quantized-model") as tmp:
         model4.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "quantize.json").write_text(json.dumps({"config": asdict(cfg)}, indent=1))

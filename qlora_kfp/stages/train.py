@@ -240,7 +240,8 @@ def run_train(
     Returns:
         The folder, final metrics and the per-step history.
     """
-    check_output(output_dir, "adapter", (model_dir, dataset_dir))  # before any long work
+    # Refuse an output that is not ours before any long work (atomic_folder checks again).
+    check_output(output_dir, "adapter", (model_dir, dataset_dir))
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -276,7 +277,7 @@ def run_train(
     resume = (
         checkpoints.find_resume_point(ckpt_root, checkpoint_uri) if cfg.checkpoint_steps else None
     )
-    with atomic_folder(output_dir, "adapter", (model_dir, dataset_dir)) as tmp:
+    with atomic_folder(output_dir, "adapter") as tmp:
         args = TrainingArguments(
             output_dir=str(ckpt_root),
             per_device_train_batch_size=cfg.batch_size,

@@ -22,12 +22,10 @@ from typing import Any, NoReturn
 
 from qlora_kfp import configs
 from qlora_kfp.errors import QloraError
+from qlora_kfp.preflight import ARTIFACT_URI_ENV
 from qlora_kfp.tracking import runs
 
 log = logging.getLogger("qlora_kfp")
-ARTIFACT_URI_ENV = "QLORA_KFP_ARTIFACT_URI"
-# Parameters every stage component takes besides its config fields (never MLflow params).
-CONTEXT_PARAMS = ("mlflow_parent_run_id", "kfp_run_id")
 
 
 def setup_logging() -> None:

@@ -61,25 +61,24 @@ def finish(args: dict) -> None:
     from qlora_kfp.tracking import outcome, report
 
     setup_logging()
-    status = args["status"]
-    word, error = status.state, status.error_message or ""
-    parent = runs.find_pipeline_run(args["mlflow_experiment"], args["kfp_run_id"])
-    decision = runs.client().get_run(parent).data.tags.get("training_decision") if parent else ""
-    stages = runs.stage_statuses(parent)
+    word, error = args["status"].state, args["status"].error_message or ""
+    run_id = runs.find_pipeline_run(args["mlflow_experiment"], args["kfp_run_id"])
+    metrics, tags, png, exp_id = {}, {}, None, ""
+    if run_id:
+        run = runs.client().get_run(run_id)  # read once: closing changes no metric
+        metrics, tags, exp_id = run.data.metrics, run.data.tags, run.info.experiment_id
+    stages = runs.stage_statuses(run_id)
     state, how = outcome.resolve(
-        word, {s: status for s, (status, _) in stages.items()}, skipped=decision == "skip"
+        word,
+        {stage: mlflow_status for stage, (mlflow_status, _) in stages.items()},
+        skipped=tags.get("training_decision") == "skip",
     )
     log.info("run outcome: %s (%s)", state, how)
     if state != outcome.SUCCEEDED and not error:
         # The backend sends no error message: the failed stage's own reason, else what was found.
         error = next((why for _, why in stages.values() if why), how)
-    run_id = runs.finish_pipeline_run(
-        args["mlflow_experiment"], args["kfp_run_id"], state, error, kfp_state=word
-    )
-    metrics, tags, png, exp_id = {}, {}, None, ""
     if run_id:
-        run = runs.client().get_run(run_id)
-        metrics, tags, exp_id = run.data.metrics, run.data.tags, run.info.experiment_id
+        runs.close_pipeline_run(run_id, state, error, kfp_state=word)
         try:
             png = Path(
                 runs.client().download_artifacts(run_id, "plots/loss_curve.png", "/tmp")

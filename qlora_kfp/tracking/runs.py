@@ -143,16 +143,11 @@ def stage_statuses(parent_run_id: str) -> dict[str, tuple[str, str]]:
     }
 
 
-def finish_pipeline_run(
-    experiment: str, kfp_run_id: str, outcome: str, error: str = "", kfp_state: str = ""
-) -> str:
-    """Close the parent run of a KFP run: FINISHED, FAILED or KILLED by ``outcome``
-    (``tracking.outcome``), with the runner's own word and the failure reason as tags."""
+def close_pipeline_run(run_id: str, outcome: str, error: str = "", kfp_state: str = "") -> None:
+    """Close a parent run: FINISHED, FAILED or KILLED by ``outcome`` (``tracking.outcome``),
+    with the runner's own word and the failure reason as tags."""
     from qlora_kfp.tracking.outcome import MLFLOW_STATUS
 
-    run_id = find_pipeline_run(experiment, kfp_run_id)
-    if not run_id:
-        return ""
     c = client()
     c.set_tag(run_id, "kfp.status", outcome)
     if kfp_state:
@@ -160,7 +155,6 @@ def finish_pipeline_run(
     if error:
         c.set_tag(run_id, "failure_reason", error[:5000])
     c.set_terminated(run_id, status=MLFLOW_STATUS[outcome])
-    return run_id
 
 
 class StageRun:
