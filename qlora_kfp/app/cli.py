@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -90,7 +91,18 @@ def add_remote_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="qlora-finetune", help="uploaded pipeline name")
     p.add_argument("--experiment", default="qlora-finetune")
     p.add_argument("--params_file", default=None, help="JSON or YAML of pipeline parameters")
-    p.add_argument("--param", action="append", default=[], help="key=value (repeatable)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        help="key=value (repeatable); typed by the pipeline's declared input type",
+    )
+    p.add_argument(
+        "--service_account",
+        default=os.environ.get("KFP_SERVICE_ACCOUNT", ""),
+        help="Kubernetes service account the run's pods use (env KFP_SERVICE_ACCOUNT; "
+        "empty: the backend's default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,9 +261,11 @@ def _remote(args: argparse.Namespace):
         return remote.upload(args.package, args.name, args.version)
     params = remote.load_params(args.params_file, args.param)
     if args.command == "run-remote":
-        return remote.run(args.name, params, args.experiment, args.run_name)
+        return remote.run(args.name, params, args.experiment, args.run_name, args.service_account)
     if args.action == "create":
-        return remote.schedule(args.name, args.cron, params, args.experiment, args.job_name)
+        return remote.schedule(
+            args.name, args.cron, params, args.experiment, args.job_name, args.service_account
+        )
     if args.action == "list":
         return remote.schedules()
     if not args.id:
