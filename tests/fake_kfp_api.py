@@ -28,6 +28,7 @@ import fake_kfp_rules as rules
 import yaml
 
 V2 = "/apis/v2beta1"
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # 10x faster on 140 kB specs
 # gRPC code of each HTTP status the gateway maps (grpc-gateway runtime.HTTPStatusFromCode).
 GRPC_CODE = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 500: 13}
 # Top-level fields of each request message (backend/api/v2beta1/*.proto); the gateway's
@@ -241,7 +242,7 @@ class Api:
             if part.get_param("name", header="content-disposition") == "uploadfile":
                 text = part.get_payload(decode=True).decode()
                 try:
-                    docs = [d for d in yaml.safe_load_all(text) if d]
+                    docs = [d for d in yaml.load_all(text, Loader=YAML_LOADER) if d]
                 except yaml.YAMLError:
                     docs = []
                 if not docs or not isinstance(docs[0], dict):

@@ -24,8 +24,9 @@ DEFAULT_PACKAGE = "pipelines/compiled/qlora_finetune.yaml"
 def _pipeline_name(package: str) -> str:
     import yaml
 
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader: 10x faster
     with open(package) as f:
-        return next(yaml.safe_load_all(f))["pipelineInfo"]["name"]
+        return next(yaml.load_all(f, Loader=loader))["pipelineInfo"]["name"]
 
 
 def _name_filter(name: str) -> str:
