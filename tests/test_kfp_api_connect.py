@@ -62,7 +62,7 @@ def kube_context(monkeypatch, tmp_path):
         ("2.17.0", []),
         ("2.16.1", ["sees RUNNING for finished runs"]),
         ("v2.15.0", ["sees RUNNING for finished runs"]),
-        ("2.14.4", ["marked optional are required", "sees RUNNING for finished runs"]),
+        ("2.14.4", ["ignores optional on secret and config-map env vars", "sees RUNNING for finished runs"]),
         ("unknown", ["cannot tell the Kubeflow Pipelines release (healthz tag_name 'unknown')"]),
     ],
     ids=["2.17", "2.16", "v-prefix", "2.14", "custom-build"],

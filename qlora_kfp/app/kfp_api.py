@@ -23,8 +23,9 @@ from qlora_kfp.errors import ConfigError
 MIN_BACKEND = (2, 14)  # retries of nested tasks, dsl.Collected
 FULL_BACKEND = (2, 17)  # the exit handler's state under conditions/loops; optional env
 SHORTFALLS = {  # what a backend below FULL_BACKEND does differently, oldest first
-    (2, 15): "secret and config-map env vars marked optional are required (create "
-    "qlora-kfp-credentials and qlora-kfp-config even when empty)",
+    (2, 15): "it ignores optional on secret and config-map env vars: the Secret "
+    "qlora-kfp-credentials and the ConfigMap qlora-kfp-config must hold every key the tasks "
+    "read, or their pods do not start",
     (2, 17): "the exit handler sees RUNNING for finished runs and reads the outcome from MLflow",
 }
 
