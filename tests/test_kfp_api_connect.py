@@ -62,7 +62,13 @@ def kube_context(monkeypatch, tmp_path):
         ("2.17.0", []),
         ("2.16.1", ["sees RUNNING for finished runs"]),
         ("v2.15.0", ["sees RUNNING for finished runs"]),
-        ("2.14.4", ["ignores optional on secret and config-map env vars", "sees RUNNING for finished runs"]),
+        (
+            "2.14.4",
+            [
+                "ignores optional on secret and config-map env vars",
+                "sees RUNNING for finished runs",
+            ],
+        ),
         ("unknown", ["cannot tell the Kubeflow Pipelines release (healthz tag_name 'unknown')"]),
     ],
     ids=["2.17", "2.16", "v-prefix", "2.14", "custom-build"],
@@ -98,6 +104,14 @@ def test_parse_version(tag, parsed):
     from qlora_kfp.app import kfp_api
 
     assert kfp_api.parse_version(tag) == parsed
+
+
+def test_an_unreachable_host_is_one_clear_line(qlora, monkeypatch, tmp_path):
+    remote_cli.isolate(monkeypatch, tmp_path)
+    monkeypatch.setenv("KFP_HOST", "http://127.0.0.1:9")  # discard port: nothing listens
+    code, _, err = qlora("upload", "--package", PACKAGE)
+    assert code == 2 and "cannot reach the KFP API at http://127.0.0.1:9" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_multi_user_without_a_profile_namespace_stops_before_creating_anything(serve, qlora):

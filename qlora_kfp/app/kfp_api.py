@@ -150,9 +150,13 @@ def connect(host: str | None = None) -> Backend:
     """Connect, check the backend's release, and settle the namespace resources go to."""
     host = host or os.environ.get("KFP_HOST") or None
     proxy_namespace = os.environ.get("KFP_PROXY_NAMESPACE") or "kubeflow"
+    import kfp_server_api
+    import urllib3
+
     try:
         client = _client(host, proxy_namespace)
-    except Exception as exc:  # the constructor itself reads healthz (retries, then raises)
+    # The constructor itself reads healthz: refused, unreachable, or 5 failed tries.
+    except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise ConfigError(
             f"cannot reach the KFP API at {host or 'the kube context'} ({type(exc).__name__}); "
             "check KFP_HOST, KFP_TOKEN or your kube context"
