@@ -85,12 +85,20 @@ class PipelinesApi(Access):
         self.s.versions(pipeline_id).append(version)
         return version
 
+    def _upload_authorize(self, req: Request, namespace: str, message: str) -> None:
+        # pipeline_upload_server.go: an authorization failure is answered 400 with a bare
+        # message, not 401/403 as the gRPC routes do.
+        try:
+            self.authorize(req, namespace, "create", "pipelines")
+        except ApiError:
+            raise ApiError(400, message) from None
+
     def upload_pipeline(self, req: Request) -> dict:
         filename, spec = self._read_upload(req)
         namespace = self.replace_namespace(req.arg("namespace"))
         self.namespace_required(namespace)
         if self.multi_user and namespace:  # canUploadVersionedPipeline: shared: no check
-            self.authorize(req, namespace, "create", "pipelines")
+            self._upload_authorize(req, namespace, "Failed to create a pipeline")
         name = req.arg("name") or req.arg("display_name") or filename
         if any(
             p["name"] == name and p["namespace"] == namespace for p in self.s.pipelines.values()
@@ -121,7 +129,7 @@ class PipelinesApi(Access):
         namespace = self.s.pipelines[pid]["namespace"]
         self.namespace_required(namespace)
         if self.multi_user and namespace:
-            self.authorize(req, namespace, "create", "pipelines")
+            self._upload_authorize(req, namespace, "Failed to create a pipeline version")
         name = req.arg("name") or req.arg("display_name") or filename  # buildPipelineName
         version = self._new_version(pid, name, req, spec)
         return strip(version)

@@ -442,3 +442,13 @@ def test_a_version_returns_its_spec_wrapped_with_the_platform_spec(api):
         "base_model"
         in v["pipeline_spec"]["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]
     )
+
+
+def test_multi_user_upload_refusals_are_400_with_a_bare_message(multi):
+    # server/pipeline_upload_server.go writeErrorToResponse: the upload endpoints answer an
+    # authorization failure with 400 "Failed to create a pipeline" (no reason), so the
+    # client cannot tell it from a bad package; upload lists pipelines (403 with a reason)
+    # before it uploads.
+    status, out = multi("POST", f"{V2}/pipelines/upload", SPEC, name="p", namespace="bob")
+    assert (status, out["error_message"]) == (400, "Failed to create a pipeline")
+    assert multi("GET", f"{V2}/pipelines", namespace="bob")[0] == 403
