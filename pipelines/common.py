@@ -74,7 +74,7 @@ def quantize_model(run: OpenRun, prep: dsl.PipelineTask) -> dsl.PipelineTask:
         )
     )
     task.after(run.preflight)  # no GPU task starts before the memory check has passed
-    return platform.gpu_task(task, cache=True)
+    return platform.gpu_task(task, cache=True, params=run.params)
 
 
 def train_and_evaluate(
@@ -95,7 +95,7 @@ def train_and_evaluate(
             **given,
         )
     )
-    platform.gpu_task(tr, cache=False)
+    platform.gpu_task(tr, cache=False, params=params)
     ev = evaluate(
         **inputs_for(
             evaluate,
@@ -103,7 +103,8 @@ def train_and_evaluate(
             quantized_model=quant.outputs["quantized_model"],
             adapter=tr.outputs["adapter"],
             dataset=prep.outputs["dataset"],
+            **given,
         )
     )
-    platform.gpu_task(ev, cache=False)
+    platform.gpu_task(ev, cache=False, params=params)
     return tr, ev

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests opt in to tracking explicitly
 os.environ.pop("QLORA_KFP_ARTIFACT_URI", None)
+os.environ.pop("KFP_RUN_ID", None)  # the pod label of a KFP run (tasks/context.py)
 
 import sys  # noqa: E402
 

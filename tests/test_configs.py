@@ -10,6 +10,7 @@ import pytest
 from qlora_kfp import configs
 from qlora_kfp.errors import ConfigError
 
+PIPE = configs.PipelineConfig
 BAD = [
     ("prepare-unknown-format", configs.PrepareConfig, {"data_format": "xml"}, "data_format"),
     ("prepare-eval-fraction-1", configs.PrepareConfig, {"eval_fraction": 1.0}, "eval_fraction"),
@@ -30,6 +31,40 @@ BAD = [
     ("train-scheduler", configs.TrainConfig, {"lr_scheduler": "step"}, "lr_scheduler"),
     ("merge-dtype", configs.MergeConfig, {"merge_dtype": "int8"}, "merge_dtype"),
     ("merge-tolerance", configs.MergeConfig, {"merge_tolerance": 0.0}, "merge_tolerance"),
+    ("pool-accelerator", PIPE, {"gpu_accelerator": "nvidia gpu"}, "gpu_accelerator"),
+    ("pool-selector-list", PIPE, {"gpu_node_selector": ["gpu"]}, "gpu_node_selector"),
+    ("pool-selector-number", PIPE, {"gpu_node_selector": {"pool": 1}}, "gpu_node_selector"),
+    ("pool-selector-bad-key", PIPE, {"gpu_node_selector": {"a b": "x"}}, "gpu_node_selector"),
+    (
+        "pool-toleration-typo",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "efect": "NoSchedule"}]},
+        r"gpu_tolerations\[0\]",
+    ),
+    (
+        "pool-toleration-op",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "operator": "In"}]},
+        r"gpu_tolerations\[0\]",
+    ),
+    (
+        "pool-exists-value",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+        r"gpu_tolerations\[0\]",
+    ),
+    (
+        "pool-effect",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "effect": "NoRun"}]},
+        r"gpu_tolerations\[0\]",
+    ),
+    (
+        "pool-seconds",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "tolerationSeconds": 5}]},
+        r"gpu_tolerations\[0\]",
+    ),
 ]
 REQUIRED = {"data_source": "data.jsonl", "base_model": "model"}
 
@@ -69,6 +104,7 @@ RUNTIME_INPUTS = {
     "tuned_eval_loss",
     "cache_fingerprint",
     "config_overrides",
+    "merged_model_uri",
 }  # upstream outputs and per-trial overrides, not configuration
 STAGES = [
     "prepare_dataset:prepare",

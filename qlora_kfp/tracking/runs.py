@@ -11,6 +11,7 @@ function here is a no-op, so the stages also run without MLflow.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from qlora_kfp.errors import TrackingError
 from qlora_kfp.version import PIPELINE_VERSION, git_commit
 
 log = logging.getLogger(__name__)
+FAILURE_KIND_TAG = "failure_kind"  # "permanent": a retry of the task cannot succeed
 # MLflow 3's UI opens an experiment in its model-training view, not the GenAI one, by this tag
 # (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -135,12 +137,32 @@ def stage_statuses(parent_run_id: str) -> dict[str, tuple[str, str]]:
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
     )
     return {
-        r.data.tags.get("stage", r.info.run_name): (
+        " ".join(
+            filter(None, [r.data.tags.get("stage", r.info.run_name), r.data.tags.get("trial")])
+        ): (
             r.info.status,
             r.data.tags.get("failure_reason", ""),
         )
         for r in kids
     }
+
+
+def permanent_failure(parent_run_id: str, stage: str, kfp_run_id: str = "", trial: str = "") -> str:
+    """The reason an earlier attempt of ``stage`` in this run failed for good ("" if none)."""
+    if enabled() and not parent_run_id and kfp_run_id:
+        parent_run_id = find_pipeline_run("", kfp_run_id)
+    if not (enabled() and parent_run_id):
+        return ""
+    parent = client().get_run(parent_run_id)
+    found = client().search_runs(
+        [parent.info.experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.stage = '{stage}' "
+            f"and tags.`{FAILURE_KIND_TAG}` = 'permanent'"
+        ),
+    )
+    found = [r for r in found if r.data.tags.get("trial", "") == trial]
+    return found[0].data.tags.get("failure_reason", "failed") if found else ""
 
 
 def close_pipeline_run(run_id: str, outcome: str, error: str = "", kfp_state: str = "") -> None:
@@ -158,10 +180,18 @@ def close_pipeline_run(run_id: str, outcome: str, error: str = "", kfp_state: st
 
 
 class StageRun:
-    """Logging handle of one stage's nested run (all methods are no-ops when tracking is off)."""
+    """Logging handle of one stage's nested run (all methods are no-ops when tracking is off).
 
-    def __init__(self, run_id: str, parent_run_id: str):
-        self.run_id, self.parent_run_id = run_id, parent_run_id
+    ``to_parent`` False (a sweep trial's stages) keeps everything on the stage run: trials
+    differ in their settings, so their params and histories on the one parent would be one
+    trial's params beside every trial's interleaved curves.
+    """
+
+    def __init__(self, run_id: str, parent_run_id: str, to_parent: bool = True):
+        self.run_id, self.parent_run_id, self.to_parent = run_id, parent_run_id, to_parent
+
+    def _targets(self, parent: bool) -> tuple[str, ...]:
+        return (self.run_id, self.parent_run_id) if parent and self.to_parent else (self.run_id,)
 
     def params(self, params: dict[str, Any]) -> None:
         """Log params on the stage run and on the parent (same name, same meaning, same value)."""
@@ -170,7 +200,7 @@ class StageRun:
         from mlflow.entities import Param
 
         ps = [Param(k, str(v)) for k, v in params.items()]
-        for rid in (self.run_id, self.parent_run_id):
+        for rid in self._targets(parent=True):
             existing = client().get_run(rid).data.params
             new = [p for p in ps if p.key not in existing]
             if new:
@@ -197,7 +227,9 @@ class StageRun:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
-        targets = [(self.run_id, "")] + ([(self.parent_run_id, parent_prefix)] if parent else [])
+        targets = [(self.run_id, "")]
+        if parent and self.to_parent:
+            targets.append((self.parent_run_id, parent_prefix))
         for rid, pre in targets:
             ms = [Metric(pre + k, v, now, step or 0) for k, v in values.items()]
             for i in range(0, len(ms), 900):  # the REST API takes 1000 metrics per batch
@@ -210,7 +242,7 @@ class StageRun:
     def artifact(self, file: str, path: str | None = None, parent: bool = False) -> None:
         if not self.run_id:
             return
-        for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
+        for rid in self._targets(parent):
             client().log_artifact(rid, file, artifact_path=path)
 
     def table(self, rows: list[dict], artifact_file: str) -> None:
@@ -223,17 +255,24 @@ class StageRun:
     def tags(self, tags: dict[str, str], parent: bool = False) -> None:
         if not self.run_id:
             return
-        for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
+        for rid in self._targets(parent):
             for k, v in tags.items():
                 client().set_tag(rid, k, v)
 
 
 @contextlib.contextmanager
-def stage_run(parent_run_id: str, stage: str, kfp_run_id: str = "") -> Iterator[StageRun]:
+def stage_run(
+    parent_run_id: str,
+    stage: str,
+    kfp_run_id: str = "",
+    trial: str = "",
+    trial_params: dict | None = None,
+) -> Iterator[StageRun]:
     """Open the nested run of one stage; it ends FAILED (and re-raises) on an exception.
 
-    Without ``parent_run_id`` the parent is looked up by its ``kfp.run_id`` tag (tasks inside
-    a ``dsl.ParallelFor`` get it that way: kfp.local misroutes task outputs into loop bodies).
+    Without ``parent_run_id`` the parent is looked up by its ``kfp.run_id`` tag (cached tasks
+    and tasks inside a ``dsl.ParallelFor`` get it that way). A sweep trial's stage run is
+    named after the trial and tagged with its grid entry, and logs nothing to the parent.
     """
     if enabled() and not parent_run_id and kfp_run_id:
         parent_run_id = find_pipeline_run("", kfp_run_id)
@@ -245,9 +284,14 @@ def stage_run(parent_run_id: str, stage: str, kfp_run_id: str = "") -> Iterator[
         parent = c.get_run(parent_run_id)
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"MLflow parent run {parent_run_id}: {exc}") from None
+    trial_tags = (
+        {"trial": trial, "trial.params": json.dumps(trial_params or {}, sort_keys=True)}
+        if trial
+        else {}
+    )
     run = c.create_run(
         parent.info.experiment_id,
-        run_name=stage,
+        run_name=f"{stage} {trial}" if trial else stage,
         tags={
             **provenance(stage),
             "mlflow.parentRunId": parent_run_id,
@@ -255,13 +299,17 @@ def stage_run(parent_run_id: str, stage: str, kfp_run_id: str = "") -> Iterator[
             **{
                 k: v for k, v in parent.data.tags.items() if not k.startswith(("mlflow.", "qlora."))
             },
+            **trial_tags,
         },
     )
-    handle = StageRun(run.info.run_id, parent_run_id)
+    handle = StageRun(run.info.run_id, parent_run_id, to_parent=not trial)
     try:
         yield handle
     except BaseException as exc:
         c.set_tag(run.info.run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        # A user error (bad setting, bad row) fails the same way on every retry.
+        kind = "transient" if getattr(exc, "retryable", True) else "permanent"
+        c.set_tag(run.info.run_id, FAILURE_KIND_TAG, kind)
         c.set_terminated(run.info.run_id, status="FAILED")
         raise
     c.set_terminated(run.info.run_id, status="FINISHED")
