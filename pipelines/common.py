@@ -61,6 +61,9 @@ def prepare(run: OpenRun) -> dsl.PipelineTask:
     task = prepare_dataset(
         **inputs_for(prepare_dataset, run.params, cache_fingerprint=run.fingerprint.output)
     )
+    # It takes no input from start-tracking (that would be in its cache key) but reports under
+    # the parent run start-tracking makes: run after it.
+    task.after(run.tracking)
     return platform.cpu_task(task, cache=True)
 
 

@@ -61,3 +61,13 @@ def test_big_artifacts_are_not_inputs_of_bookkeeping_tasks(name):
         if task in ("register-model", "decide-training", "pick-best-trial", "finish-tracking"):
             assert not arts, f"{task} downloads {sorted(arts)}"
         assert not any("merge" in str(p) for p in producers), task
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_cached_tasks_wait_for_the_parent_run_they_report_under(name):
+    """A cached task takes no input from start-tracking (it would be in its cache key), so only
+    ``dependentTasks`` (driver: a task starts after them; not part of the cache key,
+    cacheutils/cache.go) keeps it from looking for the parent run before it exists."""
+    spec, _ = compiled(name)
+    t, _ = tasks(spec)["prepare-dataset"]
+    assert "start-tracking" in t["dependentTasks"]

@@ -120,6 +120,7 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, runs.StageRun
             # On the parent run, one name per stage, so runs compare stage by stage.
             report(run, args.get("metrics"), usage, parent_prefix=f"{name}.")
     except QloraError as exc:
+        runs.tag_task_failure(exc)
         fail(name, exc)
 
 

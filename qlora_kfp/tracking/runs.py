@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from qlora_kfp.errors import TrackingError
+from qlora_kfp.tracking import plugin
 from qlora_kfp.version import PIPELINE_VERSION, git_commit
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,16 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
     check_server()
     import mlflow
 
+    ours = {
+        **provenance("pipeline"),
+        "pipeline.version": PIPELINE_VERSION,
+        "git.commit": git_commit(),
+        "qlora.role": "pipeline",
+        **tags,
+    }
     try:
+        if plugin.task_run():  # the backend made the parent run: adopt it, make no second
+            return plugin.adopt_root(experiment, run_name, ours)
         root = os.environ.get("QLORA_KFP_MLFLOW_ARTIFACT_ROOT")
         if root and mlflow.get_experiment_by_name(experiment) is None:
             # Local stores: keep artifacts beside the database, not in the current folder.
@@ -89,17 +99,7 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
         exp = mlflow.set_experiment(experiment)
         if EXPERIMENT_KIND_TAG not in exp.tags:
             client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-        run = client().create_run(
-            exp.experiment_id,
-            run_name=run_name or None,
-            tags={
-                **provenance("pipeline"),
-                "pipeline.version": PIPELINE_VERSION,
-                "git.commit": git_commit(),
-                "qlora.role": "pipeline",
-                **tags,
-            },
-        )
+        run = client().create_run(exp.experiment_id, run_name=run_name or None, tags=ours)
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']}: {exc}") from None
     return run.info.run_id
@@ -112,7 +112,9 @@ def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
     """
     if not enabled():
         return ""
-    if experiment:
+    if plugin.experiment_id():  # the backend chose the experiment
+        ids = [plugin.experiment_id()]
+    elif experiment:
         exp = client().get_experiment_by_name(experiment)
         ids = [exp.experiment_id] if exp else []
     else:
@@ -124,7 +126,8 @@ def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
         max_results=1,
         filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`qlora.role` = 'pipeline'",
     )
-    return runs[0].info.run_id if runs else ""
+    # Under the plugin a task may look before start-tracking tagged the backend's parent run.
+    return runs[0].info.run_id if runs else plugin.find_root(kfp_run_id)
 
 
 def stage_statuses(parent_run_id: str) -> dict[str, tuple[str, str]]:
@@ -176,6 +179,11 @@ def close_pipeline_run(run_id: str, outcome: str, error: str = "", kfp_state: st
         c.set_tag(run_id, "kfp.state", kfp_state)
     if error:
         c.set_tag(run_id, "failure_reason", error[:5000])
+    if plugin.task_run():
+        # The backend's parent run: its API server closes it when the run ends (and would
+        # reopen or re-close ours); apiserver ReportWorkflowResource in proposal 12862.
+        log.info("the KFP backend closes MLflow run %s when the pipeline run ends", run_id)
+        return
     c.set_terminated(run_id, status=MLFLOW_STATUS[outcome])
 
 
@@ -187,8 +195,11 @@ class StageRun:
     trial's params beside every trial's interleaved curves.
     """
 
-    def __init__(self, run_id: str, parent_run_id: str, to_parent: bool = True):
+    def __init__(
+        self, run_id: str, parent_run_id: str, to_parent: bool = True, own_params: bool = True
+    ):
         self.run_id, self.parent_run_id, self.to_parent = run_id, parent_run_id, to_parent
+        self.own_params = own_params
 
     def _targets(self, parent: bool) -> tuple[str, ...]:
         return (self.run_id, self.parent_run_id) if parent and self.to_parent else (self.run_id,)
@@ -200,7 +211,8 @@ class StageRun:
         from mlflow.entities import Param
 
         ps = [Param(k, str(v)) for k, v in params.items()]
-        for rid in self._targets(parent=True):
+        targets = self._targets(parent=True)
+        for rid in targets if self.own_params else targets[1:]:
             existing = client().get_run(rid).data.params
             new = [p for p in ps if p.key not in existing]
             if new:
@@ -276,6 +288,10 @@ def stage_run(
     """
     if enabled() and not parent_run_id and kfp_run_id:
         parent_run_id = find_pipeline_run("", kfp_run_id)
+    if plugin.task_run():
+        with _plugin_stage_run(parent_run_id, stage, trial, trial_params) as handle:
+            yield handle
+        return
     if not (enabled() and parent_run_id):
         yield StageRun("", "")
         return
@@ -284,32 +300,68 @@ def stage_run(
         parent = c.get_run(parent_run_id)
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"MLflow parent run {parent_run_id}: {exc}") from None
-    trial_tags = (
-        {"trial": trial, "trial.params": json.dumps(trial_params or {}, sort_keys=True)}
-        if trial
-        else {}
-    )
     run = c.create_run(
         parent.info.experiment_id,
         run_name=f"{stage} {trial}" if trial else stage,
         tags={
-            **provenance(stage),
+            **_stage_tags(stage, parent.data.tags, trial, trial_params),
             "mlflow.parentRunId": parent_run_id,
-            "stage": stage,
-            **{
-                k: v for k, v in parent.data.tags.items() if not k.startswith(("mlflow.", "qlora."))
-            },
-            **trial_tags,
         },
     )
     handle = StageRun(run.info.run_id, parent_run_id, to_parent=not trial)
     try:
         yield handle
     except BaseException as exc:
-        c.set_tag(run.info.run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
-        # A user error (bad setting, bad row) fails the same way on every retry.
-        kind = "transient" if getattr(exc, "retryable", True) else "permanent"
-        c.set_tag(run.info.run_id, FAILURE_KIND_TAG, kind)
+        _tag_failure(run.info.run_id, exc)
         c.set_terminated(run.info.run_id, status="FAILED")
         raise
     c.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def _stage_tags(stage: str, parent_tags: dict, trial: str, trial_params: dict | None) -> dict:
+    """A stage run's tags: provenance, the stage (and trial), the parent's own tags."""
+    inherited = {k: v for k, v in parent_tags.items() if not k.startswith(("mlflow.", "qlora."))}
+    tags = {**provenance(stage), **inherited, "stage": stage}
+    if trial:
+        tags.update(
+            {"trial": trial, "trial.params": json.dumps(trial_params or {}, sort_keys=True)}
+        )
+    return tags
+
+
+def tag_task_failure(exc: BaseException) -> None:
+    """Under KFP's MLflow plugin, say on the task's own run why it failed before its stage run
+    opened (an invalid setting, a refused retry)."""
+    if plugin.task_run():
+        _tag_failure(plugin.task_run(), exc)
+
+
+def _tag_failure(run_id: str, exc: BaseException) -> None:
+    client().set_tag(run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+    # A user error (bad setting, bad row) fails the same way on every retry.
+    kind = "transient" if getattr(exc, "retryable", True) else "permanent"
+    client().set_tag(run_id, FAILURE_KIND_TAG, kind)
+
+
+@contextlib.contextmanager
+def _plugin_stage_run(
+    parent_run_id: str, stage: str, trial: str, trial_params: dict | None
+) -> Iterator[StageRun]:
+    """The stage logs into the run the backend made for its task (``MLFLOW_RUN_ID``).
+
+    Its params go only to the parent: the launcher logs the task's inputs as params itself,
+    JSON-encoded (``"auto"`` with quotes: handler.go ``mapToParams``), and MLflow refuses a
+    param logged twice with two values, which would lose the launcher's whole batch. The
+    launcher also closes the run, FAILED when the task's process fails.
+    """
+    own = plugin.task_run()
+    parent_run_id = parent_run_id or plugin.root_of(own)
+    parent_tags = client().get_run(parent_run_id).data.tags if parent_run_id else {}
+    for key, value in _stage_tags(stage, parent_tags, trial, trial_params).items():
+        client().set_tag(own, key, value)
+    handle = StageRun(own, parent_run_id, to_parent=not trial, own_params=False)
+    try:
+        yield handle
+    except BaseException as exc:
+        _tag_failure(own, exc)
+        raise
