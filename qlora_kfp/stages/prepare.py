@@ -42,13 +42,18 @@ def _percentiles(lengths: list[int]) -> dict[str, float]:
 
 
 def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded], dict]:
-    """Read and encode every row, validating all of it before returning (fail before work)."""
-    stats = dict(
+    """Read and encode every row, validating all of it before returning (fail before work).
+
+    ``stats["files"]`` lists the files read (with their row counts) and those skipped (with
+    the reason): no file is left out silently.
+    """
+    stats: dict = dict(
         rows_read=0, dropped_duplicate=0, dropped_too_long=0, dropped_no_target=0, truncated=0
     )
+    data = readers.DataSource(cfg.data_source, cfg.data_format)
     seen: set[str] = set()
     out: list[templates.Encoded] = []
-    for file, row, rec in readers.read_rows(cfg.data_source, cfg.data_format):
+    for file, row, rec in data.rows():
         if cfg.max_rows and stats["rows_read"] >= cfg.max_rows:
             break
         stats["rows_read"] += 1
@@ -74,6 +79,9 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
             continue
         stats["truncated"] += enc.truncated
         out.append(enc)
+    files = data.summary()
+    stats.update(files_read=len(files["read"]), files_skipped=len(files["skipped"]))
+    log.info("read %s", files)
     if stats["rows_read"] == 0:
         raise DataError("the dataset has no rows", source=cfg.data_source)
     if not out:
@@ -82,6 +90,7 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
             f"{cfg.max_seq_length}) or set overlong=truncate",
             source=cfg.data_source,
         )
+    stats["files"] = files
     return out, stats
 
 
