@@ -11,11 +11,12 @@ from pathlib import Path
 
 from qlora_kfp.configs import PrepareConfig
 from qlora_kfp.data import readers, schema, templates
+from qlora_kfp.data.specials import SpecialText
 from qlora_kfp.errors import DataError
 from qlora_kfp.storage.manifest import atomic_folder, check_output
 
 log = logging.getLogger(__name__)
-COLUMNS = ("input_ids", "labels", "prompt", "reference")
+COLUMNS = ("input_ids", "labels", "prompt", "reference", "prompt_ids")
 
 
 @dataclass
@@ -51,6 +52,7 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
         rows_read=0, dropped_duplicate=0, dropped_too_long=0, dropped_no_target=0, truncated=0
     )
     data = readers.DataSource(cfg.data_source, cfg.data_format)
+    special = SpecialText(tokenizer)
     seen: set[str] = set()
     out: list[templates.Encoded] = []
     for file, row, rec in data.rows():
@@ -64,13 +66,19 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
                 stats["dropped_duplicate"] += 1
                 continue
             seen.add(key)
-        enc = templates.encode(
-            tokenizer,
-            messages,
-            cfg.max_seq_length,
-            cfg.train_on_prompt,
-            truncate=cfg.overlong == "truncate",
-        )
+        try:
+            enc = templates.encode(
+                tokenizer,
+                messages,
+                cfg.max_seq_length,
+                cfg.train_on_prompt,
+                truncate=cfg.overlong == "truncate",
+                special=special,
+            )
+        except DataError as exc:
+            if exc.source:
+                raise
+            raise DataError(str(exc), source=file, row=row) from None
         if enc is None:
             stats["dropped_too_long"] += 1
             continue
