@@ -67,6 +67,7 @@ class Encoded:
     reference: str
     truncated: bool = False
     prompt_ids: list[int] = field(default_factory=list)  # what generation starts from
+    prompt_key: tuple[str, str] = ("", "")  # the split's group keys (data.splitting)
 
 
 def encode(
