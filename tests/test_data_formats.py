@@ -221,3 +221,13 @@ def test_a_hidden_file_named_directly_is_read(tmp_path, demo_assets, tokenizer):
     path.write_text(jsonl(ROWS))
     _, stats = encode_rows(cfg(path, demo_assets["base_model"]), tokenizer)
     assert stats["files"] == {"read": [{"file": ".train.jsonl", "rows": 20}], "skipped": []}
+
+
+def test_files_max_rows_stops_before_count_what_was_read(tmp_path, demo_assets, tokenizer):
+    root = dataset_folder(tmp_path / "ds")
+    _, stats = encode_rows(cfg(root, demo_assets["base_model"], max_rows=5), tokenizer)
+    assert stats["rows_read"] == 5
+    assert stats["files"]["read"] == [
+        {"file": "data/more.csv", "rows": 5},
+        {"file": "data/train.jsonl", "rows": None},  # never reached
+    ]

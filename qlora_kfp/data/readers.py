@@ -198,8 +198,8 @@ class DataSource:
         for file, n, rec in rows:
             if not isinstance(rec, dict):
                 raise DataError(f"expected an object, got {type(rec).__name__}", source=file, row=n)
-            self.rows_per_file[name] += 1
             yield file, n, rec
+            self.rows_per_file[name] += 1  # after the yield: a row max_rows stops at is not read
 
     def summary(self) -> dict:
         """``{"read": [{"file", "rows"}], "skipped": [{"file", "reason"}]}`` for stats.json;
