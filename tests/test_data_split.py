@@ -146,3 +146,22 @@ def test_groups_too_large_for_the_eval_share_fail_and_say_why(
     msg = str(err.value)
     assert fragment in msg and "all rows of one prompt stay on one side" in msg
     assert "raise eval_fraction" in msg and "the smallest group has 4" in msg
+
+
+def test_the_demo_eval_holds_unseen_prompts_of_word_pairs_seen_in_training(prepared):
+    """What the README says of the demo's figures: held-out phrasings of trained pairs."""
+    from qlora_kfp.app.demo import PHRASINGS
+
+    def pair(row):
+        for p in PHRASINGS:
+            m = re.search(re.escape(p).replace(r"\{w\}", r"(\w+)"), row["prompt"])
+            if m:
+                return m.group(1), row["reference"]
+        raise AssertionError("not a demo prompt")
+
+    train, evals = (
+        pq.read_table(f"{prepared.path}/{s}.parquet", columns=["prompt", "reference"]).to_pylist()
+        for s in ("train", "eval")
+    )
+    assert len(evals) == 36 and not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    assert {pair(r) for r in evals} <= {pair(r) for r in train}
