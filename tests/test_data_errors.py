@@ -116,6 +116,12 @@ CASES = [
         OK + '{"prompt": "\\ud800' + SECRET + '", "completion": "b"}\n',
         ["row 2, field 'prompt'", "not valid Unicode (an unpaired surrogate at character 1)"],
     ),
+    (
+        "jsonl-named-json",
+        "data.json",
+        OK + OK,
+        ["data.json", "Extra data at line 2", "name it .jsonl"],
+    ),
     ("deep-nesting", "data.json", "[" * 100_000 + SECRET, ["data.json", "nested too deeply"]),
     (
         "huge-number",
@@ -185,3 +191,20 @@ def test_a_known_word_in_the_wrong_place_is_named(tmp_path):
         to_messages(rec, file, row)
     with pytest.raises(QloraError, match=r"keys: 'conversations'\. Expected 'messages'"):
         to_messages({"conversations": []}, file, row)
+
+
+def test_a_hub_loading_error_does_not_quote_the_data(monkeypatch, demo_assets, tmp_path):
+    import datasets
+    import pyarrow as pa
+
+    def load_dataset(*args, **kwargs):
+        # What pyarrow's CSV reader raises for a ragged row (arrow/csv/parser.cc: "Expected %d
+        # columns, got %d: %s", the row last), through datasets.load_dataset.
+        raise pa.ArrowInvalid(f"CSV parse error: Expected 2 columns, got 3: q,{SECRET},x")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = PrepareConfig(data_source="someone/ragged", base_model=demo_assets["base_model"])
+    with pytest.raises(QloraError) as err:
+        run_prepare(cfg, str(tmp_path / "out"))
+    assert "someone/ragged: cannot load from the hub (CSV parse error)" in str(err.value)
+    assert SECRET not in str(err.value)

@@ -79,8 +79,10 @@ def _json(path: Path) -> Iterator[Row]:
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except json.JSONDecodeError as exc:
+        # A .json file of one object per line is JSON Lines under the wrong name.
+        hint = "; one object per line is JSONL: name it .jsonl" if exc.msg == "Extra data" else ""
         raise DataError(
-            f"malformed JSON ({_json_error(exc)} at line {exc.lineno}, column {exc.colno})",
+            f"malformed JSON ({_json_error(exc)} at line {exc.lineno}, column {exc.colno}){hint}",
             source=str(path),
         ) from None
     except (ValueError, RecursionError) as exc:
@@ -223,6 +225,10 @@ def _hub(dataset_id: str) -> Iterator[Row]:
         ds = datasets.load_dataset(dataset_id, split="train")
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors alike
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"{dataset_id}: cannot load from the hub ({msg})") from None
+        # Up to the first ": " only: parse errors go on to quote the data (pyarrow's CSV
+        # reader: "CSV parse error: Expected 2 columns, got 3: <the row>").
+        raise SourceError(
+            f"{dataset_id}: cannot load from the hub ({msg.split(': ')[0]})"
+        ) from None
     for n, rec in enumerate(ds, 1):
         yield f"hub:{dataset_id}", n, rec
