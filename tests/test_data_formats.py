@@ -10,7 +10,7 @@ import pytest
 
 from qlora_kfp.configs import PrepareConfig
 from qlora_kfp.data.templates import apply_template
-from qlora_kfp.errors import DataError, SourceError
+from qlora_kfp.errors import DataError
 from qlora_kfp.stages.prepare import encode_rows, run_prepare
 from qlora_kfp.storage.sources import load_tokenizer
 
@@ -209,10 +209,11 @@ def test_a_folder_with_no_data_file_left_fails_and_names_what_it_skipped(
     root.mkdir()
     (root / "README.md").write_text("# data coming soon\n")
     (root / "._train.jsonl").write_text(jsonl(ROWS))
-    with pytest.raises(SourceError) as err:
+    with pytest.raises(DataError) as err:
         encode_rows(cfg(root, demo_assets["base_model"]), tokenizer)
     msg = str(err.value)
-    assert "folder holds no data file" in msg
+    assert not err.value.retryable, "the same files are there on a retry"
+    assert f"{root}: folder holds no data file" in msg
     assert "._train.jsonl (hidden)" in msg and "README.md (not a data file (.md))" in msg
 
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_kfp.errors import SourceError
+from qlora_kfp.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def list_files(path: Path, data_format: str) -> Listing:
     not: the user named it.
 
     Raises:
-        SourceError: when a folder holds no data file; the message names what was skipped.
+        DataError: when a folder holds no data file; the message names what was skipped (not
+            a SourceError: the folder is there, and a retry would find the same files).
     """
     if path.is_file():
         return Listing(path, [path])
@@ -95,8 +96,9 @@ def list_files(path: Path, data_format: str) -> Listing:
     if not listing.files:
         shown = "; ".join(f"{s['file']} ({s['reason']})" for s in listing.skipped[:5])
         more = f" and {len(listing.skipped) - 5} more" if len(listing.skipped) > 5 else ""
-        raise SourceError(
-            f"{path}: folder holds no data file to read (data files end in "
-            f"{', '.join(sorted(FORMATS))}); skipped: {shown or 'nothing, it is empty'}{more}"
+        raise DataError(
+            f"folder holds no data file to read (data files end in "
+            f"{', '.join(sorted(FORMATS))}); skipped: {shown or 'nothing, it is empty'}{more}",
+            source=str(path),
         )
     return listing

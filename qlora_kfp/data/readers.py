@@ -174,7 +174,8 @@ class DataSource:
         data_format: ``auto`` (by extension) or the format of every file read.
 
     Raises:
-        SourceError: the source does not exist, or a folder holds no data file.
+        SourceError: the source does not exist.
+        DataError: a folder holds no data file.
     """
 
     def __init__(self, source: str, data_format: str = "auto"):
