@@ -73,7 +73,11 @@ def test_overlay_sets_namespace_and_bucket():
     docs = kustomize("manifests/overlays/example")
     assert {d["metadata"].get("namespace") for d in docs} == {"kubeflow-user-example-com"}
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
-    assert cm["data"]["QLORA_KFP_ARTIFACT_URI"] == "s3://my-team-llm/qlora"
+    # KFP 2.17's SeaweedFS lets a profile's keys write under mlpipeline/private/<namespace>/
+    # (manifests/kustomize/base/installs/multi-user/pipelines-profile-controller/sync.py).
+    assert cm["data"]["QLORA_KFP_ARTIFACT_URI"] == (
+        "s3://mlpipeline/private/kubeflow-user-example-com/qlora"
+    )
 
 
 @pytest.mark.parametrize(
