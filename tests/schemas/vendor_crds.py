@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--prune-to", help="kustomize folder whose objects the schema is cut to")
     args = ap.parse_args()
 
-    crds = {d["metadata"]["name"]: d for d in yaml.safe_load_all(open(args.crd_file)) if d}
+    with open(args.crd_file) as f:
+        crds = {d["metadata"]["name"]: d for d in yaml.safe_load_all(f) if d}
     used = []
     if args.prune_to:
         out = subprocess.run(
