@@ -133,3 +133,16 @@ def test_every_component_image_is_built_by_make_images():
     assert images <= set(built) and images <= pushed, (images, built, pushed)
     for image in images:
         assert (ROOT / built[image]).is_file(), built[image]
+
+
+# kubeflow/pipelines 2.16.0 and 2.17.0, manifests/kustomize/third-party/seaweedfs/base/seaweedfs/
+# seaweedfs-service.yaml: Service `seaweedfs` in `kubeflow`, S3 API `http-s3` on 8333 (9000 is
+# `http-s3-compat`, kept "for backward compatibility"); the profile controller uses 8333
+# (base/installs/multi-user/pipelines-profile-controller/deployment.yaml, S3_ENDPOINT_URL).
+KFP_OBJECT_STORE = "http://seaweedfs.kubeflow:8333"
+
+
+def test_endpoints_are_the_kfp_object_store():
+    docs = kustomize("manifests/base")
+    data = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert data["AWS_ENDPOINT_URL"] == data["MLFLOW_S3_ENDPOINT_URL"] == KFP_OBJECT_STORE
