@@ -159,3 +159,23 @@ def test_the_venv_has_what_constraints_pin():
         except importlib.metadata.PackageNotFoundError:
             continue
         assert have.split("+")[0] == version, f"{name}: venv {have}, constraints.txt {version}"
+
+
+def test_constraints_satisfy_the_projects_own_requirements():
+    """pyproject.toml states ranges, constraints.txt the versions inside them that the images
+    and the venv install: a pin outside its range would install something pip never checks."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = constraints()
+    reqs = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    checked = 0
+    for line in reqs:
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        if name in pins:
+            assert req.specifier.contains(pins[name], prereleases=True), f"{line} vs {pins[name]}"
+            checked += 1
+    assert checked >= 10
