@@ -9,6 +9,7 @@ init container. Each pod goes through what the API server does on create (tests/
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,24 @@ def argo(name: str) -> dict:
     return {"name": name, "resources": copy.deepcopy(ARGO_EXECUTOR)}
 
 
-def main_resources(res: dict) -> dict:
+PLACEHOLDER = re.compile(r"^\{\{\$\.inputs\.parameters\['pipelinechannel--(\w+)'\]\}\}$")
+
+
+def resolve(value, defaults: dict) -> str:
+    """A per-run resource value (``{{$.inputs.parameters['pipelinechannel--NAME']}}``, which
+    the driver resolves from the run's parameters, driver.go resolvePodSpecInputRuntimeParameter)
+    as a run with the pipeline's defaults gets it."""
+    value = str(value)
+    if "{{" not in value:
+        return value
+    match = PLACEHOLDER.match(value)
+    assert match and match[1] in defaults, f"cannot resolve {value} from the pipeline defaults"
+    return str(defaults[match[1]])
+
+
+def main_resources(res: dict, defaults: dict) -> dict:
     """backend/src/v2/driver/driver.go (initPodSpecPatch): the IR's resource fields as the
     main container's requests and limits; the accelerator becomes a limit only."""
-    for value in map(str, res.values()):
-        assert "{{" not in value, f"runtime resource {value}: resolve it here before checking"
     requests, limits = {}, {}
     for field, target, key in [
         ("resourceCpuRequest", requests, "cpu"),
@@ -46,10 +60,11 @@ def main_resources(res: dict) -> dict:
         ("resourceMemoryLimit", limits, "memory"),
     ]:
         if field in res:
-            target[key] = res[field]
+            target[key] = resolve(res[field], defaults)
     acc = res.get("accelerator")
     if acc:
-        limits[acc.get("resourceType") or acc["type"]] = acc.get("resourceCount") or acc["count"]
+        kind = resolve(acc.get("resourceType") or acc["type"], defaults)
+        limits[kind] = resolve(acc.get("resourceCount") or acc["count"], defaults)
     return {"requests": requests, "limits": limits}
 
 
@@ -58,10 +73,15 @@ def run_pods() -> list[tuple[str, dict]]:
     pods = []
     for path in PIPELINES:
         spec = next(yaml.safe_load_all(path.read_text()))
+        params = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+        defaults = {k: v["defaultValue"] for k, v in params.items() if "defaultValue" in v}
         for name, executor in spec["deploymentSpec"]["executors"].items():
             if "container" not in executor:
                 continue
-            main = {"name": "main", "resources": main_resources(executor["container"]["resources"])}
+            main = {
+                "name": "main",
+                "resources": main_resources(executor["container"]["resources"], defaults),
+            }
             launcher = {"name": "kfp-launcher", "resources": copy.deepcopy(LAUNCHER)}
             pods.append(
                 (
