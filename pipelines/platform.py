@@ -128,8 +128,9 @@ def gpu_task(
         # Model downloads (a 16-bit 70B checkpoint is 140 GB) go to a scratch disk of a
         # declared size instead of the container's writable layer. An emptyDir: a generic
         # ephemeral volume would be root-owned and KFP sets no pod fsGroup (driver/k8s.go), so
-        # the non-root task could not write it; KFP has no per-task ephemeral-storage request
-        # (kfp-kubernetes KubernetesExecutorConfig), which the namespace's LimitRange supplies.
+        # the non-root task could not write it. KFP has no per-task ephemeral-storage request
+        # (kfp-kubernetes KubernetesExecutorConfig); the namespace's LimitRange gives every
+        # container a default one (manifests/base/quota.yaml).
         kubernetes.empty_dir_mount(task, "scratch", SCRATCH, size_limit=opts.scratch_size)
         if not opts.cache_pvc:
             task.set_env_variable("QLORA_KFP_CACHE", f"{SCRATCH}/qlora-kfp")
