@@ -61,6 +61,12 @@ def preflight(
     run_name: str = "",
     force_retrain: bool = False,
     gpu_memory_gib: float = 80.0,
+    gpu_accelerator: str = "nvidia.com/gpu",
+    gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},
+    gpu_tolerations: list = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ],
+    lora_grid: list = [],
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",
 ) -> str:
@@ -121,6 +127,9 @@ def preflight(
         run_name: Name of the parent MLflow run (empty: MLflow picks one).
         force_retrain: Train even when the registered champion was trained on exactly this dataset.
         gpu_memory_gib: Memory of one GPU in GiB: preflight fails before any GPU is claimed when training cannot fit it, and names the setting that would.
+        gpu_accelerator: Kubernetes resource name of the GPU the GPU tasks claim (nvidia.com/gpu, amd.com/gpu, a MIG profile such as nvidia.com/mig-3g.40gb).
+        gpu_node_selector: Node labels the GPU tasks' pods must match (JSON object), e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}; {} for none.
+        gpu_tolerations: Taints of the GPU node pool the GPU tasks tolerate (JSON list of Kubernetes tolerations: key, operator Exists|Equal, value, effect); [] for none.
     """
     from qlora_kfp.tasks import run
 

@@ -64,7 +64,10 @@ def test_run_types_each_param_by_the_pipelines_declared_input(kfp_api, qlora, tm
     _upload(qlora)
     _upload(qlora, "--version", "v2")
     params = tmp_path / "params.yaml"
-    params.write_text("base_model: s3://models/llama\ndata_source: s3://d/x.jsonl\nlora_r: 8\n")
+    params.write_text(
+        "base_model: s3://models/llama\ndata_source: s3://d/x.jsonl\nlora_r: 8\n"
+        "gpu_tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n"
+    )
     code, out, err = qlora(
         "run-remote",
         "--params_file",
@@ -77,6 +80,8 @@ def test_run_types_each_param_by_the_pipelines_declared_input(kfp_api, qlora, tm
         "learning_rate=1e-4",
         "--param",
         "use_dora=true",
+        "--param",
+        'gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"}',
         "--experiment",
         "nightly",
     )
@@ -89,6 +94,10 @@ def test_run_types_each_param_by_the_pipelines_declared_input(kfp_api, qlora, tm
         "run_name": "2024",  # a STRING input stays text
         "learning_rate": 0.0001,
         "use_dora": True,
+        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},  # STRUCT: JSON
+        "gpu_tolerations": [  # LIST, from YAML
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ],
     }
     latest = next(iter(kfp_api.state.pipelines.values()))["versions"][-1]
     assert run["pipeline_version_reference"]["pipeline_version_id"] == latest["pipeline_version_id"]
@@ -104,8 +113,9 @@ def test_run_types_each_param_by_the_pipelines_declared_input(kfp_api, qlora, tm
         (["--param", "lora_r=8.5"], "--param lora_r=8.5: lora_r takes an integer"),
         (["--param", "use_dora=yes"], "use_dora takes true or false"),
         (["--param", "learning_rate=nan"], "learning_rate takes a number"),
+        (["--param", "gpu_node_selector=[1]"], "gpu_node_selector takes a JSON object"),
     ],
-    ids=["unknown-name", "fraction-for-integer", "yes-for-boolean", "nan"],
+    ids=["unknown-name", "fraction-for-integer", "yes-for-boolean", "nan", "list-for-struct"],
 )
 def test_run_refuses_params_the_pipeline_does_not_declare_or_type(kfp_api, qlora, args, message):
     _upload(qlora)

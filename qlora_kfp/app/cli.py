@@ -41,8 +41,28 @@ STAGE_PATHS = {  # positional artifact folders of each stage command
 }
 
 
+def _arg_type(typ: type):
+    """argparse's ``type`` for a field: JSON for dict and list fields (``--gpu_tolerations
+    '[...]'``), else the type itself."""
+    if typ not in (dict, list):
+        return typ
+
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from None
+        if not isinstance(value, typ):
+            raise argparse.ArgumentTypeError(f"expected a JSON {typ.__name__}")
+        return value
+
+    parse.__name__ = f"JSON {typ.__name__}"
+    return parse
+
+
 def _add_field(p: argparse.ArgumentParser, name: str, typ: type, default, help_: str) -> None:
     flag = f"--{name}"
+    typ = _arg_type(typ)
     if typ is bool:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
     elif default is dataclasses.MISSING or default is None:
@@ -54,7 +74,7 @@ def _add_field(p: argparse.ArgumentParser, name: str, typ: type, default, help_:
 def add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     hints, helps = typing.get_type_hints(cls), configs.field_help(cls)
     for f in dataclasses.fields(cls):
-        _add_field(p, f.name, hints[f.name], f.default, helps[f.name])
+        _add_field(p, f.name, hints[f.name], configs.field_default(f), helps[f.name])
 
 
 def pipeline_inputs(pipeline) -> dict[str, tuple[type, object]]:
@@ -72,12 +92,12 @@ def pipeline_inputs(pipeline) -> dict[str, tuple[type, object]]:
 def add_pipeline_flags(p: argparse.ArgumentParser, pipeline) -> None:
     """One flag per pipeline parameter; only flags given on the command line are set."""
     helps: dict[str, str] = {}
-    for cls in configs.STAGE_CONFIGS.values():
+    for cls in configs.ALL_CONFIGS:
         for k, v in configs.field_help(cls).items():
             helps.setdefault(k, v)
     for name, (typ, default) in pipeline_inputs(pipeline).items():
         shown = "" if default is None else f" (pipeline default: {default})"
-        kw = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
+        kw = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": _arg_type(typ)}
         p.add_argument(
             f"--{name}",
             default=argparse.SUPPRESS,
@@ -214,11 +234,10 @@ def _register(cfg, args: argparse.Namespace) -> dict:
     if not runs.enabled():
         raise TrackingError("register needs MLFLOW_TRACKING_URI")
     parent = runs.start_pipeline_run("qlora-finetune", "register", {"kfp.run_id": "cli"})
-    art = argparse.Namespace(path=args.merged_model, metadata={})
     version = stages.register(
         {
             **vars(args),
-            "merged_model": art,
+            "merged_model_uri": args.merged_model,  # a folder, or where merge published it
             "mlflow_parent_run_id": parent,
             "dataset_digest": dataset_digest(args.dataset),
             "tuned_eval_loss": read_metrics(args.evaluation)["tuned_eval_loss"],

@@ -26,7 +26,8 @@ SHORTFALLS = {  # what a backend below FULL_BACKEND does differently, oldest fir
     (2, 15): "it ignores optional on secret and config-map env vars: the Secret "
     "qlora-kfp-credentials and the ConfigMap qlora-kfp-config must hold every key the tasks "
     "read, or their pods do not start",
-    (2, 17): "the exit handler sees RUNNING for finished runs and reads the outcome from MLflow",
+    (2, 17): "the exit handler sees RUNNING for finished runs and reads the outcome from "
+    "MLflow, and retries rerun errors no retry can fix",
 }
 
 
