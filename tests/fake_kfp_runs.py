@@ -34,7 +34,7 @@ class Api(PipelinesApi):
         raise NotImplementedError("FakeKfpApiServer: runs from an inline pipeline_spec")
 
     def create_run(self, req: Request | None, body: dict) -> dict:
-        check_fields(body, "Run")
+        check_fields(body, "Run", self.release)
         if body.get("plugins_output") is not None:
             raise ApiError(400, "plugins_output is server-owned")
         if not body.get("display_name"):
@@ -74,7 +74,7 @@ class Api(PipelinesApi):
         self.authorize(req, namespace, verb, "jobs")
 
     def create_recurring_run(self, req: Request, body: dict) -> dict:
-        check_fields(body, "RecurringRun")
+        check_fields(body, "RecurringRun", self.release)
         if not body.get("display_name"):
             raise ApiError(500, "Recurring run's name cannot be empty")
         trigger = body.get("trigger") or {}

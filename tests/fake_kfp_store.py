@@ -124,8 +124,13 @@ def display_name_filter(req: Request) -> str | None:
     return preds[0].get("string_value", preds[0].get("stringValue"))
 
 
-def check_fields(body: dict, message: str) -> None:
-    allowed = FIELDS[message].split()
+# Fields a release's protos lack (backend/api/v2beta1/run.proto, recurring_run.proto):
+# plugins_input is field 19 of Run and RecurringRun from 2.17.0 on.
+SINCE = {"plugins_input": (2, 17), "plugins_output": (2, 17)}
+
+
+def check_fields(body: dict, message: str, release: tuple[int, int] = (99, 0)) -> None:
+    allowed = [f for f in FIELDS[message].split() if release >= SINCE.get(f, (0, 0))]
     camel = {re.sub(r"_(\w)", lambda m: m.group(1).upper(), f) for f in allowed}
     unknown = [k for k in body if k not in allowed and k not in camel]
     if unknown:
@@ -161,6 +166,12 @@ class Access:
         self.require_namespace = require_namespace
         self.kfp_namespace = kfp_namespace
         self.behind_kube_proxy = False  # True: reachable only through the kube API proxy
+
+    @property
+    def release(self) -> tuple[int, int]:
+        """``(2, 17)`` from the tag the fake reports; unknown builds speak the newest protos."""
+        m = re.match(r"v?(\d+)\.(\d+)", self.tag_name or "")
+        return (int(m.group(1)), int(m.group(2))) if m else (99, 0)
 
     def replace_namespace(self, namespace: str) -> str:
         # resource/resource_manager.go ReplaceNamespace: single-user mode has no namespaces.

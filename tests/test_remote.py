@@ -238,3 +238,24 @@ def test_token_is_sent_as_bearer(kfp_api, qlora):
     assert {r.headers.get("authorization") for r in kfp_api.state.requests} == {
         "Bearer secret-token"
     }
+
+
+@pytest.mark.parametrize(
+    "release,expected",
+    [("2.17.0", {"mlflow": {"experiment_name": "team-llm"}}), ("2.16.1", None)],
+    ids=["2.17-names-the-plugin-experiment", "2.16-has-no-plugins-field"],
+)
+def test_runs_tell_kfps_mlflow_plugin_their_experiment(
+    monkeypatch, tmp_path, qlora, release, expected
+):
+    """A 2.17 backend with its MLflow plugin on tracks the run in plugins_input's experiment
+    ("Default" otherwise); 2.16 has no such field in its Run proto and refuses it."""
+    remote_cli.isolate(monkeypatch, tmp_path)
+    with FakeKfpApiServer(version=release) as server:
+        monkeypatch.setenv("KFP_HOST", server.host)
+        _upload(qlora)
+        args = (*REQUIRED, "--param", "mlflow_experiment=team-llm")
+        assert qlora("run-remote", *args)[0] == 0
+        assert server.state.runs[-1].get("plugins_input") == expected
+        assert qlora("schedule", "create", *args)[0] == 0
+        assert next(iter(server.state.recurring.values())).get("plugins_input") == expected

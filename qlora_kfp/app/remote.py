@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from qlora_kfp.app import pipeline_params
-from qlora_kfp.app.kfp_api import Backend, call, connect
+from qlora_kfp.app.kfp_api import Backend, call, connect, parse_version
 from qlora_kfp.errors import ConfigError
 
 DEFAULT_PACKAGE = "pipelines/compiled/qlora_finetune.yaml"
@@ -157,6 +157,22 @@ def _target(b: Backend, name: str, params: pipeline_params.Params):
     return pipeline_id, version, typed
 
 
+def _plugins_input(b: Backend, version, typed: dict) -> dict | None:
+    """Where KFP's own MLflow plugin should track the run: the run's ``mlflow_experiment``.
+
+    A 2.17 backend with the plugin on opens the parent MLflow run itself, in the experiment
+    named by ``plugins_input.mlflow.experiment_name`` ("Default" without it;
+    backend/src/apiserver/plugins/mlflow/config.go ``MLflowPluginInput``); without the plugin
+    the field is kept and unused. Older releases have no such field and refuse it.
+    """
+    if (parse_version(b.version) or (0, 0)) < (2, 17):
+        return None
+    inputs = pipeline_params.root_inputs(version.pipeline_spec or {})
+    default = (inputs.get("mlflow_experiment") or {}).get("defaultValue")
+    experiment = typed.get("mlflow_experiment", default)
+    return {"mlflow": {"experiment_name": experiment}} if experiment else None
+
+
 def run(
     name: str,
     params: pipeline_params.Params,
@@ -178,6 +194,7 @@ def run(
         ),
         runtime_config=api.V2beta1RuntimeConfig(parameters=typed),
         service_account=service_account or None,  # empty: the backend's default
+        plugins_input=_plugins_input(b, version, typed),
     )
     r = call(f"start a run of {name!r}", b.client._run_api.run_service_create_run, body, backend=b)
     out = {"run_id": r.run_id, "pipeline_version_id": version.pipeline_version_id}
@@ -206,7 +223,7 @@ def schedule(
             "e.g. '0 0 3 * * 1' for Mondays at 03:00"
         )
     b = backend or connect()
-    pipeline_id, _, typed = _target(b, name, params)  # validated on the latest version
+    pipeline_id, version, typed = _target(b, name, params)  # validated on the latest version
     body = api.V2beta1RecurringRun(
         display_name=job_name or f"{name}-retrain",
         experiment_id=_experiment_id(b, experiment),
@@ -218,6 +235,7 @@ def schedule(
         no_catchup=True,
         mode=api.RecurringRunMode.ENABLE,
         service_account=service_account or None,
+        plugins_input=_plugins_input(b, version, typed),
     )
     rr = call(
         f"schedule {name!r}",
