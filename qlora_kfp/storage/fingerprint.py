@@ -44,6 +44,17 @@ def _s3(uri: str) -> str:
     return h.hexdigest()
 
 
+def artifact_digest(folder: str | os.PathLike) -> str:
+    """Digest of an artifact's content from its manifest (every file's sha256): no reread."""
+    from qlora_kfp.storage.manifest import read_manifest
+
+    files = read_manifest(folder)["files"]
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}:{files[rel]['sha256']};".encode())
+    return h.hexdigest()[:16]
+
+
 def source_digest(source: str) -> str:
     """Content digest of a path, an ``s3://`` URI, or a hub id (its id: no network here)."""
     if s3.is_s3(source):

@@ -176,6 +176,24 @@ def download_folder(uri: str, dest: str | os.PathLike, verify_manifest: bool = T
     return dest
 
 
+def read_text(uri: str) -> str:
+    """The text of one small object (e.g. a manifest), without downloading its folder."""
+    bucket, key = split_uri(uri)
+    try:
+        return client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from None
+
+
+def delete_object(uri: str) -> None:
+    """Delete one object (absent is fine: S3's DeleteObject succeeds on a missing key)."""
+    bucket, key = split_uri(uri)
+    try:
+        client().delete_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from None
+
+
 def delete_prefix(uri: str) -> int:
     """Delete every object under ``uri`` (temporary storage); returns how many."""
     bucket, prefix = split_uri(uri)
