@@ -55,12 +55,8 @@ def test_model_and_dataset_load_from_s3_uris(s3_env, demo_assets, tmp_path, monk
     s3.upload_folder(demo_assets["base_model"], "s3://data/models/tiny")
     client(s3_env).upload_file(demo_assets["data_source"], "data", "datasets/antonyms.jsonl")
     local = sources.model_source("s3://data/models/tiny")
-    assert (
-        json.loads(
-            (tmp_path / "cache" / "s3" / "data" / "models" / "tiny" / "config.json").read_text()
-        )["model_type"]
-        == "llama"
-    )
+    assert Path(local).is_relative_to(tmp_path / "cache" / "s3" / "data" / "models" / "tiny")
+    assert json.loads((Path(local) / "config.json").read_text())["model_type"] == "llama"
     res = run_prepare(
         PrepareConfig(
             data_source="s3://data/datasets/antonyms.jsonl",
@@ -70,6 +66,90 @@ def test_model_and_dataset_load_from_s3_uris(s3_env, demo_assets, tmp_path, monk
         str(tmp_path / "prepared"),
     )
     assert res.stats["rows_read"] == 240 and local.endswith("tiny")
+
+
+def _rows(n: int, answer: str = "cold") -> bytes:
+    rows = [
+        {"prompt": f"What is the opposite of hot ({i})?", "completion": answer} for i in range(n)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_an_object_replaced_under_the_same_key_is_downloaded_again(
+    s3_env, demo_assets, tmp_path, monkeypatch
+):
+    """The cache (a PVC shared by pods in the cluster) must not serve the old file, or the
+    dataset digest stays the same and retraining can be skipped on new data."""
+    from qlora_kfp.configs import PrepareConfig
+    from qlora_kfp.stages.prepare import run_prepare
+
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    c = client(s3_env)
+    c.put_object(Bucket="data", Key="replaced/train.jsonl", Body=_rows(40))
+    first = sources.localize("s3://data/replaced/train.jsonl")
+    assert Path(first).name == "train.jsonl" and Path(first).read_bytes() == _rows(40)
+    downloads = []
+    real = s3.download_folder
+    monkeypatch.setattr(
+        s3, "download_folder", lambda *a, **kw: downloads.append(a) or real(*a, **kw)
+    )
+    assert sources.localize("s3://data/replaced/train.jsonl") == first and not downloads
+
+    def prepare(name):
+        cfg = PrepareConfig(
+            data_source="s3://data/replaced/train.jsonl",
+            base_model=demo_assets["base_model"],
+            max_seq_length=64,
+        )
+        return run_prepare(cfg, str(tmp_path / name))
+
+    before = prepare("one")
+    c.put_object(Bucket="data", Key="replaced/train.jsonl", Body=_rows(40, "freezing"))
+    second = sources.localize("s3://data/replaced/train.jsonl")
+    assert second != first and Path(second).read_bytes() == _rows(40, "freezing")
+    assert len(downloads) == 1
+    assert prepare("two").digest != before.digest, "new data, new dataset digest"
+
+
+def test_a_folder_with_one_replaced_file_is_downloaded_again(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    c = client(s3_env)
+    for name in ("a.jsonl", "b.jsonl"):
+        c.put_object(Bucket="data", Key=f"folder/{name}", Body=_rows(3))
+    first = Path(sources.localize("s3://data/folder"))
+    assert first.name == "folder" and sorted(p.name for p in first.iterdir()) == [
+        "a.jsonl",
+        "b.jsonl",
+    ]
+    c.put_object(Bucket="data", Key="folder/b.jsonl", Body=_rows(3, "icy"))
+    second = Path(sources.localize("s3://data/folder"))
+    assert second != first and (second / "b.jsonl").read_bytes() == _rows(3, "icy")
+    assert (second / "a.jsonl").read_bytes() == _rows(3)
+
+
+def test_an_interrupted_download_is_never_served(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    c = client(s3_env)
+    for name in ("a.jsonl", "b.jsonl"):
+        c.put_object(Bucket="data", Key=f"cut/{name}", Body=_rows(3))
+    real, calls = s3.download_folder, []
+
+    def cut_off(uri, dest, *a, **kw):  # the first file lands, then the connection drops
+        calls.append(uri)
+        Path(dest).mkdir(parents=True)
+        (Path(dest) / "a.jsonl").write_bytes(_rows(3))
+        raise SourceError(f"{uri}: connection reset")
+
+    monkeypatch.setattr(s3, "download_folder", cut_off)
+    with pytest.raises(SourceError, match="connection reset"):
+        sources.localize("s3://data/cut")
+    monkeypatch.setattr(s3, "download_folder", real)
+    c.delete_object(Bucket="data", Key="cut/a.jsonl")  # the folder changes before the retry
+    c.put_object(Bucket="data", Key="cut/c.jsonl", Body=_rows(3))
+    got = Path(sources.localize("s3://data/cut"))
+    assert sorted(p.name for p in got.iterdir()) == ["b.jsonl", "c.jsonl"], "no leftover a.jsonl"
+    # Nothing but the one complete entry is left in the cache.
+    assert [p.name for p in got.parent.parent.iterdir()] == [got.parent.name]
 
 
 @pytest.mark.parametrize(

@@ -35,13 +35,9 @@ def _local(path: Path) -> str:
 
 
 def _s3(uri: str) -> str:
-    """ETags and sizes of every object under the URI (no download)."""
-    bucket, prefix = s3.split_uri(uri)
-    client, h = s3.client(), hashlib.sha256()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for o in page.get("Contents", []):
-            h.update(f"{o['Key']}:{o['ETag']}:{o['Size']};".encode())
-    return h.hexdigest()
+    """ETags, sizes and dates of every object under the URI (no download); the same listing
+    keys the local download cache (sources.localize), so the two never disagree."""
+    return s3.version(s3.list_objects(uri))
 
 
 def artifact_digest(folder: str | os.PathLike) -> str:
@@ -58,7 +54,7 @@ def artifact_digest(folder: str | os.PathLike) -> str:
 def source_digest(source: str) -> str:
     """Content digest of a path, an ``s3://`` URI, or a hub id (its id: no network here)."""
     if s3.is_s3(source):
-        return "s3:" + _s3(source)[:16]
+        return "s3:" + _s3(source)
     if Path(source).exists():
         return "file:" + _local(Path(source))[:16]
     if sources.is_hub_id(source):

@@ -7,12 +7,17 @@ one clear :class:`SourceError` naming the source.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 from qlora_kfp.errors import SourceError
 from qlora_kfp.storage import s3
+from qlora_kfp.storage.writes import partial_folder, writing
+
+log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -23,16 +28,53 @@ def cache_dir() -> Path:
 
 
 def localize(source: str) -> str:
-    """Return a local path for ``s3://`` sources (downloaded once), else ``source`` itself."""
-    if s3.is_s3(source):
-        bucket, key = s3.split_uri(source)
-        dest = cache_dir() / "s3" / bucket / key
-        done = dest.with_name(dest.name + ".complete")
-        if not done.exists():
-            got = s3.download_folder(source, dest)
-            done.write_text(str(got))
-        return done.read_text()
-    return source
+    """Return a local path for ``s3://`` sources (downloaded once per version), else ``source``.
+
+    A cache entry is keyed by what S3 says about the objects (ETag, size, LastModified, and a
+    single object's VersionId), not by the key alone: an object replaced under the same key
+    is downloaded again, also on a cache shared by many pods. An entry is moved into place
+    only once complete, so its existence is its completeness.
+    """
+    if not s3.is_s3(source):
+        return source
+    bucket, key = s3.split_uri(source)
+    for _ in range(3):
+        objects = s3.list_objects(source)
+        version = s3.version(objects)
+        entry = cache_dir() / "s3" / bucket / key / f"@{version}"
+        if not entry.is_dir():
+            _download(source, objects, entry)
+            if s3.version(s3.list_objects(source)) != version:  # replaced while downloading
+                log.warning("%s changed while it was downloaded; downloading it again", source)
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+        return str(entry / Path(key).name)
+    raise SourceError(
+        f"{source}: changed three times while it was downloaded; run again once "
+        "writes to it have finished"
+    )
+
+
+def _download(source: str, objects: list[dict], entry: Path) -> None:
+    """Download into a partial folder beside ``entry`` and move it into place whole."""
+    with writing(entry):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+    with writing(entry), partial_folder(entry) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a shared cache is read by other users' pods
+        try:
+            name = Path(s3.split_uri(source)[1]).name
+            s3.download_folder(
+                source, tmp if s3.is_single(source, objects) else tmp / name, objects=objects
+            )
+            try:
+                os.rename(tmp, entry)
+            except OSError:
+                if not entry.is_dir():
+                    raise
+                shutil.rmtree(tmp)  # another process finished the same version first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def is_hub_id(source: str) -> bool:
