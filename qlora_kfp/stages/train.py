@@ -221,6 +221,16 @@ def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
     return checkpoints.made_from(cfg, dataset_digest(dataset_dir), artifact_digest(model_dir))
 
 
+def base_model_of(model_dir: str) -> dict:
+    """The base model a quantized model was made from and its weights' fingerprint, as the
+    quantize stage recorded them; the adapter keeps them so merge can check its base."""
+    made = json.loads((Path(model_dir) / "quantize.json").read_text())
+    return {
+        "base_model": made["config"]["base_model"],
+        "base_model_fingerprint": made.get("base_model_fingerprint", ""),
+    }
+
+
 def run_train(
     cfg: TrainConfig,
     model_dir: str,
@@ -351,7 +361,7 @@ def run_train(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
-        record = {"config": asdict(cfg), "made_from": made_from}
+        record = {"config": asdict(cfg), "made_from": made_from, **base_model_of(model_dir)}
         (tmp / "train.json").write_text(json.dumps(record, indent=1))
         loss_curve(history, tmp / "loss_curve.png")
     checkpoints.remove_all(ckpt_root)  # the adapter is complete: no resume needed
