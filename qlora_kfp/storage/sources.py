@@ -7,6 +7,7 @@ one clear :class:`SourceError` naming the source.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from qlora_kfp.errors import SourceError
 from qlora_kfp.storage import s3
+from qlora_kfp.storage.manifest import MANIFEST, PRODUCERS
 from qlora_kfp.storage.writes import partial_folder, writing
 
 log = logging.getLogger(__name__)
@@ -87,10 +89,65 @@ def model_source(source: str) -> str:
     if Path(path).exists():
         if not (Path(path) / "config.json").is_file():
             raise SourceError(f"{source}: no config.json; not a saved transformers model")
+        check_weights(Path(path))
         return path
     if not is_hub_id(path):
         raise SourceError(f"{source}: no such file or folder, and not a hub id")
     return path  # a hub id: from_pretrained downloads it (unless HF_HUB_OFFLINE=1)
+
+
+def check_weights(folder: Path) -> None:
+    """Fail in one line on a missing shard or a truncated or corrupt safetensors file.
+
+    Reads only the headers (a length and a JSON table of tensor offsets), so it costs nothing
+    on a 140 GB model, and says what to do: re-run the stage that wrote an artifact, or
+    download a base model again.
+
+    Raises:
+        SourceError: naming the file.
+    """
+    try:
+        kind = json.loads((folder / MANIFEST).read_text()).get("kind", "")
+    except (OSError, ValueError):
+        kind = ""
+    stage = PRODUCERS.get(kind)
+    todo = f"re-run the {stage} stage" if stage else "download or copy the model again"
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError):
+            raise SourceError(f"{index}: corrupt shard index; {todo}") from None
+        missing = sorted(shards - {f.name for f in files})
+        if missing:
+            raise SourceError(f"{folder / missing[0]}: missing (listed in {index.name}); {todo}")
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem:
+            raise SourceError(f"{f}: {problem}; {todo}")
+
+
+def _safetensors_problem(f: Path) -> str:
+    """What is wrong with a safetensors file's framing ("" when nothing): the format is an
+    8-byte little-endian header length, the JSON header, then the tensors' bytes."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            return f"truncated or corrupt safetensors file ({size} bytes; its header is cut off)"
+        try:
+            header = json.loads(fh.read(n))
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "corrupt safetensors file (its header is not a tensor table)"
+    if 8 + n + end > size:
+        return f"truncated safetensors file ({size} bytes of {8 + n + end})"
+    return ""
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):
