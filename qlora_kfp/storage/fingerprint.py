@@ -37,7 +37,7 @@ def _local(path: Path) -> str:
 def _s3(uri: str) -> str:
     """ETags, sizes and dates of every object under the URI (no download); the same listing
     keys the local download cache (sources.localize), so the two never disagree."""
-    return s3.version(s3.list_objects(uri))
+    return s3.version(s3.list_objects(uri, missing_ok=True))  # missing: prepare says so
 
 
 def artifact_digest(folder: str | os.PathLike) -> str:

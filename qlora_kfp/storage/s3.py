@@ -133,12 +133,13 @@ def upload_folder(folder: str | os.PathLike, uri: str, kind: str = "folder") -> 
     return uri
 
 
-def list_objects(uri: str) -> list[dict]:
+def list_objects(uri: str, missing_ok: bool = False) -> list[dict]:
     """What S3 says about every object under ``uri`` (or the one object at ``uri``).
 
     Each entry has ``key``, ``size``, ``etag`` and ``last_modified``; a single object also its
     ``version_id`` (on a versioned bucket). Replacing an object under the same key changes
     its ETag or LastModified, so :func:`version` of this list tells a replaced source apart.
+    Nothing at ``uri`` is a :class:`SourceError`, or ``[]`` with ``missing_ok``.
     """
     bucket, prefix = split_uri(uri)
     s3 = client()
@@ -160,6 +161,9 @@ def list_objects(uri: str) -> list[dict]:
         # A single object, e.g. s3://bucket/data.jsonl.
         head = s3.head_object(Bucket=bucket, Key=prefix)
     except Exception as exc:  # noqa: BLE001
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if missing_ok and code in ("404", "NoSuchKey"):
+            return []
         raise _explain(uri, exc) from None
     return [
         {
