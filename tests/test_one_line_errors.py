@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qlora_kfp.configs import MergeConfig, QuantizeConfig, TrainConfig
-from qlora_kfp.errors import ArtifactError, ConfigError, SourceError
+from qlora_kfp.errors import ArtifactError, ConfigError
 from qlora_kfp.storage.manifest import atomic_folder
 
 
@@ -75,11 +75,12 @@ def test_a_damaged_base_model_is_named(demo_assets, tmp_path, damage, message):
 
     base = _base_copy(demo_assets, tmp_path)
     damage(base / "model.safetensors")
-    with pytest.raises(SourceError) as got:
+    with pytest.raises(ArtifactError) as got:
         run_quantize(QuantizeConfig(base_model=str(base)), str(tmp_path / "q"))
     text = str(got.value)
     assert text.startswith(f"{base / 'model.safetensors'}: ") and message in text
     assert text.endswith("download or copy the model again") and "\n" not in text
+    assert not got.value.retryable, "the same bytes are there on a KFP retry"
 
 
 def test_a_missing_shard_is_named(demo_assets, tmp_path):
@@ -94,7 +95,7 @@ def test_a_missing_shard_is_named(demo_assets, tmp_path):
     )
     shard = sorted(base.glob("model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(SourceError, match=f"{shard}: missing \\(listed in model.safetensors"):
+    with pytest.raises(ArtifactError, match=f"{shard}: missing \\(listed in model.safetensors"):
         run_quantize(QuantizeConfig(base_model=str(base)), str(tmp_path / "q"))
 
 

@@ -76,6 +76,8 @@ def test_a_failed_write_is_one_line_naming_the_output(
         raise exc
     text = str(got.value)
     assert text.startswith(f"{final}: ") and message in text and "\n" not in text
+    # A KFP retry may find room on a full disk, never on a read-only or denied output.
+    assert got.value.retryable == (message in ("disk full while writing it", "quota exceeded"))
     assert not final.exists()
     leftovers = list(final.parent.iterdir()) if final.parent.exists() else []
     assert leftovers == [], "a failed write leaves no partial folder"

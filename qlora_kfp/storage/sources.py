@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from qlora_kfp.errors import SourceError
+from qlora_kfp.errors import ArtifactError, SourceError
 from qlora_kfp.storage import s3
 from qlora_kfp.storage.manifest import MANIFEST, PRODUCERS
 from qlora_kfp.storage.writes import partial_folder, writing
@@ -104,7 +104,7 @@ def check_weights(folder: Path) -> None:
     download a base model again.
 
     Raises:
-        SourceError: naming the file.
+        ArtifactError: naming the file (not retried: the same bytes are there on a retry).
     """
     try:
         kind = json.loads((folder / MANIFEST).read_text()).get("kind", "")
@@ -118,14 +118,14 @@ def check_weights(folder: Path) -> None:
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (ValueError, KeyError, AttributeError):
-            raise SourceError(f"{index}: corrupt shard index; {todo}") from None
+            raise ArtifactError(f"{index}: corrupt shard index; {todo}") from None
         missing = sorted(shards - {f.name for f in files})
         if missing:
-            raise SourceError(f"{folder / missing[0]}: missing (listed in {index.name}); {todo}")
+            raise ArtifactError(f"{folder / missing[0]}: missing (listed in {index.name}); {todo}")
     for f in files:
         problem = _safetensors_problem(f)
         if problem:
-            raise SourceError(f"{f}: {problem}; {todo}")
+            raise ArtifactError(f"{f}: {problem}; {todo}")
 
 
 def _safetensors_problem(f: Path) -> str:

@@ -47,7 +47,8 @@ def write_error(exc: BaseException, path: str | os.PathLike) -> OutputError | No
     if code in (errno.ENOSPC, errno.EDQUOT):
         return OutputError(
             f"{path}: disk full while writing it (no space left on the device or quota "
-            "exceeded); free space there or choose another output folder"
+            "exceeded); free space there or choose another output folder",
+            retryable=True,  # the failed write's files are gone: a retry may have room
         )
     if code == errno.EROFS:
         return OutputError(

@@ -192,7 +192,8 @@ def saving(root: Path) -> Iterator[None]:
             raise
         raise OutputError(
             f"{err}; the complete checkpoints there are kept to resume from "
-            "(checkpoint_steps=0 saves none)"
+            "(checkpoint_steps=0 saves none)",
+            retryable=err.retryable,
         ) from None
 
 
