@@ -9,6 +9,8 @@ Checks live in ``__post_init__`` and say what to do, so bad values fail before a
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -28,6 +30,17 @@ def _help(text: str, **kw: Any) -> Any:
 def _check(ok: bool, name: str, value: Any, what: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {what}")
+
+
+@functools.cache
+def optimizer_names() -> tuple[str, ...]:
+    """The optimizer names transformers' Trainer takes (empty where it is not installed, as
+    when compiling pipelines: the check then runs in the task)."""
+    try:
+        from transformers.training_args import OptimizerNames
+    except ImportError:
+        return ()
+    return tuple(o.value for o in OptimizerNames)
 
 
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -274,6 +287,18 @@ class TrainConfig:
             "varlen needs packed rows: set packing to padding_free or bins, or use sdpa",
         )
         _check(self.checkpoint_steps >= 0, "checkpoint_steps", self.checkpoint_steps, "use >= 0")
+        # Imports transformers (seconds): only for a name that is not the default.
+        names = optimizer_names() if self.optimizer != "auto" else ()
+        if names and self.optimizer not in names:
+            close = difflib.get_close_matches(self.optimizer, names, n=1, cutoff=0.5)
+            _check(
+                False,
+                "optimizer",
+                self.optimizer,
+                (f"did you mean {close[0]}? " if close else "")
+                + "use auto or a name of transformers' OptimizerNames, e.g. adamw_torch, "
+                "adamw_torch_fused, paged_adamw_32bit, adamw_8bit",
+            )
 
     @property
     def target_module_list(self) -> str | list[str]:

@@ -62,3 +62,18 @@ class TrainingDivergedError(QloraError):
 
 class NotRetriedError(QloraError):
     """A retry was stopped because an earlier attempt failed with a non-retryable error."""
+
+
+class OutputError(QloraError):
+    """An artifact cannot be written: the disk is full, or the output is read-only or not ours
+    to write; the message names the path. Only a full disk may have room on a retry (the
+    failed write's files are removed), so ``retryable`` is set per error."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class ProvenanceError(QloraError, ValueError):
+    """An artifact was made from other inputs than the ones given (e.g. an adapter trained on
+    another base model); the message names both."""
