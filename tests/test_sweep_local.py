@@ -91,3 +91,11 @@ def test_sweep_trains_each_trial_and_picks_the_lowest_eval_loss(tmp_path, monkey
     ]
     assert sorted(r.data.params["lora_r"] for r in trains) == ["4", "8"]
     assert json.loads(parent.data.tags["best_trial"])["lora_r"] == best["lora_r"]
+    # Each trial is its own named run; the parent carries no one trial's settings or curve.
+    from qlora_kfp.tasks.context import trial_label
+
+    assert sorted(r.info.run_name for r in trains) == sorted(
+        f"train {trial_label(g)}" for g in GRID
+    )
+    assert "lora_r" not in parent.data.params and "loss" not in parent.data.metrics
+    assert parent.data.tags["best_trial.name"] == best["trial_name"]
