@@ -321,8 +321,14 @@ def main() -> None:
     _save(a.out, results)
     print("baseline", json.dumps(base), flush=True)
 
-    n = max(a.rows, a.bs * (a.steps + a.warmup + 2))
+    # The baseline's rows, for variants on its very batches (the sampler's order depends on
+    # the row count); packed variants may take more (--rows) to reach 30 steady steps.
+    n = a.bs * (a.steps + a.warmup + 2)
     write_dataset(rows_like_seed(a.size, a.data, a.seq, n), work / "dataset")
+    more = work / "dataset"
+    if a.rows > n:
+        more = work / "dataset-more"
+        write_dataset(rows_like_seed(a.size, a.data, a.seq, a.rows), more)
     results["setup"]["quantize_s"] = round(quantize(checkpoint, work / "model4"), 1)
 
     fpt = flops_per_token(a.size, a.seq)
@@ -331,7 +337,8 @@ def main() -> None:
         name, kw = parse_variant(spec)
         bs = kw.get("batch_size", 4)
         steps = (a.steps + a.warmup) * a.bs // bs  # the same rows as the baseline
-        r = run_variant(kw, work / "model4", work / "dataset", work / f"adapter-{name}", steps)
+        data = more if kw.get("packing") == "bins" else work / "dataset"
+        r = run_variant(kw, work / "model4", data, work / f"adapter-{name}", steps)
         if "error" in r:
             results[name] = r
             print(name, "FAILED", r["error"][-800:], flush=True)

@@ -60,7 +60,7 @@ def allocated(est: memory.MemoryEstimate, paged: bool) -> float:
 
 # Measured peaks (max_memory_allocated, GiB) of settings benchmarked on one H100
 # (BENCHMARKS.md): (estimate kwargs, batch, measured, paged optimizer).
-BINS = dict(packing="bins", attention="varlen", fp32_upcast=False, dropout_copies=True)
+BINS = dict(packing="bins", attention="varlen", fp32_upcast=False, dropout="peft")
 MEASURED = {
     "s3-4-bins-all-checkpointed": (BINS, 4, 10.10, True),
     "s3-8-bins-all-checkpointed": (BINS, 8, 14.16, True),
@@ -84,7 +84,7 @@ def test_estimate_is_never_below_the_measured_peak_and_at_most_10_percent_above(
 )
 def test_estimate_against_the_first_h100_measurement(fused, measured_gib):
     """Session 1 (float32 upcast, padded rows, sdpa, paged AdamW), batch 8 x 2,048."""
-    est = memory.estimate(LlamaConfig(**LLAMA_8B), 2048, 8, 64, True, fused, dropout_copies=True)
+    est = memory.estimate(LlamaConfig(**LLAMA_8B), 2048, 8, 64, True, fused, dropout="peft")
     assert allocated(est, paged=True) == pytest.approx(measured_gib, rel=0.1)
 
 
@@ -180,7 +180,7 @@ def test_each_layer_that_keeps_its_activations_adds_what_the_h100_measured():
     """BENCHMARKS.md (allocated, 4 bins of 2,048): 0 checkpointed layers 61.43 GiB, 12 of 32
     checkpointed 41.68 GiB, so each layer that keeps its activations costs 1.646 GiB."""
     cfg = LlamaConfig(**LLAMA_8B)
-    kw = dict(attention="varlen", packing="bins", fp32_upcast=False, dropout_copies=True)
+    kw = dict(attention="varlen", packing="bins", fp32_upcast=False, dropout="peft")
     totals = [
         memory.estimate(cfg, 2048, 4, 64, gradient_checkpointing_layers=n, **kw).total_gib
         for n in (30, 20, 10)

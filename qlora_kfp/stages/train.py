@@ -316,7 +316,7 @@ def run_train(
 
     verify(model_dir, "quantized-model")
     verify(dataset_dir, "dataset")
-    modeling.prefer_expandable_segments()
+    expandable = modeling.prefer_expandable_segments()
     gpu_budget = autofit.budget_gib(cfg)  # before the model takes its share
     train_ds, eval_ds = token_rows(dataset_dir, "train"), token_rows(dataset_dir, "eval")
     tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
@@ -441,6 +441,7 @@ def run_train(
         checkpoint_offload=int(setting.offload),
         estimated_peak_gib=setting.estimate_gib,
         memory_settings_tried=settings.index(setting) + 1,
+        expandable_segments=int(expandable),
     )
     if torch.cuda.is_available():
         metrics["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

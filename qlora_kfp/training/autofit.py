@@ -53,9 +53,16 @@ def estimate_kwargs(cfg: TrainConfig, has_varlen: bool | None = None) -> dict:
         packing=cfg.packing,
         fp32_upcast=cfg.fp32_upcast,
         attention=attention.resolve(cfg.attn_implementation, cfg.packing, has_varlen),
-        # The fused LoRA path regenerates dropout masks; peft's own forward keeps them.
-        dropout_copies=cfg.lora_dropout > 0 and (not cfg.fused_lora or cfg.use_dora),
+        dropout=dropout_mode(cfg),
     )
+
+
+def dropout_mode(cfg: TrainConfig) -> str:
+    """``memory.estimate``'s dropout: the fused LoRA path regenerates masks; peft's own
+    forward (``fused_lora=false``, DoRA) keeps them."""
+    if cfg.lora_dropout <= 0:
+        return "none"
+    return "peft" if not cfg.fused_lora or cfg.use_dora else "regenerated"
 
 
 def offload_allowed(cfg: TrainConfig, host_free_gib: float, stash_gib: float) -> bool:

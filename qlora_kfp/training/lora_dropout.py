@@ -54,14 +54,17 @@ def _function():
                 dropped, mask = _dropout(x, ctx.p)
             g = grad.reshape(-1, grad.shape[-1])
             # Under autocast the forward multiplied in the autocast dtype: do the same here.
+            # One input-sized temporary at a time: the dropped input goes before grad_x comes.
             dtype = g.dtype
             grad_w = None
             if ctx.needs_input_grad[1]:
                 grad_w = (g.t() @ dropped.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype)
+            del dropped
             grad_x = None
             if ctx.needs_input_grad[0]:
-                gx = (g @ weight.to(dtype)).view(*x.shape[:-1], x.shape[-1])
-                grad_x = (gx * mask * (1.0 / (1.0 - ctx.p))).to(x.dtype)
+                grad_x = (g @ weight.to(dtype)).view(*x.shape[:-1], x.shape[-1])
+                # native_dropout_backward's grad * mask * scale, in place (one rounding).
+                grad_x = grad_x.mul_(mask).mul_(1.0 / (1.0 - ctx.p)).to(x.dtype)
             return grad_x, grad_w, None
 
     return DropoutLinear

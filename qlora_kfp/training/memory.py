@@ -36,9 +36,13 @@ NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # softmax statistics, RoPE tables, the rank-sized LoRA outputs, allocator rounding).
 KEPT_FIT = 1.10
 # A checkpointed layer's recompute + backward peak over its kept activations (measured 0.90
-# at 4 bins, 1.05 at 8 bins); without checkpointing the backward's temporaries (0.45).
-RECOMPUTE_WORK = 1.10
+# at 4 bins, 1.05 at 8 bins with peft's dropout, 1.18 at 8 bins without dropout); without
+# checkpointing the backward's temporaries (0.45).
+RECOMPUTE_WORK = {"peft": 1.10, "none": 1.25, "regenerated": 1.25}
 BACKWARD_WORK = 0.50
+# Regenerated LoRA dropout (``lora_dropout``): its backward holds the widest Linear input's
+# dropped-out copy (2 B) and mask (1 B) for a moment.
+REGENERATED_DROPOUT_BYTES = 3
 OFFLOAD_IN_FLIGHT = 2  # layer inputs on the GPU at once with offload (one copying, one used)
 OVERHEAD_GIB = 1.0  # CUDA context, allocator slack
 
@@ -75,16 +79,20 @@ def linear_shapes(cfg) -> list[tuple[int, int]]:
     return per_layer * cfg.num_hidden_layers
 
 
-def kept_layer_bytes(cfg, dropout_copies: bool = False, fp32_upcast: bool = False) -> float:
+DROPOUT_MODES = ("none", "regenerated", "peft")
+
+
+def kept_layer_bytes(cfg, dropout: str = "none", fp32_upcast: bool = False) -> float:
     """Bytes a token that autograd keeps of one Llama-style decoder layer for its backward.
 
     In the compute dtype (2 bytes): the layer input and the attention block's midpoint (the
     norms' inputs), both norms' outputs (the LoRA A inputs; the 4-bit matmuls keep nothing),
     q, k and v (attention), the attention output (attention and o's LoRA), gate and up (the
-    SwiGLU) and its product (down's LoRA). With ``dropout_copies`` (peft's dropout module)
+    SwiGLU) and its product (down's LoRA). With ``dropout="peft"`` (peft's dropout module)
     each adapted Linear keeps its dropped-out input (2 bytes) and mask (1 byte) instead of
-    sharing the plain input; the train stage's LoRA path regenerates the masks instead
-    (``lora_dropout``). With ``fp32_upcast`` the residual stream and the norms run in float32.
+    sharing the plain input; the train stage's LoRA path (``"regenerated"``) draws the masks
+    again in backward and keeps what ``"none"`` keeps (``lora_dropout``). With ``fp32_upcast``
+    the residual stream and the norms run in float32.
     """
     h, q, kv, _ = _dims(cfg)
     inter = cfg.intermediate_size
@@ -92,7 +100,7 @@ def kept_layer_bytes(cfg, dropout_copies: bool = False, fp32_upcast: bool = Fals
     # The norms' outputs feed five Linears (q, k, v; gate, up). Under fp32_upcast they are
     # float32 and each matmul keeps its own compute-dtype cast too (autocast caches no
     # activations). o takes the attention output, down the SwiGLU product.
-    if dropout_copies:  # each Linear keeps its dropped-out input (2 B) and its mask (1 B)
+    if dropout == "peft":  # each Linear keeps its dropped-out input (2 B) and its mask (1 B)
         lora_inputs = 5 * h * (7 if fp32_upcast else 3) + (q + inter) * 3
     else:  # shared inputs: the norms' outputs once, the attention output with attention
         lora_inputs = (2 * h * 4 + 5 * h * 2 if fp32_upcast else 2 * h * 2) + inter * 2
@@ -113,7 +121,7 @@ def estimate(
     attention: str = "sdpa",
     gradient_checkpointing_layers: int = -1,
     offload: bool = False,
-    dropout_copies: bool = False,
+    dropout: str = "none",
 ) -> MemoryEstimate:
     """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
 
@@ -121,8 +129,9 @@ def estimate(
     tokens, whose boolean attention mask grows with the square of that length;
     ``attention="varlen"`` builds no mask (it takes document boundaries instead).
     ``gradient_checkpointing_layers`` checkpoints only the first layers (-1: all), as the train
-    stage does; ``offload`` keeps their inputs in host memory. ``dropout_copies``: LoRA
-    dropout through peft's own module (see :func:`kept_layer_bytes`).
+    stage does; ``offload`` keeps their inputs in host memory. ``dropout``: LoRA dropout off
+    (``none``), with masks drawn again in backward (``regenerated``, the train stage) or
+    through peft's own module (``peft``; see :func:`kept_layer_bytes`).
     """
     shapes = linear_shapes(cfg)
     h, vocab, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
@@ -137,14 +146,17 @@ def estimate(
     }
     n = gradient_checkpointing_layers
     ckpt = 0 if not gradient_checkpointing else layers if n < 0 else min(n, layers)
-    kept = tokens * kept_layer_bytes(cfg, dropout_copies, fp32_upcast)
+    kept = tokens * kept_layer_bytes(cfg, dropout, fp32_upcast)
     stream = tokens * h * (4 if fp32_upcast else 2)
     if ckpt:
         on_gpu = min(ckpt, OFFLOAD_IN_FLIGHT) if offload else ckpt
         parts["checkpointed layer inputs"] = on_gpu * stream
     if ckpt < layers:  # kept until backward
         parts["kept activations"] = (layers - ckpt) * kept
-    parts["backward working set"] = kept * (RECOMPUTE_WORK if ckpt else BACKWARD_WORK)
+    work = kept * (RECOMPUTE_WORK[dropout] if ckpt else BACKWARD_WORK)
+    if dropout == "regenerated":
+        work += tokens * max(h, cfg.intermediate_size) * REGENERATED_DROPOUT_BYTES
+    parts["backward working set"] = work
     if fused_loss:  # Liger: the input's gradient (kept from the forward) and two chunks
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / h)))))
         parts["fused loss"] = tokens * h * 4 + 2 * chunk * vocab * 4

@@ -63,18 +63,27 @@ def load_model(
         raise SourceError(f"{source}: cannot load the model ({sources._first_line(exc)})") from None
 
 
-def prefer_expandable_segments() -> None:
+def prefer_expandable_segments() -> bool:
     """Let PyTorch's CUDA allocator grow segments in place (``expandable_segments``) unless
     the environment sets the allocator up already.
 
     Training allocates activations of a few fixed sizes step after step; with fixed-size
     segments the cache fragments and reserves more than it allocates. Read when the
     process first allocates on the GPU, so call it before (the train task does).
+
+    Returns:
+        Whether the allocator grows segments in place in this process.
     """
     import os
 
-    if not any(os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
-        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+    import torch
+
+    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9; any torch
+    if not any(os.environ.get(k) for k in names) and not torch.cuda.is_initialized():
+        for k in names:
+            os.environ[k] = "expandable_segments:True"
+    conf = os.environ.get(names[0]) or os.environ.get(names[1]) or ""
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
 
 
 def decoder_layers(model) -> list:
