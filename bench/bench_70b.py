@@ -53,13 +53,18 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--keep", action="store_true", help="keep the 4-bit checkpoint afterwards")
     p.add_argument("--variants", nargs="*", required=True)
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model: a dry run on the CPU")
     a = p.parse_args()
+    shape = dict(SIZE_70B)
+    if a.tiny:
+        shape.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+        shape.update(num_attention_heads=4, num_key_value_heads=2)
 
     work = Path(a.work)
     results: dict = {"setup": {}}
     model = work / "model4"
     if not (model / "MANIFEST.json").is_file():
-        cfg = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, **SIZE_70B)
+        cfg = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, **shape)
         results["setup"].update(build_artifact(cfg, model))
         print("built", json.dumps(results["setup"]), flush=True)
     t = time.perf_counter()
