@@ -86,8 +86,7 @@ bench-mfu: ## On a GPU machine: fixed 2,048-token rows: MFU with auto at 80 GB, 
 	  "auto-80gb-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
 	  "lowmem-bs8-drop0.1:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=-1,off=on,steps=33" \
 	  "same-batches-offload:bs=2,group=0,pack=padding_free,fused=on,opt=auto,gcl=-1,off=on" \
-	  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
-	  "lowmem-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33")
+	  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33")
 
 bench-70b: ## On a GPU machine: Llama-3.1-70B shapes, r=16, 2,048-token rows, auto for a 48 GB GPU
 	BENCH=bench_70b.py bash bench/run_device.sh $(or $(BENCH_ARGS),--steps 33 --warmup 3 \
