@@ -62,15 +62,15 @@ images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
 manifests: $(STAMP) ## Render the example overlay (kubectl kustomize) to stdout
 	kubectl kustomize manifests/overlays/example
 
-upload: $(STAMP) ## Upload pipelines/compiled/qlora_finetune.yaml to KFP_HOST (new version if it exists)
-	$(BIN)/qlora-kfp upload
+upload: $(STAMP) ## Upload PACKAGE (default pipelines/compiled/qlora_finetune.yaml) to KFP 2.14+ (new version if it exists)
+	$(BIN)/qlora-kfp upload $(if $(PACKAGE),--package $(PACKAGE))
 
-run-remote: $(STAMP) ## Start a KFP run: PARAMS=params.yaml and/or ARGS="--param lora_r=32"
-	$(BIN)/qlora-kfp run-remote $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
+run-remote: $(STAMP) ## Start a KFP run: PARAMS=params.yaml and/or ARGS="--param lora_r=32" (PIPELINE: its name)
+	$(BIN)/qlora-kfp run-remote $(if $(PIPELINE),--name $(PIPELINE)) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
 
 schedule: $(STAMP) ## Recurring retraining: ACTION=create|list|pause|resume|delete CRON="0 0 3 * * 1" PARAMS=...
 	$(BIN)/qlora-kfp schedule $(or $(ACTION),create) --cron "$(or $(CRON),0 0 3 * * 1)" \
-	  $(if $(ID),--id $(ID)) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
+	  $(if $(PIPELINE),--name $(PIPELINE)) $(if $(ID),--id $(ID)) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
 
 device-wheels: ## Fill .whl/ with the wheels a lent GPU machine lacks (bench/device_wheels.sh)
 	bash bench/device_wheels.sh

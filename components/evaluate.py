@@ -18,6 +18,7 @@ def evaluate(
     max_new_tokens: int = 64,
     eval_rows: int = 64,
     compute_dtype: str = "auto",
+    config_overrides: dict = {},
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",
 ) -> float:

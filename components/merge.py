@@ -17,8 +17,8 @@ def merge(
     trust_remote_code: bool = False,
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",
-):
-    """Merge the adapter into the 16-bit base and verify merged vs base+adapter logits.
+) -> str:
+    """Merge the adapter into the 16-bit base and verify merged vs base+adapter logits; returns where the merged model can be read.
 
     Args:
         base_model: Base model in 16 or 32 bit (not the 4-bit copy).
@@ -28,4 +28,4 @@ def merge(
     """
     from qlora_kfp.tasks import stages
 
-    stages.merge(locals())
+    return stages.merge(locals())

@@ -24,8 +24,6 @@ def prepare_dataset(
     seed: int = 42,
     trust_remote_code: bool = False,
     cache_fingerprint: str = "",
-    mlflow_parent_run_id: str = "",
-    kfp_run_id: str = "",
 ) -> str:
     """Read, validate, render, tokenize and split a dataset; returns its digest.
 

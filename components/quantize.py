@@ -18,8 +18,6 @@ def quantize(
     eval_rows: int = 64,
     trust_remote_code: bool = False,
     cache_fingerprint: str = "",
-    mlflow_parent_run_id: str = "",
-    kfp_run_id: str = "",
 ):
     """Load the base model in 4 bit (bitsandbytes) and save it; report size and error.
 

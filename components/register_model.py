@@ -2,13 +2,13 @@
 """KFP component: register-model (calls qlora_kfp.tasks.stages.register)."""
 
 from kfp import dsl
-from kfp.dsl import Input, Metrics, Model, Output
+from kfp.dsl import Metrics, Output
 from qlora_kfp.components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def register_model(
-    merged_model: Input[Model],
+    merged_model_uri: str,
     dataset_digest: str,
     tuned_eval_loss: float,
     metrics: Output[Metrics],

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONTEXT = ("mlflow_parent_run_id", "kfp_run_id")  # where the task reports (tasks.context)
+# The backend's cache key holds every input value (tests/kfp_backend.py), so a cached component
+# takes only inputs that describe its work and finds its run from its pod (tasks.context).
+CACHED = ("prepare_dataset", "quantize")
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class ComponentSpec:
             artifacts and upstream outputs.
         extra: ``(name, annotation, default source)`` inputs after the config fields.
         returns: The return annotation ("" for none).
-        context: Takes the :data:`CONTEXT` parameters.
+        context: Takes the :data:`CONTEXT` parameters (never a :data:`CACHED` component).
         exclude: Config fields that are not parameters of this component.
     """
 
@@ -42,6 +45,10 @@ class ComponentSpec:
     returns: str = ""
     context: bool = True
     exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.context and self.name in CACHED:
+            raise ValueError(f"{self.name} is cached: it must not take the per-run {CONTEXT}")
 
 
 ALL_STAGES = ("prepare", "quantize", "train", "evaluate", "merge", "register")
@@ -87,6 +94,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "before any GPU task when training cannot fit.",
         "run.preflight",
         configs=(*ALL_STAGES, "pipeline"),
+        extra=(("lora_grid", "list", "[]"),),
         returns="str",
     ),
     ComponentSpec(
@@ -97,6 +105,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         inputs=(("dataset", "Output[Dataset]"), ("metrics", "Output[Metrics]")),
         extra=(("cache_fingerprint", "str", '""'),),
         returns="str",
+        context=False,
     ),
     ComponentSpec(
         "decide_training",
@@ -104,7 +113,15 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "run.decide_training",
         configs=("register", "pipeline"),
         inputs=(("dataset_digest", "str"),),
-        exclude=("base_model", "mlflow_experiment", "run_name", "gpu_memory_gib"),
+        exclude=(
+            "base_model",
+            "mlflow_experiment",
+            "run_name",
+            "gpu_memory_gib",
+            "gpu_accelerator",
+            "gpu_node_selector",
+            "gpu_tolerations",
+        ),
         returns="str",
     ),
     ComponentSpec(
@@ -119,6 +136,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             ("metrics", "Output[Metrics]"),
         ),
         extra=(("cache_fingerprint", "str", '""'),),
+        context=False,
     ),
     ComponentSpec(
         "train",
@@ -150,11 +168,13 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             ("metrics", "Output[Metrics]"),
             ("report", "Output[HTML]"),
         ),
+        extra=(("config_overrides", "dict", "{}"),),
         returns="float",
     ),
     ComponentSpec(
         "merge",
-        "Merge the adapter into the 16-bit base and verify merged vs base+adapter logits.",
+        "Merge the adapter into the 16-bit base and verify merged vs base+adapter logits; "
+        "returns where the merged model can be read.",
         "stages.merge",
         gpu=True,
         configs=("merge",),
@@ -163,6 +183,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             ("merged_model", "Output[Model]"),
             ("metrics", "Output[Metrics]"),
         ),
+        returns="str",
     ),
     ComponentSpec(
         "register_model",
@@ -170,7 +191,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "stages.register",
         configs=("register",),
         inputs=(
-            ("merged_model", "Input[Model]"),
+            ("merged_model_uri", "str"),
             ("dataset_digest", "str"),
             ("tuned_eval_loss", "float"),
             ("metrics", "Output[Metrics]"),

@@ -61,6 +61,9 @@ def prepare(run: OpenRun) -> dsl.PipelineTask:
     task = prepare_dataset(
         **inputs_for(prepare_dataset, run.params, cache_fingerprint=run.fingerprint.output)
     )
+    # It takes no input from start-tracking (that would be in its cache key) but reports under
+    # the parent run start-tracking makes: run after it.
+    task.after(run.tracking)
     return platform.cpu_task(task, cache=True)
 
 
@@ -74,7 +77,7 @@ def quantize_model(run: OpenRun, prep: dsl.PipelineTask) -> dsl.PipelineTask:
         )
     )
     task.after(run.preflight)  # no GPU task starts before the memory check has passed
-    return platform.gpu_task(task, cache=True)
+    return platform.gpu_task(task, cache=True, params=run.params)
 
 
 def train_and_evaluate(
@@ -95,7 +98,7 @@ def train_and_evaluate(
             **given,
         )
     )
-    platform.gpu_task(tr, cache=False)
+    platform.gpu_task(tr, cache=False, params=params)
     ev = evaluate(
         **inputs_for(
             evaluate,
@@ -103,7 +106,8 @@ def train_and_evaluate(
             quantized_model=quant.outputs["quantized_model"],
             adapter=tr.outputs["adapter"],
             dataset=prep.outputs["dataset"],
+            **given,
         )
     )
-    platform.gpu_task(ev, cache=False)
+    platform.gpu_task(ev, cache=False, params=params)
     return tr, ev

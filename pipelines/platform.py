@@ -1,17 +1,18 @@
-"""Where tasks run: resources, GPU node pools, secrets, shm, retries, caching.
+"""Where tasks run: resources, GPU node pools, secrets, shm, scratch disk, retries, caching.
 
-The one place for pod settings. Options are fixed at compile time from the environment
-(``make compile`` passes them through), so one codebase compiles for GKE, EKS or on-prem:
+The one place for pod settings. Which GPUs and which node pool are run parameters
+(``gpu_accelerator``, ``gpu_node_selector``, ``gpu_tolerations`` in ``PipelineConfig``), so one
+uploaded pipeline serves several GPU pools. The rest is fixed at compile time from the
+environment (``make compile`` passes it through):
 
 ==============================  =========================================================
-``QLORA_KFP_ACCELERATOR``       resource name of the GPU (``nvidia.com/gpu``)
 ``QLORA_KFP_GPUS``              GPUs per GPU task (1)
-``QLORA_KFP_GPU_NODE_LABEL``    node selector ``key=value`` (``nvidia.com/gpu.present=true``)
-``QLORA_KFP_GPU_TOLERATION``    taint to tolerate, ``key[=value]:Effect`` (``nvidia.com/gpu:NoSchedule``)
 ``QLORA_KFP_SECRET``            Secret with credentials, as env (``qlora-kfp-credentials``)
 ``QLORA_KFP_CONFIGMAP``         ConfigMap with endpoints, as env (``qlora-kfp-config``)
 ``QLORA_KFP_CACHE_PVC``         PVC mounted at /cache for the model cache ("" = none)
 ``QLORA_KFP_SHM_SIZE``          size of the memory-backed /dev/shm (``16Gi``)
+``QLORA_KFP_SCRATCH_SIZE``      size limit of a GPU task's scratch disk at /scratch, where
+                                model downloads go (``200Gi``; "" = none)
 ``QLORA_KFP_GPU_RETRIES``       retries of GPU tasks, e.g. after preemption (3)
 ==============================  =========================================================
 """
@@ -23,6 +24,12 @@ from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
+from qlora_kfp.tasks.context import RUN_ID_ENV
+
+# kubeflow/pipelines backend/src/common/util/consts.go LabelKeyWorkflowRunId, set on every pod
+# of a run by backend/src/apiserver/template/v2_template.go (SetPodMetadataLabels).
+RUN_ID_LABEL = "pipeline/runid"
+SCRATCH = "/scratch"
 # Credentials come from the Secret as env vars, never as pipeline parameters.
 SECRET_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
@@ -51,20 +58,12 @@ def _env(name: str, default: str) -> str:
 
 @dataclass(frozen=True)
 class PlatformOptions:
-    accelerator: str = field(
-        default_factory=lambda: _env("QLORA_KFP_ACCELERATOR", "nvidia.com/gpu")
-    )
     gpus: int = field(default_factory=lambda: int(_env("QLORA_KFP_GPUS", "1")))
-    gpu_node_label: str = field(
-        default_factory=lambda: _env("QLORA_KFP_GPU_NODE_LABEL", "nvidia.com/gpu.present=true")
-    )
-    gpu_toleration: str = field(
-        default_factory=lambda: _env("QLORA_KFP_GPU_TOLERATION", "nvidia.com/gpu:NoSchedule")
-    )
     secret: str = field(default_factory=lambda: _env("QLORA_KFP_SECRET", "qlora-kfp-credentials"))
     config_map: str = field(default_factory=lambda: _env("QLORA_KFP_CONFIGMAP", "qlora-kfp-config"))
     cache_pvc: str = field(default_factory=lambda: _env("QLORA_KFP_CACHE_PVC", ""))
     shm_size: str = field(default_factory=lambda: _env("QLORA_KFP_SHM_SIZE", "16Gi"))
+    scratch_size: str = field(default_factory=lambda: _env("QLORA_KFP_SCRATCH_SIZE", "200Gi"))
     gpu_retries: int = field(default_factory=lambda: int(_env("QLORA_KFP_GPU_RETRIES", "3")))
 
 
@@ -74,6 +73,9 @@ def _common(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions) -> dsl.P
     kubernetes.use_secret_as_env(task, opts.secret, SECRET_KEYS, optional=True)
     kubernetes.use_config_map_as_env(task, opts.config_map, CONFIG_KEYS, optional=True)
     task.set_env_variable("HF_HUB_DISABLE_TELEMETRY", "1")
+    # The run id from the pod's label (every pod of a KFP run has it): cached tasks cannot take
+    # it as an input, since the backend's cache key holds every input value (tasks/context.py).
+    kubernetes.use_field_path_as_env(task, RUN_ID_ENV, f"metadata.labels['{RUN_ID_LABEL}']")
     # The task knows its own image: part of the cache fingerprint (qlora_kfp.storage.fingerprint).
     task.set_env_variable("QLORA_KFP_IMAGE", task.component_spec.implementation.container.image)
     if opts.cache_pvc:
@@ -97,26 +99,42 @@ def cpu_task(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions | None =
     return task
 
 
-def gpu_task(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions | None = None):
-    """GPU stages: accelerator, GPU node pool, shm for data loaders, retries on preemption."""
+def gpu_task(
+    task: dsl.PipelineTask, cache: bool, params: dict, opts: PlatformOptions | None = None
+):
+    """GPU stages: the run's GPU and node pool, shm, a scratch disk for downloads, retries.
+
+    Args:
+        task: The task to place.
+        cache: Whether the backend may reuse an earlier run's outputs.
+        params: The pipeline's parameters: ``gpu_accelerator``, ``gpu_node_selector`` and
+            ``gpu_tolerations`` are read per run (the driver resolves them from the run's
+            inputs: backend/src/v2/driver/k8s.go, driver.go, since 2.14).
+        opts: Compile-time options (default: from the environment).
+    """
     opts = opts or PlatformOptions()
     _common(task, cache, opts)
     task.set_cpu_request("4").set_memory_request("32Gi").set_memory_limit("64Gi")
-    task.set_accelerator_type(opts.accelerator).set_accelerator_limit(opts.gpus)
-    if opts.gpu_node_label:
-        key, _, value = opts.gpu_node_label.partition("=")
-        kubernetes.add_node_selector(task, key, value)
-    if opts.gpu_toleration:
-        kv, _, effect = opts.gpu_toleration.partition(":")
-        key, _, value = kv.partition("=")
-        kubernetes.add_toleration(
-            task,
-            key=key,
-            operator="Equal" if value else "Exists",
-            value=value or None,
-            effect=effect or "NoSchedule",
-        )
+    task.set_accelerator_type(params["gpu_accelerator"]).set_accelerator_limit(opts.gpus)
+    # kfp 2.17 compiles the accelerator placeholder into the task's inputs but, inside a
+    # dsl.If or ParallelFor, leaves it out of the enclosing DAG's inputs, where the driver
+    # resolves it (it would fail: "parent DAG does not have input parameter"). Registering the
+    # channel makes the compiler carry it through (tests/test_platform.py checks the path).
+    task.register_pipeline_channels([params["gpu_accelerator"]])
+    kubernetes.add_node_selector_json(task, params["gpu_node_selector"])
+    kubernetes.add_toleration_json(task, params["gpu_tolerations"])
     kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=opts.shm_size)
+    if opts.scratch_size:
+        # Model downloads (a 16-bit 70B checkpoint is 140 GB) go to a scratch disk of a
+        # declared size instead of the container's writable layer. An emptyDir: a generic
+        # ephemeral volume would be root-owned and KFP sets no pod fsGroup (driver/k8s.go), so
+        # the non-root task could not write it. KFP has no per-task ephemeral-storage request
+        # (kfp-kubernetes KubernetesExecutorConfig); the namespace's LimitRange gives every
+        # container a default one (manifests/base/quota.yaml).
+        kubernetes.empty_dir_mount(task, "scratch", SCRATCH, size_limit=opts.scratch_size)
+        if not opts.cache_pvc:
+            task.set_env_variable("QLORA_KFP_CACHE", f"{SCRATCH}/qlora-kfp")
+            task.set_env_variable("HF_HOME", f"{SCRATCH}/huggingface")
     task.set_retry(
         opts.gpu_retries, backoff_duration="60s", backoff_factor=2, backoff_max_duration="600s"
     )

@@ -37,13 +37,13 @@ def qlora_finetune(p: dict) -> None:
 
             mg = merge(**inputs_for(merge, run.params, adapter=tr.outputs["adapter"]))
             mg.after(ev)  # never publish a merged model whose evaluation failed
-            platform.gpu_task(mg, cache=False)
+            platform.gpu_task(mg, cache=False, params=run.params)
 
             reg = register_model(
                 **inputs_for(
                     register_model,
                     run.params,
-                    merged_model=mg.outputs["merged_model"],
+                    merged_model_uri=mg.outputs["Output"],
                     dataset_digest=prep.outputs["Output"],
                     tuned_eval_loss=ev.outputs["Output"],
                 )

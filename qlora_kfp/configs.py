@@ -9,7 +9,10 @@ Checks live in ``__post_init__`` and say what to do, so bad values fail before a
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,17 @@ def _help(text: str, **kw: Any) -> Any:
 def _check(ok: bool, name: str, value: Any, what: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: {what}")
+
+
+@functools.cache
+def optimizer_names() -> tuple[str, ...]:
+    """The optimizer names transformers' Trainer takes (empty where it is not installed, as
+    when compiling pipelines: the check then runs in the task)."""
+    try:
+        from transformers.training_args import OptimizerNames
+    except ImportError:
+        return ()
+    return tuple(o.value for o in OptimizerNames)
 
 
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -295,6 +309,18 @@ class TrainConfig:
             "varlen needs packed rows: set packing to padding_free or bins, or use sdpa",
         )
         _check(self.checkpoint_steps >= 0, "checkpoint_steps", self.checkpoint_steps, "use >= 0")
+        # Imports transformers (seconds): only for a name that is not the default.
+        names = optimizer_names() if self.optimizer != "auto" else ()
+        if names and self.optimizer not in names:
+            close = difflib.get_close_matches(self.optimizer, names, n=1, cutoff=0.5)
+            _check(
+                False,
+                "optimizer",
+                self.optimizer,
+                (f"did you mean {close[0]}? " if close else "")
+                + "use auto or a name of transformers' OptimizerNames, e.g. adamw_torch, "
+                "adamw_torch_fused, paged_adamw_32bit, adamw_8bit",
+            )
 
     @property
     def checkpointed_layers(self) -> int | None:
@@ -378,9 +404,81 @@ class PipelineConfig:
         "Train even when the registered champion was trained on exactly this dataset.",
         default=False,
     )
+    gpu_accelerator: str = _help(
+        "Kubernetes resource name of the GPU the GPU tasks claim (nvidia.com/gpu, "
+        "amd.com/gpu, a MIG profile such as nvidia.com/mig-3g.40gb).",
+        default="nvidia.com/gpu",
+    )
+    gpu_node_selector: dict = _help(
+        "Node labels the GPU tasks' pods must match (JSON object), e.g. "
+        '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}; {} for none.',
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+    )
+    gpu_tolerations: list = _help(
+        "Taints of the GPU node pool the GPU tasks tolerate (JSON list of Kubernetes "
+        "tolerations: key, operator Exists|Equal, value, effect); [] for none.",
+        default_factory=lambda: [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ],
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.mlflow_experiment), "mlflow_experiment", "", "name an experiment")
+        _check(
+            bool(_QUALIFIED.fullmatch(self.gpu_accelerator)),
+            "gpu_accelerator",
+            self.gpu_accelerator,
+            "use a resource name such as nvidia.com/gpu",
+        )
+        _check_node_selector(self.gpu_node_selector)
+        for i, toleration in enumerate(self.gpu_tolerations):
+            _check_toleration(i, toleration)
+
+
+# Kubernetes label keys/values and resource names (k8s.io/apimachinery/pkg/util/validation:
+# IsQualifiedName, IsValidLabelValue): an optional DNS prefix, then a name of <= 63 chars.
+_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+_QUALIFIED = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}")
+_LABEL_VALUE = re.compile(rf"{_NAME}?")
+# Toleration rules of kubernetes pkg/apis/core/validation/validation.go ValidateTolerations.
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def _check_node_selector(selector: Any) -> None:
+    name = "gpu_node_selector"
+    _check(
+        isinstance(selector, dict),
+        name,
+        selector,
+        'use a JSON object of labels, e.g. {"pool": "gpu"}',
+    )
+    for key, value in selector.items():
+        _check(bool(_QUALIFIED.fullmatch(str(key))), name, key, "label keys are prefix/name")
+        _check(
+            isinstance(value, str) and bool(_LABEL_VALUE.fullmatch(value)),
+            name,
+            {key: value},
+            "label values are strings of at most 63 letters, digits, '-', '_' or '.'",
+        )
+
+
+def _check_toleration(i: int, tol: Any) -> None:
+    name = f"gpu_tolerations[{i}]"
+    _check(isinstance(tol, dict), name, tol, "each toleration is a JSON object")
+    unknown = sorted(set(tol) - _TOLERATION_KEYS)
+    _check(not unknown, name, tol, f"unknown key {unknown[:1]}; use {sorted(_TOLERATION_KEYS)}")
+    op = tol.get("operator", "Equal")
+    _check(op in ("Exists", "Equal"), name, tol, "operator is Exists or Equal")
+    _check(op != "Exists" or not tol.get("value"), name, tol, "operator Exists takes no value")
+    _check(bool(tol.get("key")) or op == "Exists", name, tol, "an empty key needs operator Exists")
+    _check(tol.get("effect", "") in _EFFECTS, name, tol, f"effect is one of {_EFFECTS[1:]}")
+    _check(
+        "tolerationSeconds" not in tol or tol.get("effect") == "NoExecute",
+        name,
+        tol,
+        "tolerationSeconds goes with effect NoExecute only",
+    )
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -418,8 +516,15 @@ def params_of(*classes: type) -> list[Param]:
         hints, helps = typing.get_type_hints(cls), field_help(cls)
         for f in dataclasses.fields(cls):
             if f.name not in out:
-                out[f.name] = Param(f.name, hints[f.name], f.default, helps[f.name])
+                out[f.name] = Param(f.name, hints[f.name], field_default(f), helps[f.name])
     return list(out.values())
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default, also when it is made by a factory (dict and list defaults)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def check_known(params: dict[str, Any], known: set[str] | list[str], where: str) -> None:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 
 class QloraError(Exception):
-    """Base class for errors caused by the user's input or configuration."""
+    """Base class for errors caused by the user's input or configuration.
+
+    ``retryable`` says whether running the same task again can succeed: a bad setting or a
+    malformed row fails the same way every time, so a KFP retry of it is not started
+    (``tasks.context.stage``); an unreachable server or a missing object may be back.
+    """
+
+    retryable = False
 
 
 class ConfigError(QloraError, ValueError):
@@ -32,6 +39,8 @@ class DataError(QloraError, ValueError):
 class SourceError(QloraError, FileNotFoundError):
     """A model or dataset source (path, s3:// URI, hub id) cannot be read."""
 
+    retryable = True
+
 
 class ArtifactError(QloraError):
     """An artifact is incomplete or corrupt (missing manifest, checksum mismatch)."""
@@ -40,6 +49,8 @@ class ArtifactError(QloraError):
 class TrackingError(QloraError):
     """The MLflow tracking server cannot be reached or refused a request."""
 
+    retryable = True
+
 
 class VerificationError(QloraError):
     """A numerical check failed (e.g. merged logits differ from base+adapter)."""
@@ -47,3 +58,22 @@ class VerificationError(QloraError):
 
 class TrainingDivergedError(QloraError):
     """The loss became NaN or Inf; training stopped and no adapter was written."""
+
+
+class NotRetriedError(QloraError):
+    """A retry was stopped because an earlier attempt failed with a non-retryable error."""
+
+
+class OutputError(QloraError):
+    """An artifact cannot be written: the disk is full, or the output is read-only or not ours
+    to write; the message names the path. Only a full disk may have room on a retry (the
+    failed write's files are removed), so ``retryable`` is set per error."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class ProvenanceError(QloraError, ValueError):
+    """An artifact was made from other inputs than the ones given (e.g. an adapter trained on
+    another base model); the message names both."""

@@ -12,7 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a miss costs 25 s o
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests opt in to tracking explicitly
+for _name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):  # set by KFP's MLflow plugin in a pod
+    os.environ.pop(_name, None)
 os.environ.pop("QLORA_KFP_ARTIFACT_URI", None)
+os.environ.pop("KFP_RUN_ID", None)  # the pod label of a KFP run (tasks/context.py)
 
 import sys  # noqa: E402
 

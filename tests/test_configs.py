@@ -10,6 +10,7 @@ import pytest
 from qlora_kfp import configs
 from qlora_kfp.errors import ConfigError
 
+PIPE = configs.PipelineConfig
 BAD = [
     ("prepare-unknown-format", configs.PrepareConfig, {"data_format": "xml"}, "data_format"),
     ("prepare-eval-fraction-1", configs.PrepareConfig, {"eval_fraction": 1.0}, "eval_fraction"),
@@ -30,6 +31,40 @@ BAD = [
     ("train-scheduler", configs.TrainConfig, {"lr_scheduler": "step"}, "lr_scheduler"),
     ("merge-dtype", configs.MergeConfig, {"merge_dtype": "int8"}, "merge_dtype"),
     ("merge-tolerance", configs.MergeConfig, {"merge_tolerance": 0.0}, "merge_tolerance"),
+    ("pool-accelerator", PIPE, {"gpu_accelerator": "nvidia gpu"}, "gpu_accelerator"),
+    ("pool-selector-list", PIPE, {"gpu_node_selector": ["gpu"]}, "gpu_node_selector"),
+    ("pool-selector-number", PIPE, {"gpu_node_selector": {"pool": 1}}, "gpu_node_selector"),
+    ("pool-selector-bad-key", PIPE, {"gpu_node_selector": {"a b": "x"}}, "gpu_node_selector"),
+    (
+        "pool-toleration-typo",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "efect": "NoSchedule"}]},
+        r"gpu_tolerations\[0\]",
+    ),
+    (
+        "pool-toleration-op",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "operator": "In"}]},
+        r"gpu_tolerations\[0\]",
+    ),
+    (
+        "pool-exists-value",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+        r"gpu_tolerations\[0\]",
+    ),
+    (
+        "pool-effect",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "effect": "NoRun"}]},
+        r"gpu_tolerations\[0\]",
+    ),
+    (
+        "pool-seconds",
+        PIPE,
+        {"gpu_tolerations": [{"key": "k", "tolerationSeconds": 5}]},
+        r"gpu_tolerations\[0\]",
+    ),
 ]
 REQUIRED = {"data_source": "data.jsonl", "base_model": "model"}
 
@@ -69,6 +104,7 @@ RUNTIME_INPUTS = {
     "tuned_eval_loss",
     "cache_fingerprint",
     "config_overrides",
+    "merged_model_uri",
 }  # upstream outputs and per-trial overrides, not configuration
 STAGES = [
     "prepare_dataset:prepare",
@@ -114,3 +150,36 @@ def test_unknown_parameter_names_the_closest_one():
         configs.check_known(
             {"lora_rank": 8}, configs.TrainConfig.__dataclass_fields__, "params.json"
         )
+
+
+@pytest.mark.parametrize(
+    "name,classes,internal,defaults",
+    [
+        ("qlora_finetune", configs.ALL_CONFIGS, set(), {}),
+        (
+            "qlora_sweep",
+            (
+                *[configs.STAGE_CONFIGS[s] for s in ("prepare", "quantize", "train", "evaluate")],
+                configs.PipelineConfig,
+            ),
+            {"force_retrain"},  # pipelines/qlora_sweep.py exclude=: a sweep never skips
+            {"mlflow_experiment": "qlora-sweep"},
+        ),
+    ],
+    ids=["finetune", "sweep"],
+)
+def test_the_compiled_yaml_has_every_field_with_its_default(name, classes, internal, defaults):
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "compiled" / f"{name}.yaml"
+    spec = next(yaml.safe_load_all(path.read_text()))
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    for p in configs.params_of(*classes):
+        if p.name in internal:
+            assert p.name not in inputs
+            continue
+        assert p.name in inputs, f"{p.name} cannot be set from Kubeflow"
+        if not p.required:
+            assert inputs[p.name]["defaultValue"] == defaults.get(p.name, p.default), p.name

@@ -93,7 +93,7 @@ def test_overlong_rows_dropped_or_truncated(
 def test_split_is_seeded_and_disjoint(write_rows, demo_assets, tokenizer):
     c = cfg(write_rows(ALPACA), demo_assets["base_model"], eval_fraction=0.25)
     rows, _ = encode_rows(c, tokenizer)
-    (tr1, ev1), (_tr2, ev2) = split(rows, c), split(rows, c)
+    (tr1, ev1, _), (_tr2, ev2, _) = split(rows, c), split(rows, c)
     assert [r.reference for r in ev1] == [r.reference for r in ev2]
     assert len(ev1) == 5 and not {r.reference for r in tr1} & {r.reference for r in ev1}
 

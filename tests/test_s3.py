@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import boto3
 import pytest
@@ -54,12 +55,8 @@ def test_model_and_dataset_load_from_s3_uris(s3_env, demo_assets, tmp_path, monk
     s3.upload_folder(demo_assets["base_model"], "s3://data/models/tiny")
     client(s3_env).upload_file(demo_assets["data_source"], "data", "datasets/antonyms.jsonl")
     local = sources.model_source("s3://data/models/tiny")
-    assert (
-        json.loads(
-            (tmp_path / "cache" / "s3" / "data" / "models" / "tiny" / "config.json").read_text()
-        )["model_type"]
-        == "llama"
-    )
+    assert Path(local).is_relative_to(tmp_path / "cache" / "s3" / "data" / "models" / "tiny")
+    assert json.loads((Path(local) / "config.json").read_text())["model_type"] == "llama"
     res = run_prepare(
         PrepareConfig(
             data_source="s3://data/datasets/antonyms.jsonl",
@@ -69,6 +66,90 @@ def test_model_and_dataset_load_from_s3_uris(s3_env, demo_assets, tmp_path, monk
         str(tmp_path / "prepared"),
     )
     assert res.stats["rows_read"] == 240 and local.endswith("tiny")
+
+
+def _rows(n: int, answer: str = "cold") -> bytes:
+    rows = [
+        {"prompt": f"What is the opposite of hot ({i})?", "completion": answer} for i in range(n)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_an_object_replaced_under_the_same_key_is_downloaded_again(
+    s3_env, demo_assets, tmp_path, monkeypatch
+):
+    """The cache (a PVC shared by pods in the cluster) must not serve the old file, or the
+    dataset digest stays the same and retraining can be skipped on new data."""
+    from qlora_kfp.configs import PrepareConfig
+    from qlora_kfp.stages.prepare import run_prepare
+
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    c = client(s3_env)
+    c.put_object(Bucket="data", Key="replaced/train.jsonl", Body=_rows(40))
+    first = sources.localize("s3://data/replaced/train.jsonl")
+    assert Path(first).name == "train.jsonl" and Path(first).read_bytes() == _rows(40)
+    downloads = []
+    real = s3.download_folder
+    monkeypatch.setattr(
+        s3, "download_folder", lambda *a, **kw: downloads.append(a) or real(*a, **kw)
+    )
+    assert sources.localize("s3://data/replaced/train.jsonl") == first and not downloads
+
+    def prepare(name):
+        cfg = PrepareConfig(
+            data_source="s3://data/replaced/train.jsonl",
+            base_model=demo_assets["base_model"],
+            max_seq_length=64,
+        )
+        return run_prepare(cfg, str(tmp_path / name))
+
+    before = prepare("one")
+    c.put_object(Bucket="data", Key="replaced/train.jsonl", Body=_rows(40, "freezing"))
+    second = sources.localize("s3://data/replaced/train.jsonl")
+    assert second != first and Path(second).read_bytes() == _rows(40, "freezing")
+    assert len(downloads) == 1
+    assert prepare("two").digest != before.digest, "new data, new dataset digest"
+
+
+def test_a_folder_with_one_replaced_file_is_downloaded_again(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    c = client(s3_env)
+    for name in ("a.jsonl", "b.jsonl"):
+        c.put_object(Bucket="data", Key=f"folder/{name}", Body=_rows(3))
+    first = Path(sources.localize("s3://data/folder"))
+    assert first.name == "folder" and sorted(p.name for p in first.iterdir()) == [
+        "a.jsonl",
+        "b.jsonl",
+    ]
+    c.put_object(Bucket="data", Key="folder/b.jsonl", Body=_rows(3, "icy"))
+    second = Path(sources.localize("s3://data/folder"))
+    assert second != first and (second / "b.jsonl").read_bytes() == _rows(3, "icy")
+    assert (second / "a.jsonl").read_bytes() == _rows(3)
+
+
+def test_an_interrupted_download_is_never_served(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    c = client(s3_env)
+    for name in ("a.jsonl", "b.jsonl"):
+        c.put_object(Bucket="data", Key=f"cut/{name}", Body=_rows(3))
+    real, calls = s3.download_folder, []
+
+    def cut_off(uri, dest, *a, **kw):  # the first file lands, then the connection drops
+        calls.append(uri)
+        Path(dest).mkdir(parents=True)
+        (Path(dest) / "a.jsonl").write_bytes(_rows(3))
+        raise SourceError(f"{uri}: connection reset")
+
+    monkeypatch.setattr(s3, "download_folder", cut_off)
+    with pytest.raises(SourceError, match="connection reset"):
+        sources.localize("s3://data/cut")
+    monkeypatch.setattr(s3, "download_folder", real)
+    c.delete_object(Bucket="data", Key="cut/a.jsonl")  # the folder changes before the retry
+    c.put_object(Bucket="data", Key="cut/c.jsonl", Body=_rows(3))
+    got = Path(sources.localize("s3://data/cut"))
+    assert sorted(p.name for p in got.iterdir()) == ["b.jsonl", "c.jsonl"], "no leftover a.jsonl"
+    # Nothing but the one complete entry is left in the cache.
+    assert [p.name for p in got.parent.parent.iterdir()] == [got.parent.name]
 
 
 @pytest.mark.parametrize(
@@ -111,11 +192,74 @@ def test_checkpoint_mirror_resumes_on_a_new_machine(s3_env, tmp_path):
     (root / "checkpoint-12").mkdir(parents=True)
     (root / "checkpoint-12" / "optimizer.pt").write_bytes(b"state")
     (root / "checkpoint-18").mkdir()  # cut off before its manifest: never uploaded
-    cb = checkpoints.callback(root, "s3://data/run-1/train-checkpoints")
+    cb = checkpoints.callback(root, RUN_A, "s3://data/run-1/train-checkpoints")
     cb.on_save(None, SimpleNamespace(global_step=12), None)
-    found = checkpoints.find_resume_point(tmp_path / "pod2", "s3://data/run-1/train-checkpoints")
+    found = checkpoints.find_resume_point(
+        tmp_path / "pod2", RUN_A, "s3://data/run-1/train-checkpoints"
+    )
     assert found and found.endswith("checkpoint-12")
     assert (tmp_path / "pod2" / "checkpoint-12" / "optimizer.pt").read_bytes() == b"state"
+
+
+RUN_A = {"config": {"learning_rate": 3e-3}, "dataset_digest": "d1", "model_digest": "m1"}
+RUN_B = {**RUN_A, "config": {"learning_rate": 1e-3}}
+
+
+def _save(root, step: int, made_from: dict, uri: str, payload: bytes) -> None:
+    from types import SimpleNamespace
+
+    from qlora_kfp.training import checkpoints
+
+    (root / f"checkpoint-{step}").mkdir(parents=True)
+    (root / f"checkpoint-{step}" / "optimizer.pt").write_bytes(payload)
+    checkpoints.callback(root, made_from, uri).on_save(
+        None, SimpleNamespace(global_step=step), None
+    )
+
+
+def test_the_mirror_resumes_only_checkpoints_of_the_same_run(s3_env, tmp_path, caplog):
+    """Run B (another learning rate) under the same prefix as run A: each finds its own
+    newest checkpoint and never the other's, and nothing of A's is deleted."""
+    from qlora_kfp.training import checkpoints
+
+    uri = "s3://data/run-2/train-checkpoints"
+    _save(tmp_path / "a", 12, RUN_A, uri, b"a12")
+    _save(tmp_path / "b", 6, RUN_B, uri, b"b6")
+    _save(tmp_path / "b", 18, RUN_B, uri, b"b18")
+    found = checkpoints.find_resume_point(tmp_path / "a-again", RUN_A, uri)
+    assert found and found.endswith("checkpoint-12")
+    assert (tmp_path / "a-again" / "checkpoint-12" / "optimizer.pt").read_bytes() == b"a12"
+    assert "learning_rate 0.001 -> 0.003" in caplog.text  # says why 18 was not resumed
+    found = checkpoints.find_resume_point(tmp_path / "b-again", RUN_B, uri)
+    assert found and found.endswith("checkpoint-18")
+    other = {**RUN_A, "dataset_digest": "d9"}
+    assert checkpoints.find_resume_point(tmp_path / "c", other, uri) is None
+    keys = client(s3_env).list_objects_v2(Bucket="data", Prefix="run-2/")["Contents"]
+    assert len(keys) == 6  # optimizer.pt + MANIFEST.json of all three
+
+
+def test_a_rewritten_checkpoint_never_pairs_an_old_manifest_with_new_files(
+    s3_env, tmp_path, monkeypatch
+):
+    """Run B saves a step run A already mirrored: A's manifest is gone before B's files land."""
+    from qlora_kfp.training import checkpoints
+
+    uri = "s3://data/run-3/train-checkpoints"
+    _save(tmp_path / "a", 6, RUN_A, uri, b"a6")
+    real, seen = s3.upload_folder, []
+
+    def upload(folder, to, *a, **kw):  # what a reader could see while B's files upload
+        listed = client(s3_env).list_objects_v2(Bucket="data", Prefix="run-3/")["Contents"]
+        seen.append([o["Key"] for o in listed])
+        return real(folder, to, *a, **kw)
+
+    monkeypatch.setattr(s3, "upload_folder", upload)
+    _save(tmp_path / "b", 6, RUN_B, uri, b"b6")
+    monkeypatch.setattr(s3, "upload_folder", real)
+    assert seen == [["run-3/train-checkpoints/checkpoint-6/optimizer.pt"]]
+    found = checkpoints.find_resume_point(tmp_path / "b-again", RUN_B, uri)
+    assert (Path(found) / "optimizer.pt").read_bytes() == b"b6"
+    assert checkpoints.find_resume_point(tmp_path / "a-again", RUN_A, uri) is None
 
 
 def test_wrong_credentials_fail_fast(tmp_path, monkeypatch):

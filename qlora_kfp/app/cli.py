@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -40,8 +41,28 @@ STAGE_PATHS = {  # positional artifact folders of each stage command
 }
 
 
+def _arg_type(typ: type):
+    """argparse's ``type`` for a field: JSON for dict and list fields (``--gpu_tolerations
+    '[...]'``), else the type itself."""
+    if typ not in (dict, list):
+        return typ
+
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from None
+        if not isinstance(value, typ):
+            raise argparse.ArgumentTypeError(f"expected a JSON {typ.__name__}")
+        return value
+
+    parse.__name__ = f"JSON {typ.__name__}"
+    return parse
+
+
 def _add_field(p: argparse.ArgumentParser, name: str, typ: type, default, help_: str) -> None:
     flag = f"--{name}"
+    typ = _arg_type(typ)
     if typ is bool:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
     elif default is dataclasses.MISSING or default is None:
@@ -53,7 +74,7 @@ def _add_field(p: argparse.ArgumentParser, name: str, typ: type, default, help_:
 def add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     hints, helps = typing.get_type_hints(cls), configs.field_help(cls)
     for f in dataclasses.fields(cls):
-        _add_field(p, f.name, hints[f.name], f.default, helps[f.name])
+        _add_field(p, f.name, hints[f.name], configs.field_default(f), helps[f.name])
 
 
 def pipeline_inputs(pipeline) -> dict[str, tuple[type, object]]:
@@ -71,12 +92,12 @@ def pipeline_inputs(pipeline) -> dict[str, tuple[type, object]]:
 def add_pipeline_flags(p: argparse.ArgumentParser, pipeline) -> None:
     """One flag per pipeline parameter; only flags given on the command line are set."""
     helps: dict[str, str] = {}
-    for cls in configs.STAGE_CONFIGS.values():
+    for cls in configs.ALL_CONFIGS:
         for k, v in configs.field_help(cls).items():
             helps.setdefault(k, v)
     for name, (typ, default) in pipeline_inputs(pipeline).items():
         shown = "" if default is None else f" (pipeline default: {default})"
-        kw = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": typ}
+        kw = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": _arg_type(typ)}
         p.add_argument(
             f"--{name}",
             default=argparse.SUPPRESS,
@@ -90,7 +111,18 @@ def add_remote_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="qlora-finetune", help="uploaded pipeline name")
     p.add_argument("--experiment", default="qlora-finetune")
     p.add_argument("--params_file", default=None, help="JSON or YAML of pipeline parameters")
-    p.add_argument("--param", action="append", default=[], help="key=value (repeatable)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        help="key=value (repeatable); typed by the pipeline's declared input type",
+    )
+    p.add_argument(
+        "--service_account",
+        default=os.environ.get("KFP_SERVICE_ACCOUNT", ""),
+        help="Kubernetes service account the run's pods use (env KFP_SERVICE_ACCOUNT; "
+        "empty: the backend's default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,11 +234,10 @@ def _register(cfg, args: argparse.Namespace) -> dict:
     if not runs.enabled():
         raise TrackingError("register needs MLFLOW_TRACKING_URI")
     parent = runs.start_pipeline_run("qlora-finetune", "register", {"kfp.run_id": "cli"})
-    art = argparse.Namespace(path=args.merged_model, metadata={})
     version = stages.register(
         {
             **vars(args),
-            "merged_model": art,
+            "merged_model_uri": args.merged_model,  # a folder, or where merge published it
             "mlflow_parent_run_id": parent,
             "dataset_digest": dataset_digest(args.dataset),
             "tuned_eval_loss": read_metrics(args.evaluation)["tuned_eval_loss"],
@@ -249,9 +280,11 @@ def _remote(args: argparse.Namespace):
         return remote.upload(args.package, args.name, args.version)
     params = remote.load_params(args.params_file, args.param)
     if args.command == "run-remote":
-        return remote.run(args.name, params, args.experiment, args.run_name)
+        return remote.run(args.name, params, args.experiment, args.run_name, args.service_account)
     if args.action == "create":
-        return remote.schedule(args.name, args.cron, params, args.experiment, args.job_name)
+        return remote.schedule(
+            args.name, args.cron, params, args.experiment, args.job_name, args.service_account
+        )
     if args.action == "list":
         return remote.schedules()
     if not args.id:

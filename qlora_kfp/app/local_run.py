@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from qlora_kfp.app.demo import make_demo_assets
 from qlora_kfp.app.progress import run_quietly
+from qlora_kfp.tasks.context import RUN_ID_ENV
 
 # Small enough for a 2-core CPU in a few minutes, large enough that the adapter learns the task.
 DEMO_PARAMS = dict(
@@ -58,9 +60,16 @@ def run_pipeline(pipeline, params: dict, workdir: str | Path, verbose: bool = Fa
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
     )
     log = workdir / f"runner-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    # What the pod label is on a cluster: the run id every task, cached ones too, reports under.
+    saved = os.environ.get(RUN_ID_ENV)
+    os.environ[RUN_ID_ENV] = f"local-{uuid.uuid4().hex[:12]}"
     try:
         run_quietly(lambda: pipeline(**params), log, verbose)
     finally:
+        if saved is None:
+            os.environ.pop(RUN_ID_ENV, None)
+        else:
+            os.environ[RUN_ID_ENV] = saved
         new = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
         run_dir = new[-1] if new else root
         if run_dir != root and log.exists():

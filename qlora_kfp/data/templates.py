@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from qlora_kfp.data.specials import SpecialText
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -48,7 +50,10 @@ def apply_template(tokenizer, name: str) -> str:
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of a rendered prompt, with BOS prepended when the template did not add it."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return _with_bos(tokenizer, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _with_bos(tokenizer, prompt: str, ids: list[int]) -> list[int]:
     if tokenizer.bos_token_id is not None and not prompt.startswith(tokenizer.bos_token or "\0"):
         ids = [tokenizer.bos_token_id] + ids
     return ids
@@ -61,23 +66,32 @@ class Encoded:
     prompt: str
     reference: str
     truncated: bool = False
+    prompt_ids: list[int] = field(default_factory=list)  # what generation starts from
+    prompt_key: tuple[str, str] = ("", "")  # the split's group keys (data.splitting)
 
 
 def encode(
-    tokenizer, messages: list[dict], max_len: int, train_on_prompt: bool, truncate: bool
+    tokenizer,
+    messages: list[dict],
+    max_len: int,
+    train_on_prompt: bool,
+    truncate: bool,
+    special: SpecialText | None = None,
 ) -> Encoded | None:
     """Render and tokenize one conversation; mask prompt tokens in the labels.
 
     The prompt (everything before the last assistant turn, with the generation prompt) and the
     completion are tokenized separately and concatenated, so the label boundary is exact even
     where BPE would merge across it. EOS is appended to the completion when the template does
-    not end with it, so the model learns to stop. Returns ``None`` for a row over ``max_len``
-    when not truncating.
+    not end with it, so the model learns to stop. Special-token strings inside the messages'
+    text are tokenized as plain text (``special``, built from ``tokenizer`` when not given),
+    so no row can forge a turn or move the label boundary. Returns ``None`` for a row over
+    ``max_len`` when not truncating.
     """
-    prompt = tokenizer.apply_chat_template(
-        messages[:-1], add_generation_prompt=True, tokenize=False
-    )
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    special = special or SpecialText(tokenizer)
+    safe = special.escape(messages)
+    prompt = tokenizer.apply_chat_template(safe[:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(safe, tokenize=False)
     if not full.startswith(prompt):
         from qlora_kfp.errors import ConfigError
 
@@ -86,8 +100,8 @@ def encode(
             "conversation; use chat_template=chatml or alpaca"
         )
     completion = full[len(prompt) :]
-    p_ids = prompt_ids(tokenizer, prompt)
-    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    p_ids = _with_bos(tokenizer, prompt, special.tokenize(prompt))
+    c_ids = special.tokenize(completion)
     eos = tokenizer.eos_token_id
     if eos is not None and eos not in c_ids:
         c_ids = c_ids + [eos]
@@ -98,4 +112,4 @@ def encode(
         if not truncate:
             return None
         ids, labels, truncated = ids[:max_len], labels[:max_len], True
-    return Encoded(ids, labels, prompt, messages[-1]["content"], truncated)
+    return Encoded(ids, labels, special.unescape(prompt), messages[-1]["content"], truncated, p_ids)

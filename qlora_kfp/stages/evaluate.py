@@ -48,15 +48,17 @@ def rouge_l(reference: str, prediction: str) -> float:
     return scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy answer to a rendered prompt, cut at EOS or an end-of-turn marker, without
-    special tokens."""
+def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int) -> str:
+    """Greedy answer to a rendered prompt (or its token ids, as prepare-dataset stored them:
+    special-token text from the data stays text), cut at EOS or an end-of-turn marker,
+    without special tokens."""
     import torch
 
     from qlora_kfp.data.templates import END_MARKERS, cut_at_end_marker, prompt_ids
 
     dev = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=dev)
+    ids = prompt if isinstance(prompt, list) else prompt_ids(tokenizer, prompt)
+    ids = torch.tensor([ids], device=dev)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
@@ -140,9 +142,10 @@ def run_evaluate(
     n = min(cfg.num_generations, len(evals))
     for row in tqdm(evals.select(range(n)), total=n, desc="generate", leave=False):
         s = {"prompt": row["prompt"], "reference": row["reference"]}
+        prompt = row.get("prompt_ids") or row["prompt"]  # datasets prepared before: text only
         with model.disable_adapter():
-            s["base_answer"] = generate(model, tokenizer, row["prompt"], cfg.max_new_tokens)
-        s["tuned_answer"] = generate(model, tokenizer, row["prompt"], cfg.max_new_tokens)
+            s["base_answer"] = generate(model, tokenizer, prompt, cfg.max_new_tokens)
+        s["tuned_answer"] = generate(model, tokenizer, prompt, cfg.max_new_tokens)
         for who in ("base", "tuned"):
             s[f"{who}_exact"] = normalize(s[f"{who}_answer"]) == normalize(s["reference"])
             s[f"{who}_rougeL"] = round(rouge_l(s["reference"], s[f"{who}_answer"]), 4)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_kfp.configs import PrepareConfig
-from qlora_kfp.data import readers, schema, templates
+from qlora_kfp.data import readers, schema, splitting, templates
+from qlora_kfp.data.specials import SpecialText
 from qlora_kfp.errors import DataError
 from qlora_kfp.storage.manifest import atomic_folder, check_output
 
 log = logging.getLogger(__name__)
-COLUMNS = ("input_ids", "labels", "prompt", "reference")
+COLUMNS = ("input_ids", "labels", "prompt", "reference", "prompt_ids")
 
 
 @dataclass
@@ -42,13 +42,20 @@ def _percentiles(lengths: list[int]) -> dict[str, float]:
 
 
 def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded], dict]:
-    """Read and encode every row, validating all of it before returning (fail before work)."""
-    stats = dict(
+    """Read and encode every row, validating all of it before returning (fail before work).
+
+    Returns the encoded rows (each with its prompt keys, for :func:`split`) and the statistics;
+    ``stats["files"]`` lists the files read (with their row counts) and those skipped (with the
+    reason): no file is left out silently.
+    """
+    stats: dict = dict(
         rows_read=0, dropped_duplicate=0, dropped_too_long=0, dropped_no_target=0, truncated=0
     )
+    data = readers.DataSource(cfg.data_source, cfg.data_format)
+    special = SpecialText(tokenizer)
     seen: set[str] = set()
     out: list[templates.Encoded] = []
-    for file, row, rec in readers.read_rows(cfg.data_source, cfg.data_format):
+    for file, row, rec in data.rows():
         if cfg.max_rows and stats["rows_read"] >= cfg.max_rows:
             break
         stats["rows_read"] += 1
@@ -59,13 +66,19 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
                 stats["dropped_duplicate"] += 1
                 continue
             seen.add(key)
-        enc = templates.encode(
-            tokenizer,
-            messages,
-            cfg.max_seq_length,
-            cfg.train_on_prompt,
-            truncate=cfg.overlong == "truncate",
-        )
+        try:
+            enc = templates.encode(
+                tokenizer,
+                messages,
+                cfg.max_seq_length,
+                cfg.train_on_prompt,
+                truncate=cfg.overlong == "truncate",
+                special=special,
+            )
+        except DataError as exc:
+            if exc.source:
+                raise
+            raise DataError(str(exc), source=file, row=row) from None
         if enc is None:
             stats["dropped_too_long"] += 1
             continue
@@ -73,7 +86,11 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
             stats["dropped_no_target"] += 1  # truncation cut every completion token
             continue
         stats["truncated"] += enc.truncated
+        enc.prompt_key = splitting.prompt_keys(messages)
         out.append(enc)
+    files = data.summary()
+    stats.update(files_read=len(files["read"]), files_skipped=len(files["skipped"]))
+    log.info("read %s", files)
     if stats["rows_read"] == 0:
         raise DataError("the dataset has no rows", source=cfg.data_source)
     if not out:
@@ -82,22 +99,28 @@ def encode_rows(cfg: PrepareConfig, tokenizer) -> tuple[list[templates.Encoded],
             f"{cfg.max_seq_length}) or set overlong=truncate",
             source=cfg.data_source,
         )
+    stats["files"] = files
     return out, stats
 
 
-def split(rows: list, cfg: PrepareConfig) -> tuple[list, list]:
-    """Seeded train/eval split; raises when the eval split would be too small."""
-    order = list(range(len(rows)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, round(len(rows) * cfg.eval_fraction))
-    if n_eval < cfg.min_eval_rows or len(rows) - n_eval < 1:
-        raise DataError(
-            f"{len(rows)} usable rows give {n_eval} eval and {len(rows) - n_eval} train rows; "
-            f"need at least {cfg.min_eval_rows} eval and 1 train row. Add data or raise "
-            "eval_fraction",
-            source=cfg.data_source,
-        )
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+def split(rows: list[templates.Encoded], cfg: PrepareConfig) -> tuple[list, list, dict]:
+    """Seeded train/eval split by prompt (:mod:`qlora_kfp.data.splitting`): all rows of one
+    prompt land on the same side, so no eval prompt is seen in training.
+
+    Returns:
+        ``(train, eval, counts)``, counts being the prompt-group statistics.
+
+    Raises:
+        DataError: when the eval split would be smaller than ``min_eval_rows``.
+    """
+    res = splitting.split_by_prompt(
+        [r.prompt_key for r in rows],
+        cfg.eval_fraction,
+        cfg.min_eval_rows,
+        cfg.seed,
+        cfg.data_source,
+    )
+    return [rows[i] for i in res.train], [rows[i] for i in res.eval], res.stats
 
 
 def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
@@ -120,8 +143,9 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     template = templates.apply_template(tokenizer, cfg.chat_template)
     rows, stats = encode_rows(cfg, tokenizer)
-    train, evals = split(rows, cfg)
+    train, evals, counts = split(rows, cfg)
     stats.update(
+        **counts,
         rows_kept=len(rows),
         train_rows=len(train),
         eval_rows=len(evals),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import QuantizeConfig
 from qlora_kfp.storage import sources
+from qlora_kfp.storage.fingerprint import model_fingerprint
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
 from qlora_kfp.training import modeling, shards
 
@@ -131,7 +132,9 @@ def run_quantize(
     with atomic_folder(output_dir, "quantized-model") as tmp:
         model4.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "quantize.json").write_text(json.dumps({"config": asdict(cfg)}, indent=1))
+        # What the adapter trained on this copy records, for merge to check its base against.
+        base = {"base_model_fingerprint": model_fingerprint(cfg.base_model)}
+        (tmp / "quantize.json").write_text(json.dumps({"config": asdict(cfg), **base}, indent=1))
     metrics["bytes_4bit"] = folder_bytes(output_dir)
     metrics["compression_ratio"] = round(metrics["bytes_16bit"] / metrics["bytes_4bit"], 3)
     log.info("quantized %s: %s", cfg.base_model, metrics)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
+from qlora_kfp.storage.fingerprint import artifact_digest
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.tracking.live import Progress
 from qlora_kfp.training import attention, autofit, batching, checkpoints, lora_fused, modeling
@@ -280,6 +281,23 @@ def trainable_params(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
+    """What this run's checkpoints and adapter are made from (checkpoints.made_from)."""
+    from qlora_kfp.stages.prepare import dataset_digest
+
+    return checkpoints.made_from(cfg, dataset_digest(dataset_dir), artifact_digest(model_dir))
+
+
+def base_model_of(model_dir: str) -> dict:
+    """The base model a quantized model was made from and its weights' fingerprint, as the
+    quantize stage recorded them; the adapter keeps them so merge can check its base."""
+    made = json.loads((Path(model_dir) / "quantize.json").read_text())
+    return {
+        "base_model": made["config"]["base_model"],
+        "base_model_fingerprint": made.get("base_model_fingerprint", ""),
+    }
+
+
 def run_train(
     cfg: TrainConfig,
     model_dir: str,
@@ -344,8 +362,11 @@ def run_train(
     history: list[dict] = []
     diverged: list[str] = []
     ckpt_root = Path(checkpoint_dir or f"{output_dir}.checkpoints")
+    made_from = _made_from(cfg, model_dir, dataset_dir)
     resume = (
-        checkpoints.find_resume_point(ckpt_root, checkpoint_uri) if cfg.checkpoint_steps else None
+        checkpoints.find_resume_point(ckpt_root, made_from, checkpoint_uri)
+        if cfg.checkpoint_steps
+        else None
     )
     with atomic_folder(output_dir, "adapter") as tmp:
         args = TrainingArguments(
@@ -396,7 +417,7 @@ def run_train(
                 data_collator=collate,
                 callbacks=[
                     _callback(history, tokens_seen, diverged, on_log),
-                    checkpoints.callback(ckpt_root, checkpoint_uri),
+                    checkpoints.callback(ckpt_root, made_from, checkpoint_uri),
                 ],
             )
 
@@ -406,7 +427,8 @@ def run_train(
             diverged.clear()
             set_seed(cfg.seed)
 
-        trainer, out, setting = train_in_memory(model, settings, new_trainer, resume, reset)
+        with checkpoints.saving(ckpt_root):  # a checkpoint cut off by a failure is removed
+            trainer, out, setting = train_in_memory(model, settings, new_trainer, resume, reset)
         if diverged or not math.isfinite(out.training_loss):
             raise TrainingDivergedError(
                 f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
@@ -418,11 +440,10 @@ def run_train(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
-        (tmp / "train.json").write_text(json.dumps({"config": asdict(cfg)}, indent=1))
+        record = {"config": asdict(cfg), "made_from": made_from, **base_model_of(model_dir)}
+        (tmp / "train.json").write_text(json.dumps(record, indent=1))
         loss_curve(history, tmp / "loss_curve.png")
-    import shutil
-
-    shutil.rmtree(ckpt_root, ignore_errors=True)  # the adapter is complete: no resume needed
+    checkpoints.remove_all(ckpt_root)  # the adapter is complete: no resume needed
     losses = [h["loss"] for h in history if "loss" in h]
     metrics = {
         "resumed_from_step": int(Path(resume).name.split("-")[1]) if resume else 0,

@@ -3,7 +3,9 @@
 A stage writes its artifact into a temporary sibling folder and renames it into place only
 after ``MANIFEST.json`` (sha256 and size of every file) has been written last. A reader calls
 :func:`verify` and gets a clear :class:`ArtifactError` for a missing manifest, a missing file
-or a checksum mismatch, so a half-written artifact never passes for a complete one.
+or a checksum mismatch, so a half-written artifact never passes for a complete one. Writes go
+through :mod:`qlora_kfp.storage.writes`: a full disk or a read-only output is one
+:class:`OutputError` naming the path, and the next write removes what killed ones left.
 """
 
 from __future__ import annotations
@@ -13,13 +15,22 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qlora_kfp.errors import ArtifactError
+from qlora_kfp.storage.writes import partial_folder, writing
 
 MANIFEST = "MANIFEST.json"
+# The stage that writes each kind: what to re-run when an artifact is damaged.
+PRODUCERS = {
+    "dataset": "prepare",
+    "quantized-model": "quantize",
+    "adapter": "train",
+    "train-checkpoint": "train",
+    "evaluation": "evaluate",
+    "merged-model": "merge",
+}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -69,10 +80,20 @@ def verify(folder: str | os.PathLike, kind: str | None = None) -> dict:
     for rel, meta in manifest["files"].items():
         p = Path(folder) / rel
         if not p.is_file():
-            raise ArtifactError(f"{folder}: file {rel} listed in {MANIFEST} is missing")
+            raise ArtifactError(
+                f"{folder}: file {rel} listed in {MANIFEST} is missing{_rerun(manifest)}"
+            )
         if p.stat().st_size != meta["size"] or sha256_file(p) != meta["sha256"]:
-            raise ArtifactError(f"{folder}: file {rel} does not match its checksum in {MANIFEST}")
+            raise ArtifactError(
+                f"{folder}: file {rel} does not match its checksum in {MANIFEST} (truncated or "
+                f"corrupt){_rerun(manifest)}"
+            )
     return manifest
+
+
+def _rerun(manifest: dict) -> str:
+    stage = PRODUCERS.get(manifest.get("kind", ""))
+    return f"; re-run the {stage} stage to write it again" if stage else ""
 
 
 def check_output(
@@ -123,20 +144,22 @@ def atomic_folder(
     """Yield a temporary folder; on success write the manifest and move it to ``final``.
 
     ``final`` is checked first (:func:`check_output`, against ``inputs`` too). On an exception
-    the temporary folder is removed and ``final`` is left untouched.
+    the temporary folder is removed and ``final`` is left untouched; a full disk or a
+    read-only output becomes one :class:`OutputError` naming ``final``.
     """
     check_output(final, kind, inputs)
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes 0700; artifacts are read by other users (KFP, MLflow)
-    try:
-        yield tmp
-        write_manifest(tmp, kind)
-        if final.exists():
-            # KFP pre-creates output artifact folders; an empty or stale one is replaced.
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+    with writing(final), partial_folder(final) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; artifacts are read by other users (KFP, MLflow)
+        try:
+            yield tmp
+            write_manifest(tmp, kind)
+            if final.exists():
+                # KFP pre-creates output artifact folders; an empty or stale one is replaced.
+                shutil.rmtree(final) if final.is_dir() else final.unlink()
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -7,11 +7,14 @@ is honoured as a fallback endpoint so one setting serves MLflow and the pipeline
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
-from qlora_kfp.errors import ArtifactError, SourceError
+from qlora_kfp.errors import ArtifactError, OutputError, SourceError
 from qlora_kfp.storage.manifest import MANIFEST, sha256_file, write_manifest
+from qlora_kfp.storage.writes import write_error
 
 MULTIPART_THRESHOLD = 64 * 2**20
 
@@ -130,50 +133,130 @@ def upload_folder(folder: str | os.PathLike, uri: str, kind: str = "folder") -> 
     return uri
 
 
-def download_folder(uri: str, dest: str | os.PathLike, verify_manifest: bool = True) -> Path:
-    """Download every object under ``uri`` into ``dest`` and verify the manifest if present."""
-    import json
+def list_objects(uri: str, missing_ok: bool = False) -> list[dict]:
+    """What S3 says about every object under ``uri`` (or the one object at ``uri``).
 
+    Each entry has ``key``, ``size``, ``etag`` and ``last_modified``; a single object also its
+    ``version_id`` (on a versioned bucket). Replacing an object under the same key changes
+    its ETag or LastModified, so :func:`version` of this list tells a replaced source apart.
+    Nothing at ``uri`` is a :class:`SourceError`, or ``[]`` with ``missing_ok``.
+    """
+    bucket, prefix = split_uri(uri)
+    s3 = client()
+    try:
+        found = [
+            {
+                "key": o["Key"],
+                "size": o["Size"],
+                "etag": o.get("ETag", ""),
+                "last_modified": o["LastModified"].isoformat(),
+            }
+            for page in s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix + "/"
+            )
+            for o in page.get("Contents", [])
+        ]
+        if found:
+            return found
+        # A single object, e.g. s3://bucket/data.jsonl.
+        head = s3.head_object(Bucket=bucket, Key=prefix)
+    except Exception as exc:  # noqa: BLE001
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if missing_ok and code in ("404", "NoSuchKey"):
+            return []
+        raise _explain(uri, exc) from None
+    return [
+        {
+            "key": prefix,
+            "size": head["ContentLength"],
+            "etag": head.get("ETag", ""),
+            "last_modified": head["LastModified"].isoformat(),
+            "version_id": head.get("VersionId") or "",
+        }
+    ]
+
+
+def version(objects: list[dict]) -> str:
+    """A short digest of :func:`list_objects`: it changes when any object is replaced."""
+    h = hashlib.sha256()
+    for o in sorted(objects, key=lambda o: o["key"]):
+        h.update(json.dumps(o, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def is_single(uri: str, objects: list[dict]) -> bool:
+    """Whether ``objects`` (of :func:`list_objects`) is the one object at ``uri``."""
+    return len(objects) == 1 and objects[0]["key"] == split_uri(uri)[1]
+
+
+def download_folder(
+    uri: str,
+    dest: str | os.PathLike,
+    verify_manifest: bool = True,
+    objects: list[dict] | None = None,
+) -> Path:
+    """Download every object under ``uri`` into ``dest`` and verify the manifest if present.
+
+    A single object lands in ``dest/<its name>`` (the returned path). ``objects`` (from
+    :func:`list_objects`) pins what is downloaded: a single object's version when the bucket
+    keeps versions.
+    """
     from tqdm.auto import tqdm
 
     bucket, prefix = split_uri(uri)
+    objects = list_objects(uri) if objects is None else objects
     s3, cfg = client(), _transfer_config()
     dest = Path(dest)
+    single = is_single(uri, objects)
+    if single:
+        dest = dest / Path(prefix).name
+    total = sum(o["size"] for o in objects)
     try:
-        keys = []
-        for page in s3.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix + "/"
-        ):
-            keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
-        if not keys:
-            # A single object, e.g. s3://bucket/data.jsonl.
-            head = s3.head_object(Bucket=bucket, Key=prefix)
-            keys = [(prefix, head["ContentLength"])]
-            dest = dest / Path(prefix).name
         with tqdm(
-            total=sum(s for _, s in keys),
+            total=total,
             unit="B",
             unit_scale=True,
             desc=f"download {uri}",
-            disable=sum(s for _, s in keys) < MULTIPART_THRESHOLD,
+            disable=total < MULTIPART_THRESHOLD,
         ) as bar:
-            for key, _ in keys:
-                rel = key[len(prefix) :].lstrip("/") if len(keys) > 1 or key != prefix else ""
-                target = dest / rel if rel else dest
+            for o in objects:
+                rel = "" if single else o["key"][len(prefix) :].lstrip("/")
                 if ".." in Path(rel).parts:
-                    raise SourceError(f"s3://{bucket}/{key}: key escapes its prefix")
+                    raise SourceError(f"s3://{bucket}/{o['key']}: key escapes its prefix")
+                target = dest / rel if rel else dest
                 target.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, key, str(target), Config=cfg, Callback=bar.update)
-    except SourceError:
+                extra = {"VersionId": o["version_id"]} if o.get("version_id") else None
+                s3.download_file(
+                    bucket, o["key"], str(target), ExtraArgs=extra, Config=cfg, Callback=bar.update
+                )
+    except (SourceError, OutputError):
         raise
     except Exception as exc:  # noqa: BLE001
-        raise _explain(uri, exc) from None
+        raise write_error(exc, dest) or _explain(uri, exc) from None
     if verify_manifest and dest.is_dir() and (dest / MANIFEST).is_file():
         manifest = json.loads((dest / MANIFEST).read_text())
         for rel, meta in manifest["files"].items():
             if sha256_file(dest / rel) != meta["sha256"]:
                 raise ArtifactError(f"{uri}/{rel}: checksum mismatch after download")
     return dest
+
+
+def read_text(uri: str) -> str:
+    """The text of one small object (e.g. a manifest), without downloading its folder."""
+    bucket, key = split_uri(uri)
+    try:
+        return client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from None
+
+
+def delete_object(uri: str) -> None:
+    """Delete one object (absent is fine: S3's DeleteObject succeeds on a missing key)."""
+    bucket, key = split_uri(uri)
+    try:
+        client().delete_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from None
 
 
 def delete_prefix(uri: str) -> int:

@@ -7,12 +7,19 @@ one clear :class:`SourceError` naming the source.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
-from qlora_kfp.errors import SourceError
+from qlora_kfp.errors import ArtifactError, SourceError
 from qlora_kfp.storage import s3
+from qlora_kfp.storage.manifest import MANIFEST, PRODUCERS
+from qlora_kfp.storage.writes import partial_folder, writing
+
+log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -23,16 +30,53 @@ def cache_dir() -> Path:
 
 
 def localize(source: str) -> str:
-    """Return a local path for ``s3://`` sources (downloaded once), else ``source`` itself."""
-    if s3.is_s3(source):
-        bucket, key = s3.split_uri(source)
-        dest = cache_dir() / "s3" / bucket / key
-        done = dest.with_name(dest.name + ".complete")
-        if not done.exists():
-            got = s3.download_folder(source, dest)
-            done.write_text(str(got))
-        return done.read_text()
-    return source
+    """Return a local path for ``s3://`` sources (downloaded once per version), else ``source``.
+
+    A cache entry is keyed by what S3 says about the objects (ETag, size, LastModified, and a
+    single object's VersionId), not by the key alone: an object replaced under the same key
+    is downloaded again, also on a cache shared by many pods. An entry is moved into place
+    only once complete, so its existence is its completeness.
+    """
+    if not s3.is_s3(source):
+        return source
+    bucket, key = s3.split_uri(source)
+    for _ in range(3):
+        objects = s3.list_objects(source)
+        version = s3.version(objects)
+        entry = cache_dir() / "s3" / bucket / key / f"@{version}"
+        if not entry.is_dir():
+            _download(source, objects, entry)
+            if s3.version(s3.list_objects(source)) != version:  # replaced while downloading
+                log.warning("%s changed while it was downloaded; downloading it again", source)
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+        return str(entry / Path(key).name)
+    raise SourceError(
+        f"{source}: changed three times while it was downloaded; run again once "
+        "writes to it have finished"
+    )
+
+
+def _download(source: str, objects: list[dict], entry: Path) -> None:
+    """Download into a partial folder beside ``entry`` and move it into place whole."""
+    with writing(entry):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+    with writing(entry), partial_folder(entry) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a shared cache is read by other users' pods
+        try:
+            name = Path(s3.split_uri(source)[1]).name
+            s3.download_folder(
+                source, tmp if s3.is_single(source, objects) else tmp / name, objects=objects
+            )
+            try:
+                os.rename(tmp, entry)
+            except OSError:
+                if not entry.is_dir():
+                    raise
+                shutil.rmtree(tmp)  # another process finished the same version first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def is_hub_id(source: str) -> bool:
@@ -45,10 +89,65 @@ def model_source(source: str) -> str:
     if Path(path).exists():
         if not (Path(path) / "config.json").is_file():
             raise SourceError(f"{source}: no config.json; not a saved transformers model")
+        check_weights(Path(path))
         return path
     if not is_hub_id(path):
         raise SourceError(f"{source}: no such file or folder, and not a hub id")
     return path  # a hub id: from_pretrained downloads it (unless HF_HUB_OFFLINE=1)
+
+
+def check_weights(folder: Path) -> None:
+    """Fail in one line on a missing shard or a truncated or corrupt safetensors file.
+
+    Reads only the headers (a length and a JSON table of tensor offsets), so it costs nothing
+    on a 140 GB model, and says what to do: re-run the stage that wrote an artifact, or
+    download a base model again.
+
+    Raises:
+        ArtifactError: naming the file (not retried: the same bytes are there on a retry).
+    """
+    try:
+        kind = json.loads((folder / MANIFEST).read_text()).get("kind", "")
+    except (OSError, ValueError):
+        kind = ""
+    stage = PRODUCERS.get(kind)
+    todo = f"re-run the {stage} stage" if stage else "download or copy the model again"
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError):
+            raise ArtifactError(f"{index}: corrupt shard index; {todo}") from None
+        missing = sorted(shards - {f.name for f in files})
+        if missing:
+            raise ArtifactError(f"{folder / missing[0]}: missing (listed in {index.name}); {todo}")
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem:
+            raise ArtifactError(f"{f}: {problem}; {todo}")
+
+
+def _safetensors_problem(f: Path) -> str:
+    """What is wrong with a safetensors file's framing ("" when nothing): the format is an
+    8-byte little-endian header length, the JSON header, then the tensors' bytes."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            return f"truncated or corrupt safetensors file ({size} bytes; its header is cut off)"
+        try:
+            header = json.loads(fh.read(n))
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "corrupt safetensors file (its header is not a tensor table)"
+    if 8 + n + end > size:
+        return f"truncated safetensors file ({size} bytes of {8 + n + end})"
+    return ""
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

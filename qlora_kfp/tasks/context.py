@@ -1,8 +1,15 @@
 """Where one KFP task reports: its MLflow run, its S3 prefix, its KFP output artifacts.
 
-A task's :class:`RunContext` is built from the two bookkeeping parameters every stage
-component takes (``mlflow_parent_run_id``, ``kfp_run_id``) and the sweep trial it belongs to,
-if any. Everything a stage publishes goes through it, so the prefix rules live in one place.
+A task's :class:`RunContext` says which run it belongs to (the KFP run id, the MLflow parent
+run) and, inside a sweep, which trial. Everything a stage publishes goes through it, so the
+prefix rules live in one place.
+
+The run id comes from the task's pod: every pod of a KFP run carries the label
+``pipeline/runid`` (kubeflow/pipelines backend/src/apiserver/template/v2_template.go,
+``SetPodMetadataLabels(LabelKeyWorkflowRunId, RunID)``), which the pipelines hand to the
+container as ``KFP_RUN_ID`` (``pipelines/platform.py``) and which ``qlora-kfp run`` sets for
+``kfp.local``. Cached tasks cannot take it as an input: the backend's cache key holds every
+input value, and a run id in it would make every run miss the cache.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -21,11 +29,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from qlora_kfp import configs
-from qlora_kfp.errors import QloraError
+from qlora_kfp.errors import NotRetriedError, QloraError
 from qlora_kfp.preflight import ARTIFACT_URI_ENV
 from qlora_kfp.tracking import runs
 
 log = logging.getLogger("qlora_kfp")
+RUN_ID_ENV = "KFP_RUN_ID"
+RETRY_INDEX_ENV = "KFP_RETRY_INDEX"  # kubeflow/pipelines backend/src/v2/component/constants.go
+
+
+def trial_label(overrides: dict) -> str:
+    """A sweep trial's name: the same grid entry, the same name (``trial-`` + 8 hex digits)."""
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode())
+    return f"trial-{digest.hexdigest()[:8]}"
 
 
 def setup_logging() -> None:
@@ -40,21 +56,36 @@ class RunContext:
         kfp_run_id: The KFP run id ("" outside KFP: the CLI).
         mlflow_parent_run_id: The pipeline's parent MLflow run ("" when tracking is off or
             when the task finds it by ``kfp_run_id``).
+        trial: The sweep trial (:func:`trial_label`), "" outside a sweep.
+        trial_params: The trial's grid entry.
     """
 
     kfp_run_id: str = ""
     mlflow_parent_run_id: str = ""
+    trial: str = ""
+    trial_params: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: dict) -> RunContext:
-        return cls(args.get("kfp_run_id") or "", args.get("mlflow_parent_run_id") or "")
+        """The pod's run id (``KFP_RUN_ID``) wins over the ``kfp_run_id`` argument: on a
+        backend both are the run's UUID; under ``kfp.local`` the argument is the local
+        runner's own number, which cached tasks cannot see."""
+        overrides = args.get("config_overrides") or {}
+        return cls(
+            os.environ.get(RUN_ID_ENV) or args.get("kfp_run_id") or "",
+            args.get("mlflow_parent_run_id") or "",
+            trial_label(overrides) if overrides else "",
+            dict(overrides),
+        )
 
     def artifact_uri(self, name: str) -> str:
-        """``$QLORA_KFP_ARTIFACT_URI/<kfp run>/<name>`` ("" when no artifact store is set)."""
+        """``$QLORA_KFP_ARTIFACT_URI/<kfp run>[/<trial>]/<name>`` ("" when no artifact store
+        is set): each sweep trial mirrors its checkpoints and publishes under its own prefix."""
         base = os.environ.get(ARTIFACT_URI_ENV, "")
         if not base:
             return ""
-        return f"{base.rstrip('/')}/{self.kfp_run_id or 'local'}/{name}"
+        parts = [base.rstrip("/"), self.kfp_run_id or "local", self.trial, name]
+        return "/".join(p for p in parts if p)
 
     def publish(self, folder: str, name: str) -> str:
         """Copy an artifact folder to :meth:`artifact_uri`; returns the URI ("" if none)."""
@@ -77,8 +108,11 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, runs.StageRun
     t0 = time.perf_counter()
     ctx = RunContext.from_args(args)
     try:
+        refuse_pointless_retry(name, ctx)
         cfg = configs.from_params(cls, args)
-        with runs.stage_run(ctx.mlflow_parent_run_id, name, ctx.kfp_run_id) as run:
+        with runs.stage_run(
+            ctx.mlflow_parent_run_id, name, ctx.kfp_run_id, ctx.trial, ctx.trial_params
+        ) as run:
             run.params(dataclasses.asdict(cfg))
             yield cfg, run, ctx
             usage = resource_usage(time.perf_counter() - t0)
@@ -86,7 +120,31 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, runs.StageRun
             # On the parent run, one name per stage, so runs compare stage by stage.
             report(run, args.get("metrics"), usage, parent_prefix=f"{name}.")
     except QloraError as exc:
+        runs.tag_task_failure(exc)
         fail(name, exc)
+
+
+def refuse_pointless_retry(name: str, ctx: RunContext) -> None:
+    """Stop a KFP retry of a stage whose earlier attempt failed with an error no retry can fix
+    (a bad setting, a malformed row: ``QloraError.retryable`` False), before any GPU work.
+
+    The backend retries a failed GPU task whatever the error (its Argo ``retryStrategy`` has
+    no condition: backend/src/v2/compiler/argocompiler/container.go), after back-offs of
+    minutes. From 2.17 each attempt gets ``KFP_RETRY_INDEX`` (0 for the first; same file,
+    ``retryIndexEnv``); a first attempt, or a backend without it, always runs.
+    """
+    try:
+        attempt = int(os.environ.get(RETRY_INDEX_ENV) or 0)
+    except ValueError:
+        attempt = 0
+    if attempt < 1:
+        return
+    reason = runs.permanent_failure(ctx.mlflow_parent_run_id, name, ctx.kfp_run_id, ctx.trial)
+    if reason:
+        raise NotRetriedError(
+            f"not retried (attempt {attempt + 1}): an earlier attempt failed with an error a "
+            f"retry cannot fix: {reason}"
+        )
 
 
 def fail(name: str, exc: QloraError) -> NoReturn:

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from qlora_kfp.errors import QloraError
+from qlora_kfp.errors import ConfigError, QloraError
 from qlora_kfp.tasks.context import RunContext, fail, report, setup_logging
 from qlora_kfp.tracking import runs
 
@@ -30,7 +30,7 @@ def start_tracking(args: dict) -> str:
             args["mlflow_experiment"],
             args["run_name"],
             {
-                "kfp.run_id": args["kfp_run_id"],
+                "kfp.run_id": RunContext.from_args(args).kfp_run_id,
                 "base_model": args["base_model"],
                 "data_source": args["data_source"],
             },
@@ -50,7 +50,12 @@ def decide_training(args: dict) -> str:
     log.info("training decision: %s (%s)", "train" if train else "skip", reason)
     with runs.stage_run(args.get("mlflow_parent_run_id", ""), "decide-training") as run:
         run.tags(
-            {"training_decision": "train" if train else "skip", "training_decision_reason": reason},
+            {
+                "training_decision": "train" if train else "skip",
+                "training_decision_reason": reason,
+                # Here, not only in prepare-dataset: a cached prepare-dataset does not run.
+                "dataset.digest": args["dataset_digest"],
+            },
             parent=True,
         )
     return "train" if train else "skip"
@@ -61,8 +66,9 @@ def finish(args: dict) -> None:
     from qlora_kfp.tracking import outcome, report
 
     setup_logging()
+    kfp_run_id = RunContext.from_args(args).kfp_run_id
     word, error = args["status"].state, args["status"].error_message or ""
-    run_id = runs.find_pipeline_run(args["mlflow_experiment"], args["kfp_run_id"])
+    run_id = runs.find_pipeline_run(args["mlflow_experiment"], kfp_run_id)
     metrics, tags, png, exp_id = {}, {}, None, ""
     if run_id:
         run = runs.client().get_run(run_id)  # read once: closing changes no metric
@@ -86,19 +92,13 @@ def finish(args: dict) -> None:
         except Exception:  # noqa: BLE001 - a failed run may have no plot
             png = None
     text = report.build(
-        state,
-        error,
-        args["kfp_run_id"],
-        metrics,
-        tags,
-        report.links(args["kfp_run_id"], exp_id, run_id),
-        png,
+        state, error, kfp_run_id, metrics, tags, report.links(kfp_run_id, exp_id, run_id), png
     )
     Path(args["report"].path).write_text(text)
     url = os.environ.get(report.WEBHOOK_ENV, "")
     if url:
-        report.post_webhook(url, report.summary(state, args["kfp_run_id"], metrics, error))
-    checkpoints = RunContext(args["kfp_run_id"]).artifact_uri("train-checkpoints")
+        report.post_webhook(url, report.summary(state, kfp_run_id, metrics, error))
+    checkpoints = RunContext(kfp_run_id).artifact_uri("train-checkpoints")
     if checkpoints and state == outcome.SUCCEEDED:  # resumable checkpoints are not needed any more
         from qlora_kfp.storage import s3
 
@@ -106,41 +106,96 @@ def finish(args: dict) -> None:
 
 
 def pick_best(args: dict) -> dict:
-    """Choose the sweep trial with the lowest eval loss; ``dsl.Collected`` keeps grid order."""
+    """Choose the sweep trial with the lowest eval loss; ``dsl.Collected`` keeps grid order.
+
+    The parent MLflow run shows the grid and the winner: every trial's name, settings and eval
+    loss as a table and a bar chart, the winner as tags.
+    """
+    from qlora_kfp.tasks.context import trial_label
+    from qlora_kfp.tracking import plots
+
     setup_logging()
     grid, losses = list(args["lora_grid"]), [float(x) for x in args["eval_losses"]]
     if len(grid) != len(losses):
         raise SystemExit(f"pick-best-trial failed: {len(grid)} trials but {len(losses)} results")
     best = min(range(len(grid)), key=losses.__getitem__)
+    names = [trial_label(entry) for entry in grid]
+    rows = [
+        {"trial": name, **entry, "eval_loss": loss}
+        for name, entry, loss in zip(names, grid, losses, strict=True)
+    ]
     with runs.stage_run(args.get("mlflow_parent_run_id", ""), "pick-best-trial") as run:
         report(run, args.get("metrics"), {"best_trial": best, "best_eval_loss": losses[best]})
-        run.tags({"best_trial": json.dumps(grid[best], sort_keys=True)}, parent=True)
+        run.tags(
+            {
+                "best_trial": json.dumps(grid[best], sort_keys=True),
+                "best_trial.name": names[best],
+                "sweep.grid": json.dumps(grid, sort_keys=True)[:5000],
+            },
+            parent=True,
+        )
         for i, loss in enumerate(losses):
             run.metrics({"trial_eval_loss": loss}, step=i, parent=False)
+        if run.run_id:
+            import pandas as pd
+
+            runs.client().log_table(run.parent_run_id, pd.DataFrame(rows), "sweep/trials.json")
+            png = plots.trial_bars(names, losses, best, "/tmp/sweep_trials.png")
+            run.artifact(str(png), "plots", parent=True)
+    _drop_trial_checkpoints(RunContext.from_args(args).kfp_run_id, grid)
     log.info("best trial %d of %d: %s (eval loss %.6g)", best, len(grid), grid[best], losses[best])
-    return {**grid[best], "trial": best, "eval_loss": losses[best]}
+    return {**grid[best], "trial": best, "trial_name": names[best], "eval_loss": losses[best]}
+
+
+def _drop_trial_checkpoints(kfp_run_id: str, grid: list[dict]) -> None:
+    """Every trial finished: their resumable checkpoints are not needed any more."""
+    from qlora_kfp.tasks.context import trial_label
+
+    for entry in grid:
+        uri = RunContext(kfp_run_id, trial=trial_label(entry)).artifact_uri("train-checkpoints")
+        if uri:
+            from qlora_kfp.storage import s3
+
+            s3.delete_prefix(uri)
 
 
 def preflight(args: dict) -> str:
     """Validate every stage's config and check training fits the GPU, before any GPU task.
 
+    In a sweep every trial is checked (its grid entry over the pipeline's train settings), so
+    a bad or too large trial fails here, not after the dataset is prepared and quantized.
+
     Returns:
-        The memory estimate's parts in GiB, as JSON.
+        The memory estimate's parts in GiB (of the largest trial), as JSON.
     """
     from qlora_kfp import configs
     from qlora_kfp import preflight as checks
+    from qlora_kfp.tasks.context import trial_label
 
     setup_logging()
     try:
         built = {
             name: configs.from_params(cls, args) for name, cls in configs.STAGE_CONFIGS.items()
         }
-        parts = checks.check_memory(
-            args["base_model"],
-            built["train"],
-            built["prepare"].max_seq_length,
-            args["gpu_memory_gib"],
-        )
+        configs.from_params(configs.PipelineConfig, args)  # the GPU pool settings too
+        trials, seen = list(args.get("lora_grid") or []), {}
+        for i, entry in enumerate(trials):
+            configs.check_known(entry, configs.TrainConfig.__dataclass_fields__, f"lora_grid[{i}]")
+            twin = seen.setdefault(trial_label(entry), i)
+            if twin != i:
+                raise ConfigError(
+                    f"lora_grid[{i}] repeats lora_grid[{twin}]: each trial must differ"
+                )
+        estimates = [
+            checks.check_memory(
+                args["base_model"],
+                configs.from_params(configs.TrainConfig, {**args, **entry}),
+                built["prepare"].max_seq_length,
+                args["gpu_memory_gib"],
+            )
+            for entry in trials or [{}]
+        ]
+        parts = max(estimates, key=lambda p: sum(p.values()))
         with runs.stage_run(args.get("mlflow_parent_run_id", ""), "preflight") as run:
             run.metrics({"estimated_peak_gib": round(sum(parts.values()), 3)})
         return json.dumps(parts)

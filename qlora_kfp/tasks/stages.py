@@ -100,7 +100,10 @@ def evaluate(args: dict) -> float:
     """Run evaluate; returns the tuned model's eval loss."""
     from qlora_kfp.stages.evaluate import run_evaluate
 
-    with stage("evaluate", configs.EvaluateConfig, args) as (cfg, run, ctx):
+    # A sweep trial's grid entry applies to every stage of the trial (compute_dtype, eval_rows).
+    overrides = args.get("config_overrides") or {}
+    configs.check_known(overrides, configs.TrainConfig.__dataclass_fields__, "config_overrides")
+    with stage("evaluate", configs.EvaluateConfig, {**args, **overrides}) as (cfg, run, ctx):
         out = args["evaluation"].path
         res = run_evaluate(
             cfg, args["quantized_model"].path, args["adapter"].path, args["dataset"].path, out
@@ -115,13 +118,27 @@ def evaluate(args: dict) -> float:
         return float(res.metrics["tuned_eval_loss"])
 
 
-def merge(args: dict) -> None:
+def merge(args: dict) -> str:
+    """Run merge; returns where the merged model can be read (``register-model`` takes this
+    URI, not the artifact: the KFP launcher downloads every input artifact in full)."""
     from qlora_kfp.stages.merge import run_merge
 
     with stage("merge", configs.MergeConfig, args) as (cfg, run, ctx):
         res = run_merge(cfg, args["adapter"].path, args["merged_model"].path)
         report(run, args.get("metrics"), res.metrics)
-        mark(args["merged_model"], s3_uri=ctx.publish(res.path, "merged-model"))
+        published = ctx.publish(res.path, "merged-model")
+        mark(args["merged_model"], s3_uri=published)
+        return published or _readable_uri(args["merged_model"])
+
+
+def _readable_uri(artifact) -> str:
+    """The artifact's own URI for a reader outside KFP: the local folder under ``kfp.local``;
+    on a backend the object store's (KFP writes ``minio://bucket/key`` for its S3-compatible
+    store, which boto3 and MLflow read as ``s3://bucket/key``)."""
+    uri = getattr(artifact, "uri", "") or artifact.path
+    if uri.startswith("minio://"):
+        return "s3://" + uri[len("minio://") :]
+    return uri if "://" in uri else artifact.path
 
 
 def register(args: dict) -> str:
@@ -132,15 +149,14 @@ def register(args: dict) -> str:
         if not (cfg.registered_model_name and run.run_id):
             log.warning("registration skipped (no registered_model_name or tracking is off)")
             return ""
-        model = args["merged_model"]
-        source = (model.metadata or {}).get("s3_uri", "")
-        if not source:  # no artifact store configured: the registry keeps its own copy
-            run.artifacts(model.path, "merged_model")
+        source = args["merged_model_uri"]
+        if Path(source).is_dir():  # a local run: the registry keeps its own copy
+            run.artifacts(source, "merged_model")
             source = f"{runs.client().get_run(run.run_id).info.artifact_uri}/merged_model"
         tags = {
             "base_model": cfg.base_model,
             "dataset_digest": args["dataset_digest"],
-            "kfp.run_id": args.get("kfp_run_id", ""),
+            "kfp.run_id": ctx.kfp_run_id,
             "mlflow.parent_run": run.parent_run_id,
         }
         res = registry.register(

@@ -50,3 +50,23 @@ def comparison_bars(base: dict, tuned: dict, keys: list[str], path: str | Path) 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def trial_bars(names: list[str], losses: list[float], best: int, path: str | Path) -> Path:
+    """One bar per sweep trial (its eval loss), the winner highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.4), dpi=100)
+    colors = ["#2b7bba" if i == best else "#999999" for i in range(len(names))]
+    ax.bar(range(len(names)), losses, color=colors)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("tuned eval loss")
+    ax.set_title(f"sweep: best {names[best]}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -11,15 +11,18 @@ function here is a no-op, so the stages also run without MLflow.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from qlora_kfp.errors import TrackingError
+from qlora_kfp.tracking import plugin
 from qlora_kfp.version import PIPELINE_VERSION, git_commit
 
 log = logging.getLogger(__name__)
+FAILURE_KIND_TAG = "failure_kind"  # "permanent": a retry of the task cannot succeed
 # MLflow 3's UI opens an experiment in its model-training view, not the GenAI one, by this tag
 # (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -79,7 +82,16 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
     check_server()
     import mlflow
 
+    ours = {
+        **provenance("pipeline"),
+        "pipeline.version": PIPELINE_VERSION,
+        "git.commit": git_commit(),
+        "qlora.role": "pipeline",
+        **tags,
+    }
     try:
+        if plugin.task_run():  # the backend made the parent run: adopt it, make no second
+            return plugin.adopt_root(experiment, run_name, ours)
         root = os.environ.get("QLORA_KFP_MLFLOW_ARTIFACT_ROOT")
         if root and mlflow.get_experiment_by_name(experiment) is None:
             # Local stores: keep artifacts beside the database, not in the current folder.
@@ -87,17 +99,7 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
         exp = mlflow.set_experiment(experiment)
         if EXPERIMENT_KIND_TAG not in exp.tags:
             client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-        run = client().create_run(
-            exp.experiment_id,
-            run_name=run_name or None,
-            tags={
-                **provenance("pipeline"),
-                "pipeline.version": PIPELINE_VERSION,
-                "git.commit": git_commit(),
-                "qlora.role": "pipeline",
-                **tags,
-            },
-        )
+        run = client().create_run(exp.experiment_id, run_name=run_name or None, tags=ours)
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']}: {exc}") from None
     return run.info.run_id
@@ -110,7 +112,9 @@ def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
     """
     if not enabled():
         return ""
-    if experiment:
+    if plugin.experiment_id():  # the backend chose the experiment
+        ids = [plugin.experiment_id()]
+    elif experiment:
         exp = client().get_experiment_by_name(experiment)
         ids = [exp.experiment_id] if exp else []
     else:
@@ -122,7 +126,8 @@ def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
         max_results=1,
         filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`qlora.role` = 'pipeline'",
     )
-    return runs[0].info.run_id if runs else ""
+    # Under the plugin a task may look before start-tracking tagged the backend's parent run.
+    return runs[0].info.run_id if runs else plugin.find_root(kfp_run_id)
 
 
 def stage_statuses(parent_run_id: str) -> dict[str, tuple[str, str]]:
@@ -135,12 +140,32 @@ def stage_statuses(parent_run_id: str) -> dict[str, tuple[str, str]]:
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
     )
     return {
-        r.data.tags.get("stage", r.info.run_name): (
+        " ".join(
+            filter(None, [r.data.tags.get("stage", r.info.run_name), r.data.tags.get("trial")])
+        ): (
             r.info.status,
             r.data.tags.get("failure_reason", ""),
         )
         for r in kids
     }
+
+
+def permanent_failure(parent_run_id: str, stage: str, kfp_run_id: str = "", trial: str = "") -> str:
+    """The reason an earlier attempt of ``stage`` in this run failed for good ("" if none)."""
+    if enabled() and not parent_run_id and kfp_run_id:
+        parent_run_id = find_pipeline_run("", kfp_run_id)
+    if not (enabled() and parent_run_id):
+        return ""
+    parent = client().get_run(parent_run_id)
+    found = client().search_runs(
+        [parent.info.experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.stage = '{stage}' "
+            f"and tags.`{FAILURE_KIND_TAG}` = 'permanent'"
+        ),
+    )
+    found = [r for r in found if r.data.tags.get("trial", "") == trial]
+    return found[0].data.tags.get("failure_reason", "failed") if found else ""
 
 
 def close_pipeline_run(run_id: str, outcome: str, error: str = "", kfp_state: str = "") -> None:
@@ -154,14 +179,30 @@ def close_pipeline_run(run_id: str, outcome: str, error: str = "", kfp_state: st
         c.set_tag(run_id, "kfp.state", kfp_state)
     if error:
         c.set_tag(run_id, "failure_reason", error[:5000])
+    if plugin.task_run():
+        # The backend's parent run: its API server closes it when the run ends (and would
+        # reopen or re-close ours); apiserver ReportWorkflowResource in proposal 12862.
+        log.info("the KFP backend closes MLflow run %s when the pipeline run ends", run_id)
+        return
     c.set_terminated(run_id, status=MLFLOW_STATUS[outcome])
 
 
 class StageRun:
-    """Logging handle of one stage's nested run (all methods are no-ops when tracking is off)."""
+    """Logging handle of one stage's nested run (all methods are no-ops when tracking is off).
 
-    def __init__(self, run_id: str, parent_run_id: str):
-        self.run_id, self.parent_run_id = run_id, parent_run_id
+    ``to_parent`` False (a sweep trial's stages) keeps everything on the stage run: trials
+    differ in their settings, so their params and histories on the one parent would be one
+    trial's params beside every trial's interleaved curves.
+    """
+
+    def __init__(
+        self, run_id: str, parent_run_id: str, to_parent: bool = True, own_params: bool = True
+    ):
+        self.run_id, self.parent_run_id, self.to_parent = run_id, parent_run_id, to_parent
+        self.own_params = own_params
+
+    def _targets(self, parent: bool) -> tuple[str, ...]:
+        return (self.run_id, self.parent_run_id) if parent and self.to_parent else (self.run_id,)
 
     def params(self, params: dict[str, Any]) -> None:
         """Log params on the stage run and on the parent (same name, same meaning, same value)."""
@@ -170,7 +211,8 @@ class StageRun:
         from mlflow.entities import Param
 
         ps = [Param(k, str(v)) for k, v in params.items()]
-        for rid in (self.run_id, self.parent_run_id):
+        targets = self._targets(parent=True)
+        for rid in targets if self.own_params else targets[1:]:
             existing = client().get_run(rid).data.params
             new = [p for p in ps if p.key not in existing]
             if new:
@@ -197,7 +239,9 @@ class StageRun:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
-        targets = [(self.run_id, "")] + ([(self.parent_run_id, parent_prefix)] if parent else [])
+        targets = [(self.run_id, "")]
+        if parent and self.to_parent:
+            targets.append((self.parent_run_id, parent_prefix))
         for rid, pre in targets:
             ms = [Metric(pre + k, v, now, step or 0) for k, v in values.items()]
             for i in range(0, len(ms), 900):  # the REST API takes 1000 metrics per batch
@@ -210,7 +254,7 @@ class StageRun:
     def artifact(self, file: str, path: str | None = None, parent: bool = False) -> None:
         if not self.run_id:
             return
-        for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
+        for rid in self._targets(parent):
             client().log_artifact(rid, file, artifact_path=path)
 
     def table(self, rows: list[dict], artifact_file: str) -> None:
@@ -223,20 +267,31 @@ class StageRun:
     def tags(self, tags: dict[str, str], parent: bool = False) -> None:
         if not self.run_id:
             return
-        for rid in (self.run_id, self.parent_run_id) if parent else (self.run_id,):
+        for rid in self._targets(parent):
             for k, v in tags.items():
                 client().set_tag(rid, k, v)
 
 
 @contextlib.contextmanager
-def stage_run(parent_run_id: str, stage: str, kfp_run_id: str = "") -> Iterator[StageRun]:
+def stage_run(
+    parent_run_id: str,
+    stage: str,
+    kfp_run_id: str = "",
+    trial: str = "",
+    trial_params: dict | None = None,
+) -> Iterator[StageRun]:
     """Open the nested run of one stage; it ends FAILED (and re-raises) on an exception.
 
-    Without ``parent_run_id`` the parent is looked up by its ``kfp.run_id`` tag (tasks inside
-    a ``dsl.ParallelFor`` get it that way: kfp.local misroutes task outputs into loop bodies).
+    Without ``parent_run_id`` the parent is looked up by its ``kfp.run_id`` tag (cached tasks
+    and tasks inside a ``dsl.ParallelFor`` get it that way). A sweep trial's stage run is
+    named after the trial and tagged with its grid entry, and logs nothing to the parent.
     """
     if enabled() and not parent_run_id and kfp_run_id:
         parent_run_id = find_pipeline_run("", kfp_run_id)
+    if plugin.task_run():
+        with _plugin_stage_run(parent_run_id, stage, trial, trial_params) as handle:
+            yield handle
+        return
     if not (enabled() and parent_run_id):
         yield StageRun("", "")
         return
@@ -247,21 +302,66 @@ def stage_run(parent_run_id: str, stage: str, kfp_run_id: str = "") -> Iterator[
         raise TrackingError(f"MLflow parent run {parent_run_id}: {exc}") from None
     run = c.create_run(
         parent.info.experiment_id,
-        run_name=stage,
+        run_name=f"{stage} {trial}" if trial else stage,
         tags={
-            **provenance(stage),
+            **_stage_tags(stage, parent.data.tags, trial, trial_params),
             "mlflow.parentRunId": parent_run_id,
-            "stage": stage,
-            **{
-                k: v for k, v in parent.data.tags.items() if not k.startswith(("mlflow.", "qlora."))
-            },
         },
     )
-    handle = StageRun(run.info.run_id, parent_run_id)
+    handle = StageRun(run.info.run_id, parent_run_id, to_parent=not trial)
     try:
         yield handle
     except BaseException as exc:
-        c.set_tag(run.info.run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        _tag_failure(run.info.run_id, exc)
         c.set_terminated(run.info.run_id, status="FAILED")
         raise
     c.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def _stage_tags(stage: str, parent_tags: dict, trial: str, trial_params: dict | None) -> dict:
+    """A stage run's tags: provenance, the stage (and trial), the parent's own tags."""
+    inherited = {k: v for k, v in parent_tags.items() if not k.startswith(("mlflow.", "qlora."))}
+    tags = {**provenance(stage), **inherited, "stage": stage}
+    if trial:
+        tags.update(
+            {"trial": trial, "trial.params": json.dumps(trial_params or {}, sort_keys=True)}
+        )
+    return tags
+
+
+def tag_task_failure(exc: BaseException) -> None:
+    """Under KFP's MLflow plugin, say on the task's own run why it failed before its stage run
+    opened (an invalid setting, a refused retry)."""
+    if plugin.task_run():
+        _tag_failure(plugin.task_run(), exc)
+
+
+def _tag_failure(run_id: str, exc: BaseException) -> None:
+    client().set_tag(run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+    # A user error (bad setting, bad row) fails the same way on every retry.
+    kind = "transient" if getattr(exc, "retryable", True) else "permanent"
+    client().set_tag(run_id, FAILURE_KIND_TAG, kind)
+
+
+@contextlib.contextmanager
+def _plugin_stage_run(
+    parent_run_id: str, stage: str, trial: str, trial_params: dict | None
+) -> Iterator[StageRun]:
+    """The stage logs into the run the backend made for its task (``MLFLOW_RUN_ID``).
+
+    Its params go only to the parent: the launcher logs the task's inputs as params itself,
+    JSON-encoded (``"auto"`` with quotes: handler.go ``mapToParams``), and MLflow refuses a
+    param logged twice with two values, which would lose the launcher's whole batch. The
+    launcher also closes the run, FAILED when the task's process fails.
+    """
+    own = plugin.task_run()
+    parent_run_id = parent_run_id or plugin.root_of(own)
+    parent_tags = client().get_run(parent_run_id).data.tags if parent_run_id else {}
+    for key, value in _stage_tags(stage, parent_tags, trial, trial_params).items():
+        client().set_tag(own, key, value)
+    handle = StageRun(own, parent_run_id, to_parent=not trial, own_params=False)
+    try:
+        yield handle
+    except BaseException as exc:
+        _tag_failure(own, exc)
+        raise

@@ -4,75 +4,157 @@ Transformers' Trainer saves ``checkpoint-<step>`` folders (adapter, optimizer, s
 states, data position) but a pod killed mid-save leaves a partial one that looks like any
 other. Here a checkpoint counts only once ``MANIFEST.json`` is written into it after the save
 (and, with an ``s3://`` mirror, after its upload, manifest last). A restarted task (a KFP retry
-after preemption) resumes from the newest complete checkpoint, local or in S3.
+after preemption) resumes from the newest complete checkpoint, local or in S3, *of the same
+run*: the manifest records what the checkpoint was made from (the settings that change what is
+learned, the prepared dataset's digest, the quantized model's digest), and a checkpoint made
+from anything else is never resumed. A rerun with another learning rate, dataset or LoRA rank
+starts fresh, and says why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from qlora_kfp.errors import ArtifactError
+from qlora_kfp.configs import TrainConfig
+from qlora_kfp.errors import ArtifactError, OutputError
 from qlora_kfp.storage import s3
-from qlora_kfp.storage.manifest import MANIFEST, verify, write_manifest
+from qlora_kfp.storage.manifest import MANIFEST, read_manifest, verify, write_manifest
+from qlora_kfp.storage.writes import write_error
 
 log = logging.getLogger(__name__)
 STEP = re.compile(r"^checkpoint-(\d+)$")
+KIND = "train-checkpoint"
+# Settings that change how fast training runs or what it reports, not what it learns: a
+# restart may change them (e.g. turn gradient checkpointing on after running out of memory)
+# and still resume. Every other field, including any added later, must match.
+RESUME_INDEPENDENT = frozenset(
+    {
+        "logging_steps",
+        "eval_steps",
+        "checkpoint_steps",
+        "gradient_checkpointing",
+        "gradient_checkpointing_layers",
+        "fused_kernels",
+        "fused_lora",
+        "attn_implementation",
+    }
+)
 
 
-def _complete(folder: Path) -> bool:
-    try:
-        verify(folder, "train-checkpoint")
-        return True
-    except ArtifactError:
-        return False
+def made_from(cfg: TrainConfig, dataset_digest: str, model_digest: str) -> dict:
+    """What a checkpoint of this run is made from; resuming needs all of it to match."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_INDEPENDENT}
+    # Through JSON, as the manifest stores it, so that a tuple and a list compare equal.
+    config = json.loads(json.dumps(config))
+    return {"config": config, "dataset_digest": dataset_digest, "model_digest": model_digest}
 
 
-def latest_local(root: Path) -> Path | None:
-    """Newest complete checkpoint under ``root``; partial ones are removed."""
+def differences(recorded: dict | None, wanted: dict) -> list[str]:
+    """How a checkpoint's record differs from this run's (empty: it may be resumed)."""
+    if not recorded:
+        return ["it does not record what it was made from (an older version wrote it)"]
+    old, new = recorded.get("config", {}), wanted["config"]
+    out = [
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old | new)
+        if old.get(k) != new.get(k)
+    ]
+    for key, what in (("dataset_digest", "dataset"), ("model_digest", "quantized model")):
+        if recorded.get(key) != wanted[key]:
+            out.append(f"{what} {recorded.get(key)} -> {wanted[key]}")
+    return out
+
+
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-<step>`` folders under ``root``, newest first."""
     if not root.is_dir():
-        return None
-    found = sorted(
+        return []
+    found = [
         (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP.match(p.name))
-    )
-    for _, path in reversed(found):
-        if _complete(path):
-            return path
-        log.warning("removing incomplete checkpoint %s", path)
+    ]
+    return sorted(found, reverse=True)
+
+
+def latest_local(root: Path, wanted: dict) -> Path | None:
+    """Newest complete checkpoint under ``root`` made from ``wanted``.
+
+    Incomplete ones are removed, and so are complete ones made from other inputs: this run
+    can never resume them, and the Trainer would otherwise save into and rotate among them.
+    Nothing else under ``root`` is touched.
+    """
+    for _, path in _steps(root):
+        try:
+            why = differences(read_manifest(path).get("made_from"), wanted)
+            if not why:
+                verify(path, KIND)
+                return path
+        except (ArtifactError, ValueError):  # no manifest, a cut-off one, or damaged files
+            log.warning("removing incomplete checkpoint %s", path)
+        else:
+            log.warning(
+                "not resuming from %s, it was made from other inputs (%s); starting fresh "
+                "and removing it",
+                path,
+                "; ".join(why),
+            )
         shutil.rmtree(path, ignore_errors=True)
     return None
 
 
-def latest_remote(uri: str, root: Path) -> Path | None:
-    """Download the newest checkpoint under ``uri`` whose manifest exists."""
+def latest_remote(uri: str, root: Path, wanted: dict) -> Path | None:
+    """Download the newest checkpoint under ``uri`` that is sealed and made from ``wanted``.
+
+    Another run's checkpoints under the same prefix are skipped (their manifests are read, not
+    their weights), never deleted: they may belong to a run that is still going.
+    """
     bucket, prefix = s3.split_uri(uri)
-    client = s3.client()
     steps = set()
-    for page in client.get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=prefix + "/"
+    for page in (
+        s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
     ):
         for obj in page.get("Contents", []):
             parts = obj["Key"][len(prefix) + 1 :].split("/")
-            if len(parts) == 2 and parts[1] == MANIFEST and STEP.match(parts[0]):
-                steps.add(int(STEP.match(parts[0]).group(1)))
-    if not steps:
-        return None
-    name = f"checkpoint-{max(steps)}"
-    dest = s3.download_folder(f"{uri}/{name}", root / name)
-    return dest if _complete(dest) else None
+            if len(parts) == 2 and parts[1] == MANIFEST and (m := STEP.match(parts[0])):
+                steps.add(int(m.group(1)))
+    for step in sorted(steps, reverse=True):
+        name = f"checkpoint-{step}"
+        manifest = json.loads(s3.read_text(f"{uri}/{name}/{MANIFEST}"))
+        why = differences(manifest.get("made_from"), wanted)
+        if why:
+            log.warning(
+                "not resuming from %s/%s, it was made from other inputs (%s)",
+                uri,
+                name,
+                "; ".join(why),
+            )
+            continue
+        dest = s3.download_folder(f"{uri}/{name}", root / name)
+        try:
+            verify(dest, KIND)
+        except ArtifactError as exc:
+            log.warning("not resuming from %s/%s: %s", uri, name, exc)
+            shutil.rmtree(dest, ignore_errors=True)
+            continue
+        return dest
+    return None
 
 
-def find_resume_point(root: Path, uri: str = "") -> str | None:
+def find_resume_point(root: Path, wanted: dict, uri: str = "") -> str | None:
     """Local first (a retried local task), else the S3 mirror (a new pod)."""
-    path = latest_local(root) or (latest_remote(uri, root) if uri else None)
+    path = latest_local(root, wanted) or (latest_remote(uri, root, wanted) if uri else None)
     if path:
         log.info("resuming from %s", path)
     return str(path) if path else None
 
 
-def callback(root: Path, uri: str = ""):
+def callback(root: Path, wanted: dict, uri: str = ""):
     """A TrainerCallback that seals each saved checkpoint and mirrors it to S3."""
     from transformers import TrainerCallback
 
@@ -80,9 +162,44 @@ def callback(root: Path, uri: str = ""):
         def on_save(self, args, state, control, **kw):
             path = root / f"checkpoint-{state.global_step}"
             if path.is_dir():
-                write_manifest(path, "train-checkpoint")
+                write_manifest(path, KIND, {"made_from": wanted})
                 if uri:
+                    # An older manifest under this name must not vouch for the new files
+                    # while they upload (upload_folder puts the manifest last).
+                    s3.delete_object(f"{uri}/{path.name}/{MANIFEST}")
                     s3.upload_folder(path, f"{uri}/{path.name}")
             return control
 
     return SealCheckpoint()
+
+
+@contextlib.contextmanager
+def saving(root: Path) -> Iterator[None]:
+    """Around training: when it fails, remove the checkpoint it was cutting off.
+
+    A checkpoint cut off by a full disk would keep the disk full; the sealed ones stay, to
+    resume from once there is space. A failed write becomes one :class:`OutputError`.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        for _, path in _steps(root):
+            if not (path / MANIFEST).is_file():
+                log.warning("removing the unfinished checkpoint %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+        err = write_error(exc, root) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        raise OutputError(
+            f"{err}; the complete checkpoints there are kept to resume from "
+            "(checkpoint_steps=0 saves none)",
+            retryable=err.retryable,
+        ) from None
+
+
+def remove_all(root: Path) -> None:
+    """Remove every checkpoint under ``root``, and ``root`` if nothing else is in it."""
+    for _, path in _steps(root):
+        shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()
