@@ -246,7 +246,12 @@ def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume,
 
     import torch
 
-    initial = {n: p.detach().to("cpu", copy=True) for n, p in trainable_params(model)}
+    # The initial adapter, for a restart (none is possible with one setting).
+    initial = (
+        {n: p.detach().to("cpu", copy=True) for n, p in trainable_params(model)}
+        if len(settings) > 1
+        else {}
+    )
     box: list = []
 
     def apply(setting: autofit.Setting) -> None:  # no-op without gradient_checkpointing
