@@ -15,7 +15,7 @@ export QLORA_KFP_REGISTRY := $(REGISTRY)
 export QLORA_KFP_TAG := $(TAG)
 
 help: ## Show this help
-	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z0-9_-]+:.*## /{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -76,15 +76,21 @@ device-wheels: ## Fill .whl/ with the wheels a lent GPU machine lacks (bench/dev
 	bash bench/device_wheels.sh
 
 bench: ## On a GPU machine: train stage vs the seeds' recipe, chat rows (BENCHMARKS.md; BENCH_ARGS=...)
-	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data chat --bs 8 --steps 47 --warmup 3 \
-	  --variants "bins+liger-bs8-paged:bs=8,pack=bins,pl=2048,fused=on,opt=paged_adamw_32bit" \
-	  "bins+liger-bs8:bs=8,pack=bins,pl=2048,fused=on")
+	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data chat --bs 8 --steps 30 --warmup 3 \
+	  --rows 1600 --variants "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=auto,off=auto,gmem=80,steps=33")
 
-bench-mfu: ## On a GPU machine: MFU on fixed 2,048-token rows, with and without recompute
-	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data fixed --bs 2 --steps 30 --warmup 3 \
-	  --variants "ckpt-all-bs4:bs=4,pack=bins,pl=2048,fused=on" \
-	  "ckpt4-bs4:bs=4,pack=bins,pl=2048,fused=on,gcl=4" \
-	  "ckpt0-bs4:bs=4,pack=bins,pl=2048,fused=on,gc=0")
+bench-mfu: ## On a GPU machine: fixed 2,048-token rows: MFU with auto at 80 GB, speed at <= 11 GiB
+	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data fixed --bs 2 --steps 47 --warmup 3 \
+	  --rows 272 --variants \
+	  "lowmem-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33" \
+	  "auto-80gb-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
+	  "lowmem-bs8-drop0.1:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=-1,off=on,steps=33" \
+	  "same-batches-offload:bs=2,group=0,pack=padding_free,fused=on,opt=auto,gcl=-1,off=on" \
+	  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33")
+
+bench-70b: ## On a GPU machine: Llama-3.1-70B shapes, r=16, 2,048-token rows, auto for a 48 GB GPU
+	BENCH=bench_70b.py bash bench/run_device.sh $(or $(BENCH_ARGS),--steps 33 --warmup 3 \
+	  --variants "auto-48gb:bs=1,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48")
 
 bench-stages: ## On a GPU machine: every stage once on 1B shapes, wall time + peak memory
 	bash bench/run_gpu_stages.sh $(BENCH_ARGS)
@@ -100,5 +106,5 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run generate compile test test-fast lint format mlflow-ui clean upload run-remote \
-	schedule images manifests install-browser bench bench-mfu bench-stages bench-pipeline \
+	schedule images manifests install-browser bench bench-mfu bench-70b bench-stages bench-pipeline \
 	device-wheels

@@ -23,6 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
+OVERHEAD_GIB = 1.0  # qlora_kfp.training.memory.OVERHEAD_GIB: the estimate's CUDA context
 
 
 def rows_like_seed(size: str, data: str, seq: int, n: int) -> list[list[int]]:
@@ -88,11 +89,22 @@ def quantize(checkpoint: str, out: Path) -> float:
     return time.perf_counter() - t
 
 
+# Llama-3.1-70B shapes (seed_recipe.py stays the seeds' file, so its table has no 70b).
+SIZE_70B = dict(
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
+
+
 def flops_per_token(size: str, seq: int) -> float:
     """The baseline's model-FLOPs count: 4N per token plus attention (no recompute)."""
     from seed_recipe import SIZES
 
-    c = SIZES[size]
+    c = SIZE_70B if size == "70b" else SIZES[size]
     L, H, inter, V = (
         c["num_hidden_layers"],
         c["hidden_size"],
@@ -107,7 +119,13 @@ def flops_per_token(size: str, seq: int) -> float:
 VARIANT_KEYS = {
     "bs": ("batch_size", int),
     "gc": ("gradient_checkpointing", lambda v: v == "1"),
-    "gcl": ("gradient_checkpointing_layers", int),
+    "gcl": ("gradient_checkpointing_layers", str),
+    "off": ("gradient_checkpointing_offload", str),
+    "gmem": ("gpu_memory_gib", float),
+    "drop": ("lora_dropout", float),
+    "r": ("lora_r", int),
+    "alpha": ("lora_alpha", int),
+    "steps": ("max_steps", int),
     "fused": ("fused_kernels", str),
     "group": ("length_grouping", lambda v: v == "1"),
     "ga": ("gradient_accumulation_steps", int),
@@ -143,8 +161,11 @@ def stage_config(kw: dict, steps: int) -> dict:
         max_grad_norm=0.3,
         optimizer="paged_adamw_32bit",
         logging_steps=1,
-        # Bins: one pass over the same rows (their count of steps follows from the packing).
+        # Bins: one pass over the rows (their count of steps follows from the packing).
         max_steps=0 if kw.get("packing") == "bins" else steps,
+        # The recipe's explicit setting; variants say gcl=auto to get the stage's default.
+        gradient_checkpointing_layers="-1",
+        gradient_checkpointing_offload="off",
         num_epochs=1.0,
         checkpoint_steps=0,
         eval_steps=0,
@@ -219,6 +240,23 @@ def steady_tokens_per_s(history: list[dict], warmup: int) -> float:
     return (b["tokens_seen"] - a["tokens_seen"]) / (b["time_s"] - a["time_s"])
 
 
+def window_tokens_per_s(history: list[dict], warmup: int, windows: int = 3) -> list[float]:
+    """Tokens/s of ``windows`` consecutive, equally long stretches of the steady steps."""
+    rows = [h for h in history if "loss" in h and "time_s" in h and h["step"] >= warmup]
+    size = (len(rows) - 1) // windows
+    if size < 1:
+        return []
+    out = []
+    for w in range(windows):
+        a, b = rows[w * size], rows[(w + 1) * size]
+        out.append(round((b["tokens_seen"] - a["tokens_seen"]) / (b["time_s"] - a["time_s"]), 1))
+    return out
+
+
+def steady_steps(history: list[dict], warmup: int) -> int:
+    return sum(1 for h in history if "loss" in h and h["step"] > warmup)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="8b", choices=["8b", "1b"])
@@ -238,6 +276,13 @@ def main() -> None:
         help='profile_step.py argument strings, e.g. "--rows 4 --seq 2048 --fused 1"',
     )
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=0,
+        help="rows the variants train on (0: the baseline's); packing shortens a run, and "
+        "every figure needs >= 30 steady steps",
+    )
     a = p.parse_args()
 
     from seed_recipe import make_checkpoint
@@ -276,8 +321,14 @@ def main() -> None:
     _save(a.out, results)
     print("baseline", json.dumps(base), flush=True)
 
+    # The baseline's rows, for variants on its very batches (the sampler's order depends on
+    # the row count); packed variants may take more (--rows) to reach 30 steady steps.
     n = a.bs * (a.steps + a.warmup + 2)
     write_dataset(rows_like_seed(a.size, a.data, a.seq, n), work / "dataset")
+    more = work / "dataset"
+    if a.rows > n:
+        more = work / "dataset-more"
+        write_dataset(rows_like_seed(a.size, a.data, a.seq, a.rows), more)
     results["setup"]["quantize_s"] = round(quantize(checkpoint, work / "model4"), 1)
 
     fpt = flops_per_token(a.size, a.seq)
@@ -286,19 +337,32 @@ def main() -> None:
         name, kw = parse_variant(spec)
         bs = kw.get("batch_size", 4)
         steps = (a.steps + a.warmup) * a.bs // bs  # the same rows as the baseline
-        r = run_variant(kw, work / "model4", work / "dataset", work / f"adapter-{name}", steps)
+        data = more if kw.get("packing") == "bins" else work / "dataset"
+        r = run_variant(kw, work / "model4", data, work / f"adapter-{name}", steps)
         if "error" in r:
             results[name] = r
             print(name, "FAILED", r["error"][-800:], flush=True)
             continue
-        tok_s = steady_tokens_per_s(r["h"], max(1, a.warmup * a.bs // bs))
+        warm = max(a.warmup, a.warmup * a.bs // bs)
+        tok_s = steady_tokens_per_s(r["h"], warm)
+        m = r["m"]
+        est = m.get("estimated_peak_gib")
+        alloc_est = round(est - OVERHEAD_GIB, 2) if est else None
         row = {
             "variant": name,
             **kw,
             "tokens_per_s": round(tok_s, 1),
+            "window_tokens_per_s": window_tokens_per_s(r["h"], warm),
+            "steady_steps": steady_steps(r["h"], warm),
             "ratio": round(tok_s / base["tokens_per_s"], 3) if "tokens_per_s" in base else None,
-            "peak_gib": r["m"].get("gpu_peak_gib"),
-            "reserved_gib": r["m"].get("gpu_reserved_gib"),
+            "peak_gib": m.get("gpu_peak_gib"),
+            "reserved_gib": m.get("gpu_reserved_gib"),
+            "checkpointed_layers": m.get("checkpointed_layers"),
+            "offload": m.get("checkpoint_offload"),
+            "estimate_alloc_gib": alloc_est,
+            "estimate_error": round(alloc_est / m["gpu_peak_gib"] - 1, 4)
+            if alloc_est and m.get("gpu_peak_gib")
+            else None,
             "mfu_h100": round(fpt * tok_s / 989e12, 4),
             "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
             "step_times_s": step_times(r["h"]),
@@ -321,9 +385,13 @@ def main() -> None:
         print("profile", spec, json.dumps(prof), flush=True)
         _save(a.out, results)
 
+    print_table(base, table)
+
+
+def print_table(base: dict, table: list[dict]) -> None:
     print(
         f"\n{'variant':22s} {'tok/s':>9s} {'x base':>7s} {'peak GiB':>9s} {'rsv GiB':>8s} "
-        f"{'MFU':>6s}"
+        f"{'MFU':>6s} {'ckpt':>4s} {'off':>3s} {'est err':>7s} {'steps':>5s}"
     )
     if "tokens_per_s" in base:
         print(
@@ -331,9 +399,12 @@ def main() -> None:
             f"{base['peak_gib']:9.2f} {base['reserved_gib']:8.2f} {base['mfu_h100']:6.3f}"
         )
     for row in table:
+        err = row.get("estimate_error")
         print(
             f"{row['variant']:22s} {row['tokens_per_s']:9.1f} {row['ratio'] or 0:7.2f} "
-            f"{row['peak_gib'] or 0:9.2f} {row['reserved_gib'] or 0:8.2f} {row['mfu_h100']:6.3f}"
+            f"{row['peak_gib'] or 0:9.2f} {row['reserved_gib'] or 0:8.2f} {row['mfu_h100']:6.3f} "
+            f"{row.get('checkpointed_layers', -1):4d} {row.get('offload') or 0:3d} "
+            f"{(err or 0) * 100:+6.1f}% {row.get('steady_steps', 0):5d}"
         )
 
 

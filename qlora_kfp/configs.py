@@ -21,6 +21,7 @@ from qlora_kfp.errors import ConfigError
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 PACKING_MODES = ("off", "padding_free", "bins")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen")
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -155,11 +156,27 @@ class TrainConfig:
     gradient_checkpointing: bool = _help(
         "Recompute activations in backward to save memory.", default=True
     )
-    gradient_checkpointing_layers: int = _help(
+    gradient_checkpointing_layers: str = _help(
         "With gradient_checkpointing: how many decoder layers, counted from the first, "
         "recompute their activations in backward (-1: all). The others keep theirs: no "
-        "recompute (faster) for more memory; preflight's estimate counts it.",
-        default=-1,
+        "recompute (faster) for more memory. auto: the fewest that fit the GPU (the smaller "
+        "of its free memory and gpu_memory_gib, by the preflight estimate with a margin); "
+        "if the first steps still run out of memory, training restarts from scratch with "
+        "more layers checkpointed.",
+        default="auto",
+    )
+    gradient_checkpointing_offload: str = _help(
+        "Keep the inputs of checkpointed layers in pinned host memory instead of on the GPU "
+        "(copied out and back on side streams, overlapped with compute): on, off or auto "
+        "(on when some layer is checkpointed and the host has room). Frees tokens x hidden "
+        "x 2 bytes per checkpointed layer.",
+        default="auto",
+    )
+    gpu_memory_gib: float = _help(
+        "Memory of one GPU in GiB: preflight fails before any GPU is claimed when training "
+        "cannot fit it, and names the setting that would; the train stage's auto settings "
+        "fit the smaller of this and the GPU's free memory.",
+        default=80.0,
     )
     optimizer: str = _help(
         "Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the "
@@ -254,12 +271,17 @@ class TrainConfig:
             self.gradient_accumulation_steps,
             "use 1 or more",
         )
+        # Old params files and sweep grids give a count as a number.
+        self.gradient_checkpointing_layers = str(self.gradient_checkpointing_layers).strip()
+        layers = self.gradient_checkpointing_layers
         _check(
-            self.gradient_checkpointing_layers >= -1,
+            layers == "auto" or layers.lstrip("-").isdigit() and int(layers) >= -1,
             "gradient_checkpointing_layers",
-            self.gradient_checkpointing_layers,
-            "use -1 (every layer) or a count of layers from 0",
+            layers,
+            "use auto, -1 (every layer) or a count of layers from 0",
         )
+        _one_of("gradient_checkpointing_offload", self.gradient_checkpointing_offload, AUTO_ON_OFF)
+        _check(self.gpu_memory_gib > 0, "gpu_memory_gib", self.gpu_memory_gib, "use > 0")
         _check(0 < self.max_grad_norm < math.inf, "max_grad_norm", self.max_grad_norm, "use > 0")
         _check(
             0 <= self.weight_decay <= 1,
@@ -276,7 +298,7 @@ class TrainConfig:
         _check(self.eval_steps >= 0, "eval_steps", self.eval_steps, "use 0 or more")
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "use 1 or more")
         _one_of("compute_dtype", self.compute_dtype, DTYPES)
-        _one_of("fused_kernels", self.fused_kernels, ("auto", "on", "off"))
+        _one_of("fused_kernels", self.fused_kernels, AUTO_ON_OFF)
         _one_of("packing", self.packing, PACKING_MODES)
         _check(self.pack_length >= 0, "pack_length", self.pack_length, "use 0 (auto) or more")
         _one_of("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -299,6 +321,12 @@ class TrainConfig:
                 + "use auto or a name of transformers' OptimizerNames, e.g. adamw_torch, "
                 "adamw_torch_fused, paged_adamw_32bit, adamw_8bit",
             )
+
+    @property
+    def checkpointed_layers(self) -> int | None:
+        """``gradient_checkpointing_layers`` as a count (-1: all), None for auto."""
+        layers = self.gradient_checkpointing_layers
+        return None if layers == "auto" else int(layers)
 
     @property
     def target_module_list(self) -> str | list[str]:
@@ -376,11 +404,6 @@ class PipelineConfig:
         "Train even when the registered champion was trained on exactly this dataset.",
         default=False,
     )
-    gpu_memory_gib: float = _help(
-        "Memory of one GPU in GiB: preflight fails before any GPU is claimed when training "
-        "cannot fit it, and names the setting that would.",
-        default=80.0,
-    )
     gpu_accelerator: str = _help(
         "Kubernetes resource name of the GPU the GPU tasks claim (nvidia.com/gpu, "
         "amd.com/gpu, a MIG profile such as nvidia.com/mig-3g.40gb).",
@@ -401,7 +424,6 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.mlflow_experiment), "mlflow_experiment", "", "name an experiment")
-        _check(self.gpu_memory_gib > 0, "gpu_memory_gib", self.gpu_memory_gib, "use > 0")
         _check(
             bool(_QUALIFIED.fullmatch(self.gpu_accelerator)),
             "gpu_accelerator",

@@ -16,7 +16,7 @@ from qlora_kfp.tracking import runs
 
 log = logging.getLogger(__name__)
 ARTIFACT_URI_ENV = "QLORA_KFP_ARTIFACT_URI"
-HEADROOM = 0.95  # share of the GPU the estimate may fill (allocator fragmentation, CUDA context)
+HEADROOM = 0.95  # share of the GPU the estimate may fill (as autofit.MARGIN: fragmentation)
 
 
 def check_services() -> None:
@@ -52,34 +52,46 @@ def check_memory(
     from transformers import AutoConfig
 
     from qlora_kfp.storage import sources
-    from qlora_kfp.training import attention, memory
+    from qlora_kfp.training import autofit, memory
 
     model_cfg = AutoConfig.from_pretrained(sources.model_source(base_model))
-    kw = dict(
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_layers=cfg.gradient_checkpointing_layers,
-        fused_loss=cfg.fused_kernels != "off",
-        packing=cfg.packing,
-        fp32_upcast=cfg.fp32_upcast,
-        # Training runs on the GPU image, whose torch has the varlen kernel.
-        attention=attention.resolve(cfg.attn_implementation, cfg.packing, True),
-    )
+    # Training runs on the GPU image, whose torch has the varlen kernel.
+    kw = autofit.estimate_kwargs(cfg, has_varlen=True)
     # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
     seq = cfg.pack_length if cfg.packing == "bins" and cfg.pack_length else max_seq_length
-    est = memory.estimate(model_cfg, seq, cfg.batch_size, cfg.lora_r, **kw)
+    # The training pod's host memory is not known here: auto may offload.
+    chosen = autofit.plan(model_cfg, cfg, seq, gpu_memory_gib, float("inf"))[0]
+    est = memory.estimate(
+        model_cfg,
+        seq,
+        cfg.batch_size,
+        cfg.lora_r,
+        gradient_checkpointing_layers=chosen.layers,
+        offload=chosen.offload,
+        **kw,
+    )
+    total = model_cfg.num_hidden_layers
     log.info(
-        "estimated peak GPU memory for batch %d x %d tokens:\n%s", cfg.batch_size, seq, est.table()
+        "estimated peak GPU memory for batch %d x %d tokens with %s:\n%s",
+        cfg.batch_size,
+        seq,
+        chosen.describe(total),
+        est.table(),
     )
     budget = HEADROOM * gpu_memory_gib
     fewest = None
+    offload = chosen.offload or cfg.gradient_checkpointing_offload != "off"
     if cfg.gradient_checkpointing:
         fewest = memory.fewest_checkpointed_layers(
-            model_cfg, seq, cfg.batch_size, cfg.lora_r, budget, **kw
+            model_cfg, seq, cfg.batch_size, cfg.lora_r, budget, offload=offload, **kw
         )
     if est.total_gib > budget:
-        fits = memory.largest_batch(model_cfg, seq, cfg.lora_r, budget, **kw)
+        least = {**kw, "gradient_checkpointing_layers": -1, "offload": True}
+        fits = memory.largest_batch(model_cfg, seq, cfg.lora_r, budget, **least)
         if fewest is not None:  # only fewer layers keeping their activations fit
-            hint = f"use gradient_checkpointing_layers={fewest} (or -1: every layer)"
+            hint = f"use gradient_checkpointing_layers={fewest} (or auto)" + (
+                " with gradient_checkpointing_offload=on" if offload and fewest else ""
+            )
         elif fits:
             hint = (
                 f"use batch_size={fits} with gradient_accumulation_steps="
@@ -91,11 +103,11 @@ def check_memory(
             f"training needs about {est.total_gib} GiB but the GPU has "
             f"{gpu_memory_gib} GiB; {hint}\n{est.table()}"
         )
-    layers = cfg.gradient_checkpointing_layers
-    if fewest is not None and (layers < 0 or fewest < min(layers, model_cfg.num_hidden_layers)):
+    layers = cfg.checkpointed_layers
+    if layers is not None and fewest is not None and (layers < 0 or fewest < min(layers, total)):
         log.info(
             "this GPU also fits gradient_checkpointing_layers=%d (now %d): fewer layers "
-            "recompute their activations, which trains faster",
+            "recompute their activations, which trains faster (auto picks the fewest)",
             fewest,
             layers,
         )

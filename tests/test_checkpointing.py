@@ -32,8 +32,13 @@ def _attention_calls(model_fn):
     return calls, result
 
 
-def _step(quantized, batch, layers: int):
-    cfg = TrainConfig(lora_r=8, lora_dropout=0.1, gradient_checkpointing_layers=layers)
+def _step(quantized, batch, layers: int, offload: str = "off"):
+    cfg = TrainConfig(
+        lora_r=8,
+        lora_dropout=0.1,
+        gradient_checkpointing_layers=layers,
+        gradient_checkpointing_offload=offload,
+    )
     torch.manual_seed(0)
     model = build_peft_model(cfg, quantized.path)
     torch.manual_seed(1)  # lora_B starts at zero: give it values so every gradient is nonzero
@@ -100,6 +105,54 @@ def test_the_train_stage_keeps_the_choice_through_the_trainer(quantized, prepare
     assert calls[0] - calls[1] == 3
 
 
-def test_a_negative_count_other_than_minus_one_is_refused():
+@pytest.mark.parametrize(
+    "layers, calls",
+    [
+        pytest.param(-1, {0: 2, 1: 2}, id="all-layers-offloaded"),
+        pytest.param(1, {0: 2, 1: 1}, id="first-layer-offloaded"),
+    ],
+)
+def test_offloaded_inputs_give_the_same_loss_and_gradients(quantized, batch, layers, calls):
+    """Inputs kept off the device (cloned on the CPU, the same autograd path as the pinned
+    copies on a GPU): the same recompute, the same dropout masks, the same gradients."""
+    want_calls, (want_loss, want) = _step(quantized, batch, layers)
+    got_calls, (got_loss, got) = _step(quantized, batch, layers, offload="on")
+    assert got_calls == want_calls == calls
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert want.keys() == got.keys() and all(g.abs().sum() > 0 for g in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_offloaded_checkpoint_of_a_layer_whose_input_needs_no_grad():
+    """The first layer's input (frozen embeddings) needs no gradient; its LoRA weights do."""
+    from qlora_kfp.training import offload
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    offload.checkpoint(lambda t: torch.nn.functional.gelu(lin(t)), x).sum().backward()
+    got = lin.weight.grad.clone()
+    lin.weight.grad = None
+    torch.nn.functional.gelu(lin(x)).sum().backward()
+    torch.testing.assert_close(got, lin.weight.grad)
+
+
+@pytest.mark.parametrize(
+    "value, count",
+    [
+        pytest.param("auto", None, id="auto"),
+        pytest.param("-1", -1, id="all-as-text"),
+        pytest.param(-1, -1, id="all-as-a-number"),
+        pytest.param("12", 12, id="a-count"),
+        pytest.param(0, 0, id="none"),
+    ],
+)
+def test_layer_counts_read_from_text_or_numbers(value, count):
+    assert TrainConfig(gradient_checkpointing_layers=value).checkpointed_layers == count
+
+
+@pytest.mark.parametrize("value", [-2, "-2", "all", "1.5"], ids=["-2", "-2-text", "word", "float"])
+def test_a_layer_count_that_is_not_auto_or_a_count_is_refused(value):
     with pytest.raises(ConfigError, match="gradient_checkpointing_layers"):
-        TrainConfig(gradient_checkpointing_layers=-2)
+        TrainConfig(gradient_checkpointing_layers=value)

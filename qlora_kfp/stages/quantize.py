@@ -11,7 +11,7 @@ from qlora_kfp.configs import QuantizeConfig
 from qlora_kfp.storage import sources
 from qlora_kfp.storage.fingerprint import model_fingerprint
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
-from qlora_kfp.training import modeling
+from qlora_kfp.training import modeling, shards
 
 log = logging.getLogger(__name__)
 
@@ -22,27 +22,53 @@ class QuantizeResult:
     metrics: dict
 
 
-def dequant_error(model_4bit, model_16bit) -> dict:
-    """Relative Frobenius error ||W - deq(Q(W))|| / ||W|| over every 4-bit Linear."""
+def dequant_error(model_4bit, files, dtype) -> dict:
+    """Relative Frobenius error ||W - deq(Q(W))|| / ||W|| over every 4-bit Linear.
+
+    The originals ``W`` are read from the checkpoint's weight ``files`` one at a time (in
+    ``dtype``, as the 4-bit load cast them before quantizing), never as a 16-bit model.
+    """
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     import torch
 
-    ref = dict(model_16bit.named_modules())
+    mods = {
+        f"{name}.weight": mod
+        for name, mod in model_4bit.named_modules()
+        if isinstance(mod, bnb.nn.Linear4bit)
+    }
+    total = len(mods)
     num = den = 0.0
     worst, layers = 0.0, 0
-    for name, mod in model_4bit.named_modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            w = ref[name].weight.detach().float()
-            dq = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float().to(w.device)
-            diff = torch.linalg.norm(w - dq).item() ** 2
-            num, den, layers = num + diff, den + torch.linalg.norm(w).item() ** 2, layers + 1
-            worst = max(worst, (diff / max(torch.linalg.norm(w).item() ** 2, 1e-30)) ** 0.5)
+    for key, w in shards.tensors(files, set(mods)):
+        mod = mods.pop(key)
+        dq = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
+        w = w.to(dq.device).to(dtype).float()
+        diff = torch.linalg.norm(w - dq).item() ** 2
+        norm = torch.linalg.norm(w).item() ** 2
+        num, den, layers = num + diff, den + norm, layers + 1
+        worst = max(worst, (diff / max(norm, 1e-30)) ** 0.5)
+        del w, dq
+    if mods:  # a checkpoint whose keys transformers renames on loading
+        log.warning("%d of %d 4-bit weights not found by name in the checkpoint", len(mods), total)
     return {
         "quant_rel_error": round((num / max(den, 1e-30)) ** 0.5, 6),
         "quant_rel_error_worst_layer": round(worst, 6),
         "quant_layers": layers,
     }
+
+
+def room_for_16bit_bytes() -> float:
+    """Memory a 16-bit reference model may take now: most of the GPU's free memory, or half
+    of the host's available memory on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return 0.8 * free
+    from qlora_kfp.training import autofit
+
+    return 0.5 * autofit.host_available_gib() * 2**30
 
 
 def run_quantize(
@@ -54,7 +80,7 @@ def run_quantize(
         cfg: The stage configuration.
         output_dir: Folder to create for the 4-bit checkpoint.
         dataset_dir: A prepared dataset; when given, the eval split's perplexity is measured
-            for the 16-bit and the 4-bit model.
+            for the 4-bit model, and for the 16-bit one where it fits in memory beside it.
 
     Returns:
         The folder and metrics: sizes, compression ratio, dequantization error, perplexities.
@@ -73,28 +99,36 @@ def run_quantize(
         tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
     qcfg = modeling.bnb_config(cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
     dtype = modeling.resolve_dtype(cfg.compute_dtype)
-    model16 = modeling.load_model(
-        cfg.base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-    )
+    # transformers loads and quantizes shard by shard: the 16-bit model is never whole.
     model4 = modeling.load_model(
         cfg.base_model,
         dtype=dtype,
         quantization_config=qcfg,
         trust_remote_code=cfg.trust_remote_code,
     )
-    n_params = sum(p.numel() for p in model16.parameters())
+    files = shards.weight_files(cfg.base_model)
+    n_params = shards.tensor_numel(files)
     metrics = {"params": n_params, "bytes_16bit": 2 * n_params}
-    metrics.update(dequant_error(model4, model16))
+    metrics.update(dequant_error(model4, files, dtype))
     if evals is not None:
-        ppl16 = modeling.eval_loss(model16, evals, tokenizer, desc="16-bit eval")
         ppl4 = modeling.eval_loss(model4, evals, tokenizer, desc="4-bit eval")
-        metrics.update(
-            eval_loss_16bit=ppl16["loss"],
-            eval_perplexity_16bit=ppl16["perplexity"],
-            eval_loss_4bit=ppl4["loss"],
-            eval_perplexity_4bit=ppl4["perplexity"],
-        )
-    del model16
+        metrics.update(eval_loss_4bit=ppl4["loss"], eval_perplexity_4bit=ppl4["perplexity"])
+        # The 16-bit reference perplexity needs the whole 16-bit model: only where it fits
+        # beside the 4-bit one (with room for the eval batches).
+        need = 1.2 * n_params * torch.tensor([], dtype=dtype).element_size()
+        if need <= room_for_16bit_bytes():
+            model16 = modeling.load_model(
+                cfg.base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            )
+            ppl16 = modeling.eval_loss(model16, evals, tokenizer, desc="16-bit eval")
+            metrics.update(eval_loss_16bit=ppl16["loss"], eval_perplexity_16bit=ppl16["perplexity"])
+            del model16
+        else:
+            log.info(
+                "16-bit reference perplexity skipped: the 16-bit model (%.1f GiB) does not "
+                "fit beside the 4-bit one; the weight error covers every layer",
+                need / 2**30,
+            )
     with atomic_folder(output_dir, "quantized-model") as tmp:
         model4.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

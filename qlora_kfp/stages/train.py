@@ -16,7 +16,7 @@ from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.storage.fingerprint import artifact_digest
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.tracking.live import Progress
-from qlora_kfp.training import attention, batching, checkpoints, lora_fused, modeling
+from qlora_kfp.training import attention, autofit, batching, checkpoints, lora_fused, modeling
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ def prepare_model(model, cfg: TrainConfig):
     fused cross-entropy multiplies by a float32 head, off the tensor cores. Without it those
     weights stay in ``compute_dtype``; the LoRA weights are float32 either way (peft's
     ``autocast_adapter_dtype``), so the optimizer state keeps its precision.
+
+    An explicit ``gradient_checkpointing_layers`` count is applied here; with ``auto`` every
+    layer stays checkpointed until :func:`run_train` applies its choice.
     """
     from peft import prepare_model_for_kbit_training
 
@@ -84,8 +87,9 @@ def prepare_model(model, cfg: TrainConfig):
             p.requires_grad_(False)
         if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    if cfg.gradient_checkpointing:
-        kept, total = modeling.checkpoint_first_layers(model, cfg.gradient_checkpointing_layers)
+    if cfg.gradient_checkpointing and cfg.checkpointed_layers is not None:
+        offload = cfg.gradient_checkpointing_offload == "on"
+        kept, total = modeling.checkpoint_first_layers(model, cfg.checkpointed_layers, offload)
         log.info("gradient checkpointing in %d of %d layers", kept, total)
     return model
 
@@ -214,6 +218,74 @@ def _callback(
     return Recorder()
 
 
+def memory_settings(
+    cfg: TrainConfig, model_dir: str, rows: list[dict], capacity: int, gpu_budget_gib: float
+) -> list[autofit.Setting]:
+    """The checkpointing settings to train with, best first (``autofit.plan``).
+
+    ``rows``: the training rows (bins with ``packing=bins``); ``capacity``: a bin's tokens.
+    """
+    from transformers import AutoConfig
+
+    seq = capacity or max(len(r["input_ids"]) for r in rows)
+    host = autofit.host_available_gib()
+    if modeling.device() != "cuda":  # the CPU trains in host memory
+        gpu_budget_gib = min(gpu_budget_gib, host)
+    return autofit.plan(AutoConfig.from_pretrained(model_dir), cfg, seq, gpu_budget_gib, host)
+
+
+def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume, reset):
+    """``new_trainer().train(resume)`` under the first setting that does not run out of memory
+    in its first steps; each retry starts from the very beginning (the initial adapter, a
+    fresh Trainer and optimizer, ``reset()``).
+
+    Returns:
+        (the Trainer, its ``train()`` output, the setting used).
+    """
+    import gc
+
+    import torch
+
+    # The initial adapter, for a restart (none is possible with one setting).
+    initial = (
+        {n: p.detach().to("cpu", copy=True) for n, p in trainable_params(model)}
+        if len(settings) > 1
+        else {}
+    )
+    box: list = []
+
+    def apply(setting: autofit.Setting) -> None:  # no-op without gradient_checkpointing
+        modeling.checkpoint_first_layers(model, setting.layers, setting.offload)
+
+    def start():
+        box[:] = [new_trainer()]
+        return box[0].train(resume_from_checkpoint=resume)
+
+    def restart():
+        box.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        with torch.no_grad():
+            for n, p in trainable_params(model):
+                p.copy_(initial[n])
+                p.grad = None
+        reset()
+
+    first = int(Path(resume).name.split("-")[1]) if resume else 0
+
+    def steps_done() -> int:
+        return box[0].state.global_step - first if box else 0
+
+    layers = sum(1 for _ in modeling.decoder_layers(model))
+    out, setting = autofit.train_fitting(settings, apply, start, restart, steps_done, layers)
+    return box[0], out, setting
+
+
+def trainable_params(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
 def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
     """What this run's checkpoints and adapter are made from (checkpoints.made_from)."""
     from qlora_kfp.stages.prepare import dataset_digest
@@ -267,6 +339,8 @@ def run_train(
 
     verify(model_dir, "quantized-model")
     verify(dataset_dir, "dataset")
+    expandable = modeling.prefer_expandable_segments()
+    gpu_budget = autofit.budget_gib(cfg)  # before the model takes its share
     train_ds, eval_ds = token_rows(dataset_dir, "train"), token_rows(dataset_dir, "eval")
     tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
     set_seed(cfg.seed)
@@ -289,6 +363,7 @@ def run_train(
     # count taken at collation time would credit a step with its successor's tokens.
     collate = batching.make_collator(cfg.packing, tokenizer, width=capacity, count_tokens=True)
 
+    settings = memory_settings(cfg, model_dir, train_ds, capacity, gpu_budget)
     history: list[dict] = []
     diverged: list[str] = []
     ckpt_root = Path(checkpoint_dir or f"{output_dir}.checkpoints")
@@ -337,19 +412,28 @@ def run_train(
             # A pod log is no terminal: progress comes as one line per logging step instead.
             disable_tqdm=not sys.stderr.isatty(),
         )
-        trainer = _counting_trainer(Trainer, tokens_seen)(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=collate,
-            callbacks=[
-                _callback(history, tokens_seen, diverged, on_log),
-                checkpoints.callback(ckpt_root, made_from, checkpoint_uri),
-            ],
-        )
+
+        def new_trainer():
+            return _counting_trainer(Trainer, tokens_seen)(
+                model=model,
+                args=args,
+                train_dataset=train_ds,
+                eval_dataset=eval_ds,
+                data_collator=collate,
+                callbacks=[
+                    _callback(history, tokens_seen, diverged, on_log),
+                    checkpoints.callback(ckpt_root, made_from, checkpoint_uri),
+                ],
+            )
+
+        def reset():  # what a fresh start has: nothing counted or logged, the seed's RNG
+            tokens_seen[0] = 0
+            history.clear()
+            diverged.clear()
+            set_seed(cfg.seed)
+
         with checkpoints.saving(ckpt_root):  # a checkpoint cut off by a failure is removed
-            out = trainer.train(resume_from_checkpoint=resume)
+            trainer, out, setting = train_in_memory(model, settings, new_trainer, resume, reset)
         if diverged or not math.isfinite(out.training_loss):
             raise TrainingDivergedError(
                 f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
@@ -378,6 +462,13 @@ def run_train(
         # Evaluation batches are not counted (CountingTrainer.prediction_step).
         "tokens_per_s": round(tokens_seen[0] / max(out.metrics["train_runtime"], 1e-9), 2),
     }
+    metrics.update(
+        checkpointed_layers=setting.layers,
+        checkpoint_offload=int(setting.offload),
+        estimated_peak_gib=setting.estimate_gib,
+        memory_settings_tried=settings.index(setting) + 1,
+        expandable_segments=int(expandable),
+    )
     if torch.cuda.is_available():
         metrics["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         metrics["gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)

@@ -11,8 +11,9 @@ On Llama-8B shapes the outputs of the seven Linears hold 43k values per token pe
 Here the same arithmetic is ``addmm(base_layer(x), lora_A(dropout(x)), lora_B.T,
 alpha=scaling)``: the product, scaling and add happen in the GEMM's epilogue, in float32
 before one rounding (peft rounds three times), and autograd's addmm backward scales only the
-rank-sized gradient. Dropout is peft's own module, called in the same order, so a seed gives
-the same masks as peft's path.
+rank-sized gradient. Dropout is peft's own module's draw, in the same order, so a seed gives
+the same masks as peft's path; its mask is drawn again in backward instead of being stored
+(``lora_dropout.lora_a``).
 
 Only the plain case is replaced: one active adapter, no DoRA or other variant, not merged,
 no per-call adapter names, and matching dtypes (or autocast). Anything else runs peft's
@@ -26,7 +27,8 @@ import types
 
 def _fused_forward(self, x, *args, **kwargs):
     import torch
-    import torch.nn.functional as F
+
+    from qlora_kfp.training import lora_dropout
 
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
@@ -44,7 +46,7 @@ def _fused_forward(self, x, *args, **kwargs):
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != a.dtype:
         return self._peft_forward(x)  # peft casts x to the adapter dtype and back
     result = self.base_layer(x)
-    h = F.linear(self.lora_dropout[name](x), a)
+    h = lora_dropout.lora_a(self.lora_dropout[name], x, a)
     out = torch.addmm(
         result.reshape(-1, result.shape[-1]),
         h.reshape(-1, h.shape[-1]),

@@ -1,39 +1,49 @@
 """Peak GPU memory of QLoRA training, estimated from the model's config alone (no weights).
 
-Used by the preflight task, before any GPU is claimed. The parts:
+Used by the preflight task, before any GPU is claimed, and by the train stage's ``auto``
+settings. The parts:
 
 * 4-bit weights: NF4 packs two weights a byte; double quantization stores one 8-bit absmax per
   64 weights plus one float32 per 256 of those (0.516 bytes a weight in all);
 * 16-bit parts: embeddings and head, in float32 with ``fp32_upcast`` (what peft's
   ``prepare_model_for_kbit_training`` does), else in the compute dtype;
-* LoRA: r x (in + out) per adapted Linear, float32 weights + grads + AdamW's two moments;
-* activations: a checkpointed layer keeps its bf16 input, plus one layer's working set while it
-  is recomputed (fitted: ``ACT_BYTES`` per token and per hidden + intermediate unit); a layer
-  that is not checkpointed keeps what its backward needs (``KEPT_ACT_BYTES``, same units);
+* LoRA: r x (in + out) per adapted Linear, float32 weights and grads, and AdamW's two float32
+  moments (a paged optimizer keeps them in unified memory, which occupies the GPU the same
+  way but is not counted by ``torch.cuda.max_memory_allocated``: the tests subtract it);
+* activations, from what autograd keeps of a decoder layer for backward
+  (:func:`kept_layer_bytes`): a layer that is not checkpointed keeps all of it until its
+  backward; a checkpointed layer keeps its input (in host memory with ``offload``) and, while
+  it is recomputed, its kept activations again plus the backward's temporaries;
 * attention mask: the boolean mask of each row for ``sdpa`` (none for ``varlen``);
 * logits: float32 logits and their gradient plus a bf16 copy, unless the fused linear
   cross-entropy (Liger) computes the loss in chunks without them.
 
-Calibrated on one measurement (Llama-3.1-8B shapes, batch 8 x 2,048, one H100, BENCHMARKS.md;
-``max_memory_allocated``, so compare without the 1 GiB context): estimated 22.5 GiB vs 22.5
-measured with Liger (the point the activation constant was fitted on), 42.1 vs 39.7 without
-Liger (+6%). Out of sample, Llama-3.2-1B shapes on the same H100: 27.5 vs 27.0 GiB (+2%),
-7.96 vs 7.36 with Liger (+8%), 13.8 vs 13.0 at batch 16 (+6%).
+Fitted on one H100 (8B shapes, 4 bins of 2,048 tokens, varlen + Liger, LoRA r=64 on every
+Linear with peft's dropout; 0, 4, 12 and 32 of 32 layers checkpointed; BENCHMARKS.md) and
+checked against every setting benchmarked since (``tests/test_memory.py`` holds the points):
+the estimate must stay within 10% of ``max_memory_allocated`` and never below it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 GIB = 2**30
 NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-ACT_BYTES = 31.0  # per token per (hidden + intermediate) unit, one recomputed layer
-# Per token per unit, a layer that keeps its activations: the saved inputs of the norms, the
-# 4-bit matmuls and the LoRA A matmuls (each its own dropout copy), q/k/v and attention output,
-# the MLP's gate and up. Fitted: 8B shapes, 4 bins of 2,048 tokens, LoRA r=64 with dropout on
-# every Linear, one H100: each layer kept adds 1.60 GiB (0, 4 and 12 of 32 layers checkpointed:
-# 61.4, 54.9 and 41.7 GiB allocated, against 10.1 with all 32; BENCHMARKS.md).
-KEPT_ACT_BYTES = 11.8
+# Measured kept activations over the element count of :func:`kept_layer_bytes`: 1.716 GiB a
+# layer at 8,192 tokens on 8B shapes (224.9 KB a token) against 206 KB counted (the rest:
+# softmax statistics, RoPE tables, the rank-sized LoRA outputs, allocator rounding).
+KEPT_FIT = 1.10
+# A checkpointed layer's recompute + backward peak over its kept activations (measured 0.90
+# at 4 bins, 1.05 at 8 bins with peft's dropout, 1.18 at 8 bins without dropout); without
+# checkpointing the backward's temporaries (0.45).
+RECOMPUTE_WORK = {"peft": 1.10, "none": 1.25, "regenerated": 1.25}
+BACKWARD_WORK = 0.50
+# Regenerated LoRA dropout (``lora_dropout``): its backward holds the widest Linear input's
+# dropped-out copy (2 B) and mask (1 B) for a moment.
+REGENERATED_DROPOUT_BYTES = 3
+OFFLOAD_IN_FLIGHT = 2  # layer inputs on the GPU at once with offload (one copying, one used)
 OVERHEAD_GIB = 1.0  # CUDA context, allocator slack
 
 
@@ -55,13 +65,48 @@ class MemoryEstimate:
         return "\n".join([*rows, f"  {'total':28s} {self.total_gib:8.2f} GiB"])
 
 
+def _dims(cfg) -> tuple[int, int, int, int]:
+    h = cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    return h, cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim, head_dim
+
+
 def linear_shapes(cfg) -> list[tuple[int, int]]:
     """(in, out) of every decoder Linear: q, k, v, o, gate, up, down per layer."""
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    h, q, kv, _ = _dims(cfg)
+    inter = cfg.intermediate_size
     per_layer = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
     return per_layer * cfg.num_hidden_layers
+
+
+DROPOUT_MODES = ("none", "regenerated", "peft")
+
+
+def kept_layer_bytes(cfg, dropout: str = "none", fp32_upcast: bool = False) -> float:
+    """Bytes a token that autograd keeps of one Llama-style decoder layer for its backward.
+
+    In the compute dtype (2 bytes): the layer input and the attention block's midpoint (the
+    norms' inputs), both norms' outputs (the LoRA A inputs; the 4-bit matmuls keep nothing),
+    q, k and v (attention), the attention output (attention and o's LoRA), gate and up (the
+    SwiGLU) and its product (down's LoRA). With ``dropout="peft"`` (peft's dropout module)
+    each adapted Linear keeps its dropped-out input (2 bytes) and mask (1 byte) instead of
+    sharing the plain input; the train stage's LoRA path (``"regenerated"``) draws the masks
+    again in backward and keeps what ``"none"`` keeps (``lora_dropout``). With ``fp32_upcast``
+    the residual stream and the norms run in float32.
+    """
+    h, q, kv, _ = _dims(cfg)
+    inter = cfg.intermediate_size
+    stream = 2 * h * (4 if fp32_upcast else 2)  # layer input + midpoint
+    # The norms' outputs feed five Linears (q, k, v; gate, up). Under fp32_upcast they are
+    # float32 and each matmul keeps its own compute-dtype cast too (autocast caches no
+    # activations). o takes the attention output, down the SwiGLU product.
+    if dropout == "peft":  # each Linear keeps its dropped-out input (2 B) and its mask (1 B)
+        lora_inputs = 5 * h * (7 if fp32_upcast else 3) + (q + inter) * 3
+    else:  # shared inputs: the norms' outputs once, the attention output with attention
+        lora_inputs = (2 * h * 4 + 5 * h * 2 if fp32_upcast else 2 * h * 2) + inter * 2
+    attention = (2 * q + 2 * kv) * 2  # q, k, v and the output
+    mlp = 2 * inter * 2  # gate, up
+    return (stream + lora_inputs + attention + mlp) * KEPT_FIT
 
 
 def estimate(
@@ -75,6 +120,8 @@ def estimate(
     fp32_upcast: bool = True,
     attention: str = "sdpa",
     gradient_checkpointing_layers: int = -1,
+    offload: bool = False,
+    dropout: str = "none",
 ) -> MemoryEstimate:
     """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
 
@@ -82,29 +129,39 @@ def estimate(
     tokens, whose boolean attention mask grows with the square of that length;
     ``attention="varlen"`` builds no mask (it takes document boundaries instead).
     ``gradient_checkpointing_layers`` checkpoints only the first layers (-1: all), as the train
-    stage does.
+    stage does; ``offload`` keeps their inputs in host memory. ``dropout``: LoRA dropout off
+    (``none``), with masks drawn again in backward (``regenerated``, the train stage) or
+    through peft's own module (``peft``; see :func:`kept_layer_bytes`).
     """
     shapes = linear_shapes(cfg)
-    h, inter, vocab, layers = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.vocab_size,
-        cfg.num_hidden_layers,
-    )
+    h, vocab, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
     tokens = seq_len * batch_size
     tied = getattr(cfg, "tie_word_embeddings", False)
+    lora = sum(lora_r * (i + o) for i, o in shapes)
     parts = {
         "4-bit weights": sum(i * o for i, o in shapes) * NF4_DQ_BYTES,
         "embeddings + head": vocab * h * (4 if fp32_upcast else 2) * (1 if tied else 2),
-        "LoRA + grads + AdamW": sum(lora_r * (i + o) for i, o in shapes) * 16,
+        "LoRA weights + grads": lora * 8,
+        "AdamW state": lora * 8,
     }
     n = gradient_checkpointing_layers
     ckpt = 0 if not gradient_checkpointing else layers if n < 0 else min(n, layers)
-    if ckpt:  # their inputs, and one layer's working set while it is recomputed
-        parts["checkpointed activations"] = tokens * (ckpt * h * 2 + ACT_BYTES * (h + inter))
+    kept = tokens * kept_layer_bytes(cfg, dropout, fp32_upcast)
+    stream = tokens * h * (4 if fp32_upcast else 2)
+    if ckpt:
+        on_gpu = min(ckpt, OFFLOAD_IN_FLIGHT) if offload else ckpt
+        parts["checkpointed layer inputs"] = on_gpu * stream
     if ckpt < layers:  # kept until backward
-        parts["kept activations"] = tokens * (layers - ckpt) * KEPT_ACT_BYTES * (h + inter)
-    parts["logits"] = 0 if fused_loss else tokens * vocab * 10
+        parts["kept activations"] = (layers - ckpt) * kept
+    work = kept * (RECOMPUTE_WORK[dropout] if ckpt else BACKWARD_WORK)
+    if dropout == "regenerated":
+        work += tokens * max(h, cfg.intermediate_size) * REGENERATED_DROPOUT_BYTES
+    parts["backward working set"] = work
+    if fused_loss:  # Liger: the input's gradient (kept from the forward) and two chunks
+        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / h)))))
+        parts["fused loss"] = tokens * h * 4 + 2 * chunk * vocab * 4
+    else:
+        parts["logits"] = tokens * vocab * 10
     rows, width = (1, tokens) if packing == "padding_free" else (batch_size, seq_len)
     parts["attention mask"] = 0 if attention == "varlen" else rows * width * width
     parts["CUDA context + slack"] = OVERHEAD_GIB * GIB

@@ -63,26 +63,64 @@ def load_model(
         raise SourceError(f"{source}: cannot load the model ({sources._first_line(exc)})") from None
 
 
-def checkpoint_first_layers(model, n: int) -> tuple[int, int]:
-    """Keep gradient checkpointing on the first ``n`` decoder layers only (``-1``: all).
+def prefer_expandable_segments() -> bool:
+    """Let PyTorch's CUDA allocator grow segments in place (``expandable_segments``) unless
+    the environment sets the allocator up already.
 
-    Call after ``gradient_checkpointing_enable``. A layer left out keeps its activations until
-    backward instead of recomputing its forward there: about a third less matrix work for that
-    layer, for its activations' memory (``memory.KEPT_ACT_BYTES``).
+    Training allocates activations of a few fixed sizes step after step; with fixed-size
+    segments the cache fragments and reserves more than it allocates. Read when the
+    process first allocates on the GPU, so call it before (the train task does).
 
     Returns:
-        (layers checkpointed, layers that were checkpointed before).
+        Whether the allocator grows segments in place in this process.
     """
+    import os
+
+    import torch
+
+    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9; any torch
+    if not any(os.environ.get(k) for k in names) and not torch.cuda.is_initialized():
+        for k in names:
+            os.environ[k] = "expandable_segments:True"
+    conf = os.environ.get(names[0]) or os.environ.get(names[1]) or ""
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
+
+
+def decoder_layers(model) -> list:
+    """transformers' checkpointable decoder layers of ``model``, in order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
-    ]
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpoint_first_layers(model, n: int, offload: bool = False) -> tuple[int, int]:
+    """Keep gradient checkpointing on the first ``n`` decoder layers only (``-1``: all).
+
+    Call after ``gradient_checkpointing_enable``; calling it again changes the choice in place
+    (the train stage's fallback after running out of memory). A layer left out keeps its
+    activations until backward instead of recomputing its forward there: about a third less
+    matrix work for that layer, for its activations' memory (``memory.kept_layer_bytes``).
+    With ``offload`` the checkpointed layers keep their inputs in pinned host memory
+    (:mod:`qlora_kfp.training.offload`).
+
+    Returns:
+        (layers checkpointed, layers that can be).
+    """
+    from qlora_kfp.training import offload as offloading
+
+    layers = []
+    for m in decoder_layers(model):
+        if not hasattr(m, "_plain_checkpointing_func"):  # first call: what enable() set
+            if not m.gradient_checkpointing:
+                continue
+            m._plain_checkpointing_func = m._gradient_checkpointing_func
+        layers.append(m)
     keep = len(layers) if n < 0 else min(n, len(layers))
-    for layer in layers[keep:]:
-        layer.gradient_checkpointing = False
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < keep
+        layer._gradient_checkpointing_func = (
+            offloading.checkpoint if offload else layer._plain_checkpointing_func
+        )
     return keep, len(layers)
 
 

@@ -1,0 +1,71 @@
+"""bench/build_4bit.py: the 4-bit checkpoint it writes is the one transformers writes.
+
+The 70B benchmark trains on a checkpoint this builder writes layer by layer (no 16-bit
+checkpoint exists there). Fed the tiny demo model's own weights, it must produce the same
+packed weights and quantization state that transformers' bitsandbytes loading produces
+from that model, and a checkpoint that ``modeling.load_model`` loads as 4-bit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+@pytest.fixture(scope="module")
+def built(demo_assets, tmp_path_factory):
+    from build_4bit import build
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    base = Path(demo_assets["base_model"])
+    weights = load_file(base / "model.safetensors")
+    asked: list[str] = []
+
+    def source(name, shape):
+        asked.append(name)
+        assert tuple(weights[name].shape) == tuple(shape), name
+        return weights[name].to(torch.bfloat16)
+
+    out = tmp_path_factory.mktemp("built")
+    info = build(AutoConfig.from_pretrained(base), out, source, layers_per_shard=1)
+    return out, info, asked, weights
+
+
+def test_every_weight_is_asked_for_once_and_sharded(built):
+    out, info, asked, weights = built
+    assert sorted(asked) == sorted(weights)
+    assert info["shards"] == 3  # one per layer (2) and the last one with norm and head
+    assert len(list(out.glob("model-*-of-00003.safetensors"))) == 3
+
+
+def test_same_packed_weights_as_transformers_quantizing_the_model(built, demo_assets):
+    import bitsandbytes as bnb
+
+    from qlora_kfp.training import modeling
+
+    out, _, _, _ = built
+    ours = modeling.load_model(str(out), dtype=torch.bfloat16)
+    theirs = modeling.load_model(
+        demo_assets["base_model"],
+        dtype=torch.bfloat16,
+        quantization_config=modeling.bnb_config("nf4", True, "bfloat16"),
+    )
+    mods = dict(theirs.named_modules())
+    n = 0
+    for name, mod in ours.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            ref = mods[name]
+            assert torch.equal(mod.weight.data, ref.weight.data), name
+            a, b = mod.weight.quant_state, ref.weight.quant_state
+            assert torch.equal(a.absmax, b.absmax) and torch.equal(a.state2.absmax, b.state2.absmax)
+            n += 1
+    assert n == 7 * 2
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits)
