@@ -117,7 +117,6 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             "base_model",
             "mlflow_experiment",
             "run_name",
-            "gpu_memory_gib",
             "gpu_accelerator",
             "gpu_node_selector",
             "gpu_tolerations",

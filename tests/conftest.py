@@ -54,6 +54,17 @@ def demo_assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tokenizer(demo_assets):
+    """The demo model's tokenizer with the chat template prepare-dataset gives it."""
+    from qlora_kfp.data.templates import apply_template
+    from qlora_kfp.storage.sources import load_tokenizer
+
+    tok = load_tokenizer(demo_assets["base_model"])
+    apply_template(tok, "auto")
+    return tok
+
+
+@pytest.fixture(scope="session")
 def prepared(demo_assets, tmp_path_factory):
     from qlora_kfp.configs import PrepareConfig
     from qlora_kfp.stages.prepare import run_prepare

@@ -7,11 +7,10 @@ import json
 import pytest
 
 from qlora_kfp.configs import PrepareConfig
-from qlora_kfp.data.templates import IGNORE, apply_template
+from qlora_kfp.data.templates import IGNORE
 from qlora_kfp.errors import DataError, SourceError
 from qlora_kfp.stages.prepare import encode_rows, load_split, run_prepare, split
 from qlora_kfp.storage.manifest import verify
-from qlora_kfp.storage.sources import load_tokenizer
 
 ALPACA = [{"instruction": f"Opposite of: w{i}", "input": "", "output": f"a{i}"} for i in range(20)]
 PROMPT_COMPLETION = [{"prompt": f"Opposite of: w{i}", "completion": f"a{i}"} for i in range(20)]
@@ -25,13 +24,6 @@ CHAT = [
     }
     for i in range(20)
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_assets):
-    tok = load_tokenizer(demo_assets["base_model"])
-    apply_template(tok, "auto")
-    return tok
 
 
 def cfg(path, base, **kw):

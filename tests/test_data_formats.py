@@ -9,19 +9,10 @@ from pathlib import Path
 import pytest
 
 from qlora_kfp.configs import PrepareConfig
-from qlora_kfp.data.templates import apply_template
 from qlora_kfp.errors import DataError
 from qlora_kfp.stages.prepare import encode_rows, run_prepare
-from qlora_kfp.storage.sources import load_tokenizer
 
 ROWS = [{"prompt": f"Opposite of: w{i}", "completion": f"a{i}"} for i in range(20)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_assets):
-    tok = load_tokenizer(demo_assets["base_model"])
-    apply_template(tok, "auto")
-    return tok
 
 
 def cfg(path, base, **kw):

@@ -11,17 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from qlora_kfp.configs import PrepareConfig
-from qlora_kfp.data.templates import apply_template
 from qlora_kfp.errors import DataError
 from qlora_kfp.stages.prepare import encode_rows, run_prepare, split
-from qlora_kfp.storage.sources import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(demo_assets):
-    tok = load_tokenizer(demo_assets["base_model"])
-    apply_template(tok, "auto")
-    return tok
 
 
 def cfg(path, base, **kw):

@@ -97,3 +97,10 @@ def test_preflight_refuses_a_bad_grid_before_any_gpu_task(demo_assets, grid, mes
     }
     with pytest.raises(SystemExit, match=message):
         preflight(args)
+
+
+def test_a_trial_keeps_its_name_when_json_makes_its_integers_floats():
+    """KFP hands a loop item over as JSON (8 becomes 8.0) while pick-best-trial may see 8."""
+    as_json = {"lora_r": 8.0, "lora_alpha": 16.0, "learning_rate": 2e-4}
+    assert context.trial_label(as_json) == context.trial_label(SMALL)
+    assert context.trial_label({**SMALL, "lora_r": 9}) != context.trial_label(SMALL)

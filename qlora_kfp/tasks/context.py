@@ -39,8 +39,19 @@ RETRY_INDEX_ENV = "KFP_RETRY_INDEX"  # kubeflow/pipelines backend/src/v2/compone
 
 
 def trial_label(overrides: dict) -> str:
-    """A sweep trial's name: the same grid entry, the same name (``trial-`` + 8 hex digits)."""
-    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode())
+    """A sweep trial's name: the same grid entry, the same name (``trial-`` + 8 hex digits).
+
+    Numbers are compared by value: a grid entry reaches a loop task as JSON, where KFP (and
+    ``kfp.local``) carry 8 as 8.0, while ``pick-best-trial`` may see the 8 the user wrote.
+    """
+
+    def canonical(value):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    same = {k: canonical(v) for k, v in overrides.items()}
+    digest = hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode())
     return f"trial-{digest.hexdigest()[:8]}"
 
 
