@@ -70,7 +70,7 @@ def summarize(prof, wall: float, steps: int) -> dict:
 def build(model_dir: str, fused: bool, gc: bool, r: int, upcast: bool, attn: str, lora: bool):
     """The train stage's model (``build_peft_model``), with Liger as the Trainer applies it."""
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.stages.train import build_peft_model
+    from qlora_kfp.training.peft_model import build_peft_model
 
     cfg = TrainConfig(
         lora_r=r,

@@ -7,7 +7,7 @@ import torch
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError
-from qlora_kfp.stages.train import build_peft_model
+from qlora_kfp.training.peft_model import build_peft_model
 
 
 def _attention_calls(model_fn):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qlora_kfp.configs import TrainConfig
-from qlora_kfp.stages.train import build_peft_model
 from qlora_kfp.training import lora_fused
+from qlora_kfp.training.peft_model import build_peft_model
 
 
 def _model(quantized, fused: bool, **cfg):

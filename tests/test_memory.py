@@ -41,8 +41,8 @@ def test_lora_parameter_count_matches_peft(quantized, demo_assets):
     from peft import get_peft_model
 
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.stages.train import lora_config
     from qlora_kfp.training import modeling
+    from qlora_kfp.training.peft_model import lora_config
 
     model = get_peft_model(modeling.load_model(quantized.path), lora_config(TrainConfig(lora_r=8)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -206,10 +206,10 @@ def test_merge_refuses_to_save_when_logits_differ(demo_assets, trained, tmp_path
 def test_non_finite_loss_stops_training(logs):
     from transformers import TrainerControl, TrainerState
 
-    from qlora_kfp.stages.train import _callback
+    from qlora_kfp.training.trainer_hooks import recorder
 
     history, diverged = [], []
-    cb = _callback(history, [0], diverged)
+    cb = recorder(history, [0], diverged)
     cb.on_train_begin(None, TrainerState(), TrainerControl())
     state = TrainerState()
     state.global_step = 7
@@ -219,9 +219,10 @@ def test_non_finite_loss_stops_training(logs):
 
 def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monkeypatch):
     from qlora_kfp.errors import TrainingDivergedError
-    from qlora_kfp.stages import train as train_mod
+    from qlora_kfp.stages.train import run_train
+    from qlora_kfp.training import trainer_hooks
 
-    real = train_mod._callback
+    real = trainer_hooks.recorder
 
     def poisoned(history, tokens, diverged, on_log=None):  # a run whose 2nd loss is NaN
         cb = real(history, tokens, diverged, on_log)
@@ -235,9 +236,9 @@ def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monk
         cb.on_log = patched
         return cb
 
-    monkeypatch.setattr(train_mod, "_callback", poisoned)
+    monkeypatch.setattr(trainer_hooks, "recorder", poisoned)
     with pytest.raises(TrainingDivergedError, match="loss is nan at step 2"):
-        train_mod.run_train(
+        run_train(
             TrainConfig(max_steps=20, logging_steps=1),
             quantized.path,
             prepared.path,
@@ -256,7 +257,7 @@ def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monk
 def test_prepare_model_freezes_the_base_and_casts_only_when_asked(
     quantized, fp32_upcast, embed_dtype
 ):
-    from qlora_kfp.stages.train import prepare_model
+    from qlora_kfp.training.peft_model import prepare_model
 
     model = modeling.load_model(quantized.path)
     for p in model.parameters():  # as a GPU loads them: 16-bit beside the packed 4-bit weights
@@ -274,9 +275,10 @@ def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatc
     import torch
 
     from qlora_kfp.errors import TrainingDivergedError
-    from qlora_kfp.stages import train as train_mod
+    from qlora_kfp.stages.train import run_train
+    from qlora_kfp.training import trainer_hooks
 
-    real = train_mod._callback
+    real = trainer_hooks.recorder
 
     def poisoned(history, tokens, diverged, on_log=None):
         cb = real(history, tokens, diverged, on_log)
@@ -288,9 +290,9 @@ def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatc
         cb.on_train_end = on_train_end
         return cb
 
-    monkeypatch.setattr(train_mod, "_callback", poisoned)
+    monkeypatch.setattr(trainer_hooks, "recorder", poisoned)
     with pytest.raises(TrainingDivergedError, match="adapter weights are NaN or Inf"):
-        train_mod.run_train(
+        run_train(
             TrainConfig(max_steps=2, logging_steps=1, checkpoint_steps=0),
             quantized.path,
             prepared.path,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from qlora_kfp.tasks.run import finish
-from qlora_kfp.tracking import outcome, runs
+from qlora_kfp.tracking import outcome, runs, stage_runs
 
 DONE = {"prepare-dataset": "FINISHED", "train": "FINISHED", "register": "FINISHED"}
 CASES = [
@@ -43,7 +43,7 @@ def _run_with_stages(kfp_run_id: str, failing: str = "") -> str:
     parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": kfp_run_id})
     for stage in ("prepare-dataset", "train", "register"):
         try:
-            with runs.stage_run(parent, stage):
+            with stage_runs.stage_run(parent, stage):
                 if stage == failing:
                     raise RuntimeError("train failed: loss is nan at step 7")
         except RuntimeError:

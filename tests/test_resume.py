@@ -22,15 +22,16 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import json, sys, time
 from qlora_kfp.stages import train
+from qlora_kfp.training import trainer_hooks
 from qlora_kfp.configs import TrainConfig
 slow = float(sys.argv[5])
 if slow:  # make the run slow enough to be killed between two checkpoints
-    real = train._callback
+    real = trainer_hooks.recorder
     def slowed(*a):
         cb = real(*a)
         cb.on_step_end = lambda args, state, control, **kw: time.sleep(slow)
         return cb
-    train._callback = slowed
+    trainer_hooks.recorder = slowed
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 r = train.run_train(cfg, sys.argv[2], sys.argv[3], sys.argv[4])
 print("RESULT " + json.dumps(r.metrics))

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,8 +14,14 @@ from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.storage.fingerprint import artifact_digest
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
-from qlora_kfp.tracking.live import Progress
-from qlora_kfp.training import attention, autofit, batching, checkpoints, lora_fused, modeling
+from qlora_kfp.training import autofit, batching, checkpoints, modeling, trainer_hooks
+from qlora_kfp.training.peft_model import (
+    build_peft_model,
+    check_finite_adapter,
+    resolve_optimizer,
+    trainable_params,
+    use_fused_kernels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,194 +33,12 @@ class TrainResult:
     history: list[dict]
 
 
-def check_target_modules(model, cfg: TrainConfig) -> None:
-    """Fail with the available names when a requested target module is not in the model."""
-    wanted = cfg.target_module_list
-    if wanted == "all-linear":
-        return
-    leaves = {
-        name.rsplit(".", 1)[-1]
-        for name, mod in model.named_modules()
-        if not list(mod.children()) and hasattr(mod, "weight")
-    }
-    missing = sorted(set(wanted) - leaves)
-    if missing:
-        raise ConfigError(
-            f"target_modules {missing} are not in the model; it has "
-            f"{sorted(leaves)} (or use all-linear)"
-        )
-
-
-def lora_config(cfg: TrainConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_module_list,
-        use_dora=cfg.use_dora,
-        use_rslora=cfg.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def prepare_model(model, cfg: TrainConfig):
-    """Freeze the base, enable checkpointing and, with ``fp32_upcast``, do what peft does.
-
-    peft's ``prepare_model_for_kbit_training`` casts every 16-bit weight (embeddings, norms,
-    the head: 4 GiB on 8B shapes) to float32. The residual stream then runs in float32 and the
-    fused cross-entropy multiplies by a float32 head, off the tensor cores. Without it those
-    weights stay in ``compute_dtype``; the LoRA weights are float32 either way (peft's
-    ``autocast_adapter_dtype``), so the optimizer state keeps its precision.
-
-    An explicit ``gradient_checkpointing_layers`` count is applied here; with ``auto`` every
-    layer stays checkpointed until :func:`run_train` applies its choice.
-    """
-    from peft import prepare_model_for_kbit_training
-
-    kw = {"use_reentrant": False}
-    if cfg.fp32_upcast:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs=kw,
-        )
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    if cfg.gradient_checkpointing and cfg.checkpointed_layers is not None:
-        offload = cfg.gradient_checkpointing_offload == "on"
-        kept, total = modeling.checkpoint_first_layers(model, cfg.checkpointed_layers, offload)
-        log.info("gradient checkpointing in %d of %d layers", kept, total)
-    return model
-
-
-def build_peft_model(cfg: TrainConfig, model_dir: str):
-    """The 4-bit model in ``model_dir``, prepared for training, with fresh LoRA adapters."""
-    from peft import get_peft_model
-
-    dtype = modeling.resolve_dtype(cfg.compute_dtype)
-    attn = attention.resolve(cfg.attn_implementation, cfg.packing)
-    if attn == attention.NAME:
-        attention.register()
-    model = modeling.load_model(model_dir, dtype=dtype, attn_implementation=attn)
-    check_target_modules(model, cfg)
-    model.config.use_cache = False  # with a KV cache transformers ignores packed documents
-    model = get_peft_model(prepare_model(model, cfg), lora_config(cfg))
-    if cfg.fused_lora:
-        log.info("fused LoRA updates in %d layers", lora_fused.fuse_lora_updates(model))
-    log.info("attention: %s", attn)
-    return model
-
-
 def token_rows(dataset_dir: str, split: str) -> list[dict]:
     """``input_ids``/``labels`` of a prepared split, read with pyarrow (no datasets needed)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(Path(dataset_dir) / f"{split}.parquet", columns=["input_ids", "labels"])
     return table.to_pylist()
-
-
-def use_fused_kernels(mode: str) -> bool:
-    """``auto``: Liger kernels on a GPU when liger-kernel is installed (they are Triton-only)."""
-    if mode != "auto":
-        return mode == "on"
-    import importlib.util
-
-    return modeling.device() == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-
-
-def resolve_optimizer(name: str) -> str:
-    if name != "auto":
-        return name
-    # torch's fused AdamW: the same 32-bit AdamW as the seeds' paged_adamw_32bit, one kernel
-    # for all LoRA tensors. Paging the state to host memory buys little here (r=64 on 8B shapes:
-    # 1.3 GiB of state) and measured 7-10% slower steps (BENCHMARKS.md). Paged optimizers stay
-    # a choice (optimizer=paged_adamw_32bit). The CPU gets the plain torch AdamW.
-    return "adamw_torch_fused" if modeling.device() == "cuda" else "adamw_torch"
-
-
-def check_finite_adapter(model) -> None:
-    """Fail when a trained LoRA weight is NaN or Inf (losses can look finite while weights
-    are not, e.g. under an extreme weight decay)."""
-    import torch
-
-    bad = [
-        n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
-    ]
-    if bad:
-        raise TrainingDivergedError(
-            f"training diverged: {len(bad)} adapter weights are NaN or Inf (first: {bad[0]}); "
-            "no adapter was written. Lower learning_rate or weight_decay"
-        )
-
-
-def _counting_trainer(trainer_cls, tokens_seen: list[int]):
-    """A Trainer that adds up the real tokens of the batches it trains on (and drops the key
-    before the model sees it)."""
-
-    class CountingTrainer(trainer_cls):
-        def training_step(self, model, inputs, *args, **kwargs):
-            tokens_seen[0] += inputs.pop(batching.REAL_TOKENS, 0)
-            return super().training_step(model, inputs, *args, **kwargs)
-
-        def prediction_step(self, model, inputs, *args, **kwargs):
-            inputs.pop(batching.REAL_TOKENS, None)
-            return super().prediction_step(model, inputs, *args, **kwargs)
-
-    return CountingTrainer
-
-
-def _callback(
-    history: list[dict],
-    tokens_seen: list[int],
-    diverged: list[str],
-    on_log: Callable[[dict], None] | None = None,
-):
-    import torch
-    from transformers import TrainerCallback
-
-    class Recorder(TrainerCallback):
-        """Keeps every logged row with its step, tokens/s and GPU memory, hands it to
-        ``on_log`` at once and logs a progress line."""
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0, self.tok0 = time.perf_counter(), 0
-            self.start = self.t0
-            self.progress = Progress()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            row = {
-                "step": state.global_step,
-                **{k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)},
-            }
-            row["time_s"] = round(time.perf_counter() - self.start, 4)
-            row["tokens_seen"] = tokens_seen[0]
-            dt = time.perf_counter() - self.t0
-            if "loss" in row and dt > 0:
-                row["tokens_per_s"] = round((tokens_seen[0] - self.tok0) / dt, 2)
-                self.t0, self.tok0 = time.perf_counter(), tokens_seen[0]
-            if torch.cuda.is_available():
-                row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            history.append(row)
-            self.progress(row, state.max_steps)
-            if on_log is not None:
-                on_log(row)
-            bad = [
-                k
-                for k in ("loss", "grad_norm", "eval_loss")
-                if k in row and not math.isfinite(row[k])
-            ]
-            if bad:  # stop now: every further step would only spend GPU time on NaNs
-                diverged.append(f"{bad[0]} is {row[bad[0]]} at step {state.global_step}")
-                control.should_training_stop = True
-            return control
-
-    return Recorder()
 
 
 def memory_settings(
@@ -280,10 +103,6 @@ def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume,
     layers = sum(1 for _ in modeling.decoder_layers(model))
     out, setting = autofit.train_fitting(settings, apply, start, restart, steps_done, layers)
     return box[0], out, setting
-
-
-def trainable_params(model):
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
@@ -414,14 +233,14 @@ def run_train(
         )
 
         def new_trainer():
-            return _counting_trainer(Trainer, tokens_seen)(
+            return trainer_hooks.counting_trainer(Trainer, tokens_seen)(
                 model=model,
                 args=args,
                 train_dataset=train_ds,
                 eval_dataset=eval_ds,
                 data_collator=collate,
                 callbacks=[
-                    _callback(history, tokens_seen, diverged, on_log),
+                    trainer_hooks.recorder(history, tokens_seen, diverged, on_log),
                     checkpoints.callback(ckpt_root, made_from, checkpoint_uri),
                 ],
             )

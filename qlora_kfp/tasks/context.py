@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 from qlora_kfp import configs
 from qlora_kfp.errors import NotRetriedError, QloraError
 from qlora_kfp.preflight import ARTIFACT_URI_ENV
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import stage_runs
 
 log = logging.getLogger("qlora_kfp")
 RUN_ID_ENV = "KFP_RUN_ID"
@@ -110,7 +110,9 @@ class RunContext:
 
 
 @contextlib.contextmanager
-def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, runs.StageRun, RunContext]]:
+def stage(
+    name: str, cls: type, args: dict
+) -> Iterator[tuple[Any, stage_runs.StageRun, RunContext]]:
     """Build the config, open the nested MLflow run, and turn user errors into a clean exit.
 
     On success the stage's cost (wall time, peak memory) is logged to KFP and MLflow.
@@ -121,7 +123,7 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, runs.StageRun
     try:
         refuse_pointless_retry(name, ctx)
         cfg = configs.from_params(cls, args)
-        with runs.stage_run(
+        with stage_runs.stage_run(
             ctx.mlflow_parent_run_id, name, ctx.kfp_run_id, ctx.trial, ctx.trial_params
         ) as run:
             run.params(dataclasses.asdict(cfg))
@@ -131,7 +133,7 @@ def stage(name: str, cls: type, args: dict) -> Iterator[tuple[Any, runs.StageRun
             # On the parent run, one name per stage, so runs compare stage by stage.
             report(run, args.get("metrics"), usage, parent_prefix=f"{name}.")
     except QloraError as exc:
-        runs.tag_task_failure(exc)
+        stage_runs.tag_task_failure(exc)
         fail(name, exc)
 
 
@@ -150,7 +152,7 @@ def refuse_pointless_retry(name: str, ctx: RunContext) -> None:
         attempt = 0
     if attempt < 1:
         return
-    reason = runs.permanent_failure(ctx.mlflow_parent_run_id, name, ctx.kfp_run_id, ctx.trial)
+    reason = stage_runs.permanent_failure(ctx.mlflow_parent_run_id, name, ctx.kfp_run_id, ctx.trial)
     if reason:
         raise NotRetriedError(
             f"not retried (attempt {attempt + 1}): an earlier attempt failed with an error a "
@@ -181,7 +183,9 @@ def resource_usage(seconds: float) -> dict[str, float]:
     return usage
 
 
-def report(run: runs.StageRun, kfp_metrics: Any, metrics: dict, parent_prefix: str = "") -> None:
+def report(
+    run: stage_runs.StageRun, kfp_metrics: Any, metrics: dict, parent_prefix: str = ""
+) -> None:
     """Log numeric metrics to the KFP Metrics artifact and to MLflow (stage and parent run,
     there under ``parent_prefix`` + name)."""
     for k, v in metrics.items():

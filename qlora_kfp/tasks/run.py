@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qlora_kfp.errors import ConfigError, QloraError
 from qlora_kfp.tasks.context import RunContext, fail, report, setup_logging
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import runs, stage_runs
 
 log = logging.getLogger("qlora_kfp")
 
@@ -48,7 +48,7 @@ def decide_training(args: dict) -> str:
         args["registered_model_name"], args["dataset_digest"], args["force_retrain"]
     )
     log.info("training decision: %s (%s)", "train" if train else "skip", reason)
-    with runs.stage_run(args.get("mlflow_parent_run_id", ""), "decide-training") as run:
+    with stage_runs.stage_run(args.get("mlflow_parent_run_id", ""), "decide-training") as run:
         run.tags(
             {
                 "training_decision": "train" if train else "skip",
@@ -73,7 +73,7 @@ def finish(args: dict) -> None:
     if run_id:
         run = runs.client().get_run(run_id)  # read once: closing changes no metric
         metrics, tags, exp_id = run.data.metrics, run.data.tags, run.info.experiment_id
-    stages = runs.stage_statuses(run_id)
+    stages = stage_runs.stage_statuses(run_id)
     state, how = outcome.resolve(
         word,
         {stage: mlflow_status for stage, (mlflow_status, _) in stages.items()},
@@ -124,7 +124,7 @@ def pick_best(args: dict) -> dict:
         {"trial": name, **entry, "eval_loss": loss}
         for name, entry, loss in zip(names, grid, losses, strict=True)
     ]
-    with runs.stage_run(args.get("mlflow_parent_run_id", ""), "pick-best-trial") as run:
+    with stage_runs.stage_run(args.get("mlflow_parent_run_id", ""), "pick-best-trial") as run:
         report(run, args.get("metrics"), {"best_trial": best, "best_eval_loss": losses[best]})
         run.tags(
             {
@@ -196,7 +196,7 @@ def preflight(args: dict) -> str:
             for entry in trials or [{}]
         ]
         parts = max(estimates, key=lambda p: sum(p.values()))
-        with runs.stage_run(args.get("mlflow_parent_run_id", ""), "preflight") as run:
+        with stage_runs.stage_run(args.get("mlflow_parent_run_id", ""), "preflight") as run:
             run.metrics({"estimated_peak_gib": round(sum(parts.values()), 3)})
         return json.dumps(parts)
     except QloraError as exc:

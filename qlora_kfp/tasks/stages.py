@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_kfp import configs
 from qlora_kfp.tasks.context import html_with_image, mark, report, stage
-from qlora_kfp.tracking import live, runs
+from qlora_kfp.tracking import live, runs, stage_runs
 
 log = logging.getLogger("qlora_kfp")
 
@@ -38,7 +38,7 @@ def prepare_dataset(args: dict) -> str:
         return res.digest
 
 
-def _log_dataset_input(run: runs.StageRun, folder: str, digest: str, source: str) -> None:
+def _log_dataset_input(run: stage_runs.StageRun, folder: str, digest: str, source: str) -> None:
     if not run.run_id:
         return
     import mlflow

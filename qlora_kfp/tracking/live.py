@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import stage_runs
 
 log = logging.getLogger(__name__)
 # Per-step keys a train row may carry (see stages.train's recorder), as MLflow histories.
@@ -22,7 +22,7 @@ HISTORY_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s
 SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
-def metric_streamer(run: runs.StageRun) -> Callable[[dict], None]:
+def metric_streamer(run: stage_runs.StageRun) -> Callable[[dict], None]:
     """A callback that logs one training row (``step`` plus metrics) to ``run`` at once."""
 
     def stream(row: dict) -> None:
