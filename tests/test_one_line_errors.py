@@ -141,3 +141,20 @@ def test_the_cli_prints_one_line(demo_assets, tmp_path, capsys):
     assert rc == 2 and "truncated safetensors file" in err and "Traceback" not in err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert line.endswith("download or copy the model again")
+
+
+def test_fingerprint_sources_fails_in_one_line(monkeypatch, capsys):
+    """The fingerprint task lists s3:// sources: an unreachable endpoint is one line."""
+    from qlora_kfp.tasks.run import fingerprint
+
+    for key, value in {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens there
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_RETRY_MODE": "standard",
+    }.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match=r"^fingerprint-sources failed: s3://data/train.jsonl"):
+        fingerprint({"data_source": "s3://data/train.jsonl", "base_model": "m"})

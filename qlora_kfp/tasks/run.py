@@ -207,4 +207,8 @@ def fingerprint(args: dict) -> str:
     """Content digests of the data and the base model, and the code version (cache input)."""
     from qlora_kfp.storage.fingerprint import fingerprint as digest
 
-    return digest(args["data_source"], args["base_model"])
+    setup_logging()
+    try:
+        return digest(args["data_source"], args["base_model"])
+    except QloraError as exc:  # e.g. damaged weights, S3 refusing the credentials
+        fail("fingerprint-sources", exc)
