@@ -69,18 +69,21 @@ POOLS = [
 ]
 
 
-@pytest.mark.parametrize("pipeline", ["qlora_finetune", "qlora_sweep"])
+# The sweep has no merge task.
+PIPELINE_GPU_TASKS = [("qlora_finetune", t) for t in GPU_TASKS] + [
+    ("qlora_sweep", t) for t in GPU_TASKS if t != "merge"
+]
+
+
 @pytest.mark.parametrize("params,accelerator,selector,tolerations", POOLS)
-@pytest.mark.parametrize("task", GPU_TASKS)
+@pytest.mark.parametrize("pipeline,task", PIPELINE_GPU_TASKS)
 def test_gpu_tasks_land_on_the_pool_the_run_names(
-    task, params, accelerator, selector, tolerations, pipeline
+    pipeline, task, params, accelerator, selector, tolerations
 ):
     """One uploaded pipeline serves several GPU pools: accelerator, node selector and
     tolerations are run parameters, resolved per task the way the backend's driver does."""
     from kfp_backend import BackendRun
 
-    if pipeline == "qlora_sweep" and task == "merge":
-        pytest.skip("the sweep does not merge")
     path = ROOT / "pipelines" / "compiled" / f"{pipeline}.yaml"
     spec, platform = yaml.safe_load_all(path.read_text())
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
