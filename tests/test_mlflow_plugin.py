@@ -108,3 +108,36 @@ def test_a_failing_stage_under_the_plugin_says_why_on_its_task_run(local_mlflow,
     run = runs.client().get_run(train_run)
     assert run.info.status == "FAILED"
     assert "lora_r=0 is invalid" in run.data.tags["failure_reason"]
+
+
+def test_a_trial_that_failed_for_good_is_not_retried_under_the_plugin(local_mlflow, monkeypatch):
+    """Under the plugin a trial's task run hangs under the loop's run, not the parent (the
+    driver's loop -> iteration nesting): the retry guard still finds the earlier attempt."""
+    from qlora_kfp.errors import ConfigError
+    from qlora_kfp.tasks.context import RETRY_INDEX_ENV
+
+    plugin = FakeMlflowPlugin(monkeypatch, "kfp-default", "run-uuid-3")
+    args = {**_defaults(), "base_model": "m", "data_source": "d", "kfp_run_id": "run-uuid-3"}
+    with plugin.task("start-tracking", {}):
+        run_tasks.start_tracking(args)
+    loop = (
+        runs.client()
+        .create_run(
+            plugin.experiment_id, run_name="trials", tags={"mlflow.parentRunId": plugin.root}
+        )
+        .info.run_id
+    )
+    trial = {"lora_r": 8}
+    train_args = {"kfp_run_id": "run-uuid-3", "config_overrides": trial, **trial}
+    monkeypatch.setenv(RETRY_INDEX_ENV, "0")
+    with plugin.task("train", {}, parent=loop), stage("train", configs.TrainConfig, train_args):
+        raise ConfigError("target_modules ['q'] are not in the model")
+    monkeypatch.setenv(RETRY_INDEX_ENV, "1")
+    ran = []
+    with (
+        plugin.task("train", {}, parent=loop) as retry,
+        stage("train", configs.TrainConfig, train_args),
+    ):
+        ran.append(True)
+    assert not ran
+    assert "not retried (attempt 2)" in runs.client().get_run(retry).data.tags["failure_reason"]

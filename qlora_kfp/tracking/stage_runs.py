@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,43 +18,57 @@ from qlora_kfp.errors import TrackingError
 from qlora_kfp.tracking import plugin
 from qlora_kfp.tracking.runs import client, enabled, find_pipeline_run, provenance
 
+log = logging.getLogger(__name__)
 FAILURE_KIND_TAG = "failure_kind"  # "permanent": a retry of the task cannot succeed
 
 
+def _stage_runs_of(parent_run_id: str, where: str = "") -> list:
+    """The stage runs of one pipeline run, newest first.
+
+    Found by the ``kfp.run_id`` tag every stage run inherits from its parent, not by
+    ``mlflow.parentRunId``: under KFP's MLflow plugin a sweep trial's runs hang under the
+    loop's run, not the parent (tracking/plugin.py).
+    """
+    parent = client().get_run(parent_run_id)
+    kfp_run_id = parent.data.tags.get("kfp.run_id", "")
+    key = (
+        f"tags.`kfp.run_id` = '{kfp_run_id}'"
+        if kfp_run_id
+        else f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    found = client().search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"{key} {where}".strip(),
+        order_by=["attributes.start_time DESC"],
+    )
+    return [r for r in found if "stage" in r.data.tags and r.info.run_id != parent_run_id]
+
+
 def stage_statuses(parent_run_id: str) -> dict[str, tuple[str, str]]:
-    """``{stage: (MLflow status, failure reason)}`` of a parent run's stage runs (``{}``
-    without tracking)."""
+    """``{stage[ trial]: (MLflow status, failure reason)}`` of a pipeline run's stage runs
+    (``{}`` without tracking); a stage retried by KFP counts by its newest attempt."""
     if not (enabled() and parent_run_id):
         return {}
-    parent = client().get_run(parent_run_id)
-    kids = client().search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    )
-    return {
-        " ".join(
-            filter(None, [r.data.tags.get("stage", r.info.run_name), r.data.tags.get("trial")])
-        ): (
-            r.info.status,
-            r.data.tags.get("failure_reason", ""),
-        )
-        for r in kids
-    }
+    out: dict[str, tuple[str, str]] = {}
+    for r in _stage_runs_of(parent_run_id):
+        key = " ".join(filter(None, [r.data.tags["stage"], r.data.tags.get("trial")]))
+        out.setdefault(key, (r.info.status, r.data.tags.get("failure_reason", "")))
+    return out
 
 
 def permanent_failure(parent_run_id: str, stage: str, kfp_run_id: str = "", trial: str = "") -> str:
-    """The reason an earlier attempt of ``stage`` in this run failed for good ("" if none)."""
-    if enabled() and not parent_run_id and kfp_run_id:
-        parent_run_id = find_pipeline_run("", kfp_run_id)
-    if not (enabled() and parent_run_id):
+    """The reason an earlier attempt of ``stage`` in this run failed for good ("" if none, or
+    when MLflow cannot say: a retry then runs as it would without tracking)."""
+    try:
+        if enabled() and not parent_run_id and kfp_run_id:
+            parent_run_id = find_pipeline_run("", kfp_run_id)
+        if not (enabled() and parent_run_id):
+            return ""
+        where = f"and tags.stage = '{stage}' and tags.`{FAILURE_KIND_TAG}` = 'permanent'"
+        found = _stage_runs_of(parent_run_id, where)
+    except Exception as exc:  # noqa: BLE001 - the guard must not be what fails the retry
+        log.warning("could not read earlier attempts of %s from MLflow: %s", stage, exc)
         return ""
-    parent = client().get_run(parent_run_id)
-    found = client().search_runs(
-        [parent.info.experiment_id],
-        filter_string=(
-            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.stage = '{stage}' "
-            f"and tags.`{FAILURE_KIND_TAG}` = 'permanent'"
-        ),
-    )
     found = [r for r in found if r.data.tags.get("trial", "") == trial]
     return found[0].data.tags.get("failure_reason", "failed") if found else ""
 
@@ -169,22 +184,21 @@ def stage_run(
     c = client()
     try:
         parent = c.get_run(parent_run_id)
+        run = c.create_run(
+            parent.info.experiment_id,
+            run_name=f"{stage} {trial}" if trial else stage,
+            tags={
+                **_stage_tags(stage, parent.data.tags, trial, trial_params),
+                "mlflow.parentRunId": parent_run_id,
+            },
+        )
     except Exception as exc:  # noqa: BLE001
         raise TrackingError(f"MLflow parent run {parent_run_id}: {exc}") from None
-    run = c.create_run(
-        parent.info.experiment_id,
-        run_name=f"{stage} {trial}" if trial else stage,
-        tags={
-            **_stage_tags(stage, parent.data.tags, trial, trial_params),
-            "mlflow.parentRunId": parent_run_id,
-        },
-    )
     handle = StageRun(run.info.run_id, parent_run_id, to_parent=not trial)
     try:
         yield handle
     except BaseException as exc:
-        _tag_failure(run.info.run_id, exc)
-        c.set_terminated(run.info.run_id, status="FAILED")
+        _tag_failure(run.info.run_id, exc, status="FAILED")
         raise
     c.set_terminated(run.info.run_id, status="FINISHED")
 
@@ -207,11 +221,18 @@ def tag_task_failure(exc: BaseException) -> None:
         _tag_failure(plugin.task_run(), exc)
 
 
-def _tag_failure(run_id: str, exc: BaseException) -> None:
-    client().set_tag(run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+def _tag_failure(run_id: str, exc: BaseException, status: str = "") -> None:
+    """Say on ``run_id`` why the stage failed (and end it with ``status``), best effort: when
+    MLflow itself is what failed, the stage's own error is the one to report."""
     # A user error (bad setting, bad row) fails the same way on every retry.
     kind = "transient" if getattr(exc, "retryable", True) else "permanent"
-    client().set_tag(run_id, FAILURE_KIND_TAG, kind)
+    try:
+        client().set_tag(run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        client().set_tag(run_id, FAILURE_KIND_TAG, kind)
+        if status:
+            client().set_terminated(run_id, status=status)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not record the failure on MLflow run %s: %s", run_id, err)
 
 
 @contextlib.contextmanager
@@ -226,10 +247,13 @@ def _plugin_stage_run(
     launcher also closes the run, FAILED when the task's process fails.
     """
     own = plugin.task_run()
-    parent_run_id = parent_run_id or plugin.root_of(own)
-    parent_tags = client().get_run(parent_run_id).data.tags if parent_run_id else {}
-    for key, value in _stage_tags(stage, parent_tags, trial, trial_params).items():
-        client().set_tag(own, key, value)
+    try:
+        parent_run_id = parent_run_id or plugin.root_of(own)
+        parent_tags = client().get_run(parent_run_id).data.tags if parent_run_id else {}
+        for key, value in _stage_tags(stage, parent_tags, trial, trial_params).items():
+            client().set_tag(own, key, value)
+    except Exception as exc:  # noqa: BLE001
+        raise TrackingError(f"MLflow run {own} of this task: {exc}") from None
     handle = StageRun(own, parent_run_id, to_parent=not trial, own_params=False)
     try:
         yield handle
