@@ -271,8 +271,12 @@ class TrainConfig:
             self.gradient_accumulation_steps,
             "use 1 or more",
         )
-        # Old params files and sweep grids give a count as a number.
-        self.gradient_checkpointing_layers = str(self.gradient_checkpointing_layers).strip()
+        # Old params files and sweep grids give a count as a number, and KFP hands a sweep's
+        # grid entry over as JSON, where 8 arrives as 8.0.
+        layers = self.gradient_checkpointing_layers
+        if isinstance(layers, float) and layers.is_integer():
+            layers = int(layers)
+        self.gradient_checkpointing_layers = str(layers).strip()
         layers = self.gradient_checkpointing_layers
         _check(
             layers == "auto" or layers.lstrip("-").isdigit() and int(layers) >= -1,

@@ -183,3 +183,16 @@ def test_the_compiled_yaml_has_every_field_with_its_default(name, classes, inter
         assert p.name in inputs, f"{p.name} cannot be set from Kubeflow"
         if not p.required:
             assert inputs[p.name]["defaultValue"] == defaults.get(p.name, p.default), p.name
+
+
+@pytest.mark.parametrize(
+    "given,expected",
+    [(8, "8"), (8.0, "8"), (-1.0, "-1"), (" auto ", "auto")],
+    ids=["int", "json-float", "json-minus-one", "padded"],
+)
+def test_a_checkpointed_layer_count_may_come_as_a_number(given, expected):
+    """A sweep's grid entry reaches its trial as JSON: 8 becomes 8.0."""
+    assert (
+        configs.TrainConfig(gradient_checkpointing_layers=given).gradient_checkpointing_layers
+        == expected
+    )

@@ -105,26 +105,3 @@ def test_a_retried_stage_counts_by_its_newest_attempt(local_mlflow):
     assert statuses["train"][0] == "FINISHED"
     got, _ = outcome.resolve("RUNNING", {k: v for k, (v, _) in statuses.items()})
     assert got == "SUCCEEDED"
-
-
-def test_mlflow_failing_while_a_stage_fails_still_reports_the_stages_error(
-    local_mlflow, monkeypatch
-):
-    from qlora_kfp import configs
-    from qlora_kfp.errors import ConfigError
-    from qlora_kfp.tasks.context import stage
-    from qlora_kfp.tracking import stage_runs
-
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-9"})
-    real = stage_runs.client()
-
-    class Down:
-        def __getattr__(self, name):
-            if name in ("set_tag", "set_terminated"):
-                raise RuntimeError("MLflow is down")
-            return getattr(real, name)
-
-    failing = stage("train", configs.TrainConfig, {"mlflow_parent_run_id": parent})
-    with pytest.raises(SystemExit, match=r"^train failed: target_modules \['q'\] are not"), failing:
-        monkeypatch.setattr(stage_runs, "client", Down)
-        raise ConfigError("target_modules ['q'] are not in the model")

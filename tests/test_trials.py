@@ -104,3 +104,34 @@ def test_a_trial_keeps_its_name_when_json_makes_its_integers_floats():
     as_json = {"lora_r": 8.0, "lora_alpha": 16.0, "learning_rate": 2e-4}
     assert context.trial_label(as_json) == context.trial_label(SMALL)
     assert context.trial_label({**SMALL, "lora_r": 9}) != context.trial_label(SMALL)
+
+
+def test_a_trials_grid_entry_overrides_every_stage_and_a_typo_is_one_line(capsys):
+    """The entry reaches train and evaluate; an unknown key names the closest parameter."""
+    entry = {"compute_dtype": "float32", "lora_r": 8}
+    with stage("evaluate", configs.EvaluateConfig, {"config_overrides": entry}) as (cfg, _, ctx):
+        assert cfg.compute_dtype == "float32" and ctx.trial == context.trial_label(entry)
+    typo = stage("train", configs.TrainConfig, {"config_overrides": {"lora_rank": 8}})
+    with (
+        pytest.raises(SystemExit, match=r"^train failed: .*'lora_rank'; did you mean lora_r"),
+        typo,
+    ):
+        pytest.fail("a misspelt grid entry must not start the stage")
+
+
+def test_a_failing_chart_or_cleanup_does_not_fail_the_finished_sweep(
+    local_mlflow, artifact_store, monkeypatch
+):
+    from qlora_kfp.storage import s3
+    from qlora_kfp.tracking import plots
+
+    def broken(*a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plots, "trial_bars", broken)
+    monkeypatch.setattr(s3, "delete_prefix", broken)
+    parent = runs.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
+    best = pick_best(
+        {"lora_grid": [SMALL, LARGE], "eval_losses": [2.0, 1.25], "mlflow_parent_run_id": parent}
+    )
+    assert best["trial_name"] == context.trial_label(LARGE)

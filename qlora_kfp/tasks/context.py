@@ -115,14 +115,20 @@ def stage(
 ) -> Iterator[tuple[Any, stage_runs.StageRun, RunContext]]:
     """Build the config, open the nested MLflow run, and turn user errors into a clean exit.
 
-    On success the stage's cost (wall time, peak memory) is logged to KFP and MLflow.
+    A sweep trial's grid entry (``config_overrides``: train fields) overrides the pipeline's
+    parameters for every stage of the trial (train, and evaluate's ``compute_dtype``). On
+    success the stage's cost (wall time, peak memory) is logged to KFP and
+    MLflow.
     """
     setup_logging()
     t0 = time.perf_counter()
     ctx = RunContext.from_args(args)
     try:
         refuse_pointless_retry(name, ctx)
-        cfg = configs.from_params(cls, args)
+        configs.check_known(
+            ctx.trial_params, configs.TrainConfig.__dataclass_fields__, "config_overrides"
+        )
+        cfg = configs.from_params(cls, {**args, **ctx.trial_params})
         with stage_runs.stage_run(
             ctx.mlflow_parent_run_id, name, ctx.kfp_run_id, ctx.trial, ctx.trial_params
         ) as run:

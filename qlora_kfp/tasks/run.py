@@ -112,7 +112,6 @@ def pick_best(args: dict) -> dict:
     loss as a table and a bar chart, the winner as tags.
     """
     from qlora_kfp.tasks.context import trial_label
-    from qlora_kfp.tracking import plots
 
     setup_logging()
     grid, losses = list(args["lora_grid"]), [float(x) for x in args["eval_losses"]]
@@ -136,19 +135,32 @@ def pick_best(args: dict) -> dict:
         )
         for i, loss in enumerate(losses):
             run.metrics({"trial_eval_loss": loss}, step=i, parent=False)
-        if run.run_id:
-            import pandas as pd
-
-            runs.client().log_table(run.parent_run_id, pd.DataFrame(rows), "sweep/trials.json")
-            png = plots.trial_bars(names, losses, best, "/tmp/sweep_trials.png")
-            run.artifact(str(png), "plots", parent=True)
+        _show_trials(run, names, losses, best, rows)
     _drop_trial_checkpoints(RunContext.from_args(args).kfp_run_id, grid)
     log.info("best trial %d of %d: %s (eval loss %.6g)", best, len(grid), grid[best], losses[best])
     return {**grid[best], "trial": best, "trial_name": names[best], "eval_loss": losses[best]}
 
 
+def _show_trials(run, names: list[str], losses: list[float], best: int, rows: list[dict]):
+    """The trials table and bar chart on the parent; best effort, since every trial already
+    trained and the winner is known, a hiccup here must not fail the sweep."""
+    if not run.run_id:
+        return
+    try:
+        import pandas as pd
+
+        from qlora_kfp.tracking import plots
+
+        runs.client().log_table(run.parent_run_id, pd.DataFrame(rows), "sweep/trials.json")
+        png = plots.trial_bars(names, losses, best, "/tmp/sweep_trials.png")
+        run.artifact(str(png), "plots", parent=True)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not log the sweep's trials table and chart: %s", exc)
+
+
 def _drop_trial_checkpoints(kfp_run_id: str, grid: list[dict]) -> None:
-    """Every trial finished: their resumable checkpoints are not needed any more."""
+    """Every trial finished: their resumable checkpoints are not needed any more (best
+    effort: what is left costs storage, not a failed sweep)."""
     from qlora_kfp.tasks.context import trial_label
 
     for entry in grid:
@@ -156,7 +168,10 @@ def _drop_trial_checkpoints(kfp_run_id: str, grid: list[dict]) -> None:
         if uri:
             from qlora_kfp.storage import s3
 
-            s3.delete_prefix(uri)
+            try:
+                s3.delete_prefix(uri)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not delete %s: %s", uri, exc)
 
 
 def preflight(args: dict) -> str:

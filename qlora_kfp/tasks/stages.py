@@ -43,13 +43,16 @@ def _log_dataset_input(run: stage_runs.StageRun, folder: str, digest: str, sourc
         return
     import mlflow
     import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     df = pd.read_parquet(Path(folder) / "train.parquet", columns=["prompt", "reference"])
     ds = mlflow.data.from_pandas(df, source=source, name="train", digest=digest)
-    with mlflow.start_run(run_id=run.run_id):
-        mlflow.log_input(ds, context="training")
-    with mlflow.start_run(run_id=run.parent_run_id):
-        mlflow.log_input(ds, context="training")
+    entry = DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+    # Through the client: ``with mlflow.start_run(run_id=...)`` would end the run it resumes,
+    # and the parent would read FINISHED while the pipeline is still training.
+    for run_id in (run.run_id, run.parent_run_id):
+        runs.client().log_inputs(run_id, datasets=[entry])
 
 
 def quantize(args: dict) -> None:
@@ -70,9 +73,7 @@ def train(args: dict) -> float:
     """Run train; returns the final eval loss."""
     from qlora_kfp.stages.train import run_train
 
-    overrides = args.get("config_overrides") or {}
-    configs.check_known(overrides, configs.TrainConfig.__dataclass_fields__, "config_overrides")
-    with stage("train", configs.TrainConfig, {**args, **overrides}) as (cfg, run, ctx):
+    with stage("train", configs.TrainConfig, args) as (cfg, run, ctx):
         with live.system_metrics(run.run_id):
             res = run_train(
                 cfg,
@@ -100,10 +101,7 @@ def evaluate(args: dict) -> float:
     """Run evaluate; returns the tuned model's eval loss."""
     from qlora_kfp.stages.evaluate import run_evaluate
 
-    # A sweep trial's grid entry applies to every stage of the trial (compute_dtype, eval_rows).
-    overrides = args.get("config_overrides") or {}
-    configs.check_known(overrides, configs.TrainConfig.__dataclass_fields__, "config_overrides")
-    with stage("evaluate", configs.EvaluateConfig, {**args, **overrides}) as (cfg, run, ctx):
+    with stage("evaluate", configs.EvaluateConfig, args) as (cfg, run, ctx):
         out = args["evaluation"].path
         res = run_evaluate(
             cfg, args["quantized_model"].path, args["adapter"].path, args["dataset"].path, out

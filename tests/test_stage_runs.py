@@ -1,0 +1,47 @@
+"""What a stage's MLflow run records, and what it never does to the runs around it."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_kfp.tracking import runs
+
+
+def test_prepare_dataset_leaves_the_parent_run_running(local_mlflow, demo_assets, tmp_path):
+    """The dataset is logged as an input of the stage and parent runs without ending either:
+    a parent reading FINISHED while the pipeline still trains misleads everyone watching."""
+    from types import SimpleNamespace
+
+    from qlora_kfp.tasks import stages
+
+    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-4"})
+    out = SimpleNamespace(path=str(tmp_path / "dataset"), metadata={})
+    stages.prepare_dataset(
+        {**demo_assets, "max_seq_length": 64, "dataset": out, "mlflow_parent_run_id": parent}
+    )
+    top = runs.client().get_run(parent)
+    assert top.info.status == "RUNNING"
+    assert [d.dataset.name for d in top.inputs.dataset_inputs] == ["train"]
+
+
+def test_mlflow_failing_while_a_stage_fails_still_reports_the_stages_error(
+    local_mlflow, monkeypatch
+):
+    from qlora_kfp import configs
+    from qlora_kfp.errors import ConfigError
+    from qlora_kfp.tasks.context import stage
+    from qlora_kfp.tracking import stage_runs
+
+    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-9"})
+    real = stage_runs.client()
+
+    class Down:
+        def __getattr__(self, name):
+            if name in ("set_tag", "set_terminated"):
+                raise RuntimeError("MLflow is down")
+            return getattr(real, name)
+
+    failing = stage("train", configs.TrainConfig, {"mlflow_parent_run_id": parent})
+    with pytest.raises(SystemExit, match=r"^train failed: target_modules \['q'\] are not"), failing:
+        monkeypatch.setattr(stage_runs, "client", Down)
+        raise ConfigError("target_modules ['q'] are not in the model")
