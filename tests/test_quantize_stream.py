@@ -109,3 +109,19 @@ def test_bin_shards_are_read_tensor_by_tensor(tmp_path):
     assert got.keys() == {"a.weight", "b.weight"}
     torch.testing.assert_close(got["a.weight"], state["a.weight"])
     assert shards.tensor_numel(files) == 12 + 2 + 1
+
+
+def test_only_the_weights_transformers_loads_are_read(sharded, tmp_path):
+    """A repo may ship its weights twice (safetensors shards beside .bin shards, or a
+    consolidated.safetensors): only the index's shards count."""
+    import json
+
+    copy = tmp_path / "model"
+    shutil.copytree(sharded, copy)
+    listed = shards.weight_files(str(copy))
+    shutil.copy(listed[0], copy / "consolidated.safetensors")
+    torch.save({"w": torch.zeros(4)}, copy / "pytorch_model.bin")
+    again = shards.weight_files(str(copy))
+    assert [f.name for f in again] == [f.name for f in listed]
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    assert {f.name for f in again} == set(index["weight_map"].values())

@@ -10,25 +10,49 @@ in.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from qlora_kfp.errors import SourceError
 from qlora_kfp.storage import sources
 
+# What transformers loads, in its order of preference (transformers/utils: SAFE_WEIGHTS_NAME,
+# SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME): a repo may ship the same weights
+# in several forms (Llama-2: safetensors and .bin shards; Mistral: consolidated.safetensors),
+# and reading, or downloading, the others would count and fetch the weights twice.
+CHECKPOINTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
 
 def weight_files(source: str) -> list[Path]:
-    """The weight shards of a model source (a folder, or a hub id: its cached snapshot)."""
+    """The weight shards transformers loads from a model source (a folder, or a hub id: its
+    local snapshot, which ``from_pretrained`` has already fetched)."""
     path = sources.model_source(source)
-    if not Path(path).exists():  # a hub id: from_pretrained fetched (or will fetch) these
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(path, allow_patterns=["*.safetensors", "*.bin", "*.json"])
-    folder = Path(path)
+    folder = Path(path) if Path(path).exists() else _hub_snapshot(path, source)
+    for index, single in CHECKPOINTS:
+        if (folder / index).is_file():
+            # sources.model_source has checked every shard it names is there and whole.
+            names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            return [folder / n for n in names]
+        if (folder / single).is_file():
+            return [folder / single]
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
         raise SourceError(f"{source}: no *.safetensors or *.bin weight files")
     return files
+
+
+def _hub_snapshot(repo_id: str, source: str) -> Path:
+    """The local snapshot of a hub model: no download (the files are from_pretrained's)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - a library error is not a one-line message
+        raise SourceError(f"{source}: not in the local hub cache ({type(exc).__name__})") from None
 
 
 def tensor_numel(files: Iterable[Path]) -> int:
