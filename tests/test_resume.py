@@ -195,11 +195,20 @@ def other_data(demo_assets, tmp_path_factory):
     [
         ({}, "same", 2, None),
         ({"logging_steps": 2, "gradient_checkpointing": True}, "same", 2, None),
+        # What the out-of-memory hint asks for must not throw the checkpoints away.
+        ({"gradient_checkpointing_offload": "on", "gpu_memory_gib": 40.0}, "same", 2, None),
         ({"learning_rate": 1e-3}, "same", 0, "learning_rate 0.003 -> 0.001"),
         ({"lora_r": 4}, "same", 0, "lora_r 8 -> 4"),
         ({}, "other", 0, "dataset "),
     ],
-    ids=["unchanged", "speed-and-logging-only", "changed-lr", "changed-rank", "changed-data"],
+    ids=[
+        "unchanged",
+        "speed-and-logging-only",
+        "memory-settings-only",
+        "changed-lr",
+        "changed-rank",
+        "changed-data",
+    ],
 )
 def test_a_rerun_resumes_only_the_same_run(
     cut_off, quantized, prepared, other_data, tmp_path, caplog, change, data, resumed, reason

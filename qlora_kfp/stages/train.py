@@ -89,6 +89,8 @@ def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume,
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+            # The run's reported peak is the attempt that fits, not the one that ran out.
+            torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             for n, p in trainable_params(model):
                 p.copy_(initial[n])

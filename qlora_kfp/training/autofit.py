@@ -11,8 +11,9 @@ budget, offloading when that makes the count smaller.
 The budget is the smaller of the GPU's free memory and ``gpu_memory_gib``, less a margin.
 If the first steps still run out of memory (the estimate is a fit, not a bound), the run
 starts again from its very beginning with more layers checkpointed
-(:func:`train_fitting`): same initial adapter, same RNG state, no optimizer state, nothing
-logged from the failed attempt.
+(:func:`train_fitting`): same initial adapter, same RNG state, no optimizer state, and the
+failed attempt's history and token counts dropped (rows it already streamed to MLflow stay
+in the run's history; the ``memory_settings_tried`` metric says the run started over).
 """
 
 from __future__ import annotations

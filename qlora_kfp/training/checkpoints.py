@@ -41,6 +41,8 @@ RESUME_INDEPENDENT = frozenset(
         "checkpoint_steps",
         "gradient_checkpointing",
         "gradient_checkpointing_layers",
+        "gradient_checkpointing_offload",
+        "gpu_memory_gib",
         "fused_kernels",
         "fused_lora",
         "attn_implementation",
