@@ -196,3 +196,25 @@ def test_a_checkpointed_layer_count_may_come_as_a_number(given, expected):
         configs.TrainConfig(gradient_checkpointing_layers=given).gradient_checkpointing_layers
         == expected
     )
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such params file"),
+        ('{"lora_r": 8,', "line 1: not valid JSON"),
+        ('{"lora_rank": 8}', "unknown parameter 'lora_rank'; did you mean lora_r"),
+    ],
+    ids=["missing", "broken-json", "misspelt"],
+)
+def test_a_bad_local_params_file_is_one_line(tmp_path, capsys, content, message):
+    """``qlora-kfp run --params_file``: no traceback, nothing started."""
+    from qlora_kfp.app.cli import main
+
+    path = tmp_path / "params.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["run", "--workdir", str(tmp_path / "w"), "--params_file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()

@@ -254,7 +254,9 @@ def _run_local(args: argparse.Namespace) -> dict:
     inputs = pipeline_inputs(qlora_finetune)
     given = {k: v for k, v in vars(args).items() if k in inputs}
     if args.params_file:
-        from_file = json.loads(Path(args.params_file).read_text())
+        from qlora_kfp.app import pipeline_params
+
+        from_file = pipeline_params.load(args.params_file, []).from_file  # JSON or YAML
         configs.check_known(from_file, inputs, args.params_file)
         given = {**from_file, **given}
     from qlora_kfp import preflight
