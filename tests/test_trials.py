@@ -86,8 +86,9 @@ def test_the_parent_shows_the_grid_and_the_winner(local_mlflow):
         ([SMALL, {"lora_r": 0}], "lora_r=0 is invalid"),
         ([SMALL, {"lora_rank": 8}], "did you mean lora_r"),
         ([SMALL, LARGE, dict(SMALL)], r"lora_grid\[2\] repeats lora_grid\[0\]"),
+        ([SMALL, {"gpu_memory_gib": 0.01}], r"the GPU has 0.01 GiB"),
     ],
-    ids=["invalid-trial", "misspelt-key", "repeated-trial"],
+    ids=["invalid-trial", "misspelt-key", "repeated-trial", "trial-on-a-smaller-gpu"],
 )
 def test_preflight_refuses_a_bad_grid_before_any_gpu_task(demo_assets, grid, message, capsys):
     args = {

@@ -201,15 +201,17 @@ def preflight(args: dict) -> str:
                 raise ConfigError(
                     f"lora_grid[{i}] repeats lora_grid[{twin}]: each trial must differ"
                 )
-        estimates = [
-            checks.check_memory(
-                args["base_model"],
-                configs.from_params(configs.TrainConfig, {**args, **entry}),
-                built["prepare"].max_seq_length,
-                args["gpu_memory_gib"],
+        estimates = []
+        for entry in trials or [{}]:
+            train = configs.from_params(configs.TrainConfig, {**args, **entry})
+            estimates.append(
+                checks.check_memory(
+                    args["base_model"],
+                    train,
+                    built["prepare"].max_seq_length,
+                    train.gpu_memory_gib,  # a trial may set its own
+                )
             )
-            for entry in trials or [{}]
-        ]
         parts = max(estimates, key=lambda p: sum(p.values()))
         with stage_runs.stage_run(args.get("mlflow_parent_run_id", ""), "preflight") as run:
             run.metrics({"estimated_peak_gib": round(sum(parts.values()), 3)})
