@@ -45,3 +45,20 @@ def test_mlflow_failing_while_a_stage_fails_still_reports_the_stages_error(
     with pytest.raises(SystemExit, match=r"^train failed: target_modules \['q'\] are not"), failing:
         monkeypatch.setattr(stage_runs, "client", Down)
         raise ConfigError("target_modules ['q'] are not in the model")
+
+
+def test_a_cached_task_finds_its_parent_run_in_any_experiment(local_mlflow, monkeypatch, caplog):
+    """Cached tasks know only the run id: every experiment is searched, page by page (a
+    tracking server holds more than one page of experiments)."""
+    from qlora_kfp.tracking import stage_runs
+
+    monkeypatch.setattr(runs, "EXPERIMENTS_PAGE", 2)
+    parent = runs.start_pipeline_run("oldest", "r", {"kfp.run_id": "run-5"})
+    for i in range(5):
+        runs.client().create_experiment(f"newer-{i}")
+    assert runs.find_pipeline_run("", "run-5") == parent
+    with stage_runs.stage_run("", "prepare-dataset", "run-5") as run:
+        assert run.parent_run_id == parent
+    with caplog.at_level("WARNING"), stage_runs.stage_run("", "quantize", "run-unknown") as run:
+        assert run.run_id == ""
+    assert "no MLflow run is tagged kfp.run_id=run-unknown: quantize is not tracked" in caplog.text

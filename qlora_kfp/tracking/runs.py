@@ -19,6 +19,7 @@ from qlora_kfp.tracking import plugin
 from qlora_kfp.version import PIPELINE_VERSION, git_commit
 
 log = logging.getLogger(__name__)
+EXPERIMENTS_PAGE = 100  # experiments searched at once for a run id (cached tasks)
 # MLflow 3's UI opens an experiment in its model-training view, not the GenAI one, by this tag
 # (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -104,26 +105,33 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
 def find_pipeline_run(experiment: str, kfp_run_id: str) -> str:
     """Id of the parent run tagged with this KFP run id ("" when there is none).
 
-    ``experiment`` "" searches every experiment.
+    ``experiment`` "" searches every experiment (cached tasks know no experiment: it is no
+    input of theirs), page by page, newest experiments first.
     """
     if not enabled():
         return ""
-    if plugin.experiment_id():  # the backend chose the experiment
-        ids = [plugin.experiment_id()]
-    elif experiment:
-        exp = client().get_experiment_by_name(experiment)
-        ids = [exp.experiment_id] if exp else []
+    where = f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`qlora.role` = 'pipeline'"
+    if plugin.experiment_id() or experiment:
+        if plugin.experiment_id():  # the backend chose the experiment
+            ids = [plugin.experiment_id()]
+        else:
+            exp = client().get_experiment_by_name(experiment)
+            ids = [exp.experiment_id] if exp else []
+        found = client().search_runs(ids, max_results=1, filter_string=where) if ids else []
     else:
-        ids = [e.experiment_id for e in client().search_experiments()]
-    if not ids:
-        return ""
-    runs = client().search_runs(
-        ids,
-        max_results=1,
-        filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`qlora.role` = 'pipeline'",
-    )
+        found, token = [], None
+        while not found:
+            page = client().search_experiments(
+                max_results=EXPERIMENTS_PAGE, order_by=["last_update_time DESC"], page_token=token
+            )
+            if page:
+                ids = [e.experiment_id for e in page]
+                found = client().search_runs(ids, max_results=1, filter_string=where)
+            token = page.token
+            if not token:
+                break
     # Under the plugin a task may look before start-tracking tagged the backend's parent run.
-    return runs[0].info.run_id if runs else plugin.find_root(kfp_run_id)
+    return found[0].info.run_id if found else plugin.find_root(kfp_run_id)
 
 
 def close_pipeline_run(run_id: str, outcome: str, error: str = "", kfp_state: str = "") -> None:

@@ -174,6 +174,10 @@ def stage_run(
     """
     if enabled() and not parent_run_id and kfp_run_id:
         parent_run_id = find_pipeline_run("", kfp_run_id)
+        if not parent_run_id:
+            log.warning(
+                "no MLflow run is tagged kfp.run_id=%s: %s is not tracked", kfp_run_id, stage
+            )
     if plugin.task_run():
         with _plugin_stage_run(parent_run_id, stage, trial, trial_params) as handle:
             yield handle
