@@ -62,3 +62,23 @@ def test_a_cached_task_finds_its_parent_run_in_any_experiment(local_mlflow, monk
     with caplog.at_level("WARNING"), stage_runs.stage_run("", "quantize", "run-unknown") as run:
         assert run.run_id == ""
     assert "no MLflow run is tagged kfp.run_id=run-unknown: quantize is not tracked" in caplog.text
+
+
+def test_registering_kfps_own_artifact_says_what_readers_need(local_mlflow, caplog):
+    """Without an artifact store of the user's, the version's source is KFP's own store."""
+    from qlora_kfp.tasks import stages
+
+    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-6"})
+    uri = "s3://mlpipeline/v2/artifacts/qlora-finetune/run-6/merge/merged_model"
+    with caplog.at_level("WARNING"):
+        version = stages.register(
+            {
+                "base_model": "m",
+                "merged_model_uri": uri,
+                "dataset_digest": "d",
+                "tuned_eval_loss": 0.5,
+                "mlflow_parent_run_id": parent,
+            }
+        )
+    assert runs.client().get_model_version("qlora-finetune", version).source == uri
+    assert "KFP's own copy of the merged model" in caplog.text

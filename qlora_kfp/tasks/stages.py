@@ -151,6 +151,14 @@ def register(args: dict) -> str:
         if Path(source).is_dir():  # a local run: the registry keeps its own copy
             run.artifacts(source, "merged_model")
             source = f"{runs.client().get_run(run.run_id).info.artifact_uri}/merged_model"
+        elif not ctx.artifact_uri(""):
+            log.warning(
+                "registering %s, KFP's own copy of the merged model (QLORA_KFP_ARTIFACT_URI "
+                "is not set): whoever loads the version needs that store's endpoint and "
+                "credentials, and KFP may delete old artifacts; set QLORA_KFP_ARTIFACT_URI to "
+                "publish a copy of your own",
+                source,
+            )
         tags = {
             "base_model": cfg.base_model,
             "dataset_digest": args["dataset_digest"],
