@@ -81,7 +81,9 @@ def model_and_rows(demo_assets, prepared):
 
     from qlora_kfp.stages.train import token_rows
 
-    model = modeling.load_model(demo_assets["base_model"], dtype=torch.float32)
+    # float64, so these comparisons test which tokens see which, not fp32 kernel rounding
+    # (see two_models in test_attention.py).
+    model = modeling.load_model(demo_assets["base_model"], dtype=torch.float64)
     model.eval()
     # As in training: with a KV cache transformers does not look for packed documents.
     model.config.use_cache = False
