@@ -1,4 +1,4 @@
-"""Merge checks that the adapter belongs to the base model it is merged into.
+"""Merge and evaluate check that the adapter belongs to the base model they are given.
 
 The logit check compares base+adapter with the merged model *on the base it is given*, so an
 adapter merged into another base of the same shapes passes it; the fingerprint of the base's
@@ -76,3 +76,17 @@ def test_merge_accepts_another_copy_of_its_base(resaved_base, trained, tmp_path)
 
     res = run_merge(MergeConfig(base_model=resaved_base), trained.path, str(tmp_path / "merged"))
     assert res.metrics["merge_max_abs_diff"] <= 1e-3
+
+
+def test_evaluate_refuses_a_quantized_copy_of_another_base(trained, prepared, other_base, tmp_path):
+    from qlora_kfp.configs import EvaluateConfig, QuantizeConfig
+    from qlora_kfp.stages.evaluate import run_evaluate
+    from qlora_kfp.stages.quantize import run_quantize
+
+    other4 = run_quantize(QuantizeConfig(base_model=other_base), str(tmp_path / "q"), prepared.path)
+    out = tmp_path / "evaluation"
+    with pytest.raises(ProvenanceError) as got:
+        run_evaluate(EvaluateConfig(), other4.path, trained.path, prepared.path, str(out))
+    text = str(got.value)
+    assert f"quantized from {other_base}" in text and trained.path in text
+    assert "\n" not in text and not out.exists()

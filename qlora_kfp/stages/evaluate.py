@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_kfp.configs import EvaluateConfig
+from qlora_kfp.errors import ProvenanceError
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.training import modeling
 
@@ -100,6 +101,32 @@ def samples_html(samples: list[dict], metrics: dict) -> str:
     )
 
 
+def check_base(model_dir: str, adapter_dir: str) -> None:
+    """Refuse a quantized model made from another base than the adapter was trained on.
+
+    Base and tuned scores on another base of the same shapes would both be computed, and
+    both be wrong: the adapter's deltas were learned for other weights. The quantize stage
+    records the base weights' fingerprint and the adapter keeps it (``train.json``).
+
+    Raises:
+        ProvenanceError: naming both base models.
+    """
+    made = json.loads((Path(model_dir) / "quantize.json").read_text())
+    record = json.loads((Path(adapter_dir) / "train.json").read_text())
+    given, trained_on = made.get("base_model_fingerprint"), record.get("base_model_fingerprint")
+    if not given or not trained_on:
+        log.warning(
+            "%s or %s records no base fingerprint: base not checked", model_dir, adapter_dir
+        )
+        return
+    if given != trained_on:
+        raise ProvenanceError(
+            f"{adapter_dir}: the adapter was trained on base model {record.get('base_model')} "
+            f"({trained_on}), but {model_dir} was quantized from {made['config']['base_model']} "
+            f"({given}); evaluate it on a quantized copy of the base it was trained on"
+        )
+
+
 def run_evaluate(
     cfg: EvaluateConfig, model_dir: str, adapter_dir: str, dataset_dir: str, output_dir: str
 ) -> EvaluateResult:
@@ -115,6 +142,9 @@ def run_evaluate(
 
     Returns:
         Metrics with ``base_``/``tuned_`` prefixes and the sample generations.
+
+    Raises:
+        ProvenanceError: ``model_dir`` was quantized from another base than the adapter's.
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir))
@@ -127,6 +157,7 @@ def run_evaluate(
 
     verify(model_dir, "quantized-model")
     verify(adapter_dir, "adapter")
+    check_base(model_dir, adapter_dir)
     evals = modeling.take(load_split(dataset_dir, "eval"), cfg.eval_rows)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     base = modeling.load_model(model_dir, dtype=modeling.resolve_dtype(cfg.compute_dtype))
