@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/local
 REGISTRY ?= ghcr.io/qlora-kfp
 TAG ?= 0.1.0
+OVERLAY ?= example
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export QLORA_KFP_REGISTRY := $(REGISTRY)
@@ -59,8 +60,8 @@ images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
 	docker build -f images/Dockerfile.gpu --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(REGISTRY)/qlora-kfp-gpu:$(TAG) .
 	docker push $(REGISTRY)/qlora-kfp-gpu:$(TAG)
 
-manifests: $(STAMP) ## Render the example overlay (kubectl kustomize) to stdout
-	kubectl kustomize manifests/overlays/example
+manifests: ## Render OVERLAY (default example; example-istio for full Kubeflow) with kubectl kustomize
+	kubectl kustomize manifests/overlays/$(OVERLAY)
 
 upload: $(STAMP) ## Upload PACKAGE (default pipelines/compiled/qlora_finetune.yaml) to KFP 2.14+ (new version if it exists)
 	$(BIN)/qlora-kfp upload $(if $(PACKAGE),--package $(PACKAGE))
