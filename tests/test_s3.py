@@ -127,6 +127,54 @@ def test_a_folder_with_one_replaced_file_is_downloaded_again(s3_env, tmp_path, m
     assert (second / "a.jsonl").read_bytes() == _rows(3)
 
 
+@pytest.mark.parametrize(
+    "days_unused,keep,removed",
+    [
+        pytest.param(8, "7", True, id="unused-past-keep-removed"),
+        pytest.param(2, "7", False, id="used-within-keep-kept"),
+        pytest.param(0.01, "0", True, id="keep-0-removes-at-once"),
+    ],
+)
+def test_a_new_version_removes_old_unused_ones(
+    s3_env, tmp_path, monkeypatch, days_unused, keep, removed
+):
+    import os
+    import time
+
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QLORA_KFP_CACHE_KEEP_DAYS", keep)
+    c = client(s3_env)
+    c.put_object(Bucket="data", Key="daily/train.jsonl", Body=_rows(3))
+    old = Path(sources.localize("s3://data/daily/train.jsonl")).parent
+    then = time.time() - days_unused * 86400
+    os.utime(old, (then, then))
+    c.put_object(Bucket="data", Key="daily/train.jsonl", Body=_rows(3, "new"))
+    new = Path(sources.localize("s3://data/daily/train.jsonl"))
+    assert new.read_bytes() == _rows(3, "new")
+    assert old.exists() is not removed
+    leftovers = [p.name for p in old.parent.iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
+
+
+def test_a_cache_hit_marks_its_version_used(s3_env, tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
+    c = client(s3_env)
+    c.put_object(Bucket="data", Key="hit/train.jsonl", Body=_rows(3))
+    entry = Path(sources.localize("s3://data/hit/train.jsonl")).parent
+    os.utime(entry, (0, 0))
+    sources.localize("s3://data/hit/train.jsonl")
+    assert entry.stat().st_mtime > time.time() - 60
+
+
+def test_a_bad_keep_days_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("QLORA_KFP_CACHE_KEEP_DAYS", "a week")
+    with pytest.raises(SourceError, match="QLORA_KFP_CACHE_KEEP_DAYS='a week'"):
+        sources.keep_days()
+
+
 def test_an_interrupted_download_is_never_served(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path / "cache"))
     c = client(s3_env)

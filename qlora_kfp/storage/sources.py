@@ -7,11 +7,13 @@ one clear :class:`SourceError` naming the source.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from qlora_kfp.errors import ArtifactError, SourceError
@@ -29,13 +31,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_KFP_CACHE", Path.home() / ".cache" / "qlora-kfp"))
 
 
+def keep_days() -> float:
+    """Days an unused older version of a cached source is kept (``QLORA_KFP_CACHE_KEEP_DAYS``)."""
+    raw = os.environ.get("QLORA_KFP_CACHE_KEEP_DAYS", "7")
+    try:
+        days = float(raw)
+    except ValueError:
+        days = -1.0
+    if days < 0:
+        raise SourceError(f"QLORA_KFP_CACHE_KEEP_DAYS={raw!r}: give a number of days, 0 or more")
+    return days
+
+
 def localize(source: str) -> str:
     """Return a local path for ``s3://`` sources (downloaded once per version), else ``source``.
 
     A cache entry is keyed by what S3 says about the objects (ETag, size, LastModified, and a
     single object's VersionId), not by the key alone: an object replaced under the same key
     is downloaded again, also on a cache shared by many pods. An entry is moved into place
-    only once complete, so its existence is its completeness.
+    only once complete, so its existence is its completeness. Each use marks its entry used;
+    a new version's download removes older versions unused for :func:`keep_days` (a dataset
+    replaced daily for scheduled retraining would otherwise fill a shared cache).
     """
     if not s3.is_s3(source):
         return source
@@ -50,11 +66,36 @@ def localize(source: str) -> str:
                 log.warning("%s changed while it was downloaded; downloading it again", source)
                 shutil.rmtree(entry, ignore_errors=True)
                 continue
+            _prune_versions(entry)
+        with contextlib.suppress(OSError):  # a read-only or another user's cache: not marked
+            os.utime(entry)
         return str(entry / Path(key).name)
     raise SourceError(
         f"{source}: changed three times while it was downloaded; run again once "
         "writes to it have finished"
     )
+
+
+def _prune_versions(entry: Path) -> None:
+    """Remove the other versions of ``entry``'s source that nobody used for keep_days().
+
+    Each is first renamed out of the way (atomic), so no process sees a version half removed
+    as a complete entry; a process that still reads one (a memory-mapped dataset) keeps its
+    open files on a local disk.
+    """
+    cutoff = time.time() - keep_days() * 86400
+    for old in entry.parent.glob("@*"):
+        try:
+            if old == entry or not old.is_dir() or old.stat().st_mtime > cutoff:
+                continue
+            doomed = old.with_name(f".{old.name}.removing-{os.getpid()}")
+            old.rename(doomed)
+        except OSError:  # another process removed or renamed it first, or not ours
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        log.info(
+            "removed %s from the cache: an older version, unused for %g days", old, keep_days()
+        )
 
 
 def _download(source: str, objects: list[dict], entry: Path) -> None:
