@@ -40,13 +40,13 @@ def namespace_of(deployment: dict) -> str:
     return deployment["metadata"]["namespace"]
 
 
-def service_hosts(docs: list[dict], namespace: str) -> list[str]:
+def service_hosts(docs: list[dict], namespace: str, domain: str = "cluster.local") -> list[str]:
     """Every Host header a pod sends for the Service: its DNS names, with and without port."""
     svc = find(docs, "Service", "mlflow")
     port = svc["spec"]["ports"][0]["port"]
     name = svc["metadata"]["name"]
     names = [name, f"{name}.{namespace}", f"{name}.{namespace}.svc"]
-    names.append(f"{name}.{namespace}.svc.cluster.local")
+    names.append(f"{name}.{namespace}.svc.{domain}")
     return [h for n in names for h in (n, f"{n}:{port}")]
 
 
@@ -118,6 +118,33 @@ def test_allowed_hosts_cover_every_service_name_and_nothing_foreign(rendered, mo
         assert is_allowed_host_header(allowed, host), host
     for host in ("evil.example.com", "mlflow.other-team.svc.cluster.local:5000", "10.0.0.7:5000"):
         assert not is_allowed_host_header(allowed, host), host
+
+
+def test_an_overlay_sets_the_cluster_domain_once(tmp_path, monkeypatch):
+    """A cluster on another DNS domain changes one env value; every name follows it."""
+    from kube import ROOT
+    from mlflow.server.security_utils import get_allowed_hosts_from_env, is_allowed_host_header
+
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        # kustomize takes no absolute path to a kustomization: the overlay, relative to here.
+        f"resources:\n  - {os.path.relpath(ROOT / OVERLAY, tmp_path)}\n"
+        "patches:\n  - patch: |-\n"
+        "      apiVersion: apps/v1\n      kind: Deployment\n      metadata: {name: mlflow}\n"
+        "      spec: {template: {spec: {containers: [{name: mlflow, env: "
+        "[{name: CLUSTER_DOMAIN, value: corp.internal}]}]}}}\n"
+    )
+    docs = kustomize(str(tmp_path))
+    deployment = find(docs, "Deployment", "mlflow")
+    pod = deployment["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "mlflow")
+    env = resolved_env(docs, deployment, pod, container)
+    monkeypatch.setenv("MLFLOW_SERVER_ALLOWED_HOSTS", env["MLFLOW_SERVER_ALLOWED_HOSTS"])
+    allowed = get_allowed_hosts_from_env()
+    for host in service_hosts(docs, namespace_of(deployment), "corp.internal"):
+        assert is_allowed_host_header(allowed, host), host
+    ns = namespace_of(deployment)
+    assert not is_allowed_host_header(allowed, f"mlflow.{ns}.svc.cluster.local:5000")
 
 
 def test_readiness_probe_goes_through_host_validation(rendered):
