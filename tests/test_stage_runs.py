@@ -82,3 +82,51 @@ def test_registering_kfps_own_artifact_says_what_readers_need(local_mlflow, capl
         )
     assert runs.client().get_model_version("qlora-finetune", version).source == uri
     assert "KFP's own copy of the merged model" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_run_reusing_cached_tasks_shows_what_they_reported(local_mlflow, demo_assets, tmp_path):
+    """On a KFP cache hit prepare-dataset and quantize run no pod: the next run's train task
+    carries their stage runs' statistics, config and dataset input onto its own parent run,
+    tagged with where they came from, and not their cost (it was not this run's)."""
+    from types import SimpleNamespace
+
+    from qlora_kfp.tasks import stages
+
+    def artifact(name):
+        return SimpleNamespace(path=str(tmp_path / name), metadata={})
+
+    first = runs.start_pipeline_run("exp", "r1", {"kfp.run_id": "run-a"})
+    common = {"mlflow_parent_run_id": first, "kfp_run_id": "run-a"}
+    dataset, model = artifact("dataset"), artifact("model")
+    stages.prepare_dataset({**demo_assets, **common, "max_seq_length": 64, "dataset": dataset})
+    stages.quantize({**demo_assets, **common, "dataset": dataset, "quantized_model": model})
+    made = runs.client().get_run(first)
+
+    # KFP's cache hands the same artifacts, metadata included, to the next run.
+    second = runs.start_pipeline_run("exp", "r2", {"kfp.run_id": "run-b"})
+    small = dict(max_steps=1, batch_size=4, lora_r=8, logging_steps=1)
+    stages.train(
+        {
+            **small,
+            "mlflow_parent_run_id": second,
+            "kfp_run_id": "run-b",
+            "dataset": dataset,
+            "quantized_model": model,
+            "adapter": artifact("adapter"),
+        }
+    )
+    got = runs.client().get_run(second)
+    stage_cost = ("prepare-dataset.", "quantize.")
+    want = {k: v for k, v in made.data.metrics.items() if not k.startswith(stage_cost)}
+    assert "rows_read" in want and "compression_ratio" in want
+    assert {k: got.data.metrics.get(k) for k in want} == want
+    assert not any(k.startswith(stage_cost + ("stage_",)) for k in got.data.metrics)
+    assert got.data.params["max_seq_length"] == "64"
+    for stage, art in (("prepare-dataset", dataset), ("quantize", model)):
+        assert got.data.tags[f"cached.{stage}"] == art.metadata["mlflow_run_id"]
+        assert got.data.tags[f"cached.{stage}.kfp_run_id"] == "run-a"
+    digests = [d.dataset.digest for d in made.inputs.dataset_inputs]
+    assert digests and [d.dataset.digest for d in got.inputs.dataset_inputs] == digests
+    # The run that made them logged them itself: nothing is carried over there.
+    assert not any(k.startswith("cached.") for k in made.data.tags)

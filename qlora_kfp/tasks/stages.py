@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_kfp import configs
 from qlora_kfp.tasks.context import html_with_image, mark, report, stage
-from qlora_kfp.tracking import live, runs, stage_runs
+from qlora_kfp.tracking import cached, live, runs, stage_runs
 
 log = logging.getLogger("qlora_kfp")
 
@@ -34,6 +34,7 @@ def prepare_dataset(args: dict) -> str:
             digest=res.digest,
             cache_fingerprint=args.get("cache_fingerprint"),
             s3_uri=ctx.publish(res.path, "dataset"),
+            **{cached.SOURCE_KEY: run.run_id},  # a run that reuses it from KFP's cache reads it
         )
         return res.digest
 
@@ -66,6 +67,7 @@ def quantize(args: dict) -> None:
             args["quantized_model"],
             quant_type=cfg.quant_type,
             s3_uri=ctx.publish(res.path, "quantized-model"),
+            **{cached.SOURCE_KEY: run.run_id},
         )
 
 
@@ -74,6 +76,9 @@ def train(args: dict) -> float:
     from qlora_kfp.stages.train import run_train
 
     with stage("train", configs.TrainConfig, args) as (cfg, run, ctx):
+        if run.to_parent:  # the pipeline's own run (a sweep trial's stages log apart)
+            cached.carry_over(run.parent_run_id, "prepare-dataset", args["dataset"])
+            cached.carry_over(run.parent_run_id, "quantize", args["quantized_model"])
         with live.system_metrics(run.run_id):
             res = run_train(
                 cfg,
