@@ -69,3 +69,39 @@ def test_same_packed_weights_as_transformers_quantizing_the_model(built, demo_as
     ids = torch.tensor([[3, 5, 7, 11, 13]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits)
+
+
+@pytest.mark.slow
+def test_the_train_stage_trains_on_what_the_benchmarks_build(demo_assets, prepared, tmp_path):
+    """Both benchmark writers leave the record the quantize stage leaves (what the model was
+    made from): without it run_train stopped on a missing quantize.json."""
+    import json
+
+    from build_4bit import build_artifact
+    from train_bench import quantize
+    from transformers import AutoConfig
+
+    from qlora_kfp.configs import TrainConfig
+    from qlora_kfp.stages.train import run_train
+    from qlora_kfp.storage.fingerprint import model_fingerprint
+
+    built = tmp_path / "built"
+    build_artifact(AutoConfig.from_pretrained(demo_assets["base_model"]), built, seed=3)
+    quantized = tmp_path / "quantized"
+    quantize(demo_assets["base_model"], quantized)
+    made = json.loads((quantized / "quantize.json").read_text())
+    assert made["config"]["base_model"] == demo_assets["base_model"]
+    assert made["base_model_fingerprint"] == model_fingerprint(demo_assets["base_model"])
+    cfg = TrainConfig(max_steps=1, batch_size=4, lora_r=8, logging_steps=1)
+    res = run_train(cfg, str(built), prepared.path, str(tmp_path / "adapter"))
+    assert res.metrics["steps"] == 1
+    record = json.loads((tmp_path / "adapter" / "train.json").read_text())
+    assert record["base_model"] == "random-weights:seed=3"
+
+
+def test_a_quantized_model_without_its_record_is_a_clear_error(tmp_path):
+    from qlora_kfp.errors import ArtifactError
+    from qlora_kfp.stages.train import base_model_of
+
+    with pytest.raises(ArtifactError, match=r"quantize.json: cannot read what the quantized"):
+        base_model_of(str(tmp_path))

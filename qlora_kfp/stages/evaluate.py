@@ -111,7 +111,9 @@ def check_base(model_dir: str, adapter_dir: str) -> None:
     Raises:
         ProvenanceError: naming both base models.
     """
-    made = json.loads((Path(model_dir) / "quantize.json").read_text())
+    from qlora_kfp.stages.quantize import read_record
+
+    made = read_record(model_dir)
     record = json.loads((Path(adapter_dir) / "train.json").read_text())
     given, trained_on = made.get("base_model_fingerprint"), record.get("base_model_fingerprint")
     if not given or not trained_on:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_kfp.configs import QuantizeConfig
+from qlora_kfp.errors import ArtifactError
 from qlora_kfp.storage import sources
 from qlora_kfp.storage.fingerprint import model_fingerprint
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
@@ -71,6 +72,34 @@ def room_for_16bit_bytes() -> float:
     return 0.5 * autofit.host_available_gib() * 2**30
 
 
+RECORD = "quantize.json"
+
+
+def write_record(folder: str | Path, config: dict, base_fingerprint: str) -> None:
+    """What a quantized-model artifact was made from (``quantize.json``): the settings (with
+    ``base_model``) and the base weights' fingerprint, which an adapter trained on it keeps so
+    merge and evaluate can check their base against it. Every writer of the artifact calls it.
+    """
+    record = {"config": config, "base_model_fingerprint": base_fingerprint}
+    (Path(folder) / RECORD).write_text(json.dumps(record, indent=1))
+
+
+def read_record(model_dir: str | Path) -> dict:
+    """The record :func:`write_record` left in a quantized-model artifact.
+
+    Raises:
+        ArtifactError: the artifact has none (it was not written by a quantize stage).
+    """
+    path = Path(model_dir) / RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path}: cannot read what the quantized model was made from "
+            f"({type(exc).__name__}); quantize it with the quantize stage"
+        ) from None
+
+
 def run_quantize(
     cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None = None
 ) -> QuantizeResult:
@@ -132,9 +161,7 @@ def run_quantize(
     with atomic_folder(output_dir, "quantized-model") as tmp:
         model4.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        # What the adapter trained on this copy records, for merge to check its base against.
-        base = {"base_model_fingerprint": model_fingerprint(cfg.base_model)}
-        (tmp / "quantize.json").write_text(json.dumps({"config": asdict(cfg), **base}, indent=1))
+        write_record(tmp, asdict(cfg), model_fingerprint(cfg.base_model))
     metrics["bytes_4bit"] = folder_bytes(output_dir)
     metrics["compression_ratio"] = round(metrics["bytes_16bit"] / metrics["bytes_4bit"], 3)
     log.info("quantized %s: %s", cfg.base_model, metrics)

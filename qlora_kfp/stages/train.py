@@ -117,7 +117,9 @@ def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
 def base_model_of(model_dir: str) -> dict:
     """The base model a quantized model was made from and its weights' fingerprint, as the
     quantize stage recorded them; the adapter keeps them so merge can check its base."""
-    made = json.loads((Path(model_dir) / "quantize.json").read_text())
+    from qlora_kfp.stages.quantize import read_record
+
+    made = read_record(model_dir)
     return {
         "base_model": made["config"]["base_model"],
         "base_model_fingerprint": made.get("base_model_fingerprint", ""),
