@@ -105,3 +105,29 @@ def test_a_quantized_model_without_its_record_is_a_clear_error(tmp_path):
 
     with pytest.raises(ArtifactError, match=r"quantize.json: cannot read what the quantized"):
         base_model_of(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_benchmark_variant_runs_the_train_stage_end_to_end(demo_assets, tmp_path):
+    """train_bench's own path on the CPU (quantize, dataset writer, variant parsing, the train
+    stage in its own process, the steady-rate arithmetic), on the demo model instead of 8B:
+    a variant that fails comes back as ``{"error": ...}``, which would void a device call."""
+    import torch
+    from train_bench import (
+        parse_variant,
+        quantize,
+        run_variant,
+        steady_tokens_per_s,
+        write_dataset,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 400, (24,), generator=g).tolist() for _ in range(16)]
+    write_dataset(rows, tmp_path / "data")
+    quantize(demo_assets["base_model"], tmp_path / "model4")
+    name, kw = parse_variant("cpu:bs=2,steps=3,opt=adamw_torch,drop=0,r=8,gcl=auto,off=off")
+    assert name == "cpu" and kw["gradient_checkpointing_layers"] == "auto"
+    got = run_variant(kw, tmp_path / "model4", tmp_path / "data", tmp_path / "adapter", steps=3)
+    assert "error" not in got, got.get("error")
+    assert got["m"]["steps"] == 3
+    assert steady_tokens_per_s(got["h"], warmup=1) > 0
