@@ -65,10 +65,13 @@ def carry_over(parent_run_id: str, stage: str, artifact: Any) -> bool:
         # Params are write-once: only those the parent does not have yet (the stage's config).
         params = [Param(k, v) for k, v in src.data.params.items() if k not in parent.data.params]
         tags = [RunTag(tag, source), RunTag(f"{tag}.kfp_run_id", made_in or "")]
-        c.log_batch(parent_run_id, metrics=metrics[:900], params=params[:100], tags=tags)
+        # The REST API takes at most 1,000 metrics and 100 params a batch.
+        for i in range(0, max(len(metrics), len(params)), 100):
+            c.log_batch(parent_run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
         inputs = list(src.inputs.dataset_inputs) if src.inputs else []
         if inputs:
             c.log_inputs(parent_run_id, datasets=inputs)
+        c.log_batch(parent_run_id, tags=tags)  # last: the tag says the copy is complete
     except Exception as exc:  # noqa: BLE001 - a missing copy must not fail the task
         log.warning(
             "could not carry %s's cached results into MLflow run %s: %s", stage, parent_run_id, exc
