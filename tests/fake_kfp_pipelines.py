@@ -16,7 +16,7 @@ from fake_kfp_store import (
     Request,
     check_fields,
     display_name_filter,
-    sorted_page,
+    list_response,
     strip,
 )
 
@@ -146,9 +146,14 @@ class PipelinesApi(Access):
             for p in self.s.pipelines.values()
             if p["namespace"] == namespace and name in (None, p["display_name"])
         ]
-        page, token = sorted_page(found, req, rules.PIPELINE_FIELDS, "Pipeline")
-        out = [strip({k: v for k, v in p.items() if k != "versions"}) for p in page]
-        return strip({"pipelines": out, "total_size": len(found), "next_page_token": token})
+        return list_response(
+            "pipelines",
+            found,
+            req,
+            rules.PIPELINE_FIELDS,
+            "Pipeline",
+            lambda p: strip({k: v for k, v in p.items() if k != "versions"}),
+        )
 
     def delete_pipeline(self, req: Request, pid: str) -> dict:
         if pid not in self.s.pipelines:
@@ -165,13 +170,8 @@ class PipelinesApi(Access):
             raise ApiError(404, f"Pipeline {pid} not found")
         self.pipeline_access(req, self.s.pipelines[pid]["namespace"], "list")
         versions = self.s.versions(pid)
-        page, token = sorted_page(versions, req, rules.VERSION_FIELDS, "PipelineVersion")
-        return strip(
-            {
-                "pipeline_versions": [strip(v) for v in page],
-                "total_size": len(versions),
-                "next_page_token": token,
-            }
+        return list_response(
+            "pipeline_versions", versions, req, rules.VERSION_FIELDS, "PipelineVersion"
         )
 
     # -- experiments: server/experiment_server.go ------------------------------------------
@@ -216,11 +216,4 @@ class PipelinesApi(Access):
             for e in self.s.experiments.values()
             if e.get("namespace", "") == namespace and name in (None, e["display_name"])
         ]
-        page, token = sorted_page(found, req, rules.EXPERIMENT_FIELDS, "Experiment")
-        return strip(
-            {
-                "experiments": [strip(e) for e in page],
-                "total_size": len(found),
-                "next_page_token": token,
-            }
-        )
+        return list_response("experiments", found, req, rules.EXPERIMENT_FIELDS, "Experiment")

@@ -8,7 +8,7 @@ import uuid
 
 import fake_kfp_rules as rules
 from fake_kfp_pipelines import PipelinesApi
-from fake_kfp_store import ApiError, Request, check_fields, check_params, sorted_page, strip
+from fake_kfp_store import ApiError, Request, check_fields, check_params, list_response, strip
 
 
 class Api(PipelinesApi):
@@ -142,15 +142,8 @@ class Api(PipelinesApi):
             for r in self.s.recurring.values()
             if (r["experiment_id"] == eid if eid else r.get("namespace", "") == namespace)
         ]
-        page, token = sorted_page(found, req, rules.JOB_FIELDS, "Job")
         # recurring_run.proto names this field recurringRuns (no snake_case proto name).
-        return strip(
-            {
-                "recurringRuns": [strip(r) for r in page],
-                "total_size": len(found),
-                "next_page_token": token,
-            }
-        )
+        return list_response("recurringRuns", found, req, rules.JOB_FIELDS, "Job")
 
     def change_recurring_run(self, req: Request, rid: str, action: str) -> dict:
         if rid not in self.s.recurring:

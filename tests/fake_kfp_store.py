@@ -111,6 +111,17 @@ def sorted_page(items: list[dict], req: Request, fields: dict, model: str) -> tu
     return ordered[start : start + size], str(start + size) if rest else ""
 
 
+def list_response(
+    field: str, found: list[dict], req: Request, fields: dict, model: str, shown=strip
+) -> dict:
+    """One page of ``found`` as a List* response: ``{field: [...], total_size, next_page_token}``
+    (total_size counts every match, not the page), ``shown`` giving each item's API form."""
+    page, token = sorted_page(found, req, fields, model)
+    return strip(
+        {field: [shown(o) for o in page], "total_size": len(found), "next_page_token": token}
+    )
+
+
 def display_name_filter(req: Request) -> str | None:
     """The one filter the client sends: display_name EQUALS a string (apiserver/filter)."""
     raw = req.arg("filter")
