@@ -111,11 +111,11 @@ def check_base(model_dir: str, adapter_dir: str) -> None:
     Raises:
         ProvenanceError: naming both base models.
     """
-    from qlora_kfp.stages.quantize import read_record
+    from qlora_kfp.stages.quantize import base_model_of
 
-    made = read_record(model_dir)
+    made = base_model_of(model_dir)
     record = json.loads((Path(adapter_dir) / "train.json").read_text())
-    given, trained_on = made.get("base_model_fingerprint"), record.get("base_model_fingerprint")
+    given, trained_on = made["base_model_fingerprint"], record.get("base_model_fingerprint")
     if not given or not trained_on:
         log.warning(
             "%s or %s records no base fingerprint: base not checked", model_dir, adapter_dir
@@ -124,7 +124,7 @@ def check_base(model_dir: str, adapter_dir: str) -> None:
     if given != trained_on:
         raise ProvenanceError(
             f"{adapter_dir}: the adapter was trained on base model {record.get('base_model')} "
-            f"({trained_on}), but {model_dir} was quantized from {made['config']['base_model']} "
+            f"({trained_on}), but {model_dir} was quantized from {made['base_model']} "
             f"({given}); evaluate it on a quantized copy of the base it was trained on"
         )
 

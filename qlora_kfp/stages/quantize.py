@@ -100,6 +100,16 @@ def read_record(model_dir: str | Path) -> dict:
         ) from None
 
 
+def base_model_of(model_dir: str | Path) -> dict:
+    """The base model a quantized model was made from and its weights' fingerprint, as its
+    record says; the adapter keeps them so merge and evaluate can check their base."""
+    made = read_record(model_dir)
+    return {
+        "base_model": made["config"]["base_model"],
+        "base_model_fingerprint": made.get("base_model_fingerprint", ""),
+    }
+
+
 def run_quantize(
     cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None = None
 ) -> QuantizeResult:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
+from qlora_kfp.stages.quantize import base_model_of
 from qlora_kfp.storage.fingerprint import artifact_digest
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.training import autofit, batching, checkpoints, modeling, trainer_hooks
@@ -112,18 +113,6 @@ def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
     from qlora_kfp.stages.prepare import dataset_digest
 
     return checkpoints.made_from(cfg, dataset_digest(dataset_dir), artifact_digest(model_dir))
-
-
-def base_model_of(model_dir: str) -> dict:
-    """The base model a quantized model was made from and its weights' fingerprint, as the
-    quantize stage recorded them; the adapter keeps them so merge can check its base."""
-    from qlora_kfp.stages.quantize import read_record
-
-    made = read_record(model_dir)
-    return {
-        "base_model": made["config"]["base_model"],
-        "base_model_fingerprint": made.get("base_model_fingerprint", ""),
-    }
 
 
 def run_train(
