@@ -83,7 +83,8 @@ def _prune_versions(entry: Path) -> None:
     as a complete entry; a process that still reads one (a memory-mapped dataset) keeps its
     open files on a local disk.
     """
-    cutoff = time.time() - keep_days() * 86400
+    days = keep_days()
+    cutoff = time.time() - days * 86400
     for old in entry.parent.glob("@*"):
         try:
             if old == entry or not old.is_dir() or old.stat().st_mtime > cutoff:
@@ -93,9 +94,7 @@ def _prune_versions(entry: Path) -> None:
         except OSError:  # another process removed or renamed it first, or not ours
             continue
         shutil.rmtree(doomed, ignore_errors=True)
-        log.info(
-            "removed %s from the cache: an older version, unused for %g days", old, keep_days()
-        )
+        log.info("removed %s from the cache: an older version, unused for %g days", old, days)
 
 
 def _download(source: str, objects: list[dict], entry: Path) -> None:
