@@ -12,10 +12,10 @@ tagged ``cached.<stage>`` with the source run id so nobody mistakes where they c
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from qlora_kfp.tracking.runs import client, enabled
+from qlora_kfp.tracking.stage_runs import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +54,16 @@ def carry_over(parent_run_id: str, stage: str, artifact: Any) -> bool:
         made_in = src.data.tags.get("kfp.run_id")
         if src.data.tags.get("mlflow.parentRunId") == parent_run_id or (here and made_in == here):
             return False  # made by this very run: it logged for itself
-        from mlflow.entities import Metric, Param, RunTag
-
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(k, v, now, 0)
-            for k, v in sorted(src.data.metrics.items())
-            if not k.startswith(USAGE_PREFIX)
-        ]
-        # Params are write-once: only those the parent does not have yet (the stage's config).
-        params = [Param(k, v) for k, v in src.data.params.items() if k not in parent.data.params]
-        tags = [RunTag(tag, source), RunTag(f"{tag}.kfp_run_id", made_in or "")]
-        # The REST API takes at most 1,000 metrics and 100 params a batch.
-        for i in range(0, max(len(metrics), len(params)), 100):
-            c.log_batch(parent_run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
+        # Logged through a handle on the parent alone: batches within the API's limits, and
+        # only the params the parent does not have yet (they are write-once).
+        onto = StageRun(parent_run_id, "", to_parent=False)
+        onto.metrics({k: v for k, v in src.data.metrics.items() if not k.startswith(USAGE_PREFIX)})
+        onto.params(src.data.params)
         inputs = list(src.inputs.dataset_inputs) if src.inputs else []
         if inputs:
             c.log_inputs(parent_run_id, datasets=inputs)
-        c.log_batch(parent_run_id, tags=tags)  # last: the tag says the copy is complete
+        # Last: the tag says the copy is complete (a cut-off copy is redone by a retry).
+        onto.tags({tag: source, f"{tag}.kfp_run_id": made_in or ""})
     except Exception as exc:  # noqa: BLE001 - a missing copy must not fail the task
         log.warning(
             "could not carry %s's cached results into MLflow run %s: %s", stage, parent_run_id, exc
