@@ -14,6 +14,8 @@ environment (``make compile`` passes it through):
 ``QLORA_KFP_SCRATCH_SIZE``      size limit of a GPU task's scratch disk at /scratch, where
                                 model downloads go (``200Gi``; "" = none)
 ``QLORA_KFP_GPU_RETRIES``       retries of GPU tasks, e.g. after preemption (3)
+``QLORA_KFP_RETRY_WINDOW``      time from a GPU task's first attempt's start within which
+                                every attempt must end (``7d``; see ``gpu_task``)
 ==============================  =========================================================
 """
 
@@ -65,6 +67,7 @@ class PlatformOptions:
     shm_size: str = field(default_factory=lambda: _env("QLORA_KFP_SHM_SIZE", "16Gi"))
     scratch_size: str = field(default_factory=lambda: _env("QLORA_KFP_SCRATCH_SIZE", "200Gi"))
     gpu_retries: int = field(default_factory=lambda: int(_env("QLORA_KFP_GPU_RETRIES", "3")))
+    retry_window: str = field(default_factory=lambda: _env("QLORA_KFP_RETRY_WINDOW", "7d"))
 
 
 def _common(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions) -> dsl.PipelineTask:
@@ -135,7 +138,18 @@ def gpu_task(
         if not opts.cache_pvc:
             task.set_env_variable("QLORA_KFP_CACHE", f"{SCRATCH}/qlora-kfp")
             task.set_env_variable("HF_HOME", f"{SCRATCH}/huggingface")
+    # backoff_max_duration becomes Argo's retryStrategy.backoff.maxDuration (KFP
+    # v2/compiler/argocompiler/container.go), which is not a cap on the wait between attempts:
+    # Argo (workflow/controller/operator.go processNodeRetries) stops retrying once that long
+    # has passed since the FIRST attempt started, and gives every attempt's pod that moment as
+    # its deadline. At 600 s a train that failed after 9 minutes was never retried and a retry
+    # was killed 10 minutes after the first attempt began. So the window covers every attempt
+    # of the longest stage. KFP sets no retryPolicy, so Argo's default (OnFailure) applies: a
+    # pod that fails is retried, a pod deleted outright (node gone) is an Error and is not.
     task.set_retry(
-        opts.gpu_retries, backoff_duration="60s", backoff_factor=2, backoff_max_duration="600s"
+        opts.gpu_retries,
+        backoff_duration="60s",
+        backoff_factor=2,
+        backoff_max_duration=opts.retry_window,
     )
     return task

@@ -105,6 +105,20 @@ def test_gpu_tasks_land_on_the_pool_the_run_names(
     assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s"
 
 
+# Argo's retryStrategy.backoff.maxDuration counts from the first attempt's start and is every
+# attempt's pod deadline (workflow/controller/operator.go processNodeRetries), so it must
+# outlast all attempts of a real stage: a 70B train or merge runs for a day or more.
+LONGEST_STAGE_S = 24 * 3600
+
+
+@pytest.mark.parametrize("task", GPU_TASKS)
+def test_retries_outlast_the_longest_stage(task):
+    spec, _ = compiled()
+    retry = task_spec(spec, task)["retryPolicy"]
+    window = int(retry["backoffMaxDuration"].rstrip("s"))
+    assert window >= (retry["maxRetryCount"] + 1) * LONGEST_STAGE_S, retry
+
+
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_credentials_come_from_the_secret_never_parameters(task):
     spec, k8s = compiled()
