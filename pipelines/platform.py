@@ -32,25 +32,33 @@ from qlora_kfp.tasks.context import RUN_ID_ENV
 # of a run by backend/src/apiserver/template/v2_template.go (SetPodMetadataLabels).
 RUN_ID_LABEL = "pipeline/runid"
 SCRATCH = "/scratch"
-# Credentials come from the Secret as env vars, never as pipeline parameters.
+# Credentials come from the Secret as env vars, never as pipeline parameters. {key: env var}.
+# MLflow's own variables reach the container under the names of
+# qlora_kfp/tasks/__init__.py's PLUGIN_VARS: KFP 2.17's MLflow plugin injects MLFLOW_* itself
+# as plain values (backend/src/v2/common/plugins/mlflow/handler.go RetrieveUserContainerEnvVars)
+# in the driver's pod-spec patch, which Argo merges into the container by name: one of ours
+# from a Secret under the same name would become one EnvVar with value and valueFrom, and
+# Kubernetes refuses the pod. The task adopts ours only where the plugin injected none.
 SECRET_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_USERNAME": "QLORA_KFP_MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "QLORA_KFP_MLFLOW_TRACKING_PASSWORD",
     "HF_TOKEN": "HF_TOKEN",
     "QLORA_KFP_WEBHOOK_URL": "QLORA_KFP_WEBHOOK_URL",  # Slack-compatible; a URL is a secret
 }
 CONFIG_KEYS = {
-    k: k
-    for k in (
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_S3_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL",
-        "AWS_DEFAULT_REGION",
-        "QLORA_KFP_ARTIFACT_URI",
-        "KFP_UI_URL",
-    )
+    "MLFLOW_TRACKING_URI": "QLORA_KFP_MLFLOW_TRACKING_URI",
+    **{
+        k: k
+        for k in (
+            "MLFLOW_S3_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL",
+            "AWS_DEFAULT_REGION",
+            "QLORA_KFP_ARTIFACT_URI",
+            "KFP_UI_URL",
+        )
+    },
 }
 
 
