@@ -22,6 +22,10 @@ from qlora_kfp.errors import ArtifactError
 from qlora_kfp.storage.writes import partial_folder, writing
 
 MANIFEST = "MANIFEST.json"
+# Largest weights file the model stages write. KFP's launcher uploads each output file as one
+# S3 object in 5 MiB parts, at most 10,000 of them (52.4 GB): transformers' default shard of
+# 50 GB is just under that ceiling; 5 GB shards stay far from it and upload in parallel.
+SHARD_SIZE = "5GB"
 # The stage that writes each kind: what to re-run when an artifact is damaged.
 PRODUCERS = {
     "dataset": "prepare",
