@@ -145,13 +145,17 @@ def make_demo_assets(root: str | Path, seed: int = 0) -> dict[str, str]:
     root = Path(root)
     model_dir, data = root / "model", root / "data" / "antonyms.jsonl"
     if not (model_dir / "config.json").is_file():
+        from qlora_kfp.storage.manifest import atomic_folder
+
         rows = demo_rows(seed)
         texts = [f"{r['instruction']} {r['output']}" for r in rows]
         texts += ["user assistant system Instruction Response"]
         tok = build_tokenizer(texts)
         model = build_model(len(tok), seed=seed).to(torch.bfloat16)
-        model.save_pretrained(model_dir, safe_serialization=True)
-        tok.save_pretrained(model_dir)
+        # Written whole or not at all, and never over files already there (someone's model).
+        with atomic_folder(model_dir, "demo-model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     if not data.is_file():
         write_dataset(data, seed)
     return {"base_model": str(model_dir), "data_source": str(data)}
