@@ -23,6 +23,7 @@ FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 SKIPPED = re.compile(r"Skipping (?:conditional )?task '?([\w-]+)'?")
 FAILED_LINE = re.compile(r"(\S[\w-]* failed: .+)$")  # a stage's one-line error (tasks.context.fail)
 TRAIN_PROGRESS = re.compile(r"progress: (step .+)$")
+TRAINING_SKIPPED = re.compile(r"(training skipped: .+)$")  # tasks.run.decide_training
 
 
 class TaskProgress(io.TextIOBase):
@@ -92,6 +93,8 @@ class TaskProgress(io.TextIOBase):
             if tenth is None or tenth != self.tenth.get(self.current):
                 self.tenth[self.current] = tenth
                 self._show(f"  {self.current:<22} {m.group(1)}")
+        elif m := TRAINING_SKIPPED.search(line):
+            self._show(f"  {self.current:<22} {m.group(1)}")
         elif (m := FAILED_LINE.search(line)) and self.current:
             self.failures[self.current] = m.group(1)
 

@@ -29,6 +29,12 @@ def print_summary(result: dict) -> None:
     for task, info in sorted(tasks.items()):
         for name, path in sorted(info.get("artifacts", {}).items()):
             print(f"  {task:16s} {name:16s} {path}")
+    decision = tasks.get("decide-training", {}).get("outputs", {}).get("parameterValues", {})
+    if decision.get("Output") == "skip":
+        print(
+            "\nno model trained: training was skipped (decide-training's line above says why; "
+            "--force_retrain trains anyway); the registered champion is unchanged"
+        )
     ev = task_metrics(tasks, "evaluate")
     if ev:
         print(f"\n{'metric':18s} {'base':>12s} {'tuned':>12s}")
