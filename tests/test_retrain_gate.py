@@ -145,3 +145,31 @@ def test_the_summary_says_no_model_was_trained(capsys):
     skipped = {"decide-training": {"outputs": {"parameterValues": {"Output": "skip"}}}}
     print_summary({"run_dir": "/runs/x", "tasks": skipped})
     assert "no model trained: training was skipped" in capsys.readouterr().out
+
+
+def test_uncommitted_code_edits_change_the_code_version(tmp_path, monkeypatch):
+    """A checkout's edited code is not the commit's: the gate (and the cache keys) see it."""
+    import subprocess
+
+    from qlora_kfp import version
+    from qlora_kfp.storage import fingerprint
+
+    monkeypatch.delenv("QLORA_KFP_GIT_COMMIT", raising=False)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "qlora_kfp").mkdir()
+    (tmp_path / "qlora_kfp" / "stage.py").write_text("LR = 1\n")
+    (tmp_path / "notes.md").write_text("a\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    assert version.uncommitted_changes(str(tmp_path)) == ""
+    (tmp_path / "notes.md").write_text("b\n")  # not code
+    assert version.uncommitted_changes(str(tmp_path)) == ""
+    (tmp_path / "qlora_kfp" / "stage.py").write_text("LR = 2\n")
+    edited = version.uncommitted_changes(str(tmp_path))
+    assert len(edited) == 12
+    real = version.uncommitted_changes
+    monkeypatch.setattr(version, "uncommitted_changes", lambda: real(str(tmp_path)))
+    assert f"-edited.{edited}+" in fingerprint.code_version()
+    monkeypatch.setenv("QLORA_KFP_GIT_COMMIT", "abc")  # an image names its code exactly
+    assert real(str(tmp_path)) == ""
