@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 from qlora_kfp import configs
-from qlora_kfp.errors import QloraError
+from qlora_kfp.errors import ConfigError, QloraError
 
 STAGE_PATHS = {  # positional artifact folders of each stage command
     "prepare": [("output", "folder to write the prepared dataset to")],
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.epilog = (
         "Without --base_model and --data_source, runs the embedded default: a tiny "
-        "random Llama and an antonym dataset built on the spot."
+        "random Llama and an antonym dataset built on the spot. Give both or neither."
     )
     p.add_argument("--params_file", default=None, help="JSON file of pipeline parameters")
     add_pipeline_flags(p, qlora_finetune)
@@ -259,10 +259,18 @@ def _run_local(args: argparse.Namespace) -> dict:
         from_file = pipeline_params.load(args.params_file, []).from_file  # JSON or YAML
         configs.check_known(from_file, inputs, args.params_file)
         given = {**from_file, **given}
+    sources = [k for k in ("base_model", "data_source") if given.get(k)]
+    if len(sources) == 1:
+        # The demo's tiny random model is no model for anyone's data (nor its data for yours).
+        missing = ({"base_model", "data_source"} - set(sources)).pop()
+        raise ConfigError(
+            f"--{sources[0]} needs --{missing} too (the built-in demo model and data are only "
+            "for the demo: qlora-kfp run with neither)"
+        )
     from qlora_kfp import preflight
 
     preflight.check_services()  # unreachable MLflow or a bad bucket: fail before any task
-    if not given.get("base_model") or not given.get("data_source"):
+    if not sources:
         # Without a model and data: the embedded default; explicit flags still override.
         result = local_run.demo(args.workdir, given, args.verbose)
     else:
@@ -290,8 +298,6 @@ def _remote(args: argparse.Namespace):
     if args.action == "list":
         return remote.schedules()
     if not args.id:
-        from qlora_kfp.errors import ConfigError
-
         raise ConfigError(f"schedule {args.action} needs --id (see: qlora-kfp schedule list)")
     return remote.set_schedule(args.action, args.id)
 
