@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv with the project and its test tools (CPU torch)
 
-run: $(STAMP) ## Run the whole pipeline locally (kfp.local, tiny model, local MLflow)
-	$(BIN)/qlora-kfp run --workdir $(WORKDIR)
+run: $(STAMP) ## Run the pipeline locally (kfp.local; the demo unless PARAMS/ARGS give a model and data)
+	$(BIN)/qlora-kfp run --workdir $(WORKDIR) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
 
 generate: $(STAMP) ## Regenerate the component modules and README's parameter table from the configs
 	$(BIN)/qlora-kfp generate
