@@ -22,7 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	@# setuptools' "Editable installation" note (components/ and pipelines/ install as
+	@# qlora_kfp.*, which needs its import finder) is information, not a problem: hidden.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv with the project and its test tools (CPU torch)
@@ -61,7 +63,7 @@ images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
 	docker push $(REGISTRY)/qlora-kfp-gpu:$(TAG)
 
 manifests: ## Render OVERLAY (default example; example-istio for full Kubeflow) with kubectl kustomize
-	kubectl kustomize manifests/overlays/$(OVERLAY)
+	@kubectl kustomize manifests/overlays/$(OVERLAY)
 
 upload: $(STAMP) ## Upload PACKAGE (default pipelines/compiled/qlora_finetune.yaml) to KFP 2.14+ (new version if it exists)
 	$(BIN)/qlora-kfp upload $(if $(PACKAGE),--package $(PACKAGE))
