@@ -64,6 +64,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             ("kfp_run_id", "str"),
             ("base_model", "str"),
             ("data_source", "str"),
+            ("pipeline_name", "str"),
         ),
         returns="str",
         context=False,

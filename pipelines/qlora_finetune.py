@@ -22,7 +22,7 @@ def qlora_finetune(p: dict) -> None:
     finish = common.exit_task(p)
 
     with dsl.ExitHandler(finish, name="qlora-stages"):
-        run = common.open_run(p)  # tracking, fingerprint and preflight
+        run = common.open_run(p, PIPELINE_NAME)  # tracking, fingerprint and preflight
         prep = common.prepare(run)
 
         decision = decide_training(

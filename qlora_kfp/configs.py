@@ -404,7 +404,11 @@ class PipelineConfig:
     mlflow_experiment: str = _help(
         "MLflow experiment the run's parent and stage runs go to.", default="qlora-finetune"
     )
-    run_name: str = _help("Name of the parent MLflow run (empty: MLflow picks one).", default="")
+    run_name: str = _help(
+        "Name of the parent MLflow run (empty: <pipeline>-<dataset>-<yyyymmdd-hhmm>, e.g. "
+        "qlora-finetune-support-chats-20250301-0400).",
+        default="",
+    )
     force_retrain: bool = _help(
         "Train even when the registered champion was made from exactly this dataset, base "
         "model, code version and result-changing settings (else such a run skips training "

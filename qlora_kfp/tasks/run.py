@@ -19,6 +19,20 @@ from qlora_kfp.tracking import runs, stage_runs
 log = logging.getLogger("qlora_kfp")
 
 
+DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".csv", ".parquet")
+
+
+def default_run_name(pipeline: str, data_source: str) -> str:
+    """``<pipeline>-<dataset>-<yyyymmdd-hhmm>``: what the run did, on which data, when (a
+    dataset's name is its file or folder name without data extensions, or a hub id's name)."""
+    import time
+
+    stem = data_source.rstrip("/").rsplit("/", 1)[-1] or "data"
+    while stem.lower().endswith(DATA_SUFFIXES):
+        stem = stem.rsplit(".", 1)[0]
+    return f"{pipeline}-{stem or 'data'}-{time.strftime('%Y%m%d-%H%M')}"
+
+
 def start_tracking(args: dict) -> str:
     """Fail fast on unreachable MLflow or a bad bucket, then open the parent run."""
     from qlora_kfp import preflight
@@ -28,7 +42,10 @@ def start_tracking(args: dict) -> str:
         preflight.check_services()
         return runs.start_pipeline_run(
             args["mlflow_experiment"],
-            args["run_name"],
+            args["run_name"]
+            or default_run_name(
+                args.get("pipeline_name") or args["mlflow_experiment"], args["data_source"]
+            ),
             {
                 "kfp.run_id": RunContext.from_args(args).kfp_run_id,
                 "base_model": args["base_model"],
