@@ -141,3 +141,11 @@ def test_the_readme_shows_the_demo_settings_as_they_are():
     assert block, "README shows examples/demo.yaml in a yaml block"
     shown = yaml.safe_load(block.group(1))
     assert shown == yaml.safe_load(local_run.DEMO_PARAMS_FILE.read_text())
+
+
+def test_run_help_lists_the_sweep_grid_with_its_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lora_grid LORA_GRID Trials: each entry sets train parameters" in text
+    assert "[qlora_sweep only]" in text and "[qlora_finetune only]" in text

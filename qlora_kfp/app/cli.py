@@ -118,6 +118,10 @@ def add_pipeline_flags(p: argparse.ArgumentParser, pipeline, *others) -> None:
     for one in inputs:
         for name, spec in one.items():
             merged.setdefault(name, spec)
+    for one in every:  # the pipeline's own inputs (lora_grid) carry their help too
+        for name, spec in one.component_spec.inputs.items():
+            if spec.description:
+                helps.setdefault(name, spec.description)
     for name, (typ, default) in merged.items():
         shown = "" if default is None else f" (pipeline default: {default})"
         takers = [
