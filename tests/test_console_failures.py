@@ -65,3 +65,12 @@ def test_a_failed_task_is_one_line_and_the_run_one_error(tmp_path, monkeypatch, 
     )
     log = (tmp_path / "runner.log").read_text()
     assert "RuntimeError: Pipeline" in log  # the traceback is kept, in the log
+
+
+def test_building_the_demo_prints_no_progress_bar(tmp_path, capfd):
+    """The demo's model is written before the pipeline starts: nothing of it on the console."""
+    from qlora_kfp.app.demo import make_demo_assets
+
+    make_demo_assets(tmp_path / "demo")
+    out, err = capfd.readouterr()
+    assert "Writing model shards" not in out + err

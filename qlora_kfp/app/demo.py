@@ -150,7 +150,16 @@ def make_demo_assets(root: str | Path, seed: int = 0) -> dict[str, str]:
         texts += ["user assistant system Instruction Response"]
         tok = build_tokenizer(texts)
         model = build_model(len(tok), seed=seed).to(torch.bfloat16)
-        model.save_pretrained(model_dir, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        # One shard of a tiny model: its progress bar would be make run's first console line.
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(model_dir, safe_serialization=True)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         tok.save_pretrained(model_dir)
     if not data.is_file():
         write_dataset(data, seed)
