@@ -22,13 +22,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	@# setuptools' "Editable installation" note (components/ and pipelines/ install as
+	@# qlora_kfp.*, which needs its import finder) is information, not a problem: hidden.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv with the project and its test tools (torch from PyPI: the CUDA build, ~6 GB)
 
-run: $(STAMP) ## Run the whole pipeline locally (kfp.local, tiny model, local MLflow)
-	$(BIN)/qlora-kfp run --workdir $(WORKDIR)
+run: $(STAMP) ## Run the pipeline locally (kfp.local; the demo unless PARAMS/ARGS give a model and data)
+	$(BIN)/qlora-kfp run --workdir $(WORKDIR) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
 
 generate: $(STAMP) ## Regenerate the component modules and README's parameter table from the configs
 	$(BIN)/qlora-kfp generate
@@ -68,7 +70,7 @@ images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
 	docker push $(REGISTRY)/qlora-kfp-gpu:$(TAG)
 
 manifests: ## Render OVERLAY (default example; example-istio for full Kubeflow) with kubectl kustomize
-	kubectl kustomize manifests/overlays/$(OVERLAY)
+	@kubectl kustomize manifests/overlays/$(OVERLAY)
 
 upload: $(STAMP) ## Upload PACKAGE (default pipelines/compiled/qlora_finetune.yaml) to KFP 2.15+ (new version if it exists)
 	$(BIN)/qlora-kfp upload $(if $(PACKAGE),--package $(PACKAGE))

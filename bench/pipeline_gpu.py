@@ -74,7 +74,7 @@ def main() -> None:
     local_run.local_tracking_env(work)
     assets = build_assets(work, a.hidden, a.layers)
     params = {
-        **local_run.DEMO_PARAMS,
+        **local_run.demo_params(),
         **assets,
         # The GPU image's defaults otherwise: bins of pack_length tokens, Liger, varlen.
         "packing": "bins",

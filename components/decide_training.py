@@ -8,16 +8,119 @@ from qlora_kfp.components.images import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def decide_training(
     dataset_digest: str,
+    cache_fingerprint: str,
+    data_source: str,
+    base_model: str,
+    data_format: str = "auto",
+    chat_template: str = "auto",
+    max_seq_length: int = 512,
+    overlong: str = "drop",
+    train_on_prompt: bool = False,
+    dedupe: bool = True,
+    eval_fraction: float = 0.1,
+    min_eval_rows: int = 1,
+    max_rows: int = 0,
+    seed: int = 42,
+    trust_remote_code: bool = False,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "auto",
+    eval_rows: int = 64,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: str = "all-linear",
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    learning_rate: float = 0.0002,
+    lr_scheduler: str = "cosine",
+    warmup_ratio: float = 0.03,
+    num_epochs: float = 1.0,
+    max_steps: int = 0,
+    batch_size: int = 4,
+    gradient_accumulation_steps: int = 1,
+    gradient_checkpointing: bool = True,
+    gradient_checkpointing_layers: str = "auto",
+    gradient_checkpointing_offload: str = "auto",
+    gpu_memory_gib: float = 80.0,
+    optimizer: str = "auto",
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 0.3,
+    eval_steps: int = 0,
+    logging_steps: int = 5,
+    length_grouping: bool = True,
+    packing: str = "padding_free",
+    pack_length: int = 0,
+    fp32_upcast: bool = False,
+    fused_kernels: str = "auto",
+    fused_lora: bool = True,
+    attn_implementation: str = "auto",
+    checkpoint_steps: int = 50,
+    num_generations: int = 16,
+    max_new_tokens: int = 64,
+    merge_dtype: str = "bfloat16",
+    merge_tolerance: float = 0.001,
     registered_model_name: str = "qlora-finetune",
     force_retrain: bool = False,
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",
 ) -> str:
-    """Returns "skip" when the champion was trained on this dataset digest, else "train".
+    """Returns "skip" when the champion was made from this dataset, base model, code and result-changing settings, else "train".
 
     Args:
+        data_source: Dataset: local file or folder, s3://bucket/key, or a hub dataset id.
+        base_model: Base model (hub id, local path or s3:// URI); its tokenizer is used.
+        data_format: auto, jsonl, json, csv or parquet (auto: from the extension).
+        chat_template: auto (the tokenizer's own template, else chatml), tokenizer, chatml or alpaca.
+        max_seq_length: Longest row in tokens after rendering.
+        overlong: What to do with rows over max_seq_length: drop or truncate.
+        train_on_prompt: Also train on prompt tokens (default: completions only).
+        dedupe: Drop exact duplicate rows (after rendering).
+        eval_fraction: Share of rows held out for evaluation.
+        min_eval_rows: Fail when the eval split would be smaller than this.
+        max_rows: Read at most this many rows (0: all).
+        seed: Random seed for the split, LoRA init and data order.
+        trust_remote_code: Allow custom code from the model repo (off: safer).
+        quant_type: 4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.
+        double_quant: Quantize the quantization constants too (saves ~0.4 bit/param).
+        compute_dtype: Dtype of 4-bit matmuls: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.
+        eval_rows: Eval rows used for the 16-bit vs 4-bit perplexity (0: all).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: Dropout on the LoRA path.
+        target_modules: Comma-separated module names to adapt, or all-linear (every Linear but the head).
+        use_dora: Weight-decomposed LoRA (DoRA).
+        use_rslora: Rank-stabilized LoRA scaling (alpha / sqrt(r)).
+        learning_rate: Peak learning rate.
+        lr_scheduler: Learning-rate schedule: cosine, linear or constant.
+        warmup_ratio: Share of steps spent warming up the learning rate.
+        num_epochs: Passes over the training split (ignored when max_steps > 0).
+        max_steps: Stop after this many optimizer steps (0: use num_epochs).
+        batch_size: Micro-batch size per device.
+        gradient_accumulation_steps: Micro-batches per optimizer step.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        gradient_checkpointing_layers: With gradient_checkpointing: how many decoder layers, counted from the first, recompute their activations in backward (-1: all). The others keep theirs: no recompute (faster) for more memory. auto: the fewest that fit the GPU (the smaller of its free memory and gpu_memory_gib, by the preflight estimate with a margin); if the first steps still run out of memory, training restarts from scratch with more layers checkpointed.
+        gradient_checkpointing_offload: Keep the inputs of checkpointed layers in pinned host memory instead of on the GPU (copied out and back on side streams, overlapped with compute): on, off or auto (on when some layer is checkpointed and the host has room). Frees tokens x hidden x 2 bytes per checkpointed layer.
+        gpu_memory_gib: Memory of one GPU in GiB: preflight fails before any GPU is claimed when training cannot fit it, and names the setting that would; the train stage's auto settings fit the smaller of this and the GPU's free memory.
+        optimizer: Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the CPU. Choose paged_adamw_32bit when the optimizer state must page to host memory under memory spikes.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: Gradient clipping norm (QLoRA paper: 0.3).
+        eval_steps: Evaluate every this many steps (0: only at the end).
+        logging_steps: Log training metrics every this many steps.
+        length_grouping: Batch rows of similar length together (less padding, same data per epoch).
+        packing: How rows become batches: padding_free (a micro-batch's rows end to end in one row, each document attending only to itself: no compute on padding, same loss as off), bins (rows packed into bins of pack_length tokens; batch_size counts bins; fewer, fuller steps) or off (pad each micro-batch to its longest row).
+        pack_length: Tokens per bin when packing=bins (0: the longest training row).
+        fp32_upcast: Cast the 16-bit weights (embeddings, norms, head) to float32 before training, as peft's prepare_model_for_kbit_training does: slower and more memory; turn on only to reproduce peft's numerics. Off: they stay in compute_dtype (LoRA weights are float32 either way).
+        fused_kernels: Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy without the vocab-sized logits): auto (on a GPU when liger-kernel is installed), on or off.
+        fused_lora: Compute each LoRA update as one addmm (scaling and add inside the matmul) instead of peft's clone, scale and add: the same sum with one rounding, fewer passes over activations. Turn off only to compare with peft's own forward.
+        attn_implementation: Attention kernel: varlen (flash attention per document of a packed row; CUDA), sdpa, eager, or auto (varlen on a GPU when packing is on, else sdpa). Set sdpa or eager only to compare numerics.
+        checkpoint_steps: Save a resumable checkpoint every this many steps (0: never). A restarted task resumes from the newest complete one (local, or the S3 mirror).
+        num_generations: Eval prompts to generate answers for.
+        max_new_tokens: Longest generated answer in tokens.
+        merge_dtype: Dtype of the saved merged model: bfloat16, float16 or float32.
+        merge_tolerance: Largest allowed |merged - (base+adapter)| logit difference, computed in float32.
         registered_model_name: MLflow registered model to add a version to (empty: do not register).
-        force_retrain: Train even when the registered champion was trained on exactly this dataset.
+        force_retrain: Train even when the registered champion was made from exactly this dataset, base model, code version and result-changing settings (else such a run skips training and says so).
     """
     from qlora_kfp.tasks import run
 

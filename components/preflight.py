@@ -127,8 +127,8 @@ def preflight(
         merge_tolerance: Largest allowed |merged - (base+adapter)| logit difference, computed in float32.
         registered_model_name: MLflow registered model to add a version to (empty: do not register).
         mlflow_experiment: MLflow experiment the run's parent and stage runs go to.
-        run_name: Name of the parent MLflow run (empty: MLflow picks one).
-        force_retrain: Train even when the registered champion was trained on exactly this dataset.
+        run_name: Name of the parent MLflow run (empty: <pipeline>-<dataset>-<yyyymmdd-hhmm>, e.g. qlora-finetune-support-chats-20250301-0400).
+        force_retrain: Train even when the registered champion was made from exactly this dataset, base model, code version and result-changing settings (else such a run skips training and says so).
         gpu_accelerator: Kubernetes resource name of the GPU the GPU tasks claim (nvidia.com/gpu, amd.com/gpu, a MIG profile such as nvidia.com/mig-3g.40gb).
         gpu_node_selector: Node labels the GPU tasks' pods must match (JSON object), e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}; {} (default): any node with the GPU resource.
         gpu_tolerations: Taints of the GPU node pool the GPU tasks tolerate (JSON list of Kubernetes tolerations: key, operator Exists|Equal, value, effect); [] for none.

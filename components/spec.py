@@ -64,6 +64,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
             ("kfp_run_id", "str"),
             ("base_model", "str"),
             ("data_source", "str"),
+            ("pipeline_name", "str"),
         ),
         returns="str",
         context=False,
@@ -109,12 +110,12 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ),
     ComponentSpec(
         "decide_training",
-        'Returns "skip" when the champion was trained on this dataset digest, else "train".',
+        'Returns "skip" when the champion was made from this dataset, base model, code and '
+        'result-changing settings, else "train".',
         "run.decide_training",
-        configs=("register", "pipeline"),
-        inputs=(("dataset_digest", "str"),),
+        configs=(*ALL_STAGES, "pipeline"),
+        inputs=(("dataset_digest", "str"), ("cache_fingerprint", "str")),
         exclude=(
-            "base_model",
             "mlflow_experiment",
             "run_name",
             "gpu_accelerator",

@@ -12,6 +12,7 @@ def start_tracking(
     kfp_run_id: str,
     base_model: str,
     data_source: str,
+    pipeline_name: str,
 ) -> str:
     """Check MLflow and S3 before any GPU is claimed, then create the parent MLflow run."""
     from qlora_kfp.tasks import run

@@ -40,14 +40,16 @@ def exit_task(p: dict) -> dsl.PipelineTask:
     return platform.small_task(finish, cache=False)
 
 
-def open_run(p: dict) -> OpenRun:
+def open_run(p: dict, pipeline_name: str) -> OpenRun:
     """``start-tracking`` (fail-fast checks, parent run), ``fingerprint-sources`` and
     ``preflight`` (every stage's settings valid, training fits the GPU).
 
     Cached tasks take the fingerprint (content digests + code version) as an input, so new
     data under the same path or a rebuilt image never hits an old cache entry.
     """
-    tracking = start_tracking(**inputs_for(start_tracking, p, kfp_run_id=RUN_ID))
+    tracking = start_tracking(
+        **inputs_for(start_tracking, p, kfp_run_id=RUN_ID, pipeline_name=pipeline_name)
+    )
     platform.small_task(tracking, cache=False)
     fp = fingerprint_sources(**inputs_for(fingerprint_sources, p))
     platform.small_task(fp, cache=False)

@@ -22,15 +22,21 @@ def qlora_finetune(p: dict) -> None:
     finish = common.exit_task(p)
 
     with dsl.ExitHandler(finish, name="qlora-stages"):
-        run = common.open_run(p)  # tracking, fingerprint and preflight
+        run = common.open_run(p, PIPELINE_NAME)  # tracking, fingerprint and preflight
         prep = common.prepare(run)
 
         decision = decide_training(
-            **inputs_for(decide_training, run.params, dataset_digest=prep.outputs["Output"])
+            **inputs_for(
+                decide_training,
+                run.params,
+                dataset_digest=prep.outputs["Output"],
+                cache_fingerprint=run.fingerprint.output,
+            )
         )
         platform.small_task(decision, cache=False)
 
-        # Scheduled retraining claims no GPU when the champion already saw this exact data.
+        # Retraining claims no GPU when the champion was made from exactly this data, base model,
+        # code and settings.
         with dsl.If(decision.output == "train", name="data-changed"):
             quant = common.quantize_model(run, prep)
             tr, ev = common.train_and_evaluate(run.params, quant, prep)

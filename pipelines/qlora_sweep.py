@@ -66,7 +66,7 @@ def qlora_sweep(p: dict) -> None:
     finish = common.exit_task(p)
 
     with dsl.ExitHandler(finish, name="qlora-sweep-stages"):
-        run = common.open_run(p)
+        run = common.open_run(p, PIPELINE_NAME)
         prep = common.prepare(run)
         quant = common.quantize_model(run, prep)
 

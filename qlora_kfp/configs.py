@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -403,9 +404,15 @@ class PipelineConfig:
     mlflow_experiment: str = _help(
         "MLflow experiment the run's parent and stage runs go to.", default="qlora-finetune"
     )
-    run_name: str = _help("Name of the parent MLflow run (empty: MLflow picks one).", default="")
+    run_name: str = _help(
+        "Name of the parent MLflow run (empty: <pipeline>-<dataset>-<yyyymmdd-hhmm>, e.g. "
+        "qlora-finetune-support-chats-20250301-0400).",
+        default="",
+    )
     force_retrain: bool = _help(
-        "Train even when the registered champion was trained on exactly this dataset.",
+        "Train even when the registered champion was made from exactly this dataset, base "
+        "model, code version and result-changing settings (else such a run skips training "
+        "and says so).",
         default=False,
     )
     gpu_accelerator: str = _help(
@@ -498,6 +505,52 @@ STAGE_CONFIGS: dict[str, type] = {
     "register": RegisterConfig,
 }
 ALL_CONFIGS: tuple[type, ...] = (*STAGE_CONFIGS.values(), PipelineConfig)
+
+# Settings that change how fast training runs or what it logs, not the model it makes. A
+# checkpoint made under other values may still be resumed (training/checkpoints.py), and a
+# champion made under other values is still what these settings would make (the retraining
+# gate, tasks/run.decide_training). Every other field, including any added later, changes the
+# result.
+RESULT_INDEPENDENT = frozenset(
+    {
+        "logging_steps",
+        "eval_steps",
+        "checkpoint_steps",
+        "gradient_checkpointing",
+        "gradient_checkpointing_layers",
+        "gradient_checkpointing_offload",
+        "gpu_memory_gib",
+        "fused_kernels",
+        "fused_lora",
+        "attn_implementation",
+    }
+)
+# The stages whose settings make a registered model and its evaluation.
+RESULT_STAGES = ("prepare", "quantize", "train", "evaluate", "merge")
+# Named by where they are; what they hold is digested by content (storage/fingerprint.py).
+SOURCE_FIELDS = frozenset({"data_source", "base_model"})
+
+
+def result_settings(params: dict[str, Any], stages: tuple[str, ...] = RESULT_STAGES) -> dict:
+    """The settings of ``stages`` that change what a run makes, defaults filled in, as JSON
+    values (so that a tuple and a list compare equal after a round trip through a manifest or
+    an MLflow tag)."""
+    out: dict[str, Any] = {}
+    for name in stages:
+        cfg = from_params(STAGE_CONFIGS[name], params)
+        for key, value in dataclasses.asdict(cfg).items():
+            if key not in RESULT_INDEPENDENT and key not in SOURCE_FIELDS:
+                out.setdefault(key, value)
+    return json.loads(json.dumps(out))
+
+
+def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``name old -> new`` for every setting that differs between two :func:`result_settings`."""
+    return [
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old | new)
+        if old.get(k) != new.get(k)
+    ]
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,8 @@ class OutputError(QloraError):
 class ProvenanceError(QloraError, ValueError):
     """An artifact was made from other inputs than the ones given (e.g. an adapter trained on
     another base model); the message names both."""
+
+
+class PipelineFailed(QloraError):
+    """A local pipeline run stopped at a failed task; the message names the task and its own
+    one-line reason (the traceback stays in the runner's log)."""

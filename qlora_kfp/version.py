@@ -23,3 +23,28 @@ def git_commit() -> str:
         ).stdout.strip()
     except Exception:  # noqa: BLE001 - installed from a wheel, no git: not an error
         return "unknown"
+
+
+# The code a task runs from a checkout (components/ and pipelines/ are installed inside
+# qlora_kfp): uncommitted edits there change what trains under the same commit.
+CODE_PATHS = (":/qlora_kfp", ":/components", ":/pipelines")
+
+
+def uncommitted_changes(where: str | None = None) -> str:
+    """A short digest of the checkout's uncommitted edits to the code ("" when there are none,
+    and in an image, whose ``QLORA_KFP_GIT_COMMIT`` names the code exactly)."""
+    import hashlib
+
+    if os.environ.get("QLORA_KFP_GIT_COMMIT"):
+        return ""
+    here = where or os.path.dirname(os.path.abspath(__file__))
+    try:
+        diff = subprocess.run(
+            ["git", "-C", here, "diff", "HEAD", "--", *CODE_PATHS],
+            capture_output=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except Exception:  # noqa: BLE001 - no git, no checkout: nothing to add
+        return ""
+    return hashlib.sha256(diff).hexdigest()[:12] if diff else ""

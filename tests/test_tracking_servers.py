@@ -73,6 +73,15 @@ LOGS: list[str] = []
 LIVE: list[int] = []  # loss points the train run had, each time it was seen RUNNING
 
 
+def champion_setting(services, key: str):
+    from mlflow.tracking import MlflowClient
+
+    mv = MlflowClient(services.tracking_uri).get_model_version_by_alias(
+        "qlora-finetune", "champion"
+    )
+    return json.loads(mv.tags["training.made_from"])["settings"][key]
+
+
 @pytest.fixture(scope="module")
 def two_runs(services, tmp_path_factory):
     env = {
@@ -83,12 +92,15 @@ def two_runs(services, tmp_path_factory):
     }
     out = []
     # Same data three times: the 2nd run forces retraining with another rank; the 3rd, not
-    # forced, must skip training because the champion already saw this dataset digest.
+    # forced, with the champion's own settings, must skip training because the champion was
+    # made from exactly this dataset, base model, code and settings.
     for name, extra in (
         ("rank-16", ["--lora_r", "16"]),
         ("rank-4", ["--lora_r", "4", "--force_retrain"]),
-        ("unchanged-data", []),
+        ("unchanged-data", None),
     ):
+        if extra is None:
+            extra = ["--lora_r", str(champion_setting(services, "lora_r"))]
         workdir = tmp_path_factory.mktemp(name)
         args = ["--run_name", name, "--mlflow_experiment", "compare", *extra]
         if name == "rank-16":

@@ -16,7 +16,23 @@ import typing
 from pathlib import Path
 
 from qlora_kfp import configs
-from qlora_kfp.errors import QloraError
+from qlora_kfp.errors import ConfigError, QloraError
+
+LOCAL_PIPELINES = {  # what `qlora-kfp run --pipeline` runs: module under qlora_kfp.pipelines
+    "qlora_finetune": "qlora_kfp.pipelines.qlora_finetune",
+    "qlora_sweep": "qlora_kfp.pipelines.qlora_sweep",
+}
+
+
+def local_pipeline(name: str):
+    import importlib
+
+    return getattr(importlib.import_module(LOCAL_PIPELINES[name]), name)
+
+
+def _all_pipeline_inputs() -> set[str]:
+    return {k for name in LOCAL_PIPELINES for k in pipeline_inputs(local_pipeline(name))}
+
 
 STAGE_PATHS = {  # positional artifact folders of each stage command
     "prepare": [("output", "folder to write the prepared dataset to")],
@@ -89,14 +105,32 @@ def pipeline_inputs(pipeline) -> dict[str, tuple[type, object]]:
     }
 
 
-def add_pipeline_flags(p: argparse.ArgumentParser, pipeline) -> None:
-    """One flag per pipeline parameter; only flags given on the command line are set."""
+def add_pipeline_flags(p: argparse.ArgumentParser, pipeline, *others) -> None:
+    """One flag per parameter of ``pipeline`` and of ``others`` (each name once, noted with the
+    pipelines that take it when not all do); only flags given on the command line are set."""
     helps: dict[str, str] = {}
     for cls in configs.ALL_CONFIGS:
         for k, v in configs.field_help(cls).items():
             helps.setdefault(k, v)
-    for name, (typ, default) in pipeline_inputs(pipeline).items():
+    every = (pipeline, *others)
+    inputs = [pipeline_inputs(one) for one in every]
+    merged: dict[str, tuple[type, object]] = {}
+    for one in inputs:
+        for name, spec in one.items():
+            merged.setdefault(name, spec)
+    for one in every:  # the pipeline's own inputs (lora_grid) carry their help too
+        for name, spec in one.component_spec.inputs.items():
+            if spec.description:
+                helps.setdefault(name, spec.description)
+    for name, (typ, default) in merged.items():
         shown = "" if default is None else f" (pipeline default: {default})"
+        takers = [
+            one.pipeline_func.__name__
+            for one, ins in zip(every, inputs, strict=True)
+            if name in ins
+        ]
+        if len(takers) < len(every):
+            shown += f" [{', '.join(takers)} only]"
         kw = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": _arg_type(typ)}
         p.add_argument(
             f"--{name}",
@@ -153,11 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="pipelines/compiled")
 
     from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
+    from qlora_kfp.pipelines.qlora_sweep import qlora_sweep
 
     p = sub.add_parser(
         "run",
-        help="run qlora_finetune locally through kfp.local (default: the "
+        help="run qlora_finetune (or qlora_sweep) locally through kfp.local (default: the "
         "embedded demo: tiny model, sample data, local MLflow)",
+    )
+    p.add_argument(
+        "--pipeline",
+        choices=sorted(LOCAL_PIPELINES),
+        default="qlora_finetune",
+        help="which pipeline to run",
     )
     p.add_argument("--workdir", default="runs/local", help="where outputs and mlflow.db go")
     p.add_argument(
@@ -167,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.epilog = (
         "Without --base_model and --data_source, runs the embedded default: a tiny "
-        "random Llama and an antonym dataset built on the spot."
+        "random Llama and an antonym dataset built on the spot, with the settings of "
+        "examples/demo.yaml (--params_file and flags override them). Give both or neither."
     )
-    p.add_argument("--params_file", default=None, help="JSON file of pipeline parameters")
-    add_pipeline_flags(p, qlora_finetune)
+    p.add_argument("--params_file", default=None, help="JSON or YAML file of pipeline parameters")
+    add_pipeline_flags(p, qlora_finetune, qlora_sweep)
 
     p = sub.add_parser(
         "upload", help="upload the compiled pipeline to KFP (same name: new version)"
@@ -249,29 +291,35 @@ def _register(cfg, args: argparse.Namespace) -> dict:
 
 def _run_local(args: argparse.Namespace) -> dict:
     from qlora_kfp.app import local_run
-    from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
+    from qlora_kfp.app.pipeline_params import load
 
-    inputs = pipeline_inputs(qlora_finetune)
-    given = {k: v for k, v in vars(args).items() if k in inputs}
-    if args.params_file:
-        from qlora_kfp.app import pipeline_params
-
-        from_file = pipeline_params.load(args.params_file, []).from_file  # JSON or YAML
-        configs.check_known(from_file, inputs, args.params_file)
-        given = {**from_file, **given}
+    pipeline = local_pipeline(args.pipeline)
+    inputs = pipeline_inputs(pipeline)
+    flags = {k: v for k, v in vars(args).items() if k in _all_pipeline_inputs()}
+    configs.check_known(flags, inputs, f"--pipeline {args.pipeline}")
+    from_file = load(args.params_file, []).from_file if args.params_file else {}
+    configs.check_known(from_file, inputs, args.params_file)
+    given = {**from_file, **flags}
+    sources = [k for k in ("base_model", "data_source") if given.get(k)]
+    if len(sources) == 1:
+        # The demo's tiny random model is no model for anyone's data (nor its data for yours).
+        missing = ({"base_model", "data_source"} - set(sources)).pop()
+        raise ConfigError(
+            f"--{sources[0]} needs --{missing} too (the built-in demo model and data are only "
+            "for the demo: qlora-kfp run with neither)"
+        )
     from qlora_kfp import preflight
 
     preflight.check_services()  # unreachable MLflow or a bad bucket: fail before any task
-    if not given.get("base_model") or not given.get("data_source"):
-        # Without a model and data: the embedded default; explicit flags still override.
-        result = local_run.demo(args.workdir, given, args.verbose)
+    if not sources:  # the demo: its own settings (examples/demo.yaml) under these
+        result = local_run.demo(args.workdir, given, args.verbose, pipeline)
     else:
         local_run.local_tracking_env(Path(args.workdir))
-        run_dir = local_run.run_pipeline(qlora_finetune, given, args.workdir, args.verbose)
+        run_dir = local_run.run_pipeline(pipeline, given, args.workdir, args.verbose)
         result = {"run_dir": str(run_dir), "tasks": local_run.collect(run_dir)}
     from qlora_kfp.app.summary import print_summary
 
-    print_summary(result)
+    print_summary(result, args.pipeline)
     return {"run_dir": result["run_dir"]}
 
 
@@ -290,8 +338,6 @@ def _remote(args: argparse.Namespace):
     if args.action == "list":
         return remote.schedules()
     if not args.id:
-        from qlora_kfp.errors import ConfigError
-
         raise ConfigError(f"schedule {args.action} needs --id (see: qlora-kfp schedule list)")
     return remote.set_schedule(args.action, args.id)
 

@@ -17,22 +17,16 @@ from qlora_kfp.app.demo import make_demo_assets
 from qlora_kfp.app.progress import run_quietly
 from qlora_kfp.tasks.context import RUN_ID_ENV
 
-# Small enough for a 2-core CPU in a few minutes, large enough that the adapter learns the task.
-DEMO_PARAMS = dict(
-    max_seq_length=64,
-    eval_fraction=0.15,
-    eval_rows=0,
-    lora_r=16,
-    lora_alpha=32,
-    lora_dropout=0.0,
-    learning_rate=5e-3,
-    num_epochs=20.0,
-    batch_size=8,
-    logging_steps=10,
-    num_generations=16,
-    max_new_tokens=8,
-    warmup_ratio=0.05,
-)
+# The demo's settings, in a file people read (and the README shows): they suit the tiny demo
+# model only; the parameter defaults are the ones meant for real models.
+DEMO_PARAMS_FILE = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+
+
+def demo_params() -> dict:
+    """The settings of ``examples/demo.yaml`` (a checkout's: the demo runs from one)."""
+    from qlora_kfp.app.pipeline_params import load
+
+    return load(str(DEMO_PARAMS_FILE), []).from_file
 
 
 def local_tracking_env(workdir: Path) -> None:
@@ -92,22 +86,34 @@ def collect(run_dir: Path) -> dict:
     return out
 
 
-def demo(workdir: str | Path, overrides: dict | None = None, verbose: bool = False) -> dict:
-    """The embedded default: build the tiny model and data, run qlora_finetune, summarize."""
-    from qlora_kfp.pipelines.qlora_finetune import qlora_finetune
+def demo(
+    workdir: str | Path, overrides: dict | None = None, verbose: bool = False, pipeline=None
+) -> dict:
+    """The embedded default: build the tiny model and data, run ``pipeline`` (qlora_finetune)
+    with the settings of ``examples/demo.yaml`` under ``overrides``, summarize."""
+    import inspect
 
+    from qlora_kfp import configs
+
+    if pipeline is None:
+        from qlora_kfp.pipelines.qlora_finetune import qlora_finetune as pipeline
+
+    settings = demo_params()
+    configs.check_known(
+        settings, inspect.signature(pipeline.pipeline_func).parameters, str(DEMO_PARAMS_FILE)
+    )
     workdir = Path(workdir).resolve()
     local_tracking_env(workdir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     assets = make_demo_assets(workdir / "demo")
     params = {
-        **DEMO_PARAMS,
+        **settings,
         **assets,
         "run_name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
         **(overrides or {}),
     }
     t0 = time.perf_counter()
-    run_dir = run_pipeline(qlora_finetune, params, workdir, verbose)
+    run_dir = run_pipeline(pipeline, params, workdir, verbose)
     return {
         "run_dir": str(run_dir),
         "params": params,

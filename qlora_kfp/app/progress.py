@@ -13,9 +13,12 @@ import io
 import re
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import TextIO
+
+from qlora_kfp.errors import PipelineFailed
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STARTED = re.compile(r"Executing task '([\w-]+)'")
@@ -23,6 +26,11 @@ FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 SKIPPED = re.compile(r"Skipping (?:conditional )?task '?([\w-]+)'?")
 FAILED_LINE = re.compile(r"(\S[\w-]* failed: .+)$")  # a stage's one-line error (tasks.context.fail)
 TRAIN_PROGRESS = re.compile(r"progress: (step .+)$")
+# kfp.local's exception when a task fails (pipeline_orchestrator.log_and_maybe_raise_for_failure).
+PIPELINE_FAILED = re.compile(
+    r"Pipeline '([\w-]+)' finished with status \w+\. Inner task failed: '([\w-]+)'"
+)
+TRAINING_SKIPPED = re.compile(r"(training skipped: .+)$")  # tasks.run.decide_training
 
 
 class TaskProgress(io.TextIOBase):
@@ -39,6 +47,7 @@ class TaskProgress(io.TextIOBase):
         self.out, self.verbose = out, verbose
         self.buffer_ = ""
         self.started: dict[str, float] = {}
+        self.ended: set[str] = set()  # tasks whose final state was shown
         self.failures: dict[str, str] = {}
         self.current = ""
         self.tenth: dict[str, int | None] = {}
@@ -77,6 +86,7 @@ class TaskProgress(io.TextIOBase):
             self._show(f"  {self.current:<22} running")
         elif m := FINISHED.search(line):
             task, state = m.group(1), m.group(2)
+            self.ended.add(task)
             seconds = time.monotonic() - self.started.get(task, time.monotonic())
             if state == "SUCCESS":
                 self._show(f"  {task:<22} done in {seconds:.1f} s")
@@ -92,6 +102,8 @@ class TaskProgress(io.TextIOBase):
             if tenth is None or tenth != self.tenth.get(self.current):
                 self.tenth[self.current] = tenth
                 self._show(f"  {self.current:<22} {m.group(1)}")
+        elif m := TRAINING_SKIPPED.search(line):
+            self._show(f"  {self.current:<22} {m.group(1)}")
         elif (m := FAILED_LINE.search(line)) and self.current:
             self.failures[self.current] = m.group(1)
 
@@ -109,9 +121,16 @@ def run_quietly(fn, log_path: str | Path, verbose: bool = False):
     warnings.showwarning = to_log
     try:
         return fn()
-    except Exception:
-        if tap.current:
+    except Exception as exc:
+        # One final state per task: a task that already showed "done" or "FAILED" shows
+        # nothing more; the traceback goes to the log only.
+        if tap.current and tap.current not in tap.ended:
             tap._show(f"  {tap.current:<22} FAILED: {tap.failures.get(tap.current, 'see the log')}")
+        tap.log.write(traceback.format_exc())
+        if m := PIPELINE_FAILED.search(ANSI.sub("", str(exc))):
+            pipeline, task = m.group(1), m.group(2)
+            why = tap.failures.get(task, "see the log").removeprefix(f"{task} failed: ")
+            raise PipelineFailed(f"{pipeline} stopped: {task} failed: {why}") from None
         raise
     finally:
         sys.stdout, warnings.showwarning = real, show_warning

@@ -8,6 +8,7 @@ from pathlib import Path
 from qlora_kfp.tracking.report import SHOWN, STAGES, USAGE, usage_rows  # the run report's tables
 
 TASK_OF = {"register": "register-model"}  # KFP names the task after its component
+BEST_KEYS = ("trial", "trial_name", "eval_loss")  # pick-best-trial's own keys; the rest: settings
 
 
 def task_metrics(tasks: dict, task: str) -> dict:
@@ -17,9 +18,9 @@ def task_metrics(tasks: dict, task: str) -> dict:
     return items[0].get("metadata", {}) if items else {}
 
 
-def print_summary(result: dict) -> None:
+def print_summary(result: dict, pipeline: str = "qlora_finetune") -> None:
     tasks = result["tasks"]
-    print("\n=== qlora_finetune: local run finished ===")
+    print(f"\n=== {pipeline}: local run finished ===")
     print(f"run folder:   {result['run_dir']}")
     if result.get("tracking_uri"):
         print(f"MLflow store: {result['tracking_uri']}   (make mlflow-ui to browse)")
@@ -29,6 +30,18 @@ def print_summary(result: dict) -> None:
     for task, info in sorted(tasks.items()):
         for name, path in sorted(info.get("artifacts", {}).items()):
             print(f"  {task:16s} {name:16s} {path}")
+    decision = tasks.get("decide-training", {}).get("outputs", {}).get("parameterValues", {})
+    if decision.get("Output") == "skip":
+        print(
+            "\nno model trained: training was skipped (decide-training's line above says why; "
+            "--force_retrain trains anyway); the registered champion is unchanged"
+        )
+    best = tasks.get("pick-best-trial", {}).get("outputs", {}).get("parameterValues", {})
+    if best.get("Output"):  # a sweep: its trials' stages are in MLflow, the winner here
+        won = best["Output"]
+        print(f"\nbest trial: {won.get('trial_name')} (eval loss {won.get('eval_loss'):.4f})")
+        print("  " + json.dumps({k: v for k, v in won.items() if k not in BEST_KEYS}))
+        return
     ev = task_metrics(tasks, "evaluate")
     if ev:
         print(f"\n{'metric':18s} {'base':>12s} {'tuned':>12s}")

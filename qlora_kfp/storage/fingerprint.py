@@ -151,16 +151,20 @@ def source_digest(source: str, kind: str = "dataset") -> str:
 
 
 def code_version() -> str:
-    """What runs: the package version, the image's git commit and the image reference."""
+    """What runs: the package version, the image's git commit and the image reference; from a
+    checkout with uncommitted edits to the code, a digest of them too (the retraining gate
+    and the cache keys must not take edited code for the commit's)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from qlora_kfp.version import git_commit
+    from qlora_kfp.version import git_commit, uncommitted_changes
 
     try:
         pkg = version("qlora-kfp")
     except PackageNotFoundError:
         pkg = "source"
-    return f"{pkg}+{git_commit()[:12]}+{os.environ.get('QLORA_KFP_IMAGE', '')}"
+    edits = uncommitted_changes()
+    commit = git_commit()[:12] + (f"-edited.{edits}" if edits else "")
+    return f"{pkg}+{commit}+{os.environ.get('QLORA_KFP_IMAGE', '')}"
 
 
 def fingerprint(data_source: str, base_model: str) -> str:

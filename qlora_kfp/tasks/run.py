@@ -19,6 +19,20 @@ from qlora_kfp.tracking import runs, stage_runs
 log = logging.getLogger("qlora_kfp")
 
 
+DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".csv", ".parquet")
+
+
+def default_run_name(pipeline: str, data_source: str) -> str:
+    """``<pipeline>-<dataset>-<yyyymmdd-hhmm>``: what the run did, on which data, when (a
+    dataset's name is its file or folder name without data extensions, or a hub id's name)."""
+    import time
+
+    stem = data_source.rstrip("/").rsplit("/", 1)[-1] or "data"
+    while stem.lower().endswith(DATA_SUFFIXES):
+        stem = stem.rsplit(".", 1)[0]
+    return f"{pipeline}-{stem or 'data'}-{time.strftime('%Y%m%d-%H%M')}"
+
+
 def start_tracking(args: dict) -> str:
     """Fail fast on unreachable MLflow or a bad bucket, then open the parent run."""
     from qlora_kfp import preflight
@@ -28,7 +42,10 @@ def start_tracking(args: dict) -> str:
         preflight.check_services()
         return runs.start_pipeline_run(
             args["mlflow_experiment"],
-            args["run_name"],
+            args["run_name"]
+            or default_run_name(
+                args.get("pipeline_name") or args["mlflow_experiment"], args["data_source"]
+            ),
             {
                 "kfp.run_id": RunContext.from_args(args).kfp_run_id,
                 "base_model": args["base_model"],
@@ -39,26 +56,61 @@ def start_tracking(args: dict) -> str:
         fail("start-tracking", exc)
 
 
+FORCE_HINT = "to train anyway: force_retrain=true (qlora-kfp run --force_retrain)"
+
+
+def training_made_from(args: dict) -> dict:
+    """What the model this run would train is made from: the prepared dataset's digest, the
+    base model's content fingerprint, the code version (from ``fingerprint-sources``) and
+    every result-changing setting (``configs.result_settings``, the definition checkpoints
+    resume by). The register stage records it on the model version."""
+    from qlora_kfp import configs
+
+    sources = json.loads(args.get("cache_fingerprint") or "{}")
+    return {
+        "settings": configs.result_settings(args),
+        "dataset_digest": args["dataset_digest"],
+        "base_model": sources.get("model", args["base_model"]),
+        "code": sources.get("code", ""),
+    }
+
+
 def decide_training(args: dict) -> str:
-    """``"train"`` or ``"skip"``: skip when the champion already saw this exact dataset."""
+    """``"train"`` or ``"skip"``: skip when the champion was made from exactly what this run
+    would train on (dataset, base model, code and result-changing settings).
+
+    A skip is one line in the task log (and ``make run``'s console) saying why and how to
+    force training; the parent MLflow run is tagged with the champion it reuses.
+    """
     from qlora_kfp.tracking import registry
 
     setup_logging()
-    train, reason = registry.should_train(
-        args["registered_model_name"], args["dataset_digest"], args["force_retrain"]
-    )
-    log.info("training decision: %s (%s)", "train" if train else "skip", reason)
-    with stage_runs.stage_run(args.get("mlflow_parent_run_id", ""), "decide-training") as run:
-        run.tags(
-            {
-                "training_decision": "train" if train else "skip",
-                "training_decision_reason": reason,
-                # Here, not only in prepare-dataset: a cached prepare-dataset does not run.
-                "dataset.digest": args["dataset_digest"],
-            },
-            parent=True,
+    made_from = training_made_from(args)
+    name = args["registered_model_name"]
+    decision = registry.should_train(name, made_from, args["force_retrain"])
+    word = "train" if decision.train else "skip"
+    if decision.train:
+        log.info("training decision: train (%s)", decision.reason)
+    else:
+        log.warning("training skipped: %s; %s", decision.reason, FORCE_HINT)
+    tags = {
+        "training_decision": word,
+        "training_decision_reason": decision.reason,
+        # Here, not only in prepare-dataset: a cached prepare-dataset does not run.
+        "dataset.digest": args["dataset_digest"],
+        registry.MADE_FROM_TAG: json.dumps(made_from, sort_keys=True),
+    }
+    if not decision.train:
+        tags["qlora.reused_champion"] = decision.champion_run
+        tags["qlora.reused_champion_version"] = decision.champion_version
+        tags["mlflow.note.content"] = (
+            f"No model trained: this run reuses champion {decision.champion_version} (run "
+            f"{decision.champion_run}). {decision.reason[0].upper()}{decision.reason[1:]}. "
+            f"{FORCE_HINT[0].upper()}{FORCE_HINT[1:]}."
         )
-    return "train" if train else "skip"
+    with stage_runs.stage_run(args.get("mlflow_parent_run_id", ""), "decide-training") as run:
+        run.tags(tags, parent=True)
+    return word
 
 
 def finish(args: dict) -> None:

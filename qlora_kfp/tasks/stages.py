@@ -170,6 +170,11 @@ def register(args: dict) -> str:
             "kfp.run_id": ctx.kfp_run_id,
             "mlflow.parent_run": run.parent_run_id,
         }
+        # What the model was made from (decide-training put it on the parent): the next
+        # run's retraining gate compares against it.
+        parent = runs.client().get_run(run.parent_run_id) if run.parent_run_id else None
+        if made_from := parent and parent.data.tags.get(registry.MADE_FROM_TAG):
+            tags[registry.MADE_FROM_TAG] = made_from
         res = registry.register(
             cfg.registered_model_name, source, run.run_id, tags, float(args["tuned_eval_loss"])
         )

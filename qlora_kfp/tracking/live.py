@@ -39,18 +39,36 @@ def metric_streamer(run: stage_runs.StageRun) -> Callable[[dict], None]:
 @contextlib.contextmanager
 def system_metrics(run_id: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> Iterator[None]:
     """Sample CPU, memory, disk, network and GPU use into ``run_id`` (``system/...`` metrics,
-    the MLflow UI's system metrics tab) while the block runs."""
+    the MLflow UI's system metrics tab) while the block runs.
+
+    GPU metrics only when this process has a GPU: NVML lists every GPU of the host whatever
+    the process may use, so a CPU-only run (``CUDA_VISIBLE_DEVICES=""``, a CPU task on a GPU
+    host) would log a chart per metric per GPU it never touched.
+    """
     if not run_id:
         yield
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s)
+    class Monitor(SystemMetricsMonitor):
+        def _initialize_gpu_monitor(self):
+            return super()._initialize_gpu_monitor() if _uses_gpu() else None
+
+    monitor = Monitor(run_id, sampling_interval=interval_s)
     monitor.start()
     try:
         yield
     finally:
         monitor.finish()
+
+
+def _uses_gpu() -> bool:
+    """Whether this process sees a CUDA (or ROCm) device."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 class Progress:

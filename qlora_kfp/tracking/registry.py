@@ -8,13 +8,17 @@ not compared automatically: the decision and its reason are recorded as version 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
+from qlora_kfp.configs import setting_changes
 from qlora_kfp.tracking import runs
 
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
+# Version tag: what the model was made from (tasks/run.training_made_from), as JSON.
+MADE_FROM_TAG = "training.made_from"
 
 
 @dataclass
@@ -39,14 +43,20 @@ def decide(champion_tags: dict | None, digest: str, eval_loss: float) -> tuple[b
     return False, f"eval loss {eval_loss:.6g} >= champion's {old:.6g}"
 
 
-def champion_tags(name: str) -> dict | None:
-    """Tags of the current champion version, or None when there is none."""
+def champion(name: str):
+    """The current champion ``ModelVersion``, or None when there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(runs.client().get_model_version_by_alias(name, CHAMPION).tags)
+        return runs.client().get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
+
+
+def champion_tags(name: str) -> dict | None:
+    """Tags of the current champion version, or None when there is none."""
+    mv = champion(name)
+    return None if mv is None else dict(mv.tags)
 
 
 def register(
@@ -75,13 +85,57 @@ def register(
     return RegisterResult(str(mv.version), promote, reason)
 
 
-def should_train(name: str, digest: str, force: bool) -> tuple[bool, str]:
-    """Scheduled retraining: skip when the champion was trained on the same data (unless forced)."""
+@dataclass
+class Decision:
+    """Whether to train, why, and the champion reused when not."""
+
+    train: bool
+    reason: str
+    champion_run: str = ""  # the champion's pipeline (parent) run id
+    champion_version: str = ""  # "<name>/<version>"
+
+
+def made_from_changes(recorded: dict | None, wanted: dict) -> list[str]:
+    """How a champion's record differs from this run's (empty: this run would make it again)."""
+    if not recorded:
+        return ["the champion does not record what it was made from (an older version made it)"]
+    out = setting_changes(recorded.get("settings", {}), wanted["settings"])
+    for key, what in (
+        ("dataset_digest", "dataset"),
+        ("base_model", "base model"),
+        ("code", "code version"),
+    ):
+        if recorded.get(key) != wanted[key]:
+            out.append(f"{what} {recorded.get(key)} -> {wanted[key]}")
+    return out
+
+
+def should_train(name: str, made_from: dict, force: bool) -> Decision:
+    """Train unless the champion was made from exactly what this run would train on: the same
+    prepared dataset, base model, code version and result-changing settings (``made_from``,
+    tasks/run.training_made_from). ``force`` always trains."""
     if force:
-        return True, "forced"
+        return Decision(True, "forced (force_retrain)")
     if not (name and runs.enabled()):
-        return True, "no registry to compare with"
-    tags = champion_tags(name)
-    if tags and tags.get("dataset_digest") == digest:
-        return False, f"dataset unchanged since champion ({digest}); skipping training"
-    return True, "new data" if tags else "no champion yet"
+        return Decision(True, "no registry to compare with")
+    mv = champion(name)
+    if mv is None:
+        return Decision(True, "no champion yet")
+    try:
+        recorded = json.loads(mv.tags.get(MADE_FROM_TAG, ""))
+    except json.JSONDecodeError:
+        recorded = None
+    changes = made_from_changes(recorded, made_from)
+    if changes:
+        shown = "; ".join(changes[:5]) + (
+            f"; and {len(changes) - 5} more" if len(changes) > 5 else ""
+        )
+        return Decision(True, f"changed since champion {name}/{mv.version}: {shown}")
+    run = mv.tags.get("mlflow.parent_run") or mv.run_id or ""
+    return Decision(
+        False,
+        f"dataset unchanged since champion {name}/{mv.version} (run {run}), and so are the "
+        "base model, the code version and every result-changing setting",
+        run,
+        f"{name}/{mv.version}",
+    )

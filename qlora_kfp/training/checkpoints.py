@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from qlora_kfp.configs import TrainConfig
+from qlora_kfp.configs import RESULT_INDEPENDENT, TrainConfig, result_settings, setting_changes
 from qlora_kfp.errors import ArtifactError, OutputError
 from qlora_kfp.storage import s3
 from qlora_kfp.storage.manifest import MANIFEST, read_manifest, verify, write_manifest
@@ -31,30 +31,14 @@ from qlora_kfp.storage.writes import write_error
 log = logging.getLogger(__name__)
 STEP = re.compile(r"^checkpoint-(\d+)$")
 KIND = "train-checkpoint"
-# Settings that change how fast training runs or what it reports, not what it learns: a
-# restart may change them (e.g. turn gradient checkpointing on after running out of memory)
-# and still resume. Every other field, including any added later, must match.
-RESUME_INDEPENDENT = frozenset(
-    {
-        "logging_steps",
-        "eval_steps",
-        "checkpoint_steps",
-        "gradient_checkpointing",
-        "gradient_checkpointing_layers",
-        "gradient_checkpointing_offload",
-        "gpu_memory_gib",
-        "fused_kernels",
-        "fused_lora",
-        "attn_implementation",
-    }
-)
+# Settings a restart may change and still resume (e.g. turn gradient checkpointing on after
+# running out of memory): the one definition of what does not change the result.
+RESUME_INDEPENDENT = RESULT_INDEPENDENT
 
 
 def made_from(cfg: TrainConfig, dataset_digest: str, model_digest: str) -> dict:
     """What a checkpoint of this run is made from; resuming needs all of it to match."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_INDEPENDENT}
-    # Through JSON, as the manifest stores it, so that a tuple and a list compare equal.
-    config = json.loads(json.dumps(config))
+    config = result_settings(dataclasses.asdict(cfg), ("train",))
     return {"config": config, "dataset_digest": dataset_digest, "model_digest": model_digest}
 
 
@@ -62,12 +46,7 @@ def differences(recorded: dict | None, wanted: dict) -> list[str]:
     """How a checkpoint's record differs from this run's (empty: it may be resumed)."""
     if not recorded:
         return ["it does not record what it was made from (an older version wrote it)"]
-    old, new = recorded.get("config", {}), wanted["config"]
-    out = [
-        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(old | new)
-        if old.get(k) != new.get(k)
-    ]
+    out = setting_changes(recorded.get("config", {}), wanted["config"])
     for key, what in (("dataset_digest", "dataset"), ("model_digest", "quantized model")):
         if recorded.get(key) != wanted[key]:
             out.append(f"{what} {recorded.get(key)} -> {wanted[key]}")
