@@ -9,7 +9,8 @@ import pytest
 from qlora_kfp.configs import PrepareConfig
 from qlora_kfp.data.templates import IGNORE
 from qlora_kfp.errors import DataError, SourceError
-from qlora_kfp.stages.prepare import encode_rows, load_split, run_prepare, split
+from qlora_kfp.stages.prepare import encode_rows, run_prepare, split
+from qlora_kfp.storage.artifacts import load_split
 from qlora_kfp.storage.manifest import verify
 
 ALPACA = [{"instruction": f"Opposite of: w{i}", "input": "", "output": f"a{i}"} for i in range(20)]
