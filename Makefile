@@ -11,11 +11,13 @@ REGISTRY ?= ghcr.io/qlora-kfp
 TAG ?= 0.1.0
 OVERLAY ?= example
 PYTEST_ARGS ?=
-# The real kube-apiserver and etcd the manifest tests start (backend/kube pins the release).
+# The real etcd, kube-apiserver and kube-controller-manager the manifest tests start
+# (backend/kube pins the release).
 BACKEND_BIN := .cache/backend/bin
-KUBE_VERSION := v1.34.4
-KUBE_LDFLAGS := $(foreach kv,gitVersion=$(KUBE_VERSION) gitMajor=1 gitMinor=34 gitTreeState=clean,\
-  -X k8s.io/component-base/version.$(kv))
+# The release go.mod pins, stamped into the binary (its /version; 1.34 -> gitMinor 34).
+KUBE_VERSION := $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' backend/kube/go.mod)
+KUBE_LDFLAGS := $(foreach kv,gitVersion=$(KUBE_VERSION) gitMajor=1 \
+  gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION))) gitTreeState=clean,-X k8s.io/component-base/version.$(kv))
 export HF_HUB_OFFLINE ?= 1
 export QLORA_KFP_REGISTRY := $(REGISTRY)
 export QLORA_KFP_TAG := $(TAG)
@@ -46,15 +48,15 @@ install-browser: ## Install Debian's chromium for the MLflow UI browser test (ro
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
 
-# One grouped target: a single `go build` links both binaries (one build at a time on 2 cores).
-$(BACKEND_BIN)/kube-apiserver $(BACKEND_BIN)/etcd &: backend/kube/go.mod backend/kube/go.sum \
-  backend/kube/etcd/main.go
+BACKEND_BINS := $(addprefix $(BACKEND_BIN)/,etcd kube-apiserver kube-controller-manager)
+# One grouped target: a single `go build` links all three (one build at a time on 2 cores).
+$(BACKEND_BINS) &: backend/kube/go.mod backend/kube/go.sum backend/kube/etcd/main.go
 	mkdir -p $(BACKEND_BIN)
 	cd backend/kube && go build -trimpath -ldflags "-s -w $(KUBE_LDFLAGS)" -o $(abspath $(BACKEND_BIN))/ \
-	  k8s.io/kubernetes/cmd/kube-apiserver ./etcd
-	touch $(BACKEND_BIN)/kube-apiserver $(BACKEND_BIN)/etcd
+	  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager ./etcd
+	touch $(BACKEND_BINS)
 
-backend: $(BACKEND_BIN)/kube-apiserver $(BACKEND_BIN)/etcd ## Build kube-apiserver and etcd (backend/kube, needs Go) into .cache/backend/bin
+backend: $(BACKEND_BINS) ## Build etcd, kube-apiserver, kube-controller-manager (backend/kube; needs Go) into .cache/backend/bin
 
 test: $(STAMP) install-browser backend ## Run every test the CPU can run (gpu tests skip)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -75,7 +77,7 @@ images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
 	docker build -f images/Dockerfile.gpu --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(REGISTRY)/qlora-kfp-gpu:$(TAG) .
 	docker push $(REGISTRY)/qlora-kfp-gpu:$(TAG)
 
-manifests: ## Render OVERLAY (default example; example-istio for full Kubeflow) with kubectl kustomize
+manifests: ## Render OVERLAY (example, example-istio; example/admin, example/owner: one role's part) with kubectl kustomize
 	kubectl kustomize manifests/overlays/$(OVERLAY)
 
 upload: $(STAMP) ## Upload PACKAGE (default pipelines/compiled/qlora_finetune.yaml) to KFP 2.14+ (new version if it exists)
