@@ -61,7 +61,7 @@ backend: $(BACKEND_BINS) ## Build etcd, kube-apiserver, kube-controller-manager 
 test: $(STAMP) install-browser backend ## Run every test the CPU can run (gpu tests skip)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) backend ## Run the tests not marked slow or integration
+test-fast: $(STAMP) ## Run the tests not marked slow or integration
 	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Ruff lint and format check
