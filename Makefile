@@ -50,7 +50,7 @@ install-browser: ## Install Debian's chromium for the MLflow UI browser test (ro
 
 BACKEND_BINS := $(addprefix $(BACKEND_BIN)/,etcd kube-apiserver kube-controller-manager)
 # One grouped target: a single `go build` links all three (one build at a time on 2 cores).
-$(BACKEND_BINS) &: backend/kube/go.mod backend/kube/go.sum backend/kube/etcd/main.go
+$(BACKEND_BINS) &: $(addprefix backend/kube/,go.mod go.sum tools.go etcd/main.go)
 	mkdir -p $(BACKEND_BIN)
 	cd backend/kube && go build -trimpath -ldflags "-s -w $(KUBE_LDFLAGS)" -o $(abspath $(BACKEND_BIN))/ \
 	  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager ./etcd

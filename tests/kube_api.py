@@ -216,3 +216,20 @@ def pod(namespace: str, spec: dict, name: str = "run-pod") -> dict:
         container.setdefault("image", "registry.example.com/any:1")
     meta = {"name": name, "namespace": namespace}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def workload_pods(docs: list[dict]) -> list[tuple[str, dict]]:
+    """The first pod of each of the manifests' Deployments and StatefulSets. A StatefulSet's
+    pod also mounts a claim per volumeClaimTemplate, named <template>-<set>-<ordinal>
+    (pkg/controller/statefulset/stateful_set_utils.go, updateStorage)."""
+    pods = []
+    for d in docs:
+        if d["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        spec = copy.deepcopy(d["spec"]["template"]["spec"])
+        for claim in d["spec"].get("volumeClaimTemplates", []):
+            name = claim["metadata"]["name"]
+            volume = {"claimName": f"{name}-{d['metadata']['name']}-0"}
+            spec.setdefault("volumes", []).append({"name": name, "persistentVolumeClaim": volume})
+        pods.append((f"{d['kind']}/{d['metadata']['name']}", spec))
+    return pods

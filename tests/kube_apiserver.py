@@ -148,7 +148,9 @@ CONTROLLERS = "serviceaccount,resourcequota,clusterrole-aggregation"
 
 @contextlib.contextmanager
 def controller_manager(work: Path, url: str, token: str) -> Iterator[None]:
-    """kube-controller-manager with CONTROLLERS, until ``edit`` holds the rules it aggregates."""
+    """kube-controller-manager with CONTROLLERS, until ``edit`` holds the rules it aggregates.
+    It acts with ``token`` (the admin's; a cluster gives it system:kube-controller-manager,
+    whose rights the admin's include)."""
     kubeconfig = work / "controller-manager.kubeconfig"
     kubeconfig.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
@@ -169,9 +171,8 @@ def controller_manager(work: Path, url: str, token: str) -> Iterator[None]:
         edit = f"{url}/apis/rbac.authorization.k8s.io/v1/clusterroles/edit"
         deadline = time.monotonic() + 60
         while True:
-            resp = requests.get(
-                edit, headers={"Authorization": f"Bearer {token}"}, verify=work / "serving.crt"
-            )
+            auth = {"Authorization": f"Bearer {token}"}
+            resp = requests.get(edit, headers=auth, verify=work / "serving.crt", timeout=5)
             if resp.ok and resp.json().get("rules"):
                 break
             if proc.poll() is not None or time.monotonic() > deadline:

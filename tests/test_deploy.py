@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kube import ROOT, find, kustomize
+from kube_api import pod, workload_pods
 
 OVERLAYS = ["manifests/overlays/example", "manifests/overlays/example-istio"]
 # The parts each role applies (tests/test_manifests_owner.py), without a namespace of their own.
@@ -98,6 +99,22 @@ def test_workloads_have_secure_defaults():
             assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]
             assert sc["capabilities"]["drop"] == ["ALL"]
             assert "limits" in c["resources"] and ":latest" not in c["image"]
+
+
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_workloads_pass_the_pod_security_standards(kube, level):
+    """The PodSecurity admission plugin in a namespace that enforces ``level`` (a profile
+    namespace may, through its `pod-security.kubernetes.io/enforce` label) admits our pods."""
+    namespace = f"pod-security-{level}"
+    kube.namespace(namespace)
+    label = {"pod-security.kubernetes.io/enforce": level}
+    patch = {"metadata": {"labels": label}}
+    headers = {"Content-Type": "application/merge-patch+json"}
+    kube.ok("PATCH", f"/api/v1/namespaces/{namespace}", patch, headers=headers)
+    docs = in_namespace(kustomize("manifests/base"), namespace)
+    pods = workload_pods(docs)
+    assert pods
+    assert {i: m for i, spec in pods if (m := kube.refusal(pod(namespace, spec)))} == {}
 
 
 def test_secret_and_configmap_keys_match_the_pipeline():

@@ -10,8 +10,10 @@ controller makes one), and applies the manifests for real to a real API server
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from kube import kustomize, kustomize_into
+from kube import ROOT, kustomize, kustomize_into
 from kube_api import Kube
 from kube_apiserver import OWNER
 
@@ -78,3 +80,13 @@ def test_admin_then_owner_apply_their_parts_whole(kube, kube_cluster, tmp_path, 
     assert owner.refused(owner_docs) == {}
     for doc in admin_docs + owner_docs:
         assert kube.request("GET", kube.path(doc)).ok, f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def test_the_readme_has_the_admin_apply_its_part_before_the_owner():
+    """The deploy section's commands name the parts, admin first, and each renders."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"`kubectl apply -k (manifests/overlays/<yours>\S*)`", readme)
+    assert commands[:2] == ["manifests/overlays/<yours>/admin", "manifests/overlays/<yours>/owner"]
+    for command in commands:
+        for overlay in OVERLAYS:
+            assert kustomize(command.replace("manifests/overlays/<yours>", overlay))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kube import ROOT, find, kustomize
-from kube_api import pod
+from kube_api import pod, workload_pods
 
 PIPELINES = sorted((ROOT / "pipelines/compiled").glob("*.yaml"))
 
@@ -101,23 +101,6 @@ def run_pods() -> list[tuple[str, dict]]:
                     {"initContainers": [argo("init")], "containers": [argo("wait"), driver]},
                 )
             )
-    return pods
-
-
-def workload_pods(docs: list[dict]) -> list[tuple[str, dict]]:
-    """The first pod of each of the manifests' Deployments and StatefulSets. A StatefulSet's
-    pod also mounts a claim per volumeClaimTemplate, named <template>-<set>-<ordinal>
-    (pkg/controller/statefulset/stateful_set_utils.go, updateStorage)."""
-    pods = []
-    for d in docs:
-        if d["kind"] not in ("Deployment", "StatefulSet"):
-            continue
-        spec = copy.deepcopy(d["spec"]["template"]["spec"])
-        for claim in d["spec"].get("volumeClaimTemplates", []):
-            name = claim["metadata"]["name"]
-            volume = {"claimName": f"{name}-{d['metadata']['name']}-0"}
-            spec.setdefault("volumes", []).append({"name": name, "persistentVolumeClaim": volume})
-        pods.append((f"{d['kind']}/{d['metadata']['name']}", spec))
     return pods
 
 
