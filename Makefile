@@ -100,6 +100,14 @@ bench-70b: ## On a GPU machine: Llama-3.1-70B shapes, r=16, 2,048-token rows, au
 	BENCH=bench_70b.py bash bench/run_device.sh $(or $(BENCH_ARGS),--steps 33 --warmup 3 \
 	  --variants "auto-48gb:bs=1,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48")
 
+# In a variable: $(or ...) would split the variant at its commas. 6 bins a GPU, no layer
+# checkpointed (64 GiB on one GPU, BENCHMARKS.md), 33 steady steps per process count.
+MULTI_GPU_ARGS = --size 8b --data fixed --bs 6 --steps 33 --warmup 3 --rows 432 --skip-baseline \
+  --nproc $(or $(NPROC),1 2) --variants \
+  "ddp-6bins:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=0,off=off,gmem=80,steps=36"
+bench-multi-gpu: ## On a GPU machine: train stage on NPROC="1 2" GPUs side by side (DDP, same per-GPU batch), 8B, 2,048-token rows
+	bash bench/run_device.sh $(or $(BENCH_ARGS),$(MULTI_GPU_ARGS))
+
 bench-stages: ## On a GPU machine: every stage once on 1B shapes, wall time + peak memory
 	bash bench/run_gpu_stages.sh $(BENCH_ARGS)
 
@@ -114,5 +122,5 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run generate compile test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
-	schedule images manifests install-browser bench bench-mfu bench-70b bench-stages bench-pipeline \
+	schedule images manifests install-browser bench bench-mfu bench-70b bench-multi-gpu bench-stages bench-pipeline \
 	device-wheels
