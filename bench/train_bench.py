@@ -378,7 +378,8 @@ def main() -> None:
             "estimate_error": round(alloc_est / m["gpu_peak_gib"] - 1, 4)
             if alloc_est and m.get("gpu_peak_gib")
             else None,
-            "mfu_h100": round(fpt * tok_s / 989e12, 4),
+            # Per GPU: tokens/s counts every process's GPU.
+            "mfu_h100": round(fpt * tok_s / 989e12 / kw.get("num_processes", 1), 4),
             "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
             "step_times_s": step_times(r["h"]),
         }
