@@ -37,9 +37,37 @@ CFG = dict(
 )
 # Runs the stage in its own process group, as a pod runs it; with QLORA_TEST_STEP_S every
 # process (the ranks too: this file is their sitecustomize) sleeps after each step, so that
-# the group can be killed between two checkpoints.
+# the group can be killed between two checkpoints; with QLORA_TEST_NAN_RANK that rank's loss
+# turns NaN from the second step on, and each rank whose divergence guard stops training
+# leaves a file saying so in that folder.
 SITE = """
 import os
+if os.environ.get("QLORA_TEST_NAN_RANK"):
+    from pathlib import Path
+    from transformers import Trainer
+    from qlora_kfp.training import trainer_hooks
+    if os.environ["QLORA_TEST_NAN_RANK"] == os.environ.get("RANK"):
+        real_loss = Trainer.compute_loss
+        def nan_loss(self, *a, **kw):
+            out = real_loss(self, *a, **kw)
+            if self.state.global_step < 1:
+                return out
+            nan = float("nan")
+            return (out[0] * nan, *out[1:]) if isinstance(out, tuple) else out * nan
+        Trainer.compute_loss = nan_loss
+    guard = trainer_hooks.recorder
+    def watched(*a, **kw):
+        cb = guard(*a, **kw)
+        on_log = cb.on_log
+        def logged(args, state, control, **k):
+            control = on_log(args, state, control, **k)
+            if control.should_training_stop and "RANK" in os.environ:
+                folder = Path(os.environ["QLORA_TEST_STOPPED"])
+                (folder / f"rank-{os.environ['RANK']}-step-{state.global_step}").touch()
+            return control
+        cb.on_log = logged
+        return cb
+    trainer_hooks.recorder = watched
 if os.environ.get("QLORA_TEST_STEP_S"):
     import time
     from qlora_kfp.training import trainer_hooks
@@ -61,10 +89,13 @@ print("RESULT " + json.dumps({"metrics": r.metrics, "history": r.history, "relay
 """
 
 
-def start(quantized, prepared, out: Path, site: Path, step_s: float = 0.0, **kw):
+def start(quantized, prepared, out: Path, site: Path, step_s=0.0, nan_rank="", **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(site)}
     if step_s:
         env["QLORA_TEST_STEP_S"] = str(step_s)
+    if nan_rank:
+        env["QLORA_TEST_NAN_RANK"] = nan_rank
+        env["QLORA_TEST_STOPPED"] = str(out.parent)
     argv = [json.dumps({**CFG, **kw}), quantized.path, prepared.path, str(out)]
     return subprocess.Popen(
         [sys.executable, "-c", SCRIPT, *argv],
@@ -159,3 +190,19 @@ def test_a_killed_two_process_run_resumes_to_the_same_adapter(
     a, b = adapter(out2), adapter(out)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(quantized, prepared, site, tmp_path):
+    """Rank 1's loss alone turns NaN at step 2: its gradient poisons the averaged one, whose
+    norm every rank logs (the Trainer leaves NaN losses out of the logged loss), so each
+    rank's own guard stops it at that step (none waits in a collective for a rank that
+    stopped), and the stage raises the divergence, with no adapter."""
+    out = tmp_path / "nan"
+    proc = start(quantized, prepared, out, site, nan_rank="1", num_processes=2, batch_size=2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "TrainingDivergedError: training diverged (grad_norm is nan at step 2)" in err, err[
+        -3000:
+    ]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.glob("rank-*")) == ["rank-0-step-2", "rank-1-step-2"]
