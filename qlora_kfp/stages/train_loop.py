@@ -61,7 +61,8 @@ def memory_settings(
     from transformers import AutoConfig
 
     seq = capacity or max(len(r["input_ids"]) for r in rows)
-    host = autofit.host_available_gib()
+    # Several ranks share the pod's host memory (offloaded inputs are pinned there).
+    host = autofit.host_available_gib() / max(cfg.num_processes, 1)
     if modeling.device() != "cuda":  # the CPU trains in host memory
         gpu_budget_gib = min(gpu_budget_gib, host)
     return autofit.plan(AutoConfig.from_pretrained(model_dir), cfg, seq, gpu_budget_gib, host)
