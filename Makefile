@@ -102,22 +102,33 @@ schedule: $(STAMP) ## Recurring retraining: ACTION=create|list|pause|resume|dele
 device-wheels: ## Fill .whl/ with the wheels a lent GPU machine lacks (bench/device_wheels.sh)
 	bash bench/device_wheels.sh
 
+# A target's default arguments live in a variable: written into $(or ...) they were split at
+# the first comma of a variant ("bs=8,pack=..."), and bash stopped at the unclosed quote.
+BENCH_CHAT_ARGS = --size 8b --data chat --bs 8 --steps 30 --warmup 3 --rows 1600 --variants \
+  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=auto,off=auto,gmem=80,steps=33"
 bench: ## On a GPU machine: train stage vs the seeds' recipe, chat rows (BENCHMARKS.md; BENCH_ARGS=...)
-	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data chat --bs 8 --steps 30 --warmup 3 \
-	  --rows 1600 --variants "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=auto,off=auto,gmem=80,steps=33")
+	bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_CHAT_ARGS))
 
+BENCH_MFU_ARGS = --size 8b --data fixed --bs 2 --steps 47 --warmup 3 --rows 272 --variants \
+  "lowmem-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33" \
+  "auto-80gb-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
+  "lowmem-bs8-drop0.1:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=-1,off=on,steps=33" \
+  "same-batches-offload:bs=2,group=0,pack=padding_free,fused=on,opt=auto,gcl=-1,off=on" \
+  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33"
 bench-mfu: ## On a GPU machine: fixed 2,048-token rows: MFU with auto at 80 GB, speed at <= 11 GiB
-	bash bench/run_device.sh $(or $(BENCH_ARGS),--size 8b --data fixed --bs 2 --steps 47 --warmup 3 \
-	  --rows 272 --variants \
-	  "lowmem-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33" \
-	  "auto-80gb-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
-	  "lowmem-bs8-drop0.1:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=-1,off=on,steps=33" \
-	  "same-batches-offload:bs=2,group=0,pack=padding_free,fused=on,opt=auto,gcl=-1,off=on" \
-	  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33")
+	bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_MFU_ARGS))
 
+BENCH_70B_ARGS = --steps 33 --warmup 3 \
+  --variants "auto-48gb:bs=1,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48"
 bench-70b: ## On a GPU machine: Llama-3.1-70B shapes, r=16, 2,048-token rows, auto for a 48 GB GPU
-	BENCH=bench_70b.py bash bench/run_device.sh $(or $(BENCH_ARGS),--steps 33 --warmup 3 \
-	  --variants "auto-48gb:bs=1,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48")
+	BENCH=bench_70b.py bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_70B_ARGS))
+
+# 6 bins a GPU, no layer checkpointed (64 GiB on one GPU, BENCHMARKS.md), 33 steady steps per process count.
+MULTI_GPU_ARGS = --size 8b --data fixed --bs 6 --steps 33 --warmup 3 --rows 432 --skip-baseline \
+  --nproc $(or $(NPROC),1 2) --variants \
+  "ddp-6bins:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=0,off=off,gmem=80,steps=36"
+bench-multi-gpu: ## On a GPU machine: train stage on NPROC="1 2" GPUs side by side (DDP, same per-GPU batch), 8B, 2,048-token rows
+	bash bench/run_device.sh $(or $(BENCH_ARGS),$(MULTI_GPU_ARGS))
 
 bench-stages: ## On a GPU machine: every stage once on 1B shapes, wall time + peak memory
 	bash bench/run_gpu_stages.sh $(BENCH_ARGS)
@@ -133,5 +144,5 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run generate compile backend test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
-	schedule images manifests install-browser bench bench-mfu bench-70b bench-stages bench-pipeline \
+	schedule images manifests install-browser bench bench-mfu bench-70b bench-multi-gpu bench-stages bench-pipeline \
 	device-wheels

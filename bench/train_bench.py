@@ -9,6 +9,7 @@ optimizer (paged AdamW 32-bit), learning rate and clipping are the baseline's.
 
 Usage: python bench/train_bench.py --size 8b --data chat --bs 8 --steps 20 --warmup 3 \
            --variants "grouped:bs=8" "grouped+liger:bs=8,fused=on"
+       (``--nproc 1 2``: each variant on 1 and 2 GPUs, DDP; see multi_gpu.py)
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ VARIANT_KEYS = {
     "up": ("fp32_upcast", lambda v: v == "1"),
     "fl": ("fused_lora", lambda v: v == "1"),
     "opt": ("optimizer", str),
+    "np": ("num_processes", int),
 }
 
 
@@ -175,6 +177,8 @@ def stage_config(kw: dict, steps: int) -> dict:
         eval_steps=0,
         compute_dtype="bfloat16",
         seed=1,
+        # One GPU unless asked (np=, --nproc): the stage's 0 would take every visible GPU.
+        num_processes=1,
     )
     return {**recipe, **kw}
 
@@ -281,6 +285,13 @@ def main() -> None:
     )
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument(
+        "--nproc",
+        type=int,
+        nargs="*",
+        default=[],
+        help="run each variant once per process count (DDP, one process per GPU), e.g. 1 2",
+    )
+    p.add_argument(
         "--rows",
         type=int,
         default=0,
@@ -289,6 +300,7 @@ def main() -> None:
     )
     a = p.parse_args()
 
+    import multi_gpu
     from seed_recipe import make_checkpoint
 
     work = Path(a.work)
@@ -337,8 +349,7 @@ def main() -> None:
 
     fpt = flops_per_token(a.size, a.seq)
     table = []
-    for spec in a.variants:
-        name, kw = parse_variant(spec)
+    for name, kw in multi_gpu.expand([parse_variant(s) for s in a.variants], a.nproc):
         bs = kw.get("batch_size", 4)
         steps = (a.steps + a.warmup) * a.bs // bs  # the same rows as the baseline
         data = more if kw.get("packing") == "bins" else work / "dataset"
@@ -367,7 +378,8 @@ def main() -> None:
             "estimate_error": round(alloc_est / m["gpu_peak_gib"] - 1, 4)
             if alloc_est and m.get("gpu_peak_gib")
             else None,
-            "mfu_h100": round(fpt * tok_s / 989e12, 4),
+            # Per GPU: tokens/s counts every process's GPU.
+            "mfu_h100": round(fpt * tok_s / 989e12 / kw.get("num_processes", 1), 4),
             "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
             "step_times_s": step_times(r["h"]),
         }
@@ -390,6 +402,10 @@ def main() -> None:
         _save(a.out, results)
 
     print_table(base, table)
+    if a.nproc:
+        results["scaling"] = multi_gpu.scaling(table)
+        _save(a.out, results)
+        multi_gpu.print_scaling(results["scaling"])
 
 
 def print_table(base: dict, table: list[dict]) -> None:

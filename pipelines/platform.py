@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
+from qlora_kfp.preflight import GPUS_ENV
 from qlora_kfp.tasks.context import RUN_ID_ENV
 
 # kubeflow/pipelines backend/src/common/util/consts.go LabelKeyWorkflowRunId, set on every pod
@@ -84,6 +85,8 @@ def _common(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions) -> dsl.P
     kubernetes.use_secret_as_env(task, opts.secret, SECRET_KEYS, optional=True)
     kubernetes.use_config_map_as_env(task, opts.config_map, CONFIG_KEYS, optional=True)
     task.set_env_variable("HF_HUB_DISABLE_TELEMETRY", "1")
+    # GPUs per GPU task: preflight's memory estimate counts DDP's share for that many.
+    task.set_env_variable(GPUS_ENV, str(opts.gpus))
     # The run id from the pod's label (every pod of a KFP run has it): cached tasks cannot take
     # it as an input, since the backend's cache key holds every input value (tasks/context.py).
     kubernetes.use_field_path_as_env(task, RUN_ID_ENV, f"metadata.labels['{RUN_ID_LABEL}']")

@@ -179,6 +179,15 @@ class TrainConfig:
         "fit the smaller of this and the GPU's free memory.",
         default=80.0,
     )
+    num_processes: int = _help(
+        "Training processes in the train task's pod, one per GPU (DDP: each GPU holds the "
+        "4-bit base and trains on its own micro-batches of batch_size; the LoRA gradients are "
+        "averaged, so one optimizer step sees batch_size x gradient_accumulation_steps x "
+        "num_processes rows). 0: one per visible GPU (the pipeline's GPUs per task, "
+        "QLORA_KFP_GPUS at compile time; 1 on the CPU). On the CPU a count above 1 runs that "
+        "many processes with the gloo backend (for tests).",
+        default=0,
+    )
     optimizer: str = _help(
         "Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the "
         "CPU. Choose paged_adamw_32bit when the optimizer state must page to host memory "
@@ -287,6 +296,12 @@ class TrainConfig:
         )
         _one_of("gradient_checkpointing_offload", self.gradient_checkpointing_offload, AUTO_ON_OFF)
         _check(self.gpu_memory_gib > 0, "gpu_memory_gib", self.gpu_memory_gib, "use > 0")
+        _check(
+            0 <= self.num_processes <= 64,
+            "num_processes",
+            self.num_processes,
+            "use 0 (one per visible GPU) or a count of processes up to 64 (GPUs of one pod)",
+        )
         _check(0 < self.max_grad_norm < math.inf, "max_grad_norm", self.max_grad_norm, "use > 0")
         _check(
             0 <= self.weight_decay <= 1,

@@ -6,6 +6,7 @@ GPU's memory (:func:`check_memory`, from the model's ``config.json`` alone).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -16,6 +17,9 @@ from qlora_kfp.tracking import runs
 
 log = logging.getLogger(__name__)
 ARTIFACT_URI_ENV = "QLORA_KFP_ARTIFACT_URI"
+# GPUs a GPU task gets (pipelines/platform.py sets it on every task from the compile-time
+# QLORA_KFP_GPUS): the train task's processes when num_processes is 0.
+GPUS_ENV = "QLORA_KFP_GPUS"
 HEADROOM = 0.95  # share of the GPU the estimate may fill (as autofit.MARGIN: fragmentation)
 
 
@@ -37,6 +41,10 @@ def check_memory(
 ) -> dict[str, float]:
     """Estimate peak training memory on one GPU and fail when it cannot fit.
 
+    With several processes (``num_processes``, or 0 and ``QLORA_KFP_GPUS`` above 1) the
+    figure is still one GPU's: each holds the whole model and trains on ``batch_size`` rows,
+    so it is the single-GPU figure at the per-GPU batch plus DDP's gradient buckets.
+
     Args:
         base_model: Hub id, local folder or ``s3://`` URI; only its ``config.json`` is read.
         cfg: The train stage's config (batch, rank, checkpointing, packing, kernels).
@@ -55,6 +63,8 @@ def check_memory(
     from qlora_kfp.training import autofit, memory
 
     model_cfg = AutoConfig.from_pretrained(sources.model_source(base_model))
+    world = cfg.num_processes or int(os.environ.get(GPUS_ENV) or 1)
+    cfg = dataclasses.replace(cfg, num_processes=world)  # what the train task resolves
     # Training runs on the GPU image, whose torch has the varlen kernel.
     kw = autofit.estimate_kwargs(cfg, has_varlen=True)
     # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
@@ -72,7 +82,8 @@ def check_memory(
     )
     total = model_cfg.num_hidden_layers
     log.info(
-        "estimated peak GPU memory for batch %d x %d tokens with %s:\n%s",
+        "estimated peak memory of each of %d GPU(s) for batch %d x %d tokens with %s:\n%s",
+        world,
         cfg.batch_size,
         seq,
         chosen.describe(total),

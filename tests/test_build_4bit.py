@@ -131,3 +131,39 @@ def test_a_benchmark_variant_runs_the_train_stage_end_to_end(demo_assets, tmp_pa
     assert "error" not in got, got.get("error")
     assert got["m"]["steps"] == 3
     assert steady_tokens_per_s(got["h"], warmup=1) > 0
+
+
+@pytest.mark.slow
+def test_a_benchmark_variant_runs_on_two_processes(demo_assets, tmp_path):
+    """``train_bench.py --nproc 1 2`` (``make bench-multi-gpu``) on the CPU: the variant's
+    ``-np2`` run trains in two gloo processes under torchrun, and its rows give a rate."""
+    import multi_gpu
+    import torch
+    from train_bench import parse_variant, quantize, run_variant, steady_tokens_per_s, write_dataset
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 400, (24,), generator=g).tolist() for _ in range(16)]
+    write_dataset(rows, tmp_path / "data")
+    quantize(demo_assets["base_model"], tmp_path / "model4")
+    spec = "cpu:bs=2,steps=3,opt=adamw_torch,drop=0,r=8,gcl=auto,off=off"
+    runs = multi_gpu.expand([parse_variant(spec)], [1, 2])
+    assert [(name, kw["num_processes"]) for name, kw in runs] == [("cpu-np1", 1), ("cpu-np2", 2)]
+    name, kw = runs[1]  # -np1 is the single-process path the test above runs
+    got = run_variant(kw, tmp_path / "model4", tmp_path / "data", tmp_path / name, steps=3)
+    assert "error" not in got, got.get("error")
+    assert got["m"]["steps"] == 3 and got["m"]["processes"] == 2
+    assert steady_tokens_per_s(got["h"], warmup=1) > 0
+
+
+def test_the_scaling_table_sets_each_gpu_count_against_one_gpu():
+    import multi_gpu
+
+    table = [
+        {"variant": "v-np1", "num_processes": 1, "tokens_per_s": 5000.0, "peak_gib": 60.0},
+        {"variant": "v-np2", "num_processes": 2, "tokens_per_s": 9400.0, "peak_gib": 60.6},
+    ]
+    one, two = multi_gpu.scaling(table)
+    assert (one["gpus"], one["speedup_vs_1gpu"], one["efficiency"]) == (1, 1.0, 1.0)
+    assert (two["gpus"], two["speedup_vs_1gpu"], two["efficiency"]) == (2, 1.88, 0.94)
+    assert two["tokens_per_s_per_gpu"] == 4700.0 and two["per_gpu_peak_gib"] == 60.6
+    assert multi_gpu.expand([("v", {"batch_size": 2})], []) == [("v", {"batch_size": 2})]

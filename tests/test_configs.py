@@ -29,6 +29,7 @@ BAD = [
     ("train-empty-targets", configs.TrainConfig, {"target_modules": " "}, "target_modules"),
     ("train-no-length", configs.TrainConfig, {"num_epochs": 0.0, "max_steps": 0}, "num_epochs"),
     ("train-scheduler", configs.TrainConfig, {"lr_scheduler": "step"}, "lr_scheduler"),
+    ("train-processes", configs.TrainConfig, {"num_processes": -1}, "num_processes"),
     ("merge-dtype", configs.MergeConfig, {"merge_dtype": "int8"}, "merge_dtype"),
     ("merge-tolerance", configs.MergeConfig, {"merge_tolerance": 0.0}, "merge_tolerance"),
     ("pool-accelerator", PIPE, {"gpu_accelerator": "nvidia gpu"}, "gpu_accelerator"),

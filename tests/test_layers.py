@@ -96,10 +96,16 @@ def test_no_module_imports_a_floor_above_its_own():
 def test_no_stage_imports_another_stage():
     """Stages meet only in their artifacts, whose files qlora_kfp.storage.artifacts defines:
     one stage can be read from its component to its last write without the others."""
+
+    def stage(module: str) -> str:  # stages/train_loop.py is part of the train stage
+        return module.removeprefix("qlora_kfp.stages.").split("_")[0]
+
     assert [
         (a, b)
         for a, b in edges()
-        if a.startswith("qlora_kfp.stages.") and b.startswith("qlora_kfp.stages.")
+        if a.startswith("qlora_kfp.stages.")
+        and b.startswith("qlora_kfp.stages.")
+        and stage(a) != stage(b)
     ] == []
 
 

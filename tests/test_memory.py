@@ -335,3 +335,40 @@ def test_preflight_asks_for_more_checkpointed_layers_when_too_few_fit(config_8b)
     )
     with pytest.raises(SystemExit, match=r"use gradient_checkpointing_layers=\d+ \(or auto\)"):
         preflight(args)
+
+
+@pytest.mark.parametrize(
+    "num_processes,gpus_env,world",
+    [
+        pytest.param(0, None, 1, id="auto-one-gpu"),
+        pytest.param(0, "2", 2, id="auto-two-gpus-per-task"),
+        pytest.param(4, "2", 4, id="explicit"),
+    ],
+)
+def test_preflight_estimates_one_gpu_of_a_ddp_run(
+    config_8b, monkeypatch, num_processes, gpus_env, world
+):
+    """Per GPU, DDP holds what one GPU holds at the per-GPU batch, plus its gradient buckets
+    (a float32 copy of the LoRA gradients); ``num_processes=0`` counts the task's GPUs."""
+    from qlora_kfp.preflight import GPUS_ENV
+    from qlora_kfp.tasks.run import preflight
+
+    if gpus_env:
+        monkeypatch.setenv(GPUS_ENV, gpus_env)
+    else:
+        monkeypatch.delenv(GPUS_ENV, raising=False)
+    kw = dict(packing="bins", pack_length=2048, gradient_checkpointing_layers="-1")
+    parts = json.loads(preflight(preflight_args(config_8b, num_processes=num_processes, **kw)))
+    single = memory.estimate(
+        LlamaConfig(**LLAMA_8B),
+        2048,
+        4,
+        16,
+        packing="bins",
+        attention="varlen",
+        fp32_upcast=False,
+        dropout="regenerated",
+    ).parts_gib
+    lora = sum(16 * (i + o) for i, o in memory.linear_shapes(LlamaConfig(**LLAMA_8B)))
+    buckets = {"DDP gradient buckets": round(lora * 4 / memory.GIB, 2)} if world > 1 else {}
+    assert parts == {**single, **buckets}

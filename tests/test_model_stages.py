@@ -240,8 +240,8 @@ def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monk
 
     real = trainer_hooks.recorder
 
-    def poisoned(history, tokens, diverged, on_log=None):  # a run whose 2nd loss is NaN
-        cb = real(history, tokens, diverged, on_log)
+    def poisoned(history, tokens, diverged, on_log=None, ranks=1):  # a run whose 2nd loss is NaN
+        cb = real(history, tokens, diverged, on_log, ranks)
         on_log = cb.on_log
 
         def patched(args, state, control, logs=None, **kw):
@@ -296,8 +296,8 @@ def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatc
 
     real = trainer_hooks.recorder
 
-    def poisoned(history, tokens, diverged, on_log=None):
-        cb = real(history, tokens, diverged, on_log)
+    def poisoned(history, tokens, diverged, on_log=None, ranks=1):
+        cb = real(history, tokens, diverged, on_log, ranks)
 
         def on_train_end(args, state, control, model=None, **kw):
             with torch.no_grad():

@@ -167,6 +167,10 @@ def test_compile_time_options_for_another_cluster(tmp_path):
     assert [m["volumeName"] for m in k8s[ex]["emptyDirMounts"]] == ["dshm"]
     res = spec["deploymentSpec"]["executors"][ex]["container"]["resources"]
     assert res["accelerator"]["resourceCount"] == "2"
+    # Preflight estimates memory for the train task's DDP processes: one per GPU it gets.
+    for task in ("preflight", "train"):
+        env = spec["deploymentSpec"]["executors"][executor(spec, task)]["container"]["env"]
+        assert {"name": "QLORA_KFP_GPUS", "value": "2"} in env
 
 
 @pytest.mark.parametrize("task", ["prepare-dataset", "quantize"])

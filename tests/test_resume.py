@@ -200,6 +200,8 @@ def other_data(demo_assets, tmp_path_factory):
         ({"learning_rate": 1e-3}, "same", 0, "learning_rate 0.003 -> 0.001"),
         ({"lora_r": 4}, "same", 0, "lora_r 8 -> 4"),
         ({}, "other", 0, "dataset "),
+        # Two processes of 4 rows are a global batch of 8: another run (tests/test_ddp.py).
+        ({"num_processes": 2}, "same", 0, "num_processes 1 -> 2"),
     ],
     ids=[
         "unchanged",
@@ -208,6 +210,7 @@ def other_data(demo_assets, tmp_path_factory):
         "changed-lr",
         "changed-rank",
         "changed-data",
+        "changed-process-count",
     ],
 )
 def test_a_rerun_resumes_only_the_same_run(

@@ -1,103 +1,25 @@
-"""Stage 3, train: QLoRA (LoRA adapters on the frozen 4-bit model) with transformers' Trainer."""
+"""Stage 3, train: QLoRA (LoRA adapters on the frozen 4-bit model) with transformers' Trainer.
+
+One process per GPU of the pod (``num_processes``): with one, training runs in this process;
+with several, this process launches them (:mod:`qlora_kfp.training.distributed`) and waits.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import sys
+import dataclasses
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from qlora_kfp.configs import TrainConfig
-from qlora_kfp.errors import ConfigError, TrainingDivergedError
+from qlora_kfp.errors import ConfigError
+from qlora_kfp.stages.train_loop import TrainResult, train_here
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.fingerprint import artifact_digest
-from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
-from qlora_kfp.training import autofit, batching, checkpoints, modeling, trainer_hooks
-from qlora_kfp.training.peft_model import (
-    build_peft_model,
-    check_finite_adapter,
-    resolve_optimizer,
-    trainable_params,
-    use_fused_kernels,
-)
+from qlora_kfp.storage.manifest import check_output, verify
+from qlora_kfp.training import checkpoints, distributed
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    path: str
-    metrics: dict
-    history: list[dict]
-
-
-def memory_settings(
-    cfg: TrainConfig, model_dir: str, rows: list[dict], capacity: int, gpu_budget_gib: float
-) -> list[autofit.Setting]:
-    """The checkpointing settings to train with, best first (``autofit.plan``).
-
-    ``rows``: the training rows (bins with ``packing=bins``); ``capacity``: a bin's tokens.
-    """
-    from transformers import AutoConfig
-
-    seq = capacity or max(len(r["input_ids"]) for r in rows)
-    host = autofit.host_available_gib()
-    if modeling.device() != "cuda":  # the CPU trains in host memory
-        gpu_budget_gib = min(gpu_budget_gib, host)
-    return autofit.plan(AutoConfig.from_pretrained(model_dir), cfg, seq, gpu_budget_gib, host)
-
-
-def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume, reset):
-    """``new_trainer().train(resume)`` under the first setting that does not run out of memory
-    in its first steps; each retry starts from the very beginning (the initial adapter, a
-    fresh Trainer and optimizer, ``reset()``).
-
-    Returns:
-        (the Trainer, its ``train()`` output, the setting used).
-    """
-    import gc
-
-    import torch
-
-    # The initial adapter, for a restart (none is possible with one setting).
-    initial = (
-        {n: p.detach().to("cpu", copy=True) for n, p in trainable_params(model)}
-        if len(settings) > 1
-        else {}
-    )
-    box: list = []
-
-    def apply(setting: autofit.Setting) -> None:  # no-op without gradient_checkpointing
-        modeling.checkpoint_first_layers(model, setting.layers, setting.offload)
-
-    def start():
-        box[:] = [new_trainer()]
-        return box[0].train(resume_from_checkpoint=resume)
-
-    def restart():
-        box.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            # The run's reported peak is the attempt that fits, not the one that ran out.
-            torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            for n, p in trainable_params(model):
-                p.copy_(initial[n])
-                p.grad = None
-        reset()
-
-    first = int(Path(resume).name.split("-")[1]) if resume else 0
-
-    def steps_done() -> int:
-        return box[0].state.global_step - first if box else 0
-
-    layers = sum(1 for _ in modeling.decoder_layers(model))
-    out, setting = autofit.train_fitting(settings, apply, start, restart, steps_done, layers)
-    return box[0], out, setting
+__all__ = ["TrainResult", "run_train", "train_here"]
 
 
 def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
@@ -136,149 +58,27 @@ def run_train(
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "adapter", (model_dir, dataset_dir))
-    import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
-
-    from qlora_kfp.tracking.plots import loss_curve
-
+    if distributed.launched():
+        raise ConfigError(
+            "run the train stage as one process: it starts one process per GPU itself "
+            "(num_processes); under torchrun every rank would look for checkpoints at once"
+        )
     verify(model_dir, "quantized-model")
     verify(dataset_dir, "dataset")
-    expandable = modeling.prefer_expandable_segments()
-    gpu_budget = autofit.budget_gib(cfg)  # before the model takes its share
-    train_ds, eval_ds = (
-        artifacts.token_rows(dataset_dir, "train"),
-        artifacts.token_rows(dataset_dir, "eval"),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
-    set_seed(cfg.seed)
-    dtype = modeling.resolve_dtype(cfg.compute_dtype)
-    model = build_peft_model(cfg, model_dir)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    tokens_seen = [0]  # real tokens of the batches training steps have consumed
-
-    capacity = 0
-    if cfg.packing == "bins":
-        capacity = cfg.pack_length or max(len(r["input_ids"]) for r in train_ds)
-        try:
-            bins = batching.packed_rows(train_ds, capacity)
-        except ValueError as exc:
-            raise ConfigError(f"{exc}; raise pack_length or use 0 (the longest row)") from None
-        log.info("packed %d rows into %d bins of <= %d tokens", len(train_ds), len(bins), capacity)
-        train_ds = bins
-    # The count rides with its batch: the data loader runs a batch ahead of training, so a
-    # count taken at collation time would credit a step with its successor's tokens.
-    collate = batching.make_collator(cfg.packing, tokenizer, width=capacity, count_tokens=True)
-
-    settings = memory_settings(cfg, model_dir, train_ds, capacity, gpu_budget)
-    history: list[dict] = []
-    diverged: list[str] = []
+    # The resolved count: the checkpoints record it (another count is another global batch).
+    cfg = dataclasses.replace(cfg, num_processes=distributed.world_size(cfg))
     ckpt_root = Path(checkpoint_dir or f"{output_dir}.checkpoints")
     made_from = _made_from(cfg, model_dir, dataset_dir)
+    # Here, in one process: every rank then resumes from this same sealed checkpoint.
     resume = (
         checkpoints.find_resume_point(ckpt_root, made_from, checkpoint_uri)
         if cfg.checkpoint_steps
         else None
     )
-    with atomic_folder(output_dir, "adapter") as tmp:
-        args = TrainingArguments(
-            output_dir=str(ckpt_root),
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler,
-            warmup_steps=cfg.warmup_ratio,
-            num_train_epochs=cfg.num_epochs,
-            max_steps=cfg.max_steps or -1,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            optim=resolve_optimizer(cfg.optimizer),
-            logging_steps=cfg.logging_steps,
-            logging_first_step=True,
-            eval_strategy="steps" if cfg.eval_steps else "no",
-            eval_steps=cfg.eval_steps or None,
-            save_strategy="steps" if cfg.checkpoint_steps else "no",
-            save_steps=cfg.checkpoint_steps or 500,
-            save_total_limit=2,
-            report_to="none",
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            bf16=dtype == torch.bfloat16 and modeling.device() == "cuda",
-            fp16=dtype == torch.float16 and modeling.device() == "cuda",
-            # prepare_model has set checkpointing up layer by layer; the Trainer's own switch
-            # would turn it back on in every layer.
-            gradient_checkpointing=False,
-            remove_unused_columns=False,
-            # Bins are all about pack_length long: grouping them by length would do nothing.
-            train_sampling_strategy=(
-                "group_by_length" if cfg.length_grouping and cfg.packing != "bins" else "random"
-            ),
-            use_liger_kernel=use_fused_kernels(cfg.fused_kernels),
-            dataloader_num_workers=0,
-            # A pod log is no terminal: progress comes as one line per logging step instead.
-            disable_tqdm=not sys.stderr.isatty(),
-        )
-
-        def new_trainer():
-            return trainer_hooks.counting_trainer(Trainer, tokens_seen)(
-                model=model,
-                args=args,
-                train_dataset=train_ds,
-                eval_dataset=eval_ds,
-                data_collator=collate,
-                callbacks=[
-                    trainer_hooks.recorder(history, tokens_seen, diverged, on_log),
-                    checkpoints.callback(ckpt_root, made_from, checkpoint_uri),
-                ],
-            )
-
-        def reset():  # what a fresh start has: nothing counted or logged, the seed's RNG
-            tokens_seen[0] = 0
-            history.clear()
-            diverged.clear()
-            set_seed(cfg.seed)
-
-        with checkpoints.saving(ckpt_root):  # a checkpoint cut off by a failure is removed
-            trainer, out, setting = train_in_memory(model, settings, new_trainer, resume, reset)
-        if diverged or not math.isfinite(out.training_loss):
-            raise TrainingDivergedError(
-                f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
-                "no adapter was written. Lower learning_rate, keep max_grad_norm small, or "
-                "use compute_dtype=bfloat16 instead of float16"
-            )
-        final_eval = trainer.evaluate()  # the Recorder logs it into history too
-        check_finite_adapter(model)  # a NaN adapter must never be sealed as complete
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "history.json").write_text(json.dumps(history, indent=1))
-        artifacts.write_train_record(
-            tmp, asdict(cfg), made_from, artifacts.base_model_of(model_dir)
-        )
-        loss_curve(history, tmp / "loss_curve.png")
-    checkpoints.remove_all(ckpt_root)  # the adapter is complete: no resume needed
-    losses = [h["loss"] for h in history if "loss" in h]
-    metrics = {
-        "resumed_from_step": int(Path(resume).name.split("-")[1]) if resume else 0,
-        "train_loss": round(out.training_loss, 6),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "eval_loss": final_eval["eval_loss"],
-        "steps": out.global_step,
-        "trainable_params": trainable,
-        "train_runtime_s": round(out.metrics["train_runtime"], 2),
-        # Evaluation batches are not counted (CountingTrainer.prediction_step).
-        "tokens_per_s": round(tokens_seen[0] / max(out.metrics["train_runtime"], 1e-9), 2),
-    }
-    metrics.update(
-        checkpointed_layers=setting.layers,
-        checkpoint_offload=int(setting.offload),
-        estimated_peak_gib=setting.estimate_gib,
-        memory_settings_tried=settings.index(setting) + 1,
-        expandable_segments=int(expandable),
-    )
-    if torch.cuda.is_available():
-        metrics["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        metrics["gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    log.info("trained: %s", metrics)
-    return TrainResult(str(output_dir), metrics, history)
+    paths = dict(model_dir=model_dir, dataset_dir=dataset_dir, output_dir=output_dir)
+    where = dict(ckpt_root=str(ckpt_root), checkpoint_uri=checkpoint_uri, resume=resume)
+    if cfg.num_processes > 1:
+        job = dict(config=asdict(cfg), made_from=made_from, **paths, **where)
+        res = distributed.launch("qlora_kfp.stages.train_ranks", job, cfg.num_processes, on_log)
+        return TrainResult(**res)
+    return train_here(cfg, **paths, made_from=made_from, **where, on_log=on_log)

@@ -44,8 +44,13 @@ class Setting:
         return f"{self.layers} of {total} layers checkpointed{where}"
 
 
-def estimate_kwargs(cfg: TrainConfig, has_varlen: bool | None = None) -> dict:
-    """The keyword arguments of ``memory.estimate`` that follow from the stage config."""
+def estimate_kwargs(
+    cfg: TrainConfig, has_varlen: bool | None = None, world_size: int | None = None
+) -> dict:
+    """The keyword arguments of ``memory.estimate`` that follow from the stage config.
+
+    ``world_size``: the training processes (default: ``cfg.num_processes``, which the train
+    stage has resolved; 0 counts as 1)."""
     from qlora_kfp.training import attention
 
     return dict(
@@ -55,6 +60,7 @@ def estimate_kwargs(cfg: TrainConfig, has_varlen: bool | None = None) -> dict:
         fp32_upcast=cfg.fp32_upcast,
         attention=attention.resolve(cfg.attn_implementation, cfg.packing, has_varlen),
         dropout=dropout_mode(cfg),
+        world_size=world_size or cfg.num_processes or 1,
     )
 
 

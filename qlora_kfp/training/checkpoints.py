@@ -27,6 +27,7 @@ from qlora_kfp.errors import ArtifactError, OutputError
 from qlora_kfp.storage import s3
 from qlora_kfp.storage.manifest import MANIFEST, read_manifest, verify, write_manifest
 from qlora_kfp.storage.writes import write_error
+from qlora_kfp.training import distributed
 
 log = logging.getLogger(__name__)
 STEP = re.compile(r"^checkpoint-(\d+)$")
@@ -178,13 +179,17 @@ def find_resume_point(root: Path, wanted: dict, uri: str = "") -> str | None:
 
 
 def callback(root: Path, wanted: dict, uri: str = ""):
-    """A TrainerCallback that seals each saved checkpoint and mirrors it to S3."""
+    """A TrainerCallback that seals each saved checkpoint and mirrors it to S3.
+
+    With several processes (DDP) rank 0 saves the adapter and optimizer and every rank its own
+    RNG state; the seal waits for all of them and rank 0 alone writes it."""
     from transformers import TrainerCallback
 
     class SealCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kw):
+            distributed.barrier()  # every rank's files are in before the manifest lists them
             path = root / f"checkpoint-{state.global_step}"
-            if path.is_dir():
+            if distributed.is_main() and path.is_dir():
                 write_manifest(path, KIND, {"made_from": wanted})
                 if uri:
                     # An older manifest under this name must not vouch for the new files

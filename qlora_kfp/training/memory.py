@@ -16,7 +16,11 @@ settings. The parts:
   it is recomputed, its kept activations again plus the backward's temporaries;
 * attention mask: the boolean mask of each row for ``sdpa`` (none for ``varlen``);
 * logits: float32 logits and their gradient plus a bf16 copy, unless the fused linear
-  cross-entropy (Liger) computes the loss in chunks without them.
+  cross-entropy (Liger) computes the loss in chunks without them;
+* with several processes (DDP, one per GPU): every figure above is per GPU at the per-GPU
+  micro-batch, as on one GPU (each holds the whole 4-bit model, its own LoRA copy, optimizer
+  state and activations), plus DDP's gradient buckets: a float32 copy of the LoRA gradients
+  that the all-reduce works on (``gradient_as_bucket_view`` is off in the Trainer's DDP).
 
 Fitted on one H100 (8B shapes, 4 bins of 2,048 tokens, varlen + Liger, LoRA r=64 on every
 Linear with peft's dropout; 0, 4, 12 and 32 of 32 layers checkpointed; BENCHMARKS.md) and
@@ -122,6 +126,7 @@ def estimate(
     gradient_checkpointing_layers: int = -1,
     offload: bool = False,
     dropout: str = "none",
+    world_size: int = 1,
 ) -> MemoryEstimate:
     """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
 
@@ -131,7 +136,8 @@ def estimate(
     ``gradient_checkpointing_layers`` checkpoints only the first layers (-1: all), as the train
     stage does; ``offload`` keeps their inputs in host memory. ``dropout``: LoRA dropout off
     (``none``), with masks drawn again in backward (``regenerated``, the train stage) or
-    through peft's own module (``peft``; see :func:`kept_layer_bytes`).
+    through peft's own module (``peft``; see :func:`kept_layer_bytes`). ``world_size``:
+    training processes (DDP); the estimate is one GPU's, at ``batch_size`` per GPU.
     """
     shapes = linear_shapes(cfg)
     h, vocab, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
@@ -144,6 +150,8 @@ def estimate(
         "LoRA weights + grads": lora * 8,
         "AdamW state": lora * 8,
     }
+    if world_size > 1:
+        parts["DDP gradient buckets"] = lora * 4
     n = gradient_checkpointing_layers
     ckpt = 0 if not gradient_checkpointing else layers if n < 0 else min(n, layers)
     kept = tokens * kept_layer_bytes(cfg, dropout, fp32_upcast)

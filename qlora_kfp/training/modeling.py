@@ -54,7 +54,10 @@ def load_model(
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    # The current GPU: a DDP rank's own (the train stage sets it), else the first.
+    kwargs["device_map"] = (
+        {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    )
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

@@ -35,10 +35,17 @@ def recorder(
     tokens_seen: list[int],
     diverged: list[str],
     on_log: Callable[[dict], None] | None = None,
+    ranks: int = 1,
 ):
     """A Trainer callback that records every logged row into ``history`` (step, tokens/s, GPU
     memory), hands it to ``on_log`` at once, logs a progress line, and stops training on a NaN
-    or Inf loss (the reason goes into ``diverged``)."""
+    or Inf loss (the reason goes into ``diverged``).
+
+    With ``ranks`` processes (DDP) it runs in each: the logged loss, gradient norm and eval
+    loss are already averaged over the ranks by the Trainer, so every rank sees the same NaN
+    and stops at the same step. A row's ``tokens_seen`` is this rank's count times ``ranks``
+    (exact when every micro-batch holds as many real tokens, as fixed-length bins do; the
+    stage's final ``tokens_per_s`` adds up every rank's own count)."""
     import torch
     from transformers import TrainerCallback
 
@@ -57,11 +64,11 @@ def recorder(
                 **{k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)},
             }
             row["time_s"] = round(time.perf_counter() - self.start, 4)
-            row["tokens_seen"] = tokens_seen[0]
+            row["tokens_seen"] = seen = tokens_seen[0] * ranks
             dt = time.perf_counter() - self.t0
             if "loss" in row and dt > 0:
-                row["tokens_per_s"] = round((tokens_seen[0] - self.tok0) / dt, 2)
-                self.t0, self.tok0 = time.perf_counter(), tokens_seen[0]
+                row["tokens_per_s"] = round((seen - self.tok0) / dt, 2)
+                self.t0, self.tok0 = time.perf_counter(), seen
             if torch.cuda.is_available():
                 row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             history.append(row)
