@@ -173,3 +173,26 @@ def test_uncommitted_code_edits_change_the_code_version(tmp_path, monkeypatch):
     assert f"-edited.{edited}+" in fingerprint.code_version()
     monkeypatch.setenv("QLORA_KFP_GIT_COMMIT", "abc")  # an image names its code exactly
     assert real(str(tmp_path)) == ""
+
+
+def test_the_console_says_why_it_trains(tmp_path):
+    """A run that trains says why too (what changed since the champion), in one line."""
+    from kfp.local import logging_utils, status
+
+    from qlora_kfp.app.progress import TaskProgress
+
+    name = logging_utils.format_task_name("decide-training")
+    ok = logging_utils.format_status(status.Status.SUCCESS)
+    out = io.StringIO()
+    tap = TaskProgress(tmp_path / "runner.log", out)
+    tap.write(
+        f"12:00:00.000 - INFO - Executing task {name}\n"
+        "    [KFP Executor 2026-12-05 12:57:44,272 INFO]: training decision: train (no champion "
+        "yet)\n"
+        "    [KFP Executor 2026-12-05 12:57:44,272 INFO]: training: no champion yet\n"
+        f"12:00:01.000 - INFO - Task {name} finished with status {ok}\n"
+    )
+    tap.close()
+    shown = [line.strip() for line in out.getvalue().splitlines()]
+    assert shown[1] == "decide-training        training: no champion yet"
+    assert len(shown) == 3

@@ -30,7 +30,8 @@ TRAIN_PROGRESS = re.compile(r"progress: (step .+)$")
 PIPELINE_FAILED = re.compile(
     r"Pipeline '([\w-]+)' finished with status \w+\. Inner task failed: '([\w-]+)'"
 )
-TRAINING_SKIPPED = re.compile(r"(training skipped: .+)$")  # tasks.run.decide_training
+# decide-training's one line (tasks.run.decide_training): why it skips training, or trains.
+DECISION = re.compile(r"(?:\]:| INFO| WARNING) (training(?: skipped)?: .+)$")
 
 
 class TaskProgress(io.TextIOBase):
@@ -102,7 +103,7 @@ class TaskProgress(io.TextIOBase):
             if tenth is None or tenth != self.tenth.get(self.current):
                 self.tenth[self.current] = tenth
                 self._show(f"  {self.current:<22} {m.group(1)}")
-        elif m := TRAINING_SKIPPED.search(line):
+        elif self.current == "decide-training" and (m := DECISION.search(line)):
             self._show(f"  {self.current:<22} {m.group(1)}")
         elif (m := FAILED_LINE.search(line)) and self.current:
             self.failures[self.current] = m.group(1)

@@ -91,6 +91,7 @@ def decide_training(args: dict) -> str:
     word = "train" if decision.train else "skip"
     if decision.train:
         log.info("training decision: train (%s)", decision.reason)
+        log.info("training: %s", decision.reason)  # the console's line (app/progress.py)
     else:
         log.warning("training skipped: %s; %s", decision.reason, FORCE_HINT)
     tags = {
