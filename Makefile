@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv with the project and its test tools (CPU torch)
+install: $(STAMP) ## Create .venv with the project and its test tools (torch from PyPI: the CUDA build, ~6 GB)
 
 run: $(STAMP) ## Run the pipeline locally (kfp.local; the demo unless PARAMS/ARGS give a model and data)
 	$(BIN)/qlora-kfp run --workdir $(WORKDIR) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
@@ -43,10 +43,17 @@ install-browser: ## Install Debian's chromium for the MLflow UI browser test (ro
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
 
-test: $(STAMP) install-browser ## Run every test the CPU can run (gpu tests skip)
+KFP_RELEASES := .cache/kfp-releases/.done
+$(KFP_RELEASES): tests/kfp_releases.py | $(STAMP)
+	$(BIN)/python tests/kfp_releases.py
+	touch $@
+
+kfp-releases: $(KFP_RELEASES) ## Download each KFP release's protos (PyPI) for tests/test_kfp_releases.py
+
+test: $(STAMP) $(KFP_RELEASES) install-browser ## Run every test the CPU can run (gpu tests skip)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## Run the tests not marked slow or integration
+test-fast: $(STAMP) $(KFP_RELEASES) ## Run the tests not marked slow or integration
 	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Ruff lint and format check
@@ -65,7 +72,7 @@ images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
 manifests: ## Render OVERLAY (default example; example-istio for full Kubeflow) with kubectl kustomize
 	@kubectl kustomize manifests/overlays/$(OVERLAY)
 
-upload: $(STAMP) ## Upload PACKAGE (default pipelines/compiled/qlora_finetune.yaml) to KFP 2.14+ (new version if it exists)
+upload: $(STAMP) ## Upload PACKAGE (default pipelines/compiled/qlora_finetune.yaml) to KFP 2.15+ (new version if it exists)
 	$(BIN)/qlora-kfp upload $(if $(PACKAGE),--package $(PACKAGE))
 
 run-remote: $(STAMP) ## Start a KFP run: PARAMS=params.yaml and/or ARGS="--param lora_r=32" (PIPELINE: its name)
@@ -108,6 +115,6 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0
 clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
-.PHONY: help install run generate compile test test-fast lint format mlflow-ui clean upload run-remote \
+.PHONY: help install run generate compile test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
 	schedule images manifests install-browser bench bench-mfu bench-70b bench-stages bench-pipeline \
 	device-wheels

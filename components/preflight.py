@@ -63,7 +63,7 @@ def preflight(
     run_name: str = "",
     force_retrain: bool = False,
     gpu_accelerator: str = "nvidia.com/gpu",
-    gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},
+    gpu_node_selector: dict = {},
     gpu_tolerations: list = [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ],
@@ -130,7 +130,7 @@ def preflight(
         run_name: Name of the parent MLflow run (empty: <pipeline>-<dataset>-<yyyymmdd-hhmm>, e.g. qlora-finetune-support-chats-20250301-0400).
         force_retrain: Train even when the registered champion was made from exactly this dataset, base model, code version and result-changing settings (else such a run skips training and says so).
         gpu_accelerator: Kubernetes resource name of the GPU the GPU tasks claim (nvidia.com/gpu, amd.com/gpu, a MIG profile such as nvidia.com/mig-3g.40gb).
-        gpu_node_selector: Node labels the GPU tasks' pods must match (JSON object), e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}; {} for none.
+        gpu_node_selector: Node labels the GPU tasks' pods must match (JSON object), e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}; {} (default): any node with the GPU resource.
         gpu_tolerations: Taints of the GPU node pool the GPU tasks tolerate (JSON list of Kubernetes tolerations: key, operator Exists|Equal, value, effect); [] for none.
     """
     from qlora_kfp.tasks import run

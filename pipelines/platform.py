@@ -14,6 +14,8 @@ environment (``make compile`` passes it through):
 ``QLORA_KFP_SCRATCH_SIZE``      size limit of a GPU task's scratch disk at /scratch, where
                                 model downloads go (``200Gi``; "" = none)
 ``QLORA_KFP_GPU_RETRIES``       retries of GPU tasks, e.g. after preemption (3)
+``QLORA_KFP_RETRY_WINDOW``      time from a GPU task's first attempt's start within which
+                                every attempt must end (``7d``; see ``gpu_task``)
 ==============================  =========================================================
 """
 
@@ -30,25 +32,33 @@ from qlora_kfp.tasks.context import RUN_ID_ENV
 # of a run by backend/src/apiserver/template/v2_template.go (SetPodMetadataLabels).
 RUN_ID_LABEL = "pipeline/runid"
 SCRATCH = "/scratch"
-# Credentials come from the Secret as env vars, never as pipeline parameters.
+# Credentials come from the Secret as env vars, never as pipeline parameters. {key: env var}.
+# MLflow's own variables reach the container under the names of
+# qlora_kfp/tasks/__init__.py's PLUGIN_VARS: KFP 2.17's MLflow plugin injects MLFLOW_* itself
+# as plain values (backend/src/v2/common/plugins/mlflow/handler.go RetrieveUserContainerEnvVars)
+# in the driver's pod-spec patch, which Argo merges into the container by name: one of ours
+# from a Secret under the same name would become one EnvVar with value and valueFrom, and
+# Kubernetes refuses the pod. The task adopts ours only where the plugin injected none.
 SECRET_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_USERNAME": "QLORA_KFP_MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "QLORA_KFP_MLFLOW_TRACKING_PASSWORD",
     "HF_TOKEN": "HF_TOKEN",
     "QLORA_KFP_WEBHOOK_URL": "QLORA_KFP_WEBHOOK_URL",  # Slack-compatible; a URL is a secret
 }
 CONFIG_KEYS = {
-    k: k
-    for k in (
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_S3_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL",
-        "AWS_DEFAULT_REGION",
-        "QLORA_KFP_ARTIFACT_URI",
-        "KFP_UI_URL",
-    )
+    "MLFLOW_TRACKING_URI": "QLORA_KFP_MLFLOW_TRACKING_URI",
+    **{
+        k: k
+        for k in (
+            "MLFLOW_S3_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL",
+            "AWS_DEFAULT_REGION",
+            "QLORA_KFP_ARTIFACT_URI",
+            "KFP_UI_URL",
+        )
+    },
 }
 
 
@@ -65,6 +75,7 @@ class PlatformOptions:
     shm_size: str = field(default_factory=lambda: _env("QLORA_KFP_SHM_SIZE", "16Gi"))
     scratch_size: str = field(default_factory=lambda: _env("QLORA_KFP_SCRATCH_SIZE", "200Gi"))
     gpu_retries: int = field(default_factory=lambda: int(_env("QLORA_KFP_GPU_RETRIES", "3")))
+    retry_window: str = field(default_factory=lambda: _env("QLORA_KFP_RETRY_WINDOW", "7d"))
 
 
 def _common(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions) -> dsl.PipelineTask:
@@ -135,7 +146,18 @@ def gpu_task(
         if not opts.cache_pvc:
             task.set_env_variable("QLORA_KFP_CACHE", f"{SCRATCH}/qlora-kfp")
             task.set_env_variable("HF_HOME", f"{SCRATCH}/huggingface")
+    # backoff_max_duration becomes Argo's retryStrategy.backoff.maxDuration (KFP
+    # v2/compiler/argocompiler/container.go), which is not a cap on the wait between attempts:
+    # Argo (workflow/controller/operator.go processNodeRetries) stops retrying once that long
+    # has passed since the FIRST attempt started, and gives every attempt's pod that moment as
+    # its deadline. At 600 s a train that failed after 9 minutes was never retried and a retry
+    # was killed 10 minutes after the first attempt began. So the window covers every attempt
+    # of the longest stage. KFP sets no retryPolicy, so Argo's default (OnFailure) applies: a
+    # pod that fails is retried, a pod deleted outright (node gone) is an Error and is not.
     task.set_retry(
-        opts.gpu_retries, backoff_duration="60s", backoff_factor=2, backoff_max_duration="600s"
+        opts.gpu_retries,
+        backoff_duration="60s",
+        backoff_factor=2,
+        backoff_max_duration=opts.retry_window,
     )
     return task

@@ -420,10 +420,14 @@ class PipelineConfig:
         "amd.com/gpu, a MIG profile such as nvidia.com/mig-3g.40gb).",
         default="nvidia.com/gpu",
     )
+    # No default label: requesting gpu_accelerator already puts the pod on a node that has
+    # one, and a label such as nvidia.com/gpu.present (set only by NVIDIA's GPU feature
+    # discovery) would leave GPU tasks Pending forever on GKE, EKS or AKS without it.
     gpu_node_selector: dict = _help(
         "Node labels the GPU tasks' pods must match (JSON object), e.g. "
-        '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}; {} for none.',
-        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+        '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}; {} (default): any node '
+        "with the GPU resource.",
+        default_factory=dict,
     )
     gpu_tolerations: list = _help(
         "Taints of the GPU node pool the GPU tasks tolerate (JSON list of Kubernetes "

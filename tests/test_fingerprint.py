@@ -32,3 +32,64 @@ def test_s3_object_replaced_under_the_same_key(s3_env):
     first = source_digest("s3://data/fp/train.jsonl")
     s3.put_object(Bucket="data", Key="fp/train.jsonl", Body=b"two")
     assert source_digest("s3://data/fp/train.jsonl") != first
+
+
+class _Hub:
+    """The hub's repo-info endpoint (``GET /api/{models,datasets}/<id>[/revision/<rev>]``,
+    answering ``{"id", "sha"}``), on 127.0.0.1: no hub is reachable here, and the fingerprint
+    must still be tested through huggingface_hub's own client."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        hub = self
+        self.sha = {"org/model": "1" * 40, "org/data": "a" * 40}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                parts = self.path.split("?")[0].split("/")
+                repo = "/".join(parts[3:5]) if len(parts) >= 5 else ""
+                if repo not in hub.sha:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                body = json.dumps({"id": repo, "sha": hub.sha[repo]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    from huggingface_hub import constants
+
+    server = _Hub()
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    yield server
+    server.server.shutdown()
+
+
+@pytest.mark.parametrize("kind,repo", [("model", "org/model"), ("dataset", "org/data")])
+def test_a_new_hub_revision_changes_the_digest(hub, kind, repo):
+    """A model or dataset pushed again under the same id must miss KFP's cache."""
+    first = source_digest(repo, kind)
+    assert first == f"hub:{repo}@{hub.sha[repo]}"
+    hub.sha[repo] = "2" * 40
+    assert source_digest(repo, kind) != first
+
+
+def test_a_hub_that_cannot_answer_leaves_the_id(hub):
+    assert source_digest("org/unknown", "model") == "hub:org/unknown"

@@ -26,41 +26,9 @@ BATCH = 8  # 16,384 tokens a step: activations, not fixed buffers, make the peak
 @pytest.fixture(scope="module")
 def gpu_assets(tmp_path_factory):
     """(quantized-model folder, prepared-dataset folder) for the shape above."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import gpu_assets as assets
 
-    from qlora_kfp.app.demo import build_tokenizer
-    from qlora_kfp.storage.manifest import atomic_folder
-    from qlora_kfp.training import modeling
-
-    root = tmp_path_factory.mktemp("gpu")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.bfloat16)
-    model.save_pretrained(root / "base")
-    del model
-    quantized = modeling.load_model(
-        str(root / "base"),
-        dtype=torch.bfloat16,
-        quantization_config=modeling.bnb_config("nf4", True, "bfloat16"),
-    )
-    tok = build_tokenizer(["a b c"], vocab_size=300)  # pad id 2: only padding uses it
-    with atomic_folder(root / "model4", "quantized-model") as tmp:
-        quantized.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    del quantized
-    torch.cuda.empty_cache()
-    g = torch.Generator().manual_seed(1)
-    rows = [torch.randint(0, SHAPE["vocab_size"], (SEQ,), generator=g).tolist() for _ in range(48)]
-    with atomic_folder(root / "data", "dataset") as tmp:
-        for name, part in (("train", rows), ("eval", rows[:4])):
-            n = len(part)
-            table = {"input_ids": part, "labels": part, "prompt": [""] * n, "reference": [""] * n}
-            pq.write_table(pa.table(table), tmp / f"{name}.parquet")
-        tok.save_pretrained(tmp / "tokenizer")
-    return str(root / "model4"), str(root / "data")
+    return assets.build(tmp_path_factory.mktemp("gpu"), SHAPE, SEQ, rows=48, device="cuda")
 
 
 def _train(gpu_assets, tmp_path, name: str, **kw):

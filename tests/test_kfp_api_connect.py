@@ -62,16 +62,9 @@ def kube_context(monkeypatch, tmp_path):
         ("2.17.0", []),
         ("2.16.1", ["sees RUNNING for finished runs"]),
         ("v2.15.0", ["sees RUNNING for finished runs"]),
-        (
-            "2.14.4",
-            [
-                "ignores optional on secret and config-map env vars",
-                "sees RUNNING for finished runs",
-            ],
-        ),
         ("unknown", ["cannot tell the Kubeflow Pipelines release (healthz tag_name 'unknown')"]),
     ],
-    ids=["2.17", "2.16", "v-prefix", "2.14", "custom-build"],
+    ids=["2.17", "2.16", "v-prefix", "custom-build"],
 )
 def test_upload_warns_on_backends_older_than_2_17(serve, qlora, tag, warnings):
     server = serve(version=tag)
@@ -88,10 +81,10 @@ def test_upload_warns_on_backends_older_than_2_17(serve, qlora, tag, warnings):
     [["upload", "--package", PACKAGE], ["run-remote", *REQUIRED], ["schedule", "list"]],
     ids=["upload", "run-remote", "schedule"],
 )
-def test_backends_older_than_2_14_are_refused_before_any_change(serve, qlora, command):
-    server = serve(version="2.13.1")
+def test_backends_older_than_2_15_are_refused_before_any_change(serve, qlora, command):
+    server = serve(version="2.14.4")
     code, _, err = qlora(*command)
-    assert code == 2 and "Kubeflow Pipelines 2.13 is older than 2.14" in err
+    assert code == 2 and "Kubeflow Pipelines 2.14 is older than 2.15" in err
     assert [m for m, _ in server.calls() if m != "GET"] == []
 
 

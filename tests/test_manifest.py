@@ -77,6 +77,10 @@ def _user_folder(tmp_path):
         pytest.param("root", "over the root folder", id="root"),
         pytest.param("home", "over your home folder", id="home"),
         pytest.param("a-file", "is a file", id="a-file"),
+        pytest.param(
+            "own-kind-plus-user-file", "does not list \\(notes.txt\\)", id="user-file-in-artifact"
+        ),
+        pytest.param("inside-input", "inside the input", id="inside-an-input-folder"),
     ],
 )
 def test_a_stage_never_overwrites_what_is_not_its_own(tmp_path, monkeypatch, where, message):
@@ -90,7 +94,13 @@ def test_a_stage_never_overwrites_what_is_not_its_own(tmp_path, monkeypatch, whe
     other = tmp_path / "adapter"
     with atomic_folder(other, "adapter") as tmp:
         (tmp / "w").write_text("x")
+    own = tmp_path / "earlier-dataset"
+    with atomic_folder(own, "dataset") as tmp:
+        (tmp / "train.parquet").write_text("rows")
+    (own / "notes.txt").write_text("the user's")  # added after the stage wrote it
     target = {
+        "own-kind-plus-user-file": own,
+        "inside-input": src / "prepared",
         "user-folder": src,
         "other-kind": other,
         "the-input": src / "train.jsonl",
@@ -101,6 +111,7 @@ def test_a_stage_never_overwrites_what_is_not_its_own(tmp_path, monkeypatch, whe
         "a-file": src / "train.jsonl",
     }[where]
     inputs = [str(src / "train.jsonl")] if where.endswith("input") else []
+    inputs = [str(src)] if where == "inside-input" else inputs
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     with pytest.raises(ArtifactError, match=message), atomic_folder(target, "dataset", inputs):
         pytest.fail("the body must not run")

@@ -186,6 +186,22 @@ def test_merged_logits_equal_base_plus_adapter(demo_assets, trained, tmp_path):
         assert torch.allclose(merged(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-3)
 
 
+def test_merged_weights_are_sharded_at_the_stage_shard_size(
+    demo_assets, trained, tmp_path, monkeypatch
+):
+    """Shards of SHARD_SIZE, not transformers' 50 GB default, which sits at the edge of what
+    KFP's launcher can upload as one object (5 MiB parts x 10,000)."""
+    from qlora_kfp.stages.merge import run_merge
+    from qlora_kfp.storage import manifest
+
+    monkeypatch.setattr(manifest, "SHARD_SIZE", "200KB")
+    res = run_merge(MergeConfig(base_model=demo_assets["base_model"]), trained.path, str(tmp_path))
+    shards = sorted(Path(res.path).glob("model-*.safetensors"))
+    assert len(shards) > 1 and (Path(res.path) / "model.safetensors.index.json").is_file()
+    merged = modeling.load_model(res.path, dtype=torch.float32)
+    assert merged.config.vocab_size > 0
+
+
 def test_merge_refuses_to_save_when_logits_differ(demo_assets, trained, tmp_path):
     from qlora_kfp.stages.merge import run_merge
 

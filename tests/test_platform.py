@@ -52,9 +52,8 @@ def task_spec(spec: dict, task: str) -> dict:
 
 
 POOLS = [
-    pytest.param(
-        {}, "nvidia.com/gpu", {"nvidia.com/gpu.present": "true"}, DEFAULT_TOL, id="default"
-    ),
+    # By default only the GPU request places the pod: no label a cluster may lack.
+    pytest.param({}, "nvidia.com/gpu", {}, DEFAULT_TOL, id="default"),
     pytest.param(
         {
             "gpu_accelerator": "nvidia.com/mig-3g.40gb",
@@ -105,15 +104,33 @@ def test_gpu_tasks_land_on_the_pool_the_run_names(
     assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s"
 
 
+# Argo's retryStrategy.backoff.maxDuration counts from the first attempt's start and is every
+# attempt's pod deadline (workflow/controller/operator.go processNodeRetries), so it must
+# outlast all attempts of a real stage: a 70B train or merge runs for a day or more.
+LONGEST_STAGE_S = 24 * 3600
+
+
+@pytest.mark.parametrize("task", GPU_TASKS)
+def test_retries_outlast_the_longest_stage(task):
+    spec, _ = compiled()
+    retry = task_spec(spec, task)["retryPolicy"]
+    window = int(retry["backoffMaxDuration"].rstrip("s"))
+    assert window >= (retry["maxRetryCount"] + 1) * LONGEST_STAGE_S, retry
+
+
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_credentials_come_from_the_secret_never_parameters(task):
     spec, k8s = compiled()
     ex = executor(spec, task)
     env = {e["envVar"] for s in k8s[ex]["secretAsEnv"] for e in s["keyToEnv"]}
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} <= env
+    assert {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "QLORA_KFP_MLFLOW_TRACKING_PASSWORD",
+    } <= env
     assert k8s[ex]["secretAsEnv"][0]["secretName"] == "qlora-kfp-credentials"
     cm = {e["envVar"] for s in k8s[ex]["configMapAsEnv"] for e in s["keyToEnv"]}
-    assert "MLFLOW_TRACKING_URI" in cm
+    assert "QLORA_KFP_MLFLOW_TRACKING_URI" in cm
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert not {p for p in params if "secret" in p or "password" in p or "key" in p.lower()}
 
@@ -161,3 +178,65 @@ def test_cached_tasks_are_keyed_by_the_content_fingerprint(task):
     )
     assert producer in ("fingerprint-sources", "pipelinechannel--fingerprint-sources-Output")
     assert task_spec(spec, "fingerprint-sources")["cachingOptions"].get("enableCache") is not True
+
+
+# What KFP 2.17's MLflow plugin may inject into a task's container as plain values
+# (backend/src/v2/common/plugins/mlflow/handler.go RetrieveUserContainerEnvVars, and
+# backend/src/common/plugins/mlflow/config.go BuildCredentialEnvVars for its credentials).
+PLUGIN_INJECTS = {
+    "MLFLOW_RUN_ID",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_WORKSPACE",
+    "MLFLOW_TRACKING_AUTH",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+}
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_no_env_var_collides_with_the_mlflow_plugins(task):
+    """Argo merges the driver's pod-spec patch into the container by env var name: a name
+    both here (from a Secret or ConfigMap) and injected by the plugin becomes one EnvVar with
+    value and valueFrom, which Kubernetes refuses, failing every pod of the run."""
+    spec, k8s = compiled()
+    ex = executor(spec, task)
+    names = {e["envVar"] for s in k8s[ex].get("secretAsEnv", []) for e in s["keyToEnv"]}
+    names |= {e["envVar"] for s in k8s[ex].get("configMapAsEnv", []) for e in s["keyToEnv"]}
+    names |= {e["name"] for e in k8s[ex].get("fieldPathAsEnv", [])}
+    names |= {
+        e["name"] for e in spec["deploymentSpec"]["executors"][ex]["container"].get("env", [])
+    }
+    assert not names & PLUGIN_INJECTS
+
+
+@pytest.mark.parametrize(
+    "environ,expected",
+    [
+        pytest.param(
+            {
+                "QLORA_KFP_MLFLOW_TRACKING_URI": "http://mlflow:5000",
+                "QLORA_KFP_MLFLOW_TRACKING_PASSWORD": "pw",
+            },
+            {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_TRACKING_PASSWORD": "pw"},
+            id="no-plugin-ours-adopted",
+        ),
+        pytest.param(
+            {
+                "MLFLOW_TRACKING_URI": "http://plugin:5000",
+                "MLFLOW_TRACKING_AUTH": "kubernetes",
+                "QLORA_KFP_MLFLOW_TRACKING_URI": "http://mlflow:5000",
+                "QLORA_KFP_MLFLOW_TRACKING_PASSWORD": "pw",
+            },
+            {"MLFLOW_TRACKING_URI": "http://plugin:5000", "MLFLOW_TRACKING_AUTH": "kubernetes"},
+            id="plugin-injected-nothing-of-ours-mixed-in",
+        ),
+        pytest.param({}, {}, id="nothing-set"),
+    ],
+)
+def test_a_task_adopts_the_clusters_mlflow_settings(environ, expected):
+    from qlora_kfp.tasks import adopt_mlflow_env
+
+    adopt_mlflow_env(environ)
+    assert {k: v for k, v in environ.items() if k.startswith("MLFLOW_")} == expected

@@ -145,22 +145,26 @@ def make_demo_assets(root: str | Path, seed: int = 0) -> dict[str, str]:
     root = Path(root)
     model_dir, data = root / "model", root / "data" / "antonyms.jsonl"
     if not (model_dir / "config.json").is_file():
+        from transformers.utils import logging as hf_logging
+
+        from qlora_kfp.storage.manifest import atomic_folder
+
         rows = demo_rows(seed)
         texts = [f"{r['instruction']} {r['output']}" for r in rows]
         texts += ["user assistant system Instruction Response"]
         tok = build_tokenizer(texts)
         model = build_model(len(tok), seed=seed).to(torch.bfloat16)
-        from transformers.utils import logging as hf_logging
-
         # One shard of a tiny model: its progress bar would be make run's first console line.
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model.save_pretrained(model_dir, safe_serialization=True)
+            # Written whole or not at all, and never over files already there (someone's model).
+            with atomic_folder(model_dir, "demo-model") as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
         finally:
             if shown:
                 hf_logging.enable_progress_bar()
-        tok.save_pretrained(model_dir)
     if not data.is_file():
         write_dataset(data, seed)
     return {"base_model": str(model_dir), "data_source": str(data)}

@@ -20,12 +20,13 @@ from typing import Any
 
 from qlora_kfp.errors import ConfigError
 
-MIN_BACKEND = (2, 14)  # retries of nested tasks, dsl.Collected
-FULL_BACKEND = (2, 17)  # the exit handler's state under conditions/loops; optional env
+# 2.14's kubernetes_platform proto has no `optional` on secret/config-map env, and its
+# compiler unmarshals each task's Kubernetes config strictly at run creation
+# (backend/src/v2/compiler/argocompiler/container.go): it refuses every run of ours.
+# tests/test_kfp_releases.py parses the compiled YAML with each release's own protos.
+MIN_BACKEND = (2, 15)
+FULL_BACKEND = (2, 17)  # the exit handler's state under conditions/loops; KFP_RETRY_INDEX
 SHORTFALLS = {  # what a backend below FULL_BACKEND does differently, oldest first
-    (2, 15): "it ignores optional on secret and config-map env vars: the Secret "
-    "qlora-kfp-credentials and the ConfigMap qlora-kfp-config must hold every key the tasks "
-    "read, or their pods do not start",
     (2, 17): "the exit handler sees RUNNING for finished runs and reads the outcome from "
     "MLflow, and retries rerun errors no retry can fix",
 }
@@ -67,7 +68,8 @@ def check_version(tag: str, host: str) -> list[str]:
     if version < MIN_BACKEND:
         raise ConfigError(
             f"{host}: Kubeflow Pipelines {shown} is older than {floor}, the oldest backend the "
-            f"compiled pipeline runs on (retries of nested tasks, dsl.Collected); upgrade KFP"
+            f"compiled pipeline runs on (it refuses the runs: no `optional` on secret and "
+            f"config-map env vars); upgrade KFP"
         )
     return [
         f"{host}: Kubeflow Pipelines {shown} is older than {full}: {what}"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import MergeConfig
 from qlora_kfp.errors import ProvenanceError, VerificationError
-from qlora_kfp.storage import fingerprint, sources
+from qlora_kfp.storage import fingerprint, manifest, sources
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes, verify
 from qlora_kfp.training import modeling
 
@@ -105,7 +105,7 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
         )
     merged = merged.to(getattr(torch, cfg.merge_dtype))
     with atomic_folder(output_dir, "merged-model") as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=manifest.SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge.json").write_text(json.dumps({"config": asdict(cfg), **metrics}, indent=1))
     metrics["merged_bytes"] = folder_bytes(output_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import QuantizeConfig
 from qlora_kfp.errors import ArtifactError
-from qlora_kfp.storage import sources
+from qlora_kfp.storage import manifest, sources
 from qlora_kfp.storage.fingerprint import model_fingerprint
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
 from qlora_kfp.training import modeling, shards
@@ -169,7 +169,7 @@ def run_quantize(
                 need / 2**30,
             )
     with atomic_folder(output_dir, "quantized-model") as tmp:
-        model4.save_pretrained(tmp, safe_serialization=True)
+        model4.save_pretrained(tmp, safe_serialization=True, max_shard_size=manifest.SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         write_record(tmp, asdict(cfg), model_fingerprint(cfg.base_model))
     metrics["bytes_4bit"] = folder_bytes(output_dir)

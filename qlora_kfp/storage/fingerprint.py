@@ -60,13 +60,13 @@ def model_fingerprint(source: str) -> str:
     Every tensor's name, shape and first, middle and last rows (as bfloat16), read through the
     safetensors headers: tens of MiB of a 70B model, not its 140 GB. Sharding and float32 or
     bfloat16 storage do not change it; other weights of the same shapes do. A hub id not in
-    the local hub cache gives only its id.
+    the local hub cache gives its id and the hub's current commit (:func:`hub_revision`).
     """
     path = Path(sources.localize(source))
     if not path.is_dir():
         path = _hub_snapshot(source)
         if path is None:
-            return "hub:" + source
+            return hub_revision(source)
     files = sorted(path.glob("*.safetensors"))
     if not files:  # e.g. pytorch_model.bin: sampled bytes of each weights file
         h = hashlib.sha256()
@@ -123,14 +123,30 @@ def _hub_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-def source_digest(source: str) -> str:
-    """Content digest of a path, an ``s3://`` URI, or a hub id (its id: no network here)."""
+def hub_revision(repo_id: str, kind: str = "model") -> str:
+    """``hub:<id>@<commit>``: the hub's current commit of a model or dataset repo, so a new
+    revision pushed under the same id misses KFP's cache. ``hub:<id>`` when the hub cannot
+    say (offline mode, no network, no such repo): the stage that downloads it then fails
+    with its own message."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        info = api.model_info(repo_id) if kind == "model" else api.dataset_info(repo_id)
+        return f"hub:{repo_id}@{info.sha}" if info.sha else f"hub:{repo_id}"
+    except Exception:  # noqa: BLE001 - offline or unreachable: the id is all there is
+        return f"hub:{repo_id}"
+
+
+def source_digest(source: str, kind: str = "dataset") -> str:
+    """Content digest of a path, an ``s3://`` URI, or a hub id of ``kind`` (``model`` or
+    ``dataset``: its current commit)."""
     if s3.is_s3(source):
         return "s3:" + _s3(source)
     if Path(source).exists():
         return "file:" + _local(Path(source))[:16]
     if sources.is_hub_id(source):
-        return "hub:" + source
+        return hub_revision(source, kind)
     return "missing:" + source
 
 
@@ -155,7 +171,7 @@ def fingerprint(data_source: str, base_model: str) -> str:
     """One string that changes when the data, the model or the code changes."""
     parts = {
         "data": source_digest(data_source),
-        "model": source_digest(base_model),
+        "model": source_digest(base_model, kind="model"),
         "code": code_version(),
     }
     return json.dumps(parts, sort_keys=True)

@@ -22,6 +22,10 @@ from qlora_kfp.errors import ArtifactError
 from qlora_kfp.storage.writes import partial_folder, writing
 
 MANIFEST = "MANIFEST.json"
+# Largest weights file the model stages write. KFP's launcher uploads each output file as one
+# S3 object in 5 MiB parts, at most 10,000 of them (52.4 GB): transformers' default shard of
+# 50 GB is just under that ceiling; 5 GB shards stay far from it and upload in parallel.
+SHARD_SIZE = "5GB"
 # The stage that writes each kind: what to re-run when an artifact is damaged.
 PRODUCERS = {
     "dataset": "prepare",
@@ -122,6 +126,11 @@ def check_output(
                 f"{final}: refusing to write the {kind} there: it holds the input {src}; "
                 "choose a new folder"
             )
+        if src_path in path.parents:  # the input's own writer would replace it, output and all
+            raise ArtifactError(
+                f"{final}: refusing to write the {kind} inside the input {src}; "
+                "choose a folder outside it"
+            )
     if path.is_file() or path.is_symlink():
         raise ArtifactError(f"{final}: is a file, not an output folder; choose a new folder")
     if path.is_dir() and any(path.iterdir()):
@@ -135,6 +144,27 @@ def check_output(
                 f"{final}: holds {what}; a stage replaces only an earlier {kind!r} artifact. "
                 "Choose a new or empty folder"
             )
+        extra = foreign_files(path)
+        if extra:
+            raise ArtifactError(
+                f"{final}: holds files its {kind!r} manifest does not list ({_few(extra)}); "
+                "a stage replaces the folder whole: move them out or choose a new folder"
+            )
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files under an artifact folder that its manifest does not list (someone else's)."""
+    listed = set(read_manifest(folder).get("files", {})) | {MANIFEST}
+    return sorted(
+        rel
+        for p in folder.rglob("*")
+        if (p.is_file() or p.is_symlink())
+        and (rel := p.relative_to(folder).as_posix()) not in listed
+    )
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 @contextlib.contextmanager

@@ -53,14 +53,55 @@ def differences(recorded: dict | None, wanted: dict) -> list[str]:
     return out
 
 
+# What transformers' Trainer (and peft, and this module) write into a checkpoint folder: a
+# cut-off checkpoint holds some of these and nothing else.
+TRAINER_FILES = re.compile(
+    r"^(adapter_model\.safetensors|adapter_config\.json|README\.md|config\.json"
+    r"|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|pytorch_model(_fsdp\w*)?\.bin|optimizer(_\d+)?\.(pt|bin)|scheduler\.pt|scaler\.pt"
+    r"|rng_state(_\d+)?\.pth|trainer_state\.json|training_args\.bin|tokenizer\.(json|model)"
+    r"|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|vocab\.json"
+    r"|merges\.txt|chat_template\.jinja|MANIFEST\.json(\.tmp)?)$"
+)
+
+
+def _is_ours(path: Path) -> bool:
+    """A checkpoint folder this stage wrote, sealed or cut off: no other file is in it."""
+    return all(p.is_file() and TRAINER_FILES.match(p.name) for p in path.iterdir())
+
+
 def _steps(root: Path) -> list[tuple[int, Path]]:
-    """``checkpoint-<step>`` folders under ``root``, newest first."""
+    """``checkpoint-<step>`` folders under ``root`` that this stage wrote, newest first.
+
+    A folder of that name holding anything else is someone's own: never touched.
+    """
     if not root.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP.match(p.name))
-    ]
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and (m := STEP.match(p.name)):
+            if _is_ours(p):
+                found.append((int(m.group(1)), p))
+            else:
+                log.warning("leaving %s alone: it holds files a checkpoint never has", p)
     return sorted(found, reverse=True)
+
+
+def check_root(root: Path) -> None:
+    """Refuse a checkpoint folder holding someone's folder named like a checkpoint: the
+    Trainer would save into it, and rotating checkpoints would delete it.
+
+    Raises:
+        ArtifactError: naming the folder to move.
+    """
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and STEP.match(p.name) and not _is_ours(p):
+            raise ArtifactError(
+                f"{p}: holds files a training checkpoint never has; the train stage saves "
+                f"its checkpoints in {root}: move that folder out"
+            )
 
 
 def latest_local(root: Path, wanted: dict) -> Path | None:
@@ -129,6 +170,7 @@ def latest_remote(uri: str, root: Path, wanted: dict) -> Path | None:
 
 def find_resume_point(root: Path, wanted: dict, uri: str = "") -> str | None:
     """Local first (a retried local task), else the S3 mirror (a new pod)."""
+    check_root(root)
     path = latest_local(root, wanted) or (latest_remote(uri, root, wanted) if uri else None)
     if path:
         log.info("resuming from %s", path)
