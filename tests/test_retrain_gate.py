@@ -196,3 +196,11 @@ def test_the_console_says_why_it_trains(tmp_path):
     shown = [line.strip() for line in out.getvalue().splitlines()]
     assert shown[1] == "decide-training        training: no champion yet"
     assert len(shown) == 3
+
+
+def test_the_webhook_line_of_a_skipped_run_says_no_model_was_trained():
+    from qlora_kfp.tracking import report
+
+    tags = {"training_decision": "skip", "qlora.reused_champion_version": "m/3"}
+    line = report.summary("SUCCEEDED", "run-1", {}, "", tags)
+    assert line == "qlora-finetune run-1: SUCCEEDED | no model trained: reuses champion m/3"

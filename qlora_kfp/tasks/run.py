@@ -150,7 +150,7 @@ def finish(args: dict) -> None:
     Path(args["report"].path).write_text(text)
     url = os.environ.get(report.WEBHOOK_ENV, "")
     if url:
-        report.post_webhook(url, report.summary(state, kfp_run_id, metrics, error))
+        report.post_webhook(url, report.summary(state, kfp_run_id, metrics, error, tags))
     checkpoints = RunContext(kfp_run_id).artifact_uri("train-checkpoints")
     if checkpoints and state == outcome.SUCCEEDED:  # resumable checkpoints are not needed any more
         from qlora_kfp.storage import s3
