@@ -11,6 +11,13 @@ REGISTRY ?= ghcr.io/qlora-kfp
 TAG ?= 0.1.0
 OVERLAY ?= example
 PYTEST_ARGS ?=
+# The real etcd, kube-apiserver and kube-controller-manager the manifest tests start
+# (backend/kube pins the release).
+BACKEND_BIN := .cache/backend/bin
+# The release go.mod pins, stamped into the binary (its /version; 1.34 -> gitMinor 34).
+KUBE_VERSION := $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' backend/kube/go.mod)
+KUBE_LDFLAGS := $(foreach kv,gitVersion=$(KUBE_VERSION) gitMajor=1 \
+  gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION))) gitTreeState=clean,-X k8s.io/component-base/version.$(kv))
 export HF_HUB_OFFLINE ?= 1
 export QLORA_KFP_REGISTRY := $(REGISTRY)
 export QLORA_KFP_TAG := $(TAG)
@@ -50,7 +57,17 @@ $(KFP_RELEASES): tests/kfp_releases.py | $(STAMP)
 
 kfp-releases: $(KFP_RELEASES) ## Download each KFP release's protos (PyPI) for tests/test_kfp_releases.py
 
-test: $(STAMP) $(KFP_RELEASES) install-browser ## Run every test the CPU can run (gpu tests skip)
+BACKEND_BINS := $(addprefix $(BACKEND_BIN)/,etcd kube-apiserver kube-controller-manager)
+# One grouped target: a single `go build` links all three (one build at a time on 2 cores).
+$(BACKEND_BINS) &: $(addprefix backend/kube/,go.mod go.sum tools.go etcd/main.go)
+	mkdir -p $(BACKEND_BIN)
+	cd backend/kube && go build -trimpath -ldflags "-s -w $(KUBE_LDFLAGS)" -o $(abspath $(BACKEND_BIN))/ \
+	  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager ./etcd
+	touch $(BACKEND_BINS)
+
+backend: $(BACKEND_BINS) ## Build etcd, kube-apiserver, kube-controller-manager (backend/kube; needs Go) into .cache/backend/bin
+
+test: $(STAMP) $(KFP_RELEASES) install-browser backend ## Run every test the CPU can run (gpu tests skip)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) $(KFP_RELEASES) ## Run the tests not marked slow or integration
@@ -69,7 +86,7 @@ images: ## Build and push both images: REGISTRY=... TAG=... (needs docker)
 	docker build -f images/Dockerfile.gpu --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(REGISTRY)/qlora-kfp-gpu:$(TAG) .
 	docker push $(REGISTRY)/qlora-kfp-gpu:$(TAG)
 
-manifests: ## Render OVERLAY (default example; example-istio for full Kubeflow) with kubectl kustomize
+manifests: ## Render OVERLAY (example, example-istio; example/admin, example/owner: one role's part) with kubectl kustomize
 	@kubectl kustomize manifests/overlays/$(OVERLAY)
 
 upload: $(STAMP) ## Upload PACKAGE (default pipelines/compiled/qlora_finetune.yaml) to KFP 2.15+ (new version if it exists)
@@ -115,6 +132,6 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0
 clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
-.PHONY: help install run generate compile test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
+.PHONY: help install run generate compile backend test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
 	schedule images manifests install-browser bench bench-mfu bench-70b bench-stages bench-pipeline \
 	device-wheels

@@ -144,7 +144,7 @@ def build_artifact(cfg, out: Path, seed: int = 0) -> dict:
     import torch
 
     from qlora_kfp.app.demo import build_tokenizer
-    from qlora_kfp.stages.quantize import write_record
+    from qlora_kfp.storage.artifacts import write_quantize_record
     from qlora_kfp.storage.manifest import atomic_folder
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,7 +153,7 @@ def build_artifact(cfg, out: Path, seed: int = 0) -> dict:
         # Only padding uses the tokenizer: pad id 2 exists in every vocabulary here.
         build_tokenizer(["a b c"], vocab_size=300).save_pretrained(tmp)
         # The train stage reads what the model was made from: no checkpoint, random weights.
-        write_record(tmp, {"base_model": f"random-weights:seed={seed}"}, f"random:{seed}")
+        write_quantize_record(tmp, {"base_model": f"random-weights:seed={seed}"}, f"random:{seed}")
     return info
 
 

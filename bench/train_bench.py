@@ -72,7 +72,7 @@ def quantize(checkpoint: str, out: Path) -> float:
     import torch
 
     from qlora_kfp.app.demo import build_tokenizer
-    from qlora_kfp.stages.quantize import write_record
+    from qlora_kfp.storage.artifacts import write_quantize_record
     from qlora_kfp.storage.fingerprint import model_fingerprint
     from qlora_kfp.storage.manifest import atomic_folder
     from qlora_kfp.training import modeling
@@ -87,7 +87,7 @@ def quantize(checkpoint: str, out: Path) -> float:
         model.save_pretrained(tmp, safe_serialization=True)
         build_tokenizer(["a b c"], vocab_size=300).save_pretrained(tmp)
         # The train stage reads what the model was made from, as from the quantize stage's.
-        write_record(tmp, {"base_model": checkpoint}, model_fingerprint(checkpoint))
+        write_quantize_record(tmp, {"base_model": checkpoint}, model_fingerprint(checkpoint))
     del model
     torch.cuda.empty_cache()
     return time.perf_counter() - t

@@ -36,6 +36,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+        # A test on the real API server starts real servers: the `integration` marker's
+        # meaning, set here so no such test can go without it.
+        if "kube_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture
@@ -183,3 +187,40 @@ def s3_env(s3_only, monkeypatch):
     for k, v in s3_only.env().items():
         monkeypatch.setenv(k, v)
     return s3_only
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory):
+    """A real etcd, kube-apiserver and kube-controller-manager on 127.0.0.1
+    (tests/kube_apiserver.py), with the CRDs of Istio's security policies and KServe's
+    InferenceService installed."""
+    from kube_api import Kube
+    from kube_apiserver import kube_apiserver
+
+    with kube_apiserver(tmp_path_factory.mktemp("kube")) as cluster:
+        admin = Kube(cluster.url, cluster.ca, cluster.admin_token)
+        for schemas in ("istio-security.json", "kserve-inferenceservice.json"):
+            admin.install_crds(schemas)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def kube(kube_cluster):
+    """The real API server as cluster-admin (tests/kube_api.py)."""
+    from kube_api import Kube
+
+    return Kube(kube_cluster.url, kube_cluster.ca, kube_cluster.admin_token)
+
+
+@pytest.fixture(scope="session")
+def example_namespace(kube):
+    """The example overlay applied for real by cluster-admin, into its own namespace, once the
+    controller manager has counted its quota. Returns the namespace."""
+    from kube import kustomize
+
+    docs = kustomize("manifests/overlays/example")
+    (namespace,) = {d["metadata"]["namespace"] for d in docs}
+    kube.namespace(namespace)
+    assert kube.refused(docs) == {}
+    kube.wait_quotas_counted(namespace)
+    return namespace

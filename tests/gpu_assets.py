@@ -22,7 +22,7 @@ def build(root: Path, shape: dict, seq: int, rows: int, device: str) -> tuple[st
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora_kfp.app.demo import build_tokenizer
-    from qlora_kfp.stages.quantize import write_record
+    from qlora_kfp.storage.artifacts import write_quantize_record
     from qlora_kfp.storage.fingerprint import model_fingerprint
     from qlora_kfp.storage.manifest import atomic_folder
     from qlora_kfp.training import modeling
@@ -42,7 +42,9 @@ def build(root: Path, shape: dict, seq: int, rows: int, device: str) -> tuple[st
     with atomic_folder(root / "model4", "quantized-model") as tmp:
         quantized.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_record(tmp, {"base_model": str(root / "base")}, model_fingerprint(str(root / "base")))
+        write_quantize_record(
+            tmp, {"base_model": str(root / "base")}, model_fingerprint(str(root / "base"))
+        )
     del quantized
     if device == "cuda":
         torch.cuda.empty_cache()

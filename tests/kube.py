@@ -1,12 +1,14 @@
-"""What Kubernetes does with the manifests, done offline: render them and resolve a container's
-environment, command and arguments the way the kubelet does.
+"""The manifests rendered offline, and what the kubelet (which cannot run here) does with them:
+resolve a container's environment, command and arguments.
 
-Each rule mirrors the Kubernetes source file named beside it (kubernetes/kubernetes, 1.33).
+Each kubelet rule mirrors the Kubernetes source file named beside it (kubernetes/kubernetes,
+1.33). What the API server does with the manifests is asked of a real one (kube_api.py).
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +17,17 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def kustomize_into(path: str, namespace: str, work: Path) -> list[dict]:
+    """``path`` rendered into another namespace, through an overlay as a user writes one."""
+    (work / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"namespace: {namespace}\n"
+        # kustomize takes no absolute path to a kustomization: the overlay, relative to here.
+        f"resources:\n  - {os.path.relpath(ROOT / path, work)}\n"
+    )
+    return kustomize(str(work))
 
 
 def kustomize(path: str) -> list[dict]:
@@ -135,100 +148,3 @@ def container_argv(container: dict, env: dict[str, str]) -> list[str]:
     """command + args with ``$(VAR)`` expanded against the container's own environment
     (pkg/kubelet/container/helpers.go, ExpandContainerCommandAndArgs)."""
     return [expand(a, env.get) for a in container.get("command", []) + container.get("args", [])]
-
-
-# --- custom resources: the CRD's structural schema, then its CEL rules ---------------------
-
-SCHEMAS = ROOT / "tests" / "schemas"
-
-
-def _strict(schema):
-    """Unknown fields are errors, as with `kubectl apply` (server-side field validation
-    Strict): an object schema with properties and no preserve-unknown-fields allows no others."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) for k, v in schema.items()}
-    if (
-        "properties" in out
-        and "additionalProperties" not in out
-        and not out.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    return out
-
-
-# The CRDs' x-kubernetes-validations rules (CEL), each as the Python it means. A rule not
-# listed here fails the check: a new upstream rule must be read and added, never skipped.
-CEL_RULES = {
-    '!self.contains("*")': lambda s: "*" not in s,
-    "(has(self.selector) ? 1 : 0) + (has(self.targetRef) ? 1 : 0) + "
-    "(has(self.targetRefs) ? 1 : 0) <= 1": lambda s: (
-        sum(k in s for k in ("selector", "targetRef", "targetRefs")) <= 1
-    ),
-    "(has(self.serviceAccounts) || has(self.notServiceAccounts)) ? (!has(self.principals) &&\n"
-    "!has(self.notPrincipals) && !has(self.namespaces) && !has(self.notNamespaces)) : true": (
-        lambda s: (
-            not ({"serviceAccounts", "notServiceAccounts"} & set(s))
-            or not ({"principals", "notPrincipals", "namespaces", "notNamespaces"} & set(s))
-        )
-    ),
-    "has(self.portLevelMtls) ? (((has(self.selector) && has(self.selector.matchLabels)) ? "
-    "self.selector.matchLabels : {}).size() > 0) : true": lambda s: (
-        "portLevelMtls" not in s or bool((s.get("selector") or {}).get("matchLabels"))
-    ),
-    'self.all(key, !key.contains("*"))': lambda s: all("*" not in k for k in s),
-    "self.all(key, 0 < int(key) && int(key) <= 65535)": lambda s: all(
-        0 < int(k) <= 65535 for k in s
-    ),
-    "self.all(key, key.size() != 0)": lambda s: all(len(k) != 0 for k in s),
-    "self.size() == 0": lambda s: len(s) == 0,
-}
-
-
-def _cel_errors(schema: dict, value, path: str) -> list[str]:
-    errors = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        check = CEL_RULES.get(rule["rule"])
-        if check is None:
-            errors.append(f"{path}: CEL rule not modelled in tests/kube.py: {rule['rule']!r}")
-        elif not check(value):
-            errors.append(f"{path}: {rule.get('message', rule['rule'])}")
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            child = schema.get("properties", {}).get(key)
-            if child is None and isinstance(schema.get("additionalProperties"), dict):
-                child = schema["additionalProperties"]
-            if child is not None:
-                errors += _cel_errors(child, sub, f"{path}.{key}")
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, sub in enumerate(value):
-            errors += _cel_errors(schema["items"], sub, f"{path}[{i}]")
-    return errors
-
-
-def custom_resource_errors(doc: dict, schema_file: str) -> list[str]:
-    """Why the API server would refuse ``doc``, a custom resource, by its CRD's schema (from
-    tests/schemas/<schema_file>, see vendor_crds.py); [] when it would accept it."""
-    import json
-
-    import jsonschema
-
-    kinds = json.loads((SCHEMAS / schema_file).read_text())["kinds"]
-    key = f"{doc['apiVersion']}/{doc['kind']}"
-    if key not in kinds:
-        return [f"{key}: no such kind/version in {schema_file} ({sorted(kinds)})"]
-    schema = kinds[key]
-    # apiVersion, kind and metadata belong to every object; a CRD's schema may leave them out.
-    meta = {
-        "apiVersion": {"type": "string"},
-        "kind": {"type": "string"},
-        "metadata": {"type": "object"},
-    }
-    root = {**schema, "properties": {**meta, **schema.get("properties", {})}}
-    validator = jsonschema.Draft7Validator(_strict(root))
-    errors = [
-        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
-    ]
-    return errors + _cel_errors(schema, doc, doc["kind"])

@@ -119,7 +119,7 @@ def two_models(demo_assets):
 def test_varlen_model_gives_the_sdpa_logits(two_models, prepared, mode, boundaries):
     from transformers import AutoTokenizer
 
-    from qlora_kfp.stages.train import token_rows
+    from qlora_kfp.storage.artifacts import token_rows
 
     rows = token_rows(prepared.path, "train")[:6]
     tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")

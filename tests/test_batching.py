@@ -79,7 +79,7 @@ def _tiny_tokenizer():
 def model_and_rows(demo_assets, prepared):
     from transformers import AutoTokenizer
 
-    from qlora_kfp.stages.train import token_rows
+    from qlora_kfp.storage.artifacts import token_rows
 
     # float64, so these comparisons test which tokens see which, not fp32 kernel rounding
     # (see two_models in test_attention.py).
@@ -132,7 +132,8 @@ def test_collator_counts_only_real_tokens(model_and_rows):
 
 def test_training_on_bins_takes_fewer_fuller_steps_and_learns(quantized, prepared, tmp_path):
     from qlora_kfp.configs import TrainConfig
-    from qlora_kfp.stages.train import run_train, token_rows
+    from qlora_kfp.stages.train import run_train
+    from qlora_kfp.storage.artifacts import token_rows
 
     rows = token_rows(prepared.path, "train")
     cfg = TrainConfig(

@@ -101,7 +101,7 @@ def test_the_train_stage_trains_on_what_the_benchmarks_build(demo_assets, prepar
 
 def test_a_quantized_model_without_its_record_is_a_clear_error(tmp_path):
     from qlora_kfp.errors import ArtifactError
-    from qlora_kfp.stages.train import base_model_of
+    from qlora_kfp.storage.artifacts import base_model_of
 
     with pytest.raises(ArtifactError, match=r"quantize.json: cannot read what the quantized"):
         base_model_of(str(tmp_path))

@@ -60,7 +60,7 @@ def _step(quantized, batch, layers: int, offload: str = "off"):
 def batch(prepared):
     from transformers import AutoTokenizer
 
-    from qlora_kfp.stages.train import token_rows
+    from qlora_kfp.storage.artifacts import token_rows
     from qlora_kfp.training import batching
 
     tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")

@@ -9,7 +9,8 @@ import pytest
 from qlora_kfp.configs import PrepareConfig
 from qlora_kfp.data.templates import IGNORE
 from qlora_kfp.errors import DataError, SourceError
-from qlora_kfp.stages.prepare import encode_rows, load_split, run_prepare, split
+from qlora_kfp.stages.prepare import encode_rows, run_prepare, split
+from qlora_kfp.storage.artifacts import load_split
 from qlora_kfp.storage.manifest import verify
 
 ALPACA = [{"instruction": f"Opposite of: w{i}", "input": "", "output": f"a{i}"} for i in range(20)]
@@ -30,15 +31,19 @@ def cfg(path, base, **kw):
     return PrepareConfig(data_source=path, base_model=base, max_seq_length=64, **kw)
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
-@pytest.mark.parametrize(
-    "rows", [ALPACA, PROMPT_COMPLETION, CHAT], ids=["alpaca", "prompt-completion", "chat-messages"]
-)
+# Every schema in every format, but chat in CSV: messages are nested, CSV holds flat schemas.
+FORMAT_CASES = [
+    pytest.param(rows, fmt, id=f"{name}-{fmt}")
+    for name, rows in (("alpaca", ALPACA), ("prompt-completion", PROMPT_COMPLETION), ("chat", CHAT))
+    for fmt in ("jsonl", "json", "csv", "parquet")
+    if not (name == "chat" and fmt == "csv")
+]
+
+
+@pytest.mark.parametrize("rows,fmt", FORMAT_CASES)
 def test_every_format_and_schema_gives_the_same_kind_of_rows(
     rows, fmt, write_rows, demo_assets, tokenizer
 ):
-    if fmt == "csv" and "messages" in rows[0]:
-        pytest.skip("chat messages are nested; CSV holds flat schemas")
     path = write_rows(rows, fmt)
     encoded, stats = encode_rows(cfg(path, demo_assets["base_model"]), tokenizer)
     assert stats["rows_read"] == 20 and len(encoded) == 20

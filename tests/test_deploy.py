@@ -1,7 +1,9 @@
-"""Images and manifests, checked offline: hadolint, kustomize build, Kubernetes schemas."""
+"""Images and manifests: hadolint, kustomize build, and every object applied (a dry run) to a
+real Kubernetes API server (tests/kube_apiserver.py) with the CRDs of Istio and KServe."""
 
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 import shutil
@@ -11,33 +13,28 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube import ROOT, custom_resource_errors, kustomize
+from kube import ROOT, find, kustomize
+from kube_api import pod, workload_pods
 
-K8S_VERSION = "1.33"
-OVERLAYS = ["manifests/base", "manifests/overlays/example", "manifests/overlays/example-istio"]
+OVERLAYS = ["manifests/overlays/example", "manifests/overlays/example-istio"]
+# The parts each role applies (tests/test_manifests_owner.py), without a namespace of their own.
+PARTS = ["manifests/base", "manifests/admin"]
 EXAMPLES = ["manifests/examples/kserve"]
-# Custom resources: their CRD's schema, vendored by tests/schemas/vendor_crds.py.
-CRD_SCHEMAS = {
-    "security.istio.io": "istio-security.json",
-    "serving.kserve.io": "kserve-inferenceservice.json",
-}
 
 
-def validate(doc: dict) -> None:
-    """Kubernetes kinds against the 1.33 schemas; custom resources against their CRD's."""
-    import kubernetes_validate
-
-    group = doc["apiVersion"].rpartition("/")[0]
-    if group in CRD_SCHEMAS:
-        assert custom_resource_errors(doc, CRD_SCHEMAS[group]) == [], doc["metadata"]["name"]
-    else:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+def in_namespace(docs: list[dict], namespace: str) -> list[dict]:
+    """``docs`` with ``namespace`` where they name none (what `kubectl apply -n` does)."""
+    return [
+        {**d, "metadata": {"namespace": namespace, **d["metadata"]}}
+        if d["kind"] != "Namespace"
+        else d
+        for d in docs
+    ]
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
-def test_manifests_validate_against_the_kubernetes_schemas(path):
-    docs = kustomize(path)
-    assert {d["kind"] for d in docs} >= {
+def test_overlays_hold_every_kind_a_deployment_needs(path):
+    assert {d["kind"] for d in kustomize(path)} >= {
         "Deployment",
         "StatefulSet",
         "Service",
@@ -49,16 +46,46 @@ def test_manifests_validate_against_the_kubernetes_schemas(path):
         "ResourceQuota",
         "LimitRange",
     }
-    for doc in docs:
-        validate(doc)
 
 
-@pytest.mark.parametrize("path", EXAMPLES)
-def test_examples_build_and_validate(path):
-    docs = kustomize(path)
-    assert docs
-    for doc in docs:
-        validate(doc)
+@pytest.mark.parametrize("path", OVERLAYS + PARTS + EXAMPLES)
+def test_the_api_server_accepts_the_manifests(kube, path):
+    """Defaulting, validation (unknown fields refused) and admission of Kubernetes 1.34, CRD
+    schemas and CEL rules for the custom resources."""
+    docs = in_namespace(kustomize(path), "manifests-check")
+    kube.namespace("manifests-check")
+    for namespace in {d["metadata"]["namespace"] for d in docs}:
+        kube.namespace(namespace)
+    assert kube.refused(docs, dry_run=True) == {}
+
+
+@pytest.mark.parametrize(
+    "break_it,refusal",
+    [
+        pytest.param(
+            lambda c: c.update(imagePullPolicy="Sometimes"),
+            'spec.template.spec.containers[0].imagePullPolicy: Unsupported value: "Sometimes"',
+            id="invalid-value",
+        ),
+        pytest.param(
+            lambda c: c.update(imagePulPolicy="Always"),
+            '.spec.template.spec.containers[name="mlflow"].imagePulPolicy: field not declared',
+            id="misspelt-field",
+        ),
+        pytest.param(
+            lambda c: c["resources"].update(requests={"memory": "64Gi"}),
+            "must be less than or equal to memory limit",
+            id="request-above-limit",
+        ),
+    ],
+)
+def test_the_api_server_refuses_a_broken_deployment(kube, break_it, refusal):
+    docs = in_namespace(kustomize("manifests/base"), "manifests-check")
+    deployment = copy.deepcopy(find(docs, "Deployment", "mlflow"))
+    break_it(deployment["spec"]["template"]["spec"]["containers"][0])
+    kube.namespace("manifests-check")
+    resp = kube.apply(deployment, dry_run=True)
+    assert not resp.ok and refusal in resp.json()["message"]
 
 
 def test_workloads_have_secure_defaults():
@@ -74,6 +101,22 @@ def test_workloads_have_secure_defaults():
             assert "limits" in c["resources"] and ":latest" not in c["image"]
 
 
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_workloads_pass_the_pod_security_standards(kube, level):
+    """The PodSecurity admission plugin in a namespace that enforces ``level`` (a profile
+    namespace may, through its `pod-security.kubernetes.io/enforce` label) admits our pods."""
+    namespace = f"pod-security-{level}"
+    kube.namespace(namespace)
+    label = {"pod-security.kubernetes.io/enforce": level}
+    patch = {"metadata": {"labels": label}}
+    headers = {"Content-Type": "application/merge-patch+json"}
+    kube.ok("PATCH", f"/api/v1/namespaces/{namespace}", patch, headers=headers)
+    docs = in_namespace(kustomize("manifests/base"), namespace)
+    pods = workload_pods(docs)
+    assert pods
+    assert {i: m for i, spec in pods if (m := kube.refusal(pod(namespace, spec)))} == {}
+
+
 def test_secret_and_configmap_keys_match_the_pipeline():
     from qlora_kfp.pipelines.platform import CONFIG_KEYS, SECRET_KEYS, PlatformOptions
 
@@ -83,7 +126,7 @@ def test_secret_and_configmap_keys_match_the_pipeline():
     assert set(docs[("ConfigMap", opts.config_map)]["data"]) == set(CONFIG_KEYS)
 
 
-@pytest.mark.parametrize("path", OVERLAYS[1:] + EXAMPLES)
+@pytest.mark.parametrize("path", OVERLAYS + EXAMPLES)
 def test_overlay_sets_namespace_and_bucket(path):
     docs = kustomize(path)
     assert {d["metadata"].get("namespace") for d in docs} == {"kubeflow-user-example-com"}

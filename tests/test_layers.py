@@ -93,6 +93,16 @@ def test_no_module_imports_a_floor_above_its_own():
     assert upward() == []
 
 
+def test_no_stage_imports_another_stage():
+    """Stages meet only in their artifacts, whose files qlora_kfp.storage.artifacts defines:
+    one stage can be read from its component to its last write without the others."""
+    assert [
+        (a, b)
+        for a, b in edges()
+        if a.startswith("qlora_kfp.stages.") and b.startswith("qlora_kfp.stages.")
+    ] == []
+
+
 def test_the_library_imports_no_kfp_wiring():
     """Everything below components is plain library code, callable without KFP."""
     library = [n for n in modules() if n != "qlora_kfp" and floor(n) < floor("qlora_kfp.tasks")]

@@ -35,7 +35,7 @@ def _loss_and_grads(model, batch):
 def batch(prepared):
     from transformers import AutoTokenizer
 
-    from qlora_kfp.stages.train import token_rows
+    from qlora_kfp.storage.artifacts import token_rows
     from qlora_kfp.training import batching
 
     tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")

@@ -3,14 +3,15 @@
 A run given ``service_account: qlora-kfp-runner`` runs every pod under it: KFP's driver and
 launcher and Argo's executor then call the Kubernetes API with its token. Each call below is
 one they make (kubeflow/pipelines 2.17.0 ``backend/src/v2``, argo-workflows
-``docs/workflow-rbac.md``); the authorizer mirrors Kubernetes RBAC
-(pkg/apis/rbac/v1/evaluation_helpers.go, plugin/pkg/auth/authorizer/rbac/rbac.go).
+``docs/workflow-rbac.md``). The example overlay is applied to a real API server
+(tests/kube_apiserver.py); each question is asked with a token the server issued to the
+service account, and its RBAC authorizer answers.
 """
 
 from __future__ import annotations
 
 import pytest
-from kube import find, kustomize
+from kube_api import pod
 
 SA = "qlora-kfp-runner"
 
@@ -28,6 +29,14 @@ NEEDED = [
     ("create", "argoproj.io", "workflowtaskresults", "", "argo wait container: task outputs"),
     ("patch", "argoproj.io", "workflowtaskresults", "run-abc-123", "argo wait container"),
 ]
+# What the README grants it, as (verb, group, resource, name or "" for any).
+GRANTED = {
+    ("get", "", "configmaps", "kfp-launcher"),
+    ("get", "", "secrets", "mlpipeline-minio-artifact"),
+    ("get", "", "pods", ""),
+    ("create", "argoproj.io", "workflowtaskresults", ""),
+    ("patch", "argoproj.io", "workflowtaskresults", ""),
+}
 REFUSED = [
     ("get", "", "secrets", "qlora-kfp-credentials"),  # reaches the pods as env, via the kubelet
     ("list", "", "secrets", ""),
@@ -38,40 +47,10 @@ REFUSED = [
 ]
 
 
-def rule_allows(rule: dict, verb: str, group: str, resource: str, name: str) -> bool:
-    """evaluation_helpers.go RuleAllows: verb, group, resource, then resourceNames (a rule
-    with names never matches a request without one, e.g. create)."""
-
-    def matches(values, value):
-        return "*" in values or value in values
-
-    names = rule.get("resourceNames") or []
-    return (
-        matches(rule.get("verbs", []), verb)
-        and matches(rule.get("apiGroups", []), group)
-        and matches(rule.get("resources", []), resource)
-        and (not names or name in names)
-    )
-
-
-def allowed(docs: list[dict], verb: str, group: str, resource: str, name: str) -> bool:
-    """rbac.go: any RoleBinding of the namespace naming the service account (a subject with no
-    namespace means the binding's own) whose Role has a rule that allows the request."""
-    for rb in (d for d in docs if d["kind"] == "RoleBinding"):
-        ns = rb["metadata"].get("namespace")
-        for subject in rb.get("subjects", []):
-            if subject["kind"] == "ServiceAccount" and subject["name"] == SA:
-                if subject.get("namespace", ns) != ns:
-                    continue
-                role = find(docs, rb["roleRef"]["kind"], rb["roleRef"]["name"])
-                if any(rule_allows(r, verb, group, resource, name) for r in role["rules"]):
-                    return True
-    return False
-
-
 @pytest.fixture(scope="module")
-def docs():
-    return kustomize("manifests/overlays/example")
+def runner(kube, example_namespace):
+    """The API server as the runner's pods see it: with a token issued to the account."""
+    return kube.with_token(kube.service_account_token(example_namespace, SA))
 
 
 @pytest.mark.parametrize(
@@ -79,20 +58,53 @@ def docs():
     NEEDED,
     ids=[f"{v}-{r}-{n or 'new'}" for v, _, r, n, _ in NEEDED],
 )
-def test_runner_can_make_the_calls_of_a_run(docs, verb, group, resource, name, who):
-    assert allowed(docs, verb, group, resource, name), who
+def test_runner_can_make_the_calls_of_a_run(
+    runner, example_namespace, verb, group, resource, name, who
+):
+    assert runner.can_i(verb, resource, example_namespace, group, name), who
 
 
 @pytest.mark.parametrize(
     "verb,group,resource,name", REFUSED, ids=[f"{v}-{r}-{n or 'any'}" for v, _, r, n in REFUSED]
 )
-def test_runner_gets_nothing_else(docs, verb, group, resource, name):
-    assert not allowed(docs, verb, group, resource, name)
+def test_runner_gets_nothing_else(runner, example_namespace, verb, group, resource, name):
+    assert not runner.can_i(verb, resource, example_namespace, group, name)
 
 
-def test_runner_token_is_mounted(docs):
+def rules(kube, namespace: str) -> set[tuple]:
+    """Every (verb, group, resource, name) this identity may use in ``namespace``
+    (SelfSubjectRulesReview), rules with several verbs or names split up."""
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectRulesReview",
+        "spec": {"namespace": namespace},
+    }
+    path = "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews"
+    found = set()
+    for rule in kube.ok("POST", path, review)["status"]["resourceRules"]:
+        for verb in rule["verbs"]:
+            for group in rule.get("apiGroups", [""]):
+                for resource in rule.get("resources", []):
+                    for name in rule.get("resourceNames") or [""]:
+                        found.add((verb, group, resource, name))
+    return found
+
+
+def test_runner_has_no_rule_beyond_the_calls_of_a_run(kube, runner, example_namespace):
+    """All the server would allow the runner, less what any service account of the namespace
+    gets (discovery, self reviews), is the calls of a run, one for one."""
+    bare = kube.impersonating(f"system:serviceaccount:{example_namespace}:default")
+    extra = rules(runner, example_namespace) - rules(bare, example_namespace)
+    assert extra == GRANTED
+
+
+def test_runner_token_is_mounted(kube, example_namespace):
     """The driver and launcher find their namespace in the mounted token's folder
     (v2/config/env.go InPodNamespace reads /var/run/secrets/kubernetes.io/serviceaccount/
     namespace) and authenticate with the token: a service account that opts out of mounting it
-    fails every task."""
-    assert find(docs, "ServiceAccount", SA).get("automountServiceAccountToken", True) is True
+    fails every task. The ServiceAccount admission plugin mounts it into a run's pod."""
+    spec = {"serviceAccountName": SA, "containers": [{"name": "main"}]}
+    resp = kube.create(pod(example_namespace, spec), dry_run=True)
+    assert resp.ok, resp.text
+    mounts = resp.json()["spec"]["containers"][0].get("volumeMounts", [])
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in {m["mountPath"] for m in mounts}

@@ -271,7 +271,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> dict:
 def _register(cfg, args: argparse.Namespace) -> dict:
     from qlora_kfp.errors import TrackingError
     from qlora_kfp.stages.evaluate import read_metrics
-    from qlora_kfp.stages.prepare import dataset_digest
+    from qlora_kfp.storage.artifacts import dataset_digest
     from qlora_kfp.tasks import stages
     from qlora_kfp.tracking import runs
 

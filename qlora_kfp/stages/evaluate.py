@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_kfp.configs import EvaluateConfig
-from qlora_kfp.errors import ProvenanceError
+from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.training import modeling
 
@@ -101,34 +101,6 @@ def samples_html(samples: list[dict], metrics: dict) -> str:
     )
 
 
-def check_base(model_dir: str, adapter_dir: str) -> None:
-    """Refuse a quantized model made from another base than the adapter was trained on.
-
-    Base and tuned scores on another base of the same shapes would both be computed, and
-    both be wrong: the adapter's deltas were learned for other weights. The quantize stage
-    records the base weights' fingerprint and the adapter keeps it (``train.json``).
-
-    Raises:
-        ProvenanceError: naming both base models.
-    """
-    from qlora_kfp.stages.quantize import base_model_of
-
-    made = base_model_of(model_dir)
-    record = json.loads((Path(adapter_dir) / "train.json").read_text())
-    given, trained_on = made["base_model_fingerprint"], record.get("base_model_fingerprint")
-    if not given or not trained_on:
-        log.warning(
-            "%s or %s records no base fingerprint: base not checked", model_dir, adapter_dir
-        )
-        return
-    if given != trained_on:
-        raise ProvenanceError(
-            f"{adapter_dir}: the adapter was trained on base model {record.get('base_model')} "
-            f"({trained_on}), but {model_dir} was quantized from {made['base_model']} "
-            f"({given}); evaluate it on a quantized copy of the base it was trained on"
-        )
-
-
 def run_evaluate(
     cfg: EvaluateConfig, model_dir: str, adapter_dir: str, dataset_dir: str, output_dir: str
 ) -> EvaluateResult:
@@ -154,13 +126,20 @@ def run_evaluate(
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from qlora_kfp.stages.prepare import load_split
     from qlora_kfp.tracking.plots import comparison_bars
 
     verify(model_dir, "quantized-model")
     verify(adapter_dir, "adapter")
-    check_base(model_dir, adapter_dir)
-    evals = modeling.take(load_split(dataset_dir, "eval"), cfg.eval_rows)
+    # Base and tuned scores on another base of the same shapes would both be computed and both
+    # be wrong: the adapter's deltas were learned for other weights.
+    made = artifacts.base_model_of(model_dir)
+    artifacts.check_base(
+        adapter_dir,
+        made["base_model_fingerprint"],
+        f"{model_dir} (quantized from {made['base_model']})",
+        "evaluate it on a quantized copy of the base it was trained on",
+    )
+    evals = modeling.take(artifacts.load_split(dataset_dir, "eval"), cfg.eval_rows)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     base = modeling.load_model(model_dir, dtype=modeling.resolve_dtype(cfg.compute_dtype))
     model = PeftModel.from_pretrained(base, adapter_dir)

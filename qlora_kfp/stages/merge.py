@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from qlora_kfp.configs import MergeConfig
-from qlora_kfp.errors import ProvenanceError, VerificationError
-from qlora_kfp.storage import fingerprint, manifest, sources
+from qlora_kfp.errors import VerificationError
+from qlora_kfp.storage import artifacts, fingerprint, manifest, sources
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes, verify
 from qlora_kfp.training import modeling
 
@@ -32,34 +31,6 @@ def probe_inputs(tokenizer, n: int = 4, length: int = 24):
 
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, len(tokenizer), (n, length), generator=g)
-
-
-def check_base(adapter_dir: str, base_model: str) -> None:
-    """Refuse a base model other than the one the adapter was trained on.
-
-    Logits of base+adapter and of the merged model agree on *any* base of the right shapes,
-    so the logit check cannot tell; the weights' fingerprint recorded at training time can.
-
-    Raises:
-        ProvenanceError: naming both base models.
-    """
-    record = json.loads((Path(adapter_dir) / "train.json").read_text())
-    trained_on = record.get("base_model_fingerprint")
-    if not trained_on:
-        log.warning(
-            "%s records no base model fingerprint (an older version trained it); "
-            "cannot check it belongs to %s",
-            adapter_dir,
-            base_model,
-        )
-        return
-    given = fingerprint.model_fingerprint(base_model)
-    if given != trained_on:
-        raise ProvenanceError(
-            f"{adapter_dir}: the adapter was trained on base model {record.get('base_model')} "
-            f"({trained_on}), but base_model={base_model} has other weights ({given}); merge "
-            "it into the base model it was trained on"
-        )
 
 
 def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResult:
@@ -83,7 +54,12 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
     base = modeling.load_model(
         cfg.base_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
     )
-    check_base(adapter_dir, cfg.base_model)  # after loading: a hub model is then in the cache
+    artifacts.check_base(  # after loading: a hub model is then in the cache
+        adapter_dir,
+        fingerprint.model_fingerprint(cfg.base_model),
+        f"base_model={cfg.base_model}",
+        "merge it into the base model it was trained on",
+    )
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     ids = probe_inputs(tokenizer).to(next(model.parameters()).device)

@@ -6,12 +6,12 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from qlora_kfp.configs import PrepareConfig
 from qlora_kfp.data import readers, schema, splitting, templates
 from qlora_kfp.data.specials import SpecialText
 from qlora_kfp.errors import DataError
+from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.manifest import atomic_folder, check_output
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
         (tmp / "rendered_samples.txt").write_text(render_samples(tokenizer, train[:3]))
         info = {"config": asdict(cfg), "chat_template_used": template, "stats": stats}
         (tmp / "stats.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-    digest = dataset_digest(output_dir)
+    digest = artifacts.dataset_digest(output_dir)
     return PrepareResult(str(output_dir), stats, digest)
 
 
@@ -184,22 +184,3 @@ def render_samples(tokenizer, rows: list[templates.Encoded]) -> str:
             parts.append(f"[{text}]" if masked else text)
         out.append(f"--- row {i} ({len(r.input_ids)} tokens; [masked]) ---\n{''.join(parts)}")
     return "\n".join(out) + "\n"
-
-
-def dataset_digest(folder: str) -> str:
-    """Digest of the prepared data (train + eval parquet), stable across identical runs."""
-    m = json.loads((Path(folder) / "MANIFEST.json").read_text())["files"]
-    h = hashlib.sha256()
-    for name in ("train.parquet", "eval.parquet"):
-        h.update(m[name]["sha256"].encode())
-    return h.hexdigest()[:16]
-
-
-def load_split(folder: str, name: str):
-    """Load ``train`` or ``eval`` of a prepared dataset as a ``datasets.Dataset``."""
-    import datasets
-
-    from qlora_kfp.storage.manifest import verify
-
-    verify(folder, "dataset")
-    return datasets.Dataset.from_parquet(str(Path(folder) / f"{name}.parquet"))

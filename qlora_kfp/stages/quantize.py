@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_kfp.configs import QuantizeConfig
-from qlora_kfp.errors import ArtifactError
-from qlora_kfp.storage import manifest, sources
+from qlora_kfp.storage import artifacts, manifest, sources
 from qlora_kfp.storage.fingerprint import model_fingerprint
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
 from qlora_kfp.training import modeling, shards
@@ -72,44 +70,6 @@ def room_for_16bit_bytes() -> float:
     return 0.5 * autofit.host_available_gib() * 2**30
 
 
-RECORD = "quantize.json"
-
-
-def write_record(folder: str | Path, config: dict, base_fingerprint: str) -> None:
-    """What a quantized-model artifact was made from (``quantize.json``): the settings (with
-    ``base_model``) and the base weights' fingerprint, which an adapter trained on it keeps so
-    merge and evaluate can check their base against it. Every writer of the artifact calls it.
-    """
-    record = {"config": config, "base_model_fingerprint": base_fingerprint}
-    (Path(folder) / RECORD).write_text(json.dumps(record, indent=1))
-
-
-def read_record(model_dir: str | Path) -> dict:
-    """The record :func:`write_record` left in a quantized-model artifact.
-
-    Raises:
-        ArtifactError: the artifact has none (it was not written by a quantize stage).
-    """
-    path = Path(model_dir) / RECORD
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(
-            f"{path}: cannot read what the quantized model was made from "
-            f"({type(exc).__name__}); quantize it with the quantize stage"
-        ) from None
-
-
-def base_model_of(model_dir: str | Path) -> dict:
-    """The base model a quantized model was made from and its weights' fingerprint, as its
-    record says; the adapter keeps them so merge and evaluate can check their base."""
-    made = read_record(model_dir)
-    return {
-        "base_model": made["config"]["base_model"],
-        "base_model_fingerprint": made.get("base_model_fingerprint", ""),
-    }
-
-
 def run_quantize(
     cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None = None
 ) -> QuantizeResult:
@@ -128,9 +88,11 @@ def run_quantize(
     check_output(output_dir, "quantized-model", (cfg.base_model, dataset_dir or ""))
     import torch
 
-    from qlora_kfp.stages.prepare import load_split
-
-    evals = modeling.take(load_split(dataset_dir, "eval"), cfg.eval_rows) if dataset_dir else None
+    evals = (
+        modeling.take(artifacts.load_split(dataset_dir, "eval"), cfg.eval_rows)
+        if dataset_dir
+        else None
+    )
     tokenizer = sources.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     if dataset_dir:  # the tokenizer with the chat template the data was rendered with
         from transformers import AutoTokenizer
@@ -171,7 +133,7 @@ def run_quantize(
     with atomic_folder(output_dir, "quantized-model") as tmp:
         model4.save_pretrained(tmp, safe_serialization=True, max_shard_size=manifest.SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
-        write_record(tmp, asdict(cfg), model_fingerprint(cfg.base_model))
+        artifacts.write_quantize_record(tmp, asdict(cfg), model_fingerprint(cfg.base_model))
     metrics["bytes_4bit"] = folder_bytes(output_dir)
     metrics["compression_ratio"] = round(metrics["bytes_16bit"] / metrics["bytes_4bit"], 3)
     log.info("quantized %s: %s", cfg.base_model, metrics)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
-from qlora_kfp.stages.quantize import base_model_of
+from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.fingerprint import artifact_digest
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.training import autofit, batching, checkpoints, modeling, trainer_hooks
@@ -32,14 +32,6 @@ class TrainResult:
     path: str
     metrics: dict
     history: list[dict]
-
-
-def token_rows(dataset_dir: str, split: str) -> list[dict]:
-    """``input_ids``/``labels`` of a prepared split, read with pyarrow (no datasets needed)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(Path(dataset_dir) / f"{split}.parquet", columns=["input_ids", "labels"])
-    return table.to_pylist()
 
 
 def memory_settings(
@@ -110,9 +102,9 @@ def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume,
 
 def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
     """What this run's checkpoints and adapter are made from (checkpoints.made_from)."""
-    from qlora_kfp.stages.prepare import dataset_digest
-
-    return checkpoints.made_from(cfg, dataset_digest(dataset_dir), artifact_digest(model_dir))
+    return checkpoints.made_from(
+        cfg, artifacts.dataset_digest(dataset_dir), artifact_digest(model_dir)
+    )
 
 
 def run_train(
@@ -153,7 +145,10 @@ def run_train(
     verify(dataset_dir, "dataset")
     expandable = modeling.prefer_expandable_segments()
     gpu_budget = autofit.budget_gib(cfg)  # before the model takes its share
-    train_ds, eval_ds = token_rows(dataset_dir, "train"), token_rows(dataset_dir, "eval")
+    train_ds, eval_ds = (
+        artifacts.token_rows(dataset_dir, "train"),
+        artifacts.token_rows(dataset_dir, "eval"),
+    )
     tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
     set_seed(cfg.seed)
     dtype = modeling.resolve_dtype(cfg.compute_dtype)
@@ -257,8 +252,9 @@ def run_train(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
-        record = {"config": asdict(cfg), "made_from": made_from, **base_model_of(model_dir)}
-        (tmp / "train.json").write_text(json.dumps(record, indent=1))
+        artifacts.write_train_record(
+            tmp, asdict(cfg), made_from, artifacts.base_model_of(model_dir)
+        )
         loss_curve(history, tmp / "loss_curve.png")
     checkpoints.remove_all(ckpt_root)  # the adapter is complete: no resume needed
     losses = [h["loss"] for h in history if "loss" in h]

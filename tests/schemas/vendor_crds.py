@@ -1,6 +1,6 @@
 """Write the CRD schemas the manifest tests validate against (tests/schemas/*.json).
 
-The Kubernetes schemas ship with kubernetes-validate; those of custom resources do not. This
+The tests install these as CRDs in a real API server (tests/kube_api.py, crds_from_schemas). This
 copies each CRD version's ``openAPIV3Schema`` from the upstream CRD file, without the
 descriptions. ``--prune-to`` keeps only the properties the given manifests use (the
 InferenceService CRD is 2 MB, mostly the pod spec): every kept property keeps its whole
