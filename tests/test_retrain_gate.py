@@ -204,3 +204,8 @@ def test_the_webhook_line_of_a_skipped_run_says_no_model_was_trained():
     tags = {"training_decision": "skip", "qlora.reused_champion_version": "m/3"}
     line = report.summary("SUCCEEDED", "run-1", {}, "", tags)
     assert line == "qlora-finetune run-1: SUCCEEDED | no model trained: reuses champion m/3"
+
+
+def test_a_bad_setting_fails_decide_training_in_one_line(store):
+    with pytest.raises(SystemExit, match=r"^decide-training failed: lora_r=0 is invalid"):
+        _decide("bad", lora_r=0)

@@ -85,7 +85,10 @@ def decide_training(args: dict) -> str:
     from qlora_kfp.tracking import registry
 
     setup_logging()
-    made_from = training_made_from(args)
+    try:
+        made_from = training_made_from(args)
+    except QloraError as exc:  # a bad setting: preflight says so too, in one line
+        fail("decide-training", exc)
     name = args["registered_model_name"]
     decision = registry.should_train(name, made_from, args["force_retrain"])
     word = "train" if decision.train else "skip"
