@@ -149,3 +149,4 @@ def test_run_help_lists_the_sweep_grid_with_its_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--lora_grid LORA_GRID Trials: each entry sets train parameters" in text
     assert "[qlora_sweep only]" in text and "[qlora_finetune only]" in text
+    assert "(pipeline default: qlora_finetune: qlora-finetune; qlora_sweep: qlora-sweep)" in text

@@ -74,3 +74,53 @@ def test_building_the_demo_prints_no_progress_bar(tmp_path, capfd):
     make_demo_assets(tmp_path / "demo")
     out, err = capfd.readouterr()
     assert "Writing model shards" not in out + err
+
+
+def test_sweep_trials_training_at_once_keep_their_own_progress_lines(tmp_path):
+    """Two trials train at once; the last task started (evaluate) is not the one training."""
+    import io
+
+    from qlora_kfp.app.progress import TaskProgress
+
+    out = io.StringIO()
+    tap = TaskProgress(tmp_path / "runner.log", out)
+    name = logging_utils.format_task_name
+    tap.write(f"12:00:00.000 - INFO - Executing task {name('train')}\n" * 2)
+    tap.write(f"12:00:00.000 - INFO - Executing task {name('evaluate')}\n")
+    for step, trial in ((10, "a"), (11, "b"), (11, "a"), (30, "b")):
+        tap.write(f"    INFO progress: [trial-{trial}] step {step}/40 ({100 * step // 40}%) | x\n")
+    tap.close()
+    shown = [line.strip() for line in out.getvalue().splitlines()][3:]
+    assert shown == [
+        "train                  [trial-a] step 10/40 (25%) | x",
+        "train                  [trial-b] step 11/40 (27%) | x",  # its own tenth, not a's
+        "train                  [trial-b] step 30/40 (75%) | x",
+    ]
+
+
+def test_a_trials_progress_lines_name_the_trial(caplog):
+    import logging
+
+    from qlora_kfp.tracking import live
+
+    with caplog.at_level(logging.INFO, logger=live.log.name), live.progress_label("trial-ab"):
+        live.Progress()({"step": 1, "loss": 2.0}, 4)
+    live.Progress()({"step": 2, "loss": 2.0}, 4)  # outside a trial: no label
+    lines = [r.getMessage() for r in caplog.records if r.name == live.log.name]
+    assert lines[0].startswith("progress: [trial-ab] step 1/4 (25%) | loss 2.0000")
+    assert not any("[trial-ab] step 2" in line for line in lines)
+
+
+def test_output_after_a_sweep_is_not_left_indented(tmp_path, capsys):
+    """kfp.local swaps builtins.print to indent task output; concurrent tasks can leave the
+    swap in place, indenting the summary printed after the run."""
+    import builtins
+
+    real = builtins.print
+
+    def run():
+        builtins.print = lambda *a, **k: real("    ", *a, **k)  # a swap nobody restored
+
+    progress.run_quietly(run, tmp_path / "runner.log")
+    print("summary")
+    assert builtins.print is real and capsys.readouterr().out == "summary\n"

@@ -173,3 +173,39 @@ def test_uncommitted_code_edits_change_the_code_version(tmp_path, monkeypatch):
     assert f"-edited.{edited}+" in fingerprint.code_version()
     monkeypatch.setenv("QLORA_KFP_GIT_COMMIT", "abc")  # an image names its code exactly
     assert real(str(tmp_path)) == ""
+
+
+def test_the_console_says_why_it_trains(tmp_path):
+    """A run that trains says why too (what changed since the champion), in one line."""
+    from kfp.local import logging_utils, status
+
+    from qlora_kfp.app.progress import TaskProgress
+
+    name = logging_utils.format_task_name("decide-training")
+    ok = logging_utils.format_status(status.Status.SUCCESS)
+    out = io.StringIO()
+    tap = TaskProgress(tmp_path / "runner.log", out)
+    tap.write(
+        f"12:00:00.000 - INFO - Executing task {name}\n"
+        "    [KFP Executor 2026-12-05 12:57:44,272 INFO]: training decision: train (no champion "
+        "yet)\n"
+        "    [KFP Executor 2026-12-05 12:57:44,272 INFO]: training: no champion yet\n"
+        f"12:00:01.000 - INFO - Task {name} finished with status {ok}\n"
+    )
+    tap.close()
+    shown = [line.strip() for line in out.getvalue().splitlines()]
+    assert shown[1] == "decide-training        training: no champion yet"
+    assert len(shown) == 3
+
+
+def test_the_webhook_line_of_a_skipped_run_says_no_model_was_trained():
+    from qlora_kfp.tracking import report
+
+    tags = {"training_decision": "skip", "qlora.reused_champion_version": "m/3"}
+    line = report.summary("SUCCEEDED", "run-1", {}, "", tags)
+    assert line == "qlora-finetune run-1: SUCCEEDED | no model trained: reuses champion m/3"
+
+
+def test_a_bad_setting_fails_decide_training_in_one_line(store):
+    with pytest.raises(SystemExit, match=r"^decide-training failed: lora_r=0 is invalid"):
+        _decide("bad", lora_r=0)

@@ -125,12 +125,14 @@ def add_pipeline_flags(p: argparse.ArgumentParser, pipeline, *others) -> None:
     for name, (typ, default) in merged.items():
         shown = "" if default is None else f" (pipeline default: {default})"
         takers = [
-            one.pipeline_func.__name__
+            (one.pipeline_func.__name__, ins[name][1])
             for one, ins in zip(every, inputs, strict=True)
             if name in ins
         ]
+        if any(d != default for _, d in takers):  # e.g. each pipeline's own experiment
+            shown = " (pipeline default: " + "; ".join(f"{t}: {d}" for t, d in takers) + ")"
         if len(takers) < len(every):
-            shown += f" [{', '.join(takers)} only]"
+            shown += f" [{', '.join(t for t, _ in takers)} only]"
         kw = {"action": argparse.BooleanOptionalAction} if typ is bool else {"type": _arg_type(typ)}
         p.add_argument(
             f"--{name}",

@@ -9,6 +9,7 @@ tenth of the run, and nothing else, unless ``verbose``. Warnings go to the log f
 
 from __future__ import annotations
 
+import builtins
 import io
 import re
 import sys
@@ -25,12 +26,14 @@ STARTED = re.compile(r"Executing task '([\w-]+)'")
 FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
 SKIPPED = re.compile(r"Skipping (?:conditional )?task '?([\w-]+)'?")
 FAILED_LINE = re.compile(r"(\S[\w-]* failed: .+)$")  # a stage's one-line error (tasks.context.fail)
-TRAIN_PROGRESS = re.compile(r"progress: (step .+)$")
+# tracking.live.Progress, in the train task only; a sweep trial's names the trial.
+TRAIN_PROGRESS = re.compile(r"progress: ((?:\[([\w-]+)\] )?step .+)$")
 # kfp.local's exception when a task fails (pipeline_orchestrator.log_and_maybe_raise_for_failure).
 PIPELINE_FAILED = re.compile(
     r"Pipeline '([\w-]+)' finished with status \w+\. Inner task failed: '([\w-]+)'"
 )
-TRAINING_SKIPPED = re.compile(r"(training skipped: .+)$")  # tasks.run.decide_training
+# decide-training's one line (tasks.run.decide_training): why it skips training, or trains.
+DECISION = re.compile(r"(?:\]:| INFO| WARNING) (training(?: skipped)?: .+)$")
 
 
 class TaskProgress(io.TextIOBase):
@@ -96,13 +99,15 @@ class TaskProgress(io.TextIOBase):
         elif m := SKIPPED.search(line):
             self._show(f"  {m.group(1):<22} skipped")
         elif m := TRAIN_PROGRESS.search(line):
-            # A line per tenth of the run (the log file has every one).
+            # A line per tenth of each training run (the log file has every one), labelled
+            # train: sweep trials run at once, so the last task started may be another.
             pct = re.search(r"\((\d+)%\)", m.group(1))
             tenth = int(pct.group(1)) // 10 if pct else None
-            if tenth is None or tenth != self.tenth.get(self.current):
-                self.tenth[self.current] = tenth
-                self._show(f"  {self.current:<22} {m.group(1)}")
-        elif m := TRAINING_SKIPPED.search(line):
+            key = m.group(2) or "train"
+            if tenth is None or tenth != self.tenth.get(key):
+                self.tenth[key] = tenth
+                self._show(f"  {'train':<22} {m.group(1)}")
+        elif self.current == "decide-training" and (m := DECISION.search(line)):
             self._show(f"  {self.current:<22} {m.group(1)}")
         elif (m := FAILED_LINE.search(line)) and self.current:
             self.failures[self.current] = m.group(1)
@@ -110,7 +115,7 @@ class TaskProgress(io.TextIOBase):
 
 def run_quietly(fn, log_path: str | Path, verbose: bool = False):
     """Call ``fn()`` with stdout going through a :class:`TaskProgress`; returns its result."""
-    real, show_warning = sys.stdout, warnings.showwarning
+    real, show_warning, real_print = sys.stdout, warnings.showwarning, builtins.print
     tap = TaskProgress(log_path, real, verbose)
     sys.stdout = tap
 
@@ -134,4 +139,7 @@ def run_quietly(fn, log_path: str | Path, verbose: bool = False):
         raise
     finally:
         sys.stdout, warnings.showwarning = real, show_warning
+        # kfp.local indents a task's output by swapping builtins.print; tasks running at once
+        # (a sweep's trials) restore each other's swap, leaving every later print indented.
+        builtins.print = real_print
         tap.close()

@@ -85,12 +85,16 @@ def decide_training(args: dict) -> str:
     from qlora_kfp.tracking import registry
 
     setup_logging()
-    made_from = training_made_from(args)
+    try:
+        made_from = training_made_from(args)
+    except QloraError as exc:  # a bad setting: preflight says so too, in one line
+        fail("decide-training", exc)
     name = args["registered_model_name"]
     decision = registry.should_train(name, made_from, args["force_retrain"])
     word = "train" if decision.train else "skip"
     if decision.train:
         log.info("training decision: train (%s)", decision.reason)
+        log.info("training: %s", decision.reason)  # the console's line (app/progress.py)
     else:
         log.warning("training skipped: %s; %s", decision.reason, FORCE_HINT)
     tags = {
@@ -149,7 +153,7 @@ def finish(args: dict) -> None:
     Path(args["report"].path).write_text(text)
     url = os.environ.get(report.WEBHOOK_ENV, "")
     if url:
-        report.post_webhook(url, report.summary(state, kfp_run_id, metrics, error))
+        report.post_webhook(url, report.summary(state, kfp_run_id, metrics, error, tags))
     checkpoints = RunContext(kfp_run_id).artifact_uri("train-checkpoints")
     if checkpoints and state == outcome.SUCCEEDED:  # resumable checkpoints are not needed any more
         from qlora_kfp.storage import s3

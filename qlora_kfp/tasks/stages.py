@@ -79,7 +79,7 @@ def train(args: dict) -> float:
         if run.to_parent:  # the pipeline's own run (a sweep trial's stages log apart)
             cached.carry_over(run.parent_run_id, "prepare-dataset", args["dataset"])
             cached.carry_over(run.parent_run_id, "quantize", args["quantized_model"])
-        with live.system_metrics(run.run_id):
+        with live.system_metrics(run.run_id), live.progress_label(ctx.trial):
             res = run_train(
                 cfg,
                 args["quantized_model"].path,

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # Per-step keys a train row may carry (see stages.train's recorder), as MLflow histories.
 HISTORY_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "gpu_mem_gib")
 SYSTEM_METRICS_INTERVAL_S = 10.0
+PROGRESS = "progress: %s"  # the task log's progress line (app/progress.py shows it)
 
 
 def metric_streamer(run: stage_runs.StageRun) -> Callable[[dict], None]:
@@ -62,6 +63,26 @@ def system_metrics(run_id: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -
         monitor.finish()
 
 
+@contextlib.contextmanager
+def progress_label(label: str) -> Iterator[None]:
+    """Progress lines name ``label`` (a sweep trial: ``progress: [trial-ab12cd34] step ...``)
+    while the block runs, so trials training at once stay apart in a log they share."""
+    if not label:
+        yield
+        return
+
+    def add_label(record: logging.LogRecord) -> bool:
+        if record.msg == PROGRESS:
+            record.msg = f"progress: [{label}] %s"
+        return True
+
+    log.addFilter(add_label)
+    try:
+        yield
+    finally:
+        log.removeFilter(add_label)
+
+
 def _uses_gpu() -> bool:
     """Whether this process sees a CUDA (or ROCm) device."""
     try:
@@ -92,5 +113,5 @@ class Progress:
             left = elapsed / step * (max_steps - step)
             parts.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(left))}")
         line = " | ".join(parts)
-        log.info("progress: %s", line)
+        log.info(PROGRESS, line)
         return line

@@ -99,9 +99,16 @@ def build(
     return "\n".join(lines) + "\n"
 
 
-def summary(status: str, kfp_run_id: str, metrics: dict, error: str) -> str:
-    """One Slack line."""
+def summary(
+    status: str, kfp_run_id: str, metrics: dict, error: str, tags: dict | None = None
+) -> str:
+    """One Slack line; a run that trained nothing says so and names the champion it reuses."""
     text = f"qlora-finetune {kfp_run_id}: {status}"
+    tags = tags or {}
+    if tags.get("training_decision") == "skip":
+        text += (
+            f" | no model trained: reuses champion {tags.get('qlora.reused_champion_version', '')}"
+        )
     if "tuned_eval_loss" in metrics:
         text += f" | eval loss {metrics['base_eval_loss']:.4f} -> {metrics['tuned_eval_loss']:.4f}"
     if error:
