@@ -83,10 +83,15 @@ def test_admin_then_owner_apply_their_parts_whole(kube, kube_cluster, tmp_path, 
 
 
 def test_the_readme_has_the_admin_apply_its_part_before_the_owner():
-    """The deploy section's commands name the parts, admin first, and each renders."""
-    readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"`kubectl apply -k (manifests/overlays/<yours>\S*)`", readme)
-    assert commands[:2] == ["manifests/overlays/<yours>/admin", "manifests/overlays/<yours>/owner"]
-    for command in commands:
-        for overlay in OVERLAYS:
-            assert kustomize(command.replace("manifests/overlays/<yours>", overlay))
+    """The deploy guide's and the README's quickstart commands name the parts, admin first,
+    and each renders."""
+    for page in ("docs/deploy.md", "README.md"):
+        text = (ROOT / page).read_text()
+        commands = re.findall(r"`kubectl apply -k (manifests/overlays/<yours>\S*)`", text)
+        assert commands[:2] == [
+            "manifests/overlays/<yours>/admin",
+            "manifests/overlays/<yours>/owner",
+        ], page
+        for command in commands:
+            for overlay in OVERLAYS:
+                assert kustomize(command.replace("manifests/overlays/<yours>", overlay))
