@@ -18,12 +18,34 @@ def task_metrics(tasks: dict, task: str) -> dict:
     return items[0].get("metadata", {}) if items else {}
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # make mlflow-ui
+
+
+def mlflow_link(result: dict, pipeline: str = "qlora_finetune") -> str | None:
+    """The run's experiment in MLflow's runs table (model-training view); for a local store,
+    on the UI ``make mlflow-ui`` serves."""
+    from qlora_kfp.tracking import runs
+
+    uri = result["tracking_uri"]
+    default = "qlora-sweep" if pipeline == "qlora_sweep" else "qlora-finetune"  # their defaults
+    experiment = result.get("params", {}).get("mlflow_experiment") or default
+    local = not uri.startswith(("http://", "https://"))
+    try:
+        link = runs.experiment_link(experiment, LOCAL_UI if local else "")
+    except Exception:  # noqa: BLE001 - a link is a convenience; the run has finished
+        return None
+    return f"{link}   (after: make mlflow-ui)" if link and local else link
+
+
 def print_summary(result: dict, pipeline: str = "qlora_finetune") -> None:
     tasks = result["tasks"]
     print(f"\n=== {pipeline}: local run finished ===")
     print(f"run folder:   {result['run_dir']}")
     if result.get("tracking_uri"):
-        print(f"MLflow store: {result['tracking_uri']}   (make mlflow-ui to browse)")
+        print(f"MLflow store: {result['tracking_uri']}")
+        link = mlflow_link(result, pipeline)
+        if link:
+            print(f"MLflow runs:  {link}")
     if result.get("seconds"):
         print(f"wall time:    {result['seconds']} s")
     print("\nartifacts:")

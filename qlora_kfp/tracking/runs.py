@@ -20,10 +20,27 @@ from qlora_kfp.version import PIPELINE_VERSION, git_commit
 
 log = logging.getLogger(__name__)
 EXPERIMENTS_PAGE = 100  # experiments searched at once for a run id (cached tasks)
-# MLflow 3's UI opens an experiment in its model-training view, not the GenAI one, by this tag
-# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+# What the experiment is, for MLflow's own bookkeeping (mlflow/server/js:
+# ExperimentKind.CUSTOM_MODEL_DEVELOPMENT). MLflow 3.17's UI does not open it by this tag: it
+# shows the view its URL's ``workflowType`` names, else the one last picked in that browser
+# (localStorage ``mlflow.workflowType``), else GenAI; so links carry it (:func:`runs_table_url`).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+
+
+def runs_table_url(ui: str, experiment_id: str) -> str:
+    """The experiment's runs table in MLflow's model-training view, for a UI at ``ui``."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def experiment_link(experiment: str, ui: str = "") -> str | None:
+    """:func:`runs_table_url` of ``experiment`` on the tracking server, or on ``ui`` (the
+    ``make mlflow-ui`` address for a local store); None when it does not exist."""
+    exp = client().get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return runs_table_url(ui or uri, exp.experiment_id)
 
 
 def enabled() -> bool:
