@@ -73,6 +73,12 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
     assert received == [{"text": f"{line} | {error}" if error else line}]
     run = runs.client().get_run(parent)
     assert run.info.status == ("FINISHED" if state == "SUCCEEDED" else "FAILED")
+    # MLflow itself shows base vs tuned: one metric, two steps, and a table; and the report is
+    # the run's description.
+    history = runs.client().get_metric_history(parent, "base_vs_tuned/eval_loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 6.5), (1, 0.5)]
+    assert "base_vs_tuned.json" in {a.path for a in runs.client().list_artifacts(parent)}
+    assert "| eval loss | 6.5000 | 0.5000 | -6.0000 |" in run.data.tags["mlflow.note.content"]
 
 
 def test_unreachable_webhook_is_logged_not_fatal():

@@ -147,10 +147,15 @@ def finish(args: dict) -> None:
             ).read_bytes()
         except Exception:  # noqa: BLE001 - a failed run may have no plot
             png = None
-    text = report.build(
-        state, error, kfp_run_id, metrics, tags, report.links(kfp_run_id, exp_id, run_id), png
-    )
+    link_map = report.links(kfp_run_id, exp_id, run_id)
+    text = report.build(state, error, kfp_run_id, metrics, tags, link_map, png)
     Path(args["report"].path).write_text(text)
+    if run_id:
+        _describe(run_id, tags, report.build(state, error, kfp_run_id, metrics, tags, link_map))
+        try:
+            report.log_comparison(runs.client(), run_id, metrics)
+        except Exception as exc:  # noqa: BLE001 - the run is closed; the report is written
+            log.warning("base vs tuned not logged to MLflow: %s", exc)
     url = os.environ.get(report.WEBHOOK_ENV, "")
     if url:
         report.post_webhook(url, report.summary(state, kfp_run_id, metrics, error, tags))
@@ -159,6 +164,18 @@ def finish(args: dict) -> None:
         from qlora_kfp.storage import s3
 
         s3.delete_prefix(checkpoints)
+
+
+def _describe(run_id: str, tags: dict, text: str) -> None:
+    """The run report as the parent run's description (after a reuse note, if any)."""
+    from qlora_kfp.tracking import report
+
+    note = tags.get(report.DESCRIPTION_TAG, "")
+    body = text if not note or note in text else f"{note}\n\n{text}"
+    try:
+        runs.client().set_tag(run_id, report.DESCRIPTION_TAG, body[:5000])
+    except Exception as exc:  # noqa: BLE001 - a description is a convenience
+        log.warning("run description not set: %s", exc)
 
 
 def pick_best(args: dict) -> dict:

@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import os
+import time
 import urllib.request
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,36 @@ def usage_from_parent(metrics: dict) -> dict[str, dict]:
         if stage in STAGES and key:
             out.setdefault(stage, {})[key] = value
     return out
+
+
+COMPARE_PREFIX = "base_vs_tuned"  # metric group on the parent: step 0 base, step 1 tuned
+DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description
+
+
+def log_comparison(client, run_id: str, metrics: dict) -> None:
+    """Base vs tuned where MLflow itself compares them: each measure as one metric at step 0
+    (base) and step 1 (tuned), so one chart per measure shows both on the same scale, and a
+    table (``base_vs_tuned.json``, the run's Evaluation/Artifacts view)."""
+    rows = [
+        (label, metrics[b], metrics[t]) for label, b, t in SHOWN if b in metrics and t in metrics
+    ]
+    if not rows:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = []
+    for label, base, tuned in rows:
+        key = f"{COMPARE_PREFIX}/{label.replace(' ', '_')}"
+        batch += [Metric(key, base, now, 0), Metric(key, tuned, now, 1)]
+    client.log_batch(run_id, metrics=batch)
+    table = {
+        "measure": [r[0] for r in rows],
+        "base": [r[1] for r in rows],
+        "tuned": [r[2] for r in rows],
+        "delta": [r[2] - r[1] for r in rows],
+    }
+    client.log_table(run_id, data=table, artifact_file=f"{COMPARE_PREFIX}.json")
 
 
 def links(kfp_run_id: str, experiment_id: str = "", run_id: str = "") -> dict[str, str]:
