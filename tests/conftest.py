@@ -38,9 +38,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory):
+    """A new MLflow SQLite store, made once: creating its tables (MLflow's alembic migrations)
+    takes seconds, copying the file takes milliseconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-db") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def local_mlflow(tmp_path, monkeypatch):
-    """MLflow tracking into a SQLite store under ``tmp_path`` (artifacts beside it)."""
+def local_mlflow(tmp_path, monkeypatch, empty_mlflow_db):
+    """MLflow tracking into a SQLite store under ``tmp_path`` (artifacts beside it): a copy of
+    the same new store each test, as MLflow would have made it."""
+    import shutil
+
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("QLORA_KFP_MLFLOW_ARTIFACT_ROOT", (tmp_path / "art").as_uri())
     return tmp_path
