@@ -107,7 +107,7 @@ def quantized(demo_assets, prepared, tmp_path_factory):
 
 TRAIN_KW = dict(
     learning_rate=5e-3,
-    num_epochs=12.0,
+    num_epochs=8.0,  # tuned/base eval loss measured 0.17 (asserted: < 0.5); last/first loss 0.14
     batch_size=8,
     lora_r=16,
     lora_alpha=32,
