@@ -38,6 +38,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# `make test-fast` runs what is marked neither slow nor integration. What makes a test slow or
+# integration is kept honest here rather than by memory: a session fixture that trains or
+# starts servers, or the train stage's training loop run in this process.
+MARK_OF_FIXTURE = {
+    "trained": "slow",
+    "services": "integration",
+    "s3_only": "integration",
+    "s3_env": "integration",
+}
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_neither_train_nor_start_servers(request, monkeypatch):
+    if any(request.node.get_closest_marker(m) for m in ("slow", "integration")):
+        return
+    for fixture, mark in MARK_OF_FIXTURE.items():
+        if fixture in request.fixturenames:
+            pytest.fail(f"uses the {fixture} fixture: mark it {mark} (make test-fast skips it)")
+    try:
+        from qlora_kfp.stages import train
+    except ImportError:  # compile-only environments
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this test trains: mark it slow (make test-fast skips it)")
+
+    monkeypatch.setattr(train, "train_in_memory", refuse)
+
+
 @pytest.fixture(scope="session")
 def empty_mlflow_db(tmp_path_factory):
     """A new MLflow SQLite store, made once: creating its tables (MLflow's alembic migrations)
