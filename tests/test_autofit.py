@@ -161,6 +161,7 @@ def test_other_errors_pass_through():
     assert run.restarts == 0
 
 
+@pytest.mark.slow
 def test_the_train_stage_restarts_cleanly_after_running_out_of_memory(
     quantized, prepared, tmp_path, monkeypatch
 ):

@@ -130,6 +130,11 @@ def test_collator_counts_only_real_tokens(model_and_rows):
     assert seen == [real] * 3
 
 
+# Was 4. 3 epochs: last/first loss measured 0.23 against the 0.6 asserted (2 epochs: 0.41).
+EPOCHS = 3.0
+
+
+@pytest.mark.slow
 def test_training_on_bins_takes_fewer_fuller_steps_and_learns(quantized, prepared, tmp_path):
     from qlora_kfp.configs import TrainConfig
     from qlora_kfp.stages.train import run_train
@@ -140,7 +145,7 @@ def test_training_on_bins_takes_fewer_fuller_steps_and_learns(quantized, prepare
         packing="bins",
         pack_length=64,
         batch_size=2,
-        num_epochs=4.0,
+        num_epochs=EPOCHS,
         learning_rate=5e-3,
         lora_dropout=0.0,
         logging_steps=1,
@@ -150,13 +155,13 @@ def test_training_on_bins_takes_fewer_fuller_steps_and_learns(quantized, prepare
     m = res.metrics
     # Demo rows are ~20 tokens: a bin of 64 holds 2-3 of them, so an epoch of bins of 2 takes
     # well under the rows / 2 steps a padded batch of 2 would.
-    assert m["steps"] < 4 * len(rows) / 2 / 2
+    assert m["steps"] < EPOCHS * len(rows) / 2 / 2
     assert m["last_loss"] < 0.6 * m["first_loss"]
     # Tokens are counted when a step trains on them: step 1 saw one batch (at most 2 bins of
     # 64), not the batch the loader had already collated for step 2; all epochs add up exactly.
     logged = [h for h in res.history if "loss" in h]
     assert logged[0]["step"] == 1 and logged[0]["tokens_seen"] <= 2 * 64
-    assert logged[-1]["tokens_seen"] == 4 * sum(len(r["input_ids"]) for r in rows)
+    assert logged[-1]["tokens_seen"] == EPOCHS * sum(len(r["input_ids"]) for r in rows)
 
 
 def test_pack_length_below_the_longest_row_is_a_config_error(quantized, prepared, tmp_path):

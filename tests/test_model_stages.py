@@ -52,6 +52,7 @@ def test_quant_options_reach_bitsandbytes(quant_type, double_quant, demo_assets,
     assert "eval_perplexity_4bit" not in res.metrics  # no dataset given
 
 
+@pytest.mark.slow
 def test_training_changes_the_adapter_and_lowers_the_loss(trained):
     from safetensors.torch import load_file
 
@@ -73,6 +74,7 @@ def test_training_changes_the_adapter_and_lowers_the_loss(trained):
     assert (Path(trained.path) / "loss_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_training_leaves_the_4bit_base_untouched(quantized, trained):
     from safetensors.torch import load_file
 
@@ -89,6 +91,7 @@ def test_training_leaves_the_4bit_base_untouched(quantized, trained):
     assert torch.equal(base_sd[key.replace(".weight", ".base_layer.weight")].cpu(), before[key])
 
 
+@pytest.mark.slow
 def test_adapter_loads_with_plain_peft(quantized, trained):
     from peft import AutoPeftModelForCausalLM
 
@@ -109,6 +112,7 @@ def test_unknown_target_module_fails_before_training(quantized, prepared, tmp_pa
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_named_targets_and_max_steps(quantized, prepared, tmp_path):
     from qlora_kfp.stages.train import run_train
 
@@ -125,6 +129,7 @@ def test_named_targets_and_max_steps(quantized, prepared, tmp_path):
     assert {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {"q_proj", "v_proj"}
 
 
+@pytest.mark.slow
 def test_tuned_beats_base_on_the_eval_split(quantized, trained, prepared, tmp_path):
     from qlora_kfp.stages.evaluate import run_evaluate
 
@@ -162,6 +167,7 @@ def test_exact_match_normalization(ref, pred, exact):
     assert rouge_l(ref, pred) == pytest.approx(1.0) if exact else rouge_l(ref, pred) < 1.0
 
 
+@pytest.mark.slow
 def test_merged_logits_equal_base_plus_adapter(demo_assets, trained, tmp_path):
     from peft import PeftModel
 
@@ -186,6 +192,7 @@ def test_merged_logits_equal_base_plus_adapter(demo_assets, trained, tmp_path):
         assert torch.allclose(merged(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_merged_weights_are_sharded_at_the_stage_shard_size(
     demo_assets, trained, tmp_path, monkeypatch
 ):
@@ -202,6 +209,7 @@ def test_merged_weights_are_sharded_at_the_stage_shard_size(
     assert merged.config.vocab_size > 0
 
 
+@pytest.mark.slow
 def test_merge_refuses_to_save_when_logits_differ(demo_assets, trained, tmp_path):
     from qlora_kfp.stages.merge import run_merge
 
@@ -233,6 +241,7 @@ def test_non_finite_loss_stops_training(logs):
     assert control.should_training_stop and "at step 7" in diverged[0]
 
 
+@pytest.mark.slow
 def test_diverged_training_writes_no_adapter(quantized, prepared, tmp_path, monkeypatch):
     from qlora_kfp.errors import TrainingDivergedError
     from qlora_kfp.stages.train import run_train
@@ -286,6 +295,7 @@ def test_prepare_model_freezes_the_base_and_casts_only_when_asked(
     assert model.is_gradient_checkpointing
 
 
+@pytest.mark.slow
 def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatch):
     """Finite losses, NaN weights (what an extreme weight decay does): no adapter, an error."""
     import torch
