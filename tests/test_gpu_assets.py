@@ -4,6 +4,7 @@ tests never run in CI): built by the same function at a tiny shape, then trained
 from __future__ import annotations
 
 import gpu_assets
+import pytest
 
 TINY = dict(
     hidden_size=64,
@@ -15,6 +16,7 @@ TINY = dict(
 )
 
 
+@pytest.mark.slow
 def test_the_gpu_tests_inputs_train_on_the_cpu(tmp_path):
     from qlora_kfp.configs import TrainConfig
     from qlora_kfp.stages.train import run_train
