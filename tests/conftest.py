@@ -33,13 +33,22 @@ except ImportError:  # compile-only environments
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    unmarked = []
     for item in items:
+        # Checked at collection, before the skip below: a gpu test that trains without `slow`
+        # fails only where a GPU runs it, which CI never is.
+        marks = {m.name for m in item.iter_markers()}
+        for fixture, mark in MARK_OF_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()) and not marks & {"slow", "integration"}:
+                unmarked.append(f"{item.nodeid} uses the {fixture} fixture: mark it {mark}")
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
         # A test on the real API server starts real servers: the `integration` marker's
         # meaning, set here so no such test can go without it.
         if "kube_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+    if unmarked:
+        raise pytest.UsageError("make test-fast would run these:\n" + "\n".join(unmarked))
 
 
 # `make test-fast` runs what is marked neither slow nor integration. What makes a test slow or
@@ -50,6 +59,7 @@ MARK_OF_FIXTURE = {
     "services": "integration",
     "s3_only": "integration",
     "s3_env": "integration",
+    "gpu_assets": "slow",  # tests/test_gpu_training.py: builds and trains on a GPU
 }
 
 
