@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import typing
 from pathlib import Path
 
-from qlora_kfp import configs
+from qlora_kfp import configs, env
 from qlora_kfp.errors import ConfigError, QloraError
 
 LOCAL_PIPELINES = {  # what `qlora-kfp run --pipeline` runs: module under qlora_kfp.pipelines
@@ -155,7 +154,7 @@ def add_remote_run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--service_account",
-        default=os.environ.get("KFP_SERVICE_ACCOUNT", ""),
+        default=env.text("KFP_SERVICE_ACCOUNT"),
         help="Kubernetes service account the run's pods use (env KFP_SERVICE_ACCOUNT; "
         "empty: the backend's default)",
     )
