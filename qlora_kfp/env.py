@@ -28,8 +28,8 @@ PROJECT = "qlora-kfp"
 # When a variable is read: {key: what the README says}.
 WHEN = {
     "compile": "when a pipeline is compiled (`make compile`)",
-    "client": "by `make upload`, `run-remote` and `schedule`",
-    "task": "in a task: its pod, or `make run`",
+    "client": "by `make upload`, `make run-remote` and `make schedule`",
+    "task": "in a task (its pod, or under `make run`)",
 }
 
 
@@ -146,7 +146,7 @@ _TABLE = [
     ),
     Var(
         "HF_HUB_OFFLINE",
-        "`1`: never contact the hub (set by `make`, and by `make run` unless set)",
+        "`1`: never contact the hub (`make` and `qlora-kfp run` set it unless it is set)",
         owner="Hugging Face",
         read=False,
         when="",
@@ -292,7 +292,7 @@ _TABLE = [
     Var("WORLD_SIZE", "processes in the training group", "1", int, owner="torchrun"),
     Var(
         "OMP_NUM_THREADS",
-        "CPU threads of each training process (the project passes 1 on when unset)",
+        "CPU threads of each training process; unset: the processes the train task starts get 1",
         default="1",
         type=int,
         owner="OpenMP",

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p, cls)
 
     p = sub.add_parser(
-        "generate", help="regenerate the component modules and README table from the configs"
+        "generate", help="regenerate the component modules and README tables (configs, env)"
     )
     p.add_argument("--root", default=".", help="project root (where README.md is)")
 
