@@ -39,7 +39,7 @@ install: $(STAMP) ## Create .venv with the project and its test tools (torch fro
 run: $(STAMP) ## Run the pipeline locally (kfp.local; the demo unless PARAMS/ARGS give a model and data)
 	$(BIN)/qlora-kfp run --workdir $(WORKDIR) $(if $(PARAMS),--params_file $(PARAMS)) $(ARGS)
 
-generate: $(STAMP) ## Regenerate the component modules and README's parameter table from the configs
+generate: $(STAMP) ## Regenerate the component modules and README's parameter and environment tables
 	$(BIN)/qlora-kfp generate
 
 compile: generate ## Compile the pipelines to pipelines/compiled/*.yaml (REGISTRY, TAG)

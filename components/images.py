@@ -5,9 +5,9 @@ environment variables, which may carry an ``@sha256:`` digest) picks them; the d
 what ``make images`` builds and what the committed golden YAML names.
 """
 
-import os
+from qlora_kfp import env
 
-REGISTRY = os.environ.get("QLORA_KFP_REGISTRY", "ghcr.io/qlora-kfp")
-TAG = os.environ.get("QLORA_KFP_TAG", "0.1.0")
-CPU_IMAGE = os.environ.get("QLORA_KFP_CPU_IMAGE", f"{REGISTRY}/qlora-kfp-cpu:{TAG}")
-GPU_IMAGE = os.environ.get("QLORA_KFP_GPU_IMAGE", f"{REGISTRY}/qlora-kfp-gpu:{TAG}")
+REGISTRY = env.text("QLORA_KFP_REGISTRY")
+TAG = env.text("QLORA_KFP_TAG")
+CPU_IMAGE = env.text("QLORA_KFP_CPU_IMAGE")  # default: {REGISTRY}/qlora-kfp-cpu:{TAG}
+GPU_IMAGE = env.text("QLORA_KFP_GPU_IMAGE")  # default: {REGISTRY}/qlora-kfp-gpu:{TAG}

@@ -3,29 +3,19 @@
 The one place for pod settings. Which GPUs and which node pool are run parameters
 (``gpu_accelerator``, ``gpu_node_selector``, ``gpu_tolerations`` in ``PipelineConfig``), so one
 uploaded pipeline serves several GPU pools. The rest is fixed at compile time from the
-environment (``make compile`` passes it through):
-
-==============================  =========================================================
-``QLORA_KFP_GPUS``              GPUs per GPU task (1)
-``QLORA_KFP_SECRET``            Secret with credentials, as env (``qlora-kfp-credentials``)
-``QLORA_KFP_CONFIGMAP``         ConfigMap with endpoints, as env (``qlora-kfp-config``)
-``QLORA_KFP_CACHE_PVC``         PVC mounted at /cache for the model cache ("" = none)
-``QLORA_KFP_SHM_SIZE``          size of the memory-backed /dev/shm (``16Gi``)
-``QLORA_KFP_SCRATCH_SIZE``      size limit of a GPU task's scratch disk at /scratch, where
-                                model downloads go (``200Gi``; "" = none)
-``QLORA_KFP_GPU_RETRIES``       retries of GPU tasks, e.g. after preemption (3)
-``QLORA_KFP_RETRY_WINDOW``      time from a GPU task's first attempt's start within which
-                                every attempt must end (``7d``; see ``gpu_task``)
-==============================  =========================================================
+environment (``make compile`` passes it through): ``QLORA_KFP_GPUS``, ``QLORA_KFP_SECRET``,
+``QLORA_KFP_CONFIGMAP``, ``QLORA_KFP_CACHE_PVC``, ``QLORA_KFP_SHM_SIZE``,
+``QLORA_KFP_SCRATCH_SIZE``, ``QLORA_KFP_GPU_RETRIES`` and ``QLORA_KFP_RETRY_WINDOW``, whose
+defaults and meanings are in ``qlora_kfp/env.py`` (and the README's environment table).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
+from qlora_kfp import env
 from qlora_kfp.preflight import GPUS_ENV
 from qlora_kfp.tasks.context import RUN_ID_ENV
 
@@ -63,20 +53,26 @@ CONFIG_KEYS = {
 }
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+def _text(name: str) -> str:
+    return field(default_factory=lambda: env.text(name))
+
+
+def _integer(name: str) -> int:
+    return field(default_factory=lambda: env.integer(name))
 
 
 @dataclass(frozen=True)
 class PlatformOptions:
-    gpus: int = field(default_factory=lambda: int(_env("QLORA_KFP_GPUS", "1")))
-    secret: str = field(default_factory=lambda: _env("QLORA_KFP_SECRET", "qlora-kfp-credentials"))
-    config_map: str = field(default_factory=lambda: _env("QLORA_KFP_CONFIGMAP", "qlora-kfp-config"))
-    cache_pvc: str = field(default_factory=lambda: _env("QLORA_KFP_CACHE_PVC", ""))
-    shm_size: str = field(default_factory=lambda: _env("QLORA_KFP_SHM_SIZE", "16Gi"))
-    scratch_size: str = field(default_factory=lambda: _env("QLORA_KFP_SCRATCH_SIZE", "200Gi"))
-    gpu_retries: int = field(default_factory=lambda: int(_env("QLORA_KFP_GPU_RETRIES", "3")))
-    retry_window: str = field(default_factory=lambda: _env("QLORA_KFP_RETRY_WINDOW", "7d"))
+    """The compile-time settings, each from its variable (defaults: ``qlora_kfp/env.py``)."""
+
+    gpus: int = _integer("QLORA_KFP_GPUS")
+    secret: str = _text("QLORA_KFP_SECRET")
+    config_map: str = _text("QLORA_KFP_CONFIGMAP")
+    cache_pvc: str = _text("QLORA_KFP_CACHE_PVC")
+    shm_size: str = _text("QLORA_KFP_SHM_SIZE")
+    scratch_size: str = _text("QLORA_KFP_SCRATCH_SIZE")
+    gpu_retries: int = _integer("QLORA_KFP_GPU_RETRIES")
+    retry_window: str = _text("QLORA_KFP_RETRY_WINDOW")
 
 
 def _common(task: dsl.PipelineTask, cache: bool, opts: PlatformOptions) -> dsl.PipelineTask:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
+from qlora_kfp import env
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError
 from qlora_kfp.storage import s3
@@ -31,7 +31,7 @@ def check_services() -> None:
         SourceError: the bucket is missing, the credentials are wrong or S3 is unreachable.
     """
     runs.check_server()
-    uri = os.environ.get(ARTIFACT_URI_ENV, "")
+    uri = env.text(ARTIFACT_URI_ENV)
     if uri:
         s3.check_access(uri)
 
@@ -63,7 +63,7 @@ def check_memory(
     from qlora_kfp.training import autofit, memory
 
     model_cfg = AutoConfig.from_pretrained(sources.model_source(base_model))
-    world = cfg.num_processes or int(os.environ.get(GPUS_ENV) or 1)
+    world = cfg.num_processes or env.integer(GPUS_ENV)
     cfg = dataclasses.replace(cfg, num_processes=world)  # what the train task resolves
     # Training runs on the GPU image, whose torch has the varlen kernel.
     kw = autofit.estimate_kwargs(cfg, has_varlen=True)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 
+from qlora_kfp import env
+
 PIPELINE_VERSION = "0.1.0"
 
 
 def git_commit() -> str:
     """The project's git commit: from the image (``QLORA_KFP_GIT_COMMIT``) or the checkout."""
-    if os.environ.get("QLORA_KFP_GIT_COMMIT"):
-        return os.environ["QLORA_KFP_GIT_COMMIT"]
+    if env.text("QLORA_KFP_GIT_COMMIT"):
+        return env.text("QLORA_KFP_GIT_COMMIT")
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(
@@ -35,7 +37,7 @@ def uncommitted_changes(where: str | None = None) -> str:
     and in an image, whose ``QLORA_KFP_GIT_COMMIT`` names the code exactly)."""
     import hashlib
 
-    if os.environ.get("QLORA_KFP_GIT_COMMIT"):
+    if env.text("QLORA_KFP_GIT_COMMIT"):
         return ""
     here = where or os.path.dirname(os.path.abspath(__file__))
     try:

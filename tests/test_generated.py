@@ -2,6 +2,7 @@
 
 The component modules and the README's parameter table come from ``components/spec.py`` and
 the stage configs (``make generate``); the pipelines take their signatures from the configs.
+The README's environment table comes from ``qlora_kfp/env.py`` the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_generated_files_are_current():
     assert generate.stale(ROOT) == [], "run `make generate` and commit the result"
+
+
+def test_a_stale_environment_table_fails(tmp_path):
+    row = "| `QLORA_KFP_TAG` | `0.1.0` |"
+    text = (ROOT / "README.md").read_text()
+    assert generate.ENV_BEGIN in text and row in text
+    (tmp_path / "README.md").write_text(text.replace(row, "| `QLORA_KFP_TAG` | `0.0.9` |"))
+    assert generate.stale(tmp_path) == [str(tmp_path / "README.md")]
+
+
+def test_a_new_variable_is_one_edit_of_env_py(monkeypatch):
+    from qlora_kfp import env
+
+    monkeypatch.setitem(env.VARS, "QLORA_KFP_NEW", env.Var("QLORA_KFP_NEW", "a knob", "2", int))
+    assert "| `QLORA_KFP_NEW` | `2` | `task` | qlora-kfp | a knob |" in generate.env_table()
 
 
 def _package_copy(tmp: Path) -> Path:

@@ -1,7 +1,7 @@
 """The import graph has floors, and no module imports a floor above its own.
 
 app -> pipelines -> components -> tasks -> stages/preflight -> data/training/tracking ->
-storage -> configs -> errors/version. Imports inside function bodies count too: a component
+storage -> configs -> errors/version/env. Imports inside function bodies count too: a component
 imports the library in its body, and that is still an edge of the graph.
 """
 
@@ -20,7 +20,7 @@ SOURCES = {
     ROOT / "pipelines": "qlora_kfp.pipelines",
 }
 FLOORS = [
-    ("qlora_kfp.errors", "qlora_kfp.version"),
+    ("qlora_kfp.errors", "qlora_kfp.version", "qlora_kfp.env"),
     ("qlora_kfp.configs",),
     ("qlora_kfp.storage",),
     ("qlora_kfp.data", "qlora_kfp.training", "qlora_kfp.tracking"),

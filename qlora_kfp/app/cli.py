@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import typing
 from pathlib import Path
 
-from qlora_kfp import configs
+from qlora_kfp import configs, env
 from qlora_kfp.errors import ConfigError, QloraError
 
 LOCAL_PIPELINES = {  # what `qlora-kfp run --pipeline` runs: module under qlora_kfp.pipelines
@@ -155,7 +154,7 @@ def add_remote_run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--service_account",
-        default=os.environ.get("KFP_SERVICE_ACCOUNT", ""),
+        default=env.text("KFP_SERVICE_ACCOUNT"),
         help="Kubernetes service account the run's pods use (env KFP_SERVICE_ACCOUNT; "
         "empty: the backend's default)",
     )
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p, cls)
 
     p = sub.add_parser(
-        "generate", help="regenerate the component modules and README table from the configs"
+        "generate", help="regenerate the component modules and README tables (configs, env)"
     )
     p.add_argument("--root", default=".", help="project root (where README.md is)")
 

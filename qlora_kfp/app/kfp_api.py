@@ -11,13 +11,13 @@ the client finds in-cluster), which is a different thing from where KFP itself r
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_kfp import env
 from qlora_kfp.errors import ConfigError
 
 # 2.14's kubernetes_platform proto has no `optional` on secret/config-map env, and its
@@ -144,15 +144,15 @@ def _client(host: str | None, proxy_namespace: str):
         # http://localhost instead.
         return Client(
             host=host,
-            existing_token=(os.environ.get("KFP_TOKEN") or None) if host else None,
+            existing_token=(env.text("KFP_TOKEN") or None) if host else None,
             namespace=proxy_namespace,
         )
 
 
 def connect(host: str | None = None) -> Backend:
     """Connect, check the backend's release, and settle the namespace resources go to."""
-    host = host or os.environ.get("KFP_HOST") or None
-    proxy_namespace = os.environ.get("KFP_PROXY_NAMESPACE") or "kubeflow"
+    host = host or env.text("KFP_HOST") or None
+    proxy_namespace = env.text("KFP_PROXY_NAMESPACE")
     import kfp_server_api
     import urllib3
 
@@ -176,11 +176,11 @@ def connect(host: str | None = None) -> Backend:
         # The client fills its context namespace from the pod's service account in-cluster;
         # with a proxy namespace of its own that slot holds the proxy's, so it is no profile.
         found = client.get_user_namespace() if proxy_namespace == "kubeflow" else ""
-        namespace = os.environ.get("KFP_NAMESPACE") or found or None
+        namespace = env.text("KFP_NAMESPACE") or found or None
         if not namespace:
             raise ConfigError(
                 f"{where} runs multi-user Kubeflow Pipelines: set KFP_NAMESPACE to your "
                 "profile namespace (pipelines, runs and schedules are created there)"
             )
-    ui = os.environ.get("KFP_UI_URL") or host
+    ui = env.text("KFP_UI_URL") or host
     return Backend(client, where, multi_user, health.get("tag_name", ""), namespace, ui)

@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+from qlora_kfp import env
 from qlora_kfp.app.demo import make_demo_assets
 from qlora_kfp.app.progress import run_quietly
 from qlora_kfp.tasks.context import RUN_ID_ENV
@@ -31,7 +32,7 @@ def demo_params() -> dict:
 
 def local_tracking_env(workdir: Path) -> None:
     """Point MLflow at a local SQLite store under ``workdir`` unless already configured."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if not env.text("MLFLOW_TRACKING_URI"):
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
         os.environ.setdefault(
             "QLORA_KFP_MLFLOW_ARTIFACT_ROOT", (workdir / "mlartifacts").resolve().as_uri()
@@ -55,7 +56,7 @@ def run_pipeline(pipeline, params: dict, workdir: str | Path, verbose: bool = Fa
     )
     log = workdir / f"runner-{time.strftime('%Y%m%d-%H%M%S')}.log"
     # What the pod label is on a cluster: the run id every task, cached ones too, reports under.
-    saved = os.environ.get(RUN_ID_ENV)
+    saved = env.text(RUN_ID_ENV) if env.present(RUN_ID_ENV) else None
     os.environ[RUN_ID_ENV] = f"local-{uuid.uuid4().hex[:12]}"
     try:
         run_quietly(lambda: pipeline(**params), log, verbose)
@@ -118,6 +119,6 @@ def demo(
         "run_dir": str(run_dir),
         "params": params,
         "seconds": round(time.perf_counter() - t0, 1),
-        "tracking_uri": os.environ["MLFLOW_TRACKING_URI"],
+        "tracking_uri": env.text("MLFLOW_TRACKING_URI"),
         "tasks": collect(run_dir),
     }

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from qlora_kfp import env
 from qlora_kfp.storage import s3, sources
 
 
@@ -164,7 +165,7 @@ def code_version() -> str:
         pkg = "source"
     edits = uncommitted_changes()
     commit = git_commit()[:12] + (f"-edited.{edits}" if edits else "")
-    return f"{pkg}+{commit}+{os.environ.get('QLORA_KFP_IMAGE', '')}"
+    return f"{pkg}+{commit}+{env.text('QLORA_KFP_IMAGE')}"
 
 
 def fingerprint(data_source: str, base_model: str) -> str:

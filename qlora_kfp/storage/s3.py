@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from qlora_kfp import env
 from qlora_kfp.errors import ArtifactError, OutputError, SourceError
 from qlora_kfp.storage.manifest import MANIFEST, sha256_file, write_manifest
 from qlora_kfp.storage.writes import write_error
@@ -41,9 +42,9 @@ def client():
     from botocore.config import Config
 
     endpoint = (
-        os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+        env.text("AWS_ENDPOINT_URL_S3")
+        or env.text("AWS_ENDPOINT_URL")
+        or env.text("MLFLOW_S3_ENDPOINT_URL")
     )
     cfg = Config(
         retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60

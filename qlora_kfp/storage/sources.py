@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from qlora_kfp import env
 from qlora_kfp.errors import ArtifactError, SourceError
 from qlora_kfp.storage import s3
 from qlora_kfp.storage.manifest import MANIFEST, PRODUCERS
@@ -28,12 +29,12 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def cache_dir() -> Path:
     """Folder for downloaded sources (``QLORA_KFP_CACHE``, default ``~/.cache/qlora-kfp``)."""
-    return Path(os.environ.get("QLORA_KFP_CACHE", Path.home() / ".cache" / "qlora-kfp"))
+    return env.path("QLORA_KFP_CACHE")
 
 
 def keep_days() -> float:
     """Days an unused older version of a cached source is kept (``QLORA_KFP_CACHE_KEEP_DAYS``)."""
-    raw = os.environ.get("QLORA_KFP_CACHE_KEEP_DAYS", "7")
+    raw = env.text("QLORA_KFP_CACHE_KEEP_DAYS")
     try:
         days = float(raw)
     except ValueError:

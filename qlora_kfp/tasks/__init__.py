@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from qlora_kfp import env
+
 # {MLflow's variable: the name the pipelines hand it to the container under}
 PLUGIN_VARS = {
     name: f"QLORA_KFP_{name}"
@@ -22,11 +24,11 @@ def adopt_mlflow_env(environ=os.environ) -> None:
     With KFP's MLflow plugin injecting (``injectUserEnvVars``), ``MLFLOW_TRACKING_URI`` and
     the plugin's own credentials are a set: none of ours is mixed into it.
     """
-    if environ.get("MLFLOW_TRACKING_URI"):
+    if env.text("MLFLOW_TRACKING_URI", environ):
         return
     for name, ours in PLUGIN_VARS.items():
-        if environ.get(ours):
-            environ[name] = environ[ours]
+        if env.text(ours, environ):
+            environ[name] = env.text(ours, environ)
 
 
 adopt_mlflow_env()

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from qlora_kfp import configs
+from qlora_kfp import configs, env
 from qlora_kfp.errors import NotRetriedError, QloraError
 from qlora_kfp.preflight import ARTIFACT_URI_ENV
 from qlora_kfp.tracking import stage_runs
@@ -83,7 +82,7 @@ class RunContext:
         runner's own number, which cached tasks cannot see."""
         overrides = args.get("config_overrides") or {}
         return cls(
-            os.environ.get(RUN_ID_ENV) or args.get("kfp_run_id") or "",
+            env.text(RUN_ID_ENV) or args.get("kfp_run_id") or "",
             args.get("mlflow_parent_run_id") or "",
             trial_label(overrides) if overrides else "",
             dict(overrides),
@@ -92,7 +91,7 @@ class RunContext:
     def artifact_uri(self, name: str) -> str:
         """``$QLORA_KFP_ARTIFACT_URI/<kfp run>[/<trial>]/<name>`` ("" when no artifact store
         is set): each sweep trial mirrors its checkpoints and publishes under its own prefix."""
-        base = os.environ.get(ARTIFACT_URI_ENV, "")
+        base = env.text(ARTIFACT_URI_ENV)
         if not base:
             return ""
         parts = [base.rstrip("/"), self.kfp_run_id or "local", self.trial, name]
@@ -153,7 +152,7 @@ def refuse_pointless_retry(name: str, ctx: RunContext) -> None:
     ``retryIndexEnv``); a first attempt, or a backend without it, always runs.
     """
     try:
-        attempt = int(os.environ.get(RETRY_INDEX_ENV) or 0)
+        attempt = int(env.text(RETRY_INDEX_ENV) or 0)
     except ValueError:
         attempt = 0
     if attempt < 1:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from qlora_kfp import env
 from qlora_kfp.errors import ConfigError, QloraError
 from qlora_kfp.tasks.context import RunContext, fail, report, setup_logging
 from qlora_kfp.tracking import runs, stage_runs
@@ -156,7 +156,7 @@ def finish(args: dict) -> None:
             report.log_comparison(runs.client(), run_id, metrics)
         except Exception as exc:  # noqa: BLE001 - the run is closed; the report is written
             log.warning("base vs tuned not logged to MLflow: %s", exc)
-    url = os.environ.get(report.WEBHOOK_ENV, "")
+    url = env.text(report.WEBHOOK_ENV)
     if url:
         report.post_webhook(url, report.summary(state, kfp_run_id, metrics, error, tags))
     checkpoints = RunContext(kfp_run_id).artifact_uri("train-checkpoints")

@@ -18,7 +18,8 @@ the plugin (older backends, ``kfp.local``) :mod:`qlora_kfp.tracking.runs` makes 
 from __future__ import annotations
 
 import logging
-import os
+
+from qlora_kfp import env
 
 log = logging.getLogger(__name__)
 TASK_RUN_ENV = "MLFLOW_RUN_ID"
@@ -29,14 +30,14 @@ PARENT_TAG = "mlflow.parentRunId"  # common/plugins/mlflow/client.go ParentRunTa
 
 def task_run() -> str:
     """The nested run the backend made for this task ("" without the plugin)."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if not env.text("MLFLOW_TRACKING_URI"):
         return ""
-    return os.environ.get(TASK_RUN_ENV, "")
+    return env.text(TASK_RUN_ENV)
 
 
 def experiment_id() -> str:
     """The experiment the backend tracks this pipeline run in ("" without the plugin)."""
-    return os.environ.get(EXPERIMENT_ENV, "") if task_run() else ""
+    return env.text(EXPERIMENT_ENV) if task_run() else ""
 
 
 def _client():

@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import time
 import urllib.request
+
+from qlora_kfp import env
 
 log = logging.getLogger(__name__)
 WEBHOOK_ENV = "QLORA_KFP_WEBHOOK_URL"
@@ -85,10 +86,10 @@ def log_comparison(client, run_id: str, metrics: dict) -> None:
 
 def links(kfp_run_id: str, experiment_id: str = "", run_id: str = "") -> dict[str, str]:
     out = {}
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = env.text("MLFLOW_TRACKING_URI")
     if run_id and uri.startswith(("http://", "https://")):
         out["MLflow run"] = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    ui = os.environ.get("KFP_UI_URL", "")
+    ui = env.text("KFP_UI_URL")
     if ui and kfp_run_id:
         out["KFP run"] = f"{ui.rstrip('/')}/#/runs/details/{kfp_run_id}"
     return out

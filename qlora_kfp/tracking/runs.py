@@ -12,8 +12,8 @@ function here is a no-op, so the stages also run without MLflow.
 from __future__ import annotations
 
 import logging
-import os
 
+from qlora_kfp import env
 from qlora_kfp.errors import TrackingError
 from qlora_kfp.tracking import plugin
 from qlora_kfp.version import PIPELINE_VERSION, git_commit
@@ -39,12 +39,12 @@ def experiment_link(experiment: str, ui: str = "") -> str | None:
     exp = client().get_experiment_by_name(experiment)
     if exp is None:
         return None
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = env.text("MLFLOW_TRACKING_URI")
     return runs_table_url(ui or uri, exp.experiment_id)
 
 
 def enabled() -> bool:
-    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return bool(env.text("MLFLOW_TRACKING_URI"))
 
 
 def client():
@@ -57,7 +57,7 @@ def check_server(timeout_s: float = 10.0) -> None:
     """Fail fast with a clear message when the tracking server cannot be reached."""
     if not enabled():
         return
-    uri = os.environ["MLFLOW_TRACKING_URI"]
+    uri = env.text("MLFLOW_TRACKING_URI")
     if uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -106,7 +106,7 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
     try:
         if plugin.task_run():  # the backend made the parent run: adopt it, make no second
             return plugin.adopt_root(experiment, run_name, ours)
-        root = os.environ.get("QLORA_KFP_MLFLOW_ARTIFACT_ROOT")
+        root = env.text("QLORA_KFP_MLFLOW_ARTIFACT_ROOT")
         if root and mlflow.get_experiment_by_name(experiment) is None:
             # Local stores: keep artifacts beside the database, not in the current folder.
             mlflow.create_experiment(experiment, artifact_location=root)
@@ -115,7 +115,7 @@ def start_pipeline_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
             client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         run = client().create_run(exp.experiment_id, run_name=run_name or None, tags=ours)
     except Exception as exc:  # noqa: BLE001
-        raise TrackingError(f"MLflow at {os.environ['MLFLOW_TRACKING_URI']}: {exc}") from None
+        raise TrackingError(f"MLflow at {env.text('MLFLOW_TRACKING_URI')}: {exc}") from None
     return run.info.run_id
 
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qlora_kfp import errors
+from qlora_kfp import env, errors
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError
 
@@ -70,19 +70,19 @@ def world_size(cfg: TrainConfig) -> int:
 
 def launched() -> bool:
     """Whether this process is one of a launched group (torchrun sets these)."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return env.present("LOCAL_RANK") and env.present("WORLD_SIZE")
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0")) if launched() else 0
+    return env.integer("RANK") if launched() else 0
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+    return env.integer("LOCAL_RANK") if launched() else 0
 
 
 def current_world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+    return env.integer("WORLD_SIZE") if launched() else 1
 
 
 def is_main() -> bool:
@@ -166,8 +166,8 @@ def launch(module: str, job: dict, nproc: int, on_row: Callable[[dict], None] | 
         cmd += [f"--nproc_per_node={nproc}", "-m", module, str(folder / "job.json")]
         log.info("training in %d processes: %s", nproc, " ".join(cmd))
         # One thread a rank for CPU ops (torchrun's default too), said aloud to silence it.
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        proc = subprocess.Popen(cmd, env=env)  # its output goes to the task's log
+        ranks_env = {**os.environ, "OMP_NUM_THREADS": env.text("OMP_NUM_THREADS")}
+        proc = subprocess.Popen(cmd, env=ranks_env)  # its output goes to the task's log
         offset = 0
         try:
             while True:

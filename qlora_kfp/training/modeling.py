@@ -81,11 +81,13 @@ def prefer_expandable_segments() -> bool:
 
     import torch
 
+    from qlora_kfp import env
+
     names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9; any torch
-    if not any(os.environ.get(k) for k in names) and not torch.cuda.is_initialized():
+    if not any(env.text(k) for k in names) and not torch.cuda.is_initialized():
         for k in names:
             os.environ[k] = "expandable_segments:True"
-    conf = os.environ.get(names[0]) or os.environ.get(names[1]) or ""
+    conf = env.text(names[0]) or env.text(names[1]) or ""
     return "expandable_segments:true" in conf.replace(" ", "").lower()
 
 
