@@ -1,4 +1,5 @@
-"""The model registry: a registered model is named by what it is (base model and dataset)."""
+"""The model registry: a registered model is named by what it is (base model and dataset), and
+a version's promotion tags stay true whatever later versions do."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from qlora_kfp import configs
 from qlora_kfp.errors import ConfigError
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import registry, runs
 
 
 def _name(base_model: str, data_source: str, given: str = "") -> str:
@@ -79,6 +80,112 @@ def test_a_derived_name_needs_both_sources():
         _name("org/model", "")
 
 
+# --- promotion tags ---------------------------------------------------------------------
+
+KEYS = ("decision", "reason", "champion_before", "replaced_by")
+
+
+def _register(name: str, loss: float, digest: str = "d1") -> registry.RegisterResult:
+    return registry.register(name, "file:///nowhere", "", {"dataset_digest": digest}, loss)
+
+
+def _tags(name: str) -> dict[str, tuple]:
+    """``{version: (decision, reason, champion_before, replaced_by)}`` (None: no such tag)."""
+    return {
+        str(mv.version): tuple(mv.tags.get(f"promotion.{k}") for k in KEYS)
+        for mv in runs.client().search_model_versions(f"name='{name}'")
+    }
+
+
+def _assert_nothing_false(name: str) -> None:
+    """What every version's tags say holds now: exactly the champion was promoted and never
+    replaced; a replaced version names a later promoted one that found it champion; no version
+    keeps the old one-tag summary (``promotion: no champion yet``)."""
+    c = runs.client()
+    versions = {str(mv.version): mv.tags for mv in c.search_model_versions(f"name='{name}'")}
+    champion = str(c.get_model_version_by_alias(name, "champion").version)
+    standing = [
+        v
+        for v, t in versions.items()
+        if t["promotion.decision"] == "promoted" and "promotion.replaced_by" not in t
+    ]
+    assert standing == [champion]
+    for v, t in versions.items():
+        assert "promotion" not in t
+        assert t["promotion.decision"] in ("promoted", "not promoted")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t["promotion.decided_at"])
+        if "promotion.replaced_by" in t:
+            by = versions[t["promotion.replaced_by"]]
+            assert int(t["promotion.replaced_by"]) > int(v)
+            assert by["promotion.decision"] == "promoted"
+            assert by["promotion.champion_before"] == v
+            assert t["promotion.replaced_at"] == by["promotion.decided_at"]
+
+
+FIRST = "first version of this registered model"
+
+
+def test_promotion_tags_stay_true_as_the_champion_moves(local_mlflow):
+    name = "m-data"
+    # eval loss of each new version, then every version's tags after it registered
+    steps = [
+        (0.5, {"1": ("promoted", FIRST, "none", None)}),
+        (
+            0.6,
+            {
+                "1": ("promoted", FIRST, "none", None),
+                "2": ("not promoted", "eval loss 0.6 >= champion version 1's 0.5", "1", None),
+            },
+        ),
+        (
+            0.4,
+            {
+                "1": ("promoted", FIRST, "none", "3"),
+                "2": ("not promoted", "eval loss 0.6 >= champion version 1's 0.5", "1", None),
+                "3": ("promoted", "eval loss 0.4 < champion version 1's 0.5", "1", None),
+            },
+        ),
+        (
+            0.3,
+            {
+                "1": ("promoted", FIRST, "none", "3"),
+                "2": ("not promoted", "eval loss 0.6 >= champion version 1's 0.5", "1", None),
+                "3": ("promoted", "eval loss 0.4 < champion version 1's 0.5", "1", "4"),
+                "4": ("promoted", "eval loss 0.3 < champion version 3's 0.4", "3", None),
+            },
+        ),
+    ]
+    for loss, expected in steps:
+        res = _register(name, loss)
+        assert _tags(name) == expected, f"after version {res.version}"
+        assert res.summary == ": ".join(expected[res.version][:2])
+        _assert_nothing_false(name)
+    c = runs.client()
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "4"
+    assert str(c.get_model_version_by_alias(name, "challenger").version) == "4"
+
+
+def test_a_version_on_other_data_is_not_compared(local_mlflow):
+    _register("m-data", 0.5, digest="d1")
+    res = _register("m-data", 0.1, digest="d2")
+    assert not res.promoted
+    assert _tags("m-data")["2"] == (
+        "not promoted",
+        "champion version 1 was evaluated on other data (d1 != d2): not compared; compare "
+        "them and promote by hand",
+        "1",
+        None,
+    )
+    _assert_nothing_false("m-data")
+
+
+def test_with_no_champion_alias_a_later_version_says_so_not_first(local_mlflow):
+    _register("m-data", 0.5)
+    runs.client().delete_registered_model_alias("m-data", "champion")
+    _register("m-data", 0.7)
+    assert _tags("m-data")["2"] == ("promoted", "no version held alias champion", "none", None)
+
+
 def test_register_and_the_retraining_gate_use_the_derived_name(local_mlflow, tmp_path):
     """With registered_model_name empty, the version goes to <base model>-<dataset>, and the
     next run's gate finds its champion there."""
@@ -119,6 +226,7 @@ def test_register_and_the_retraining_gate_use_the_derived_name(local_mlflow, tmp
     assert mv.tags["data_source"] == "s3://bucket/datasets/support-v2/"
     tags = runs.client().get_run(first).data.tags
     assert tags["registered_model"] == "llama-3-1-8b-support-v2/1"
+    assert tags["promotion"] == f"promoted: {FIRST}"
     again = parent("again")
     assert run.decide_training({**args, "mlflow_parent_run_id": again}) == "skip"
     tags = runs.client().get_run(again).data.tags

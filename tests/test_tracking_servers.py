@@ -248,7 +248,16 @@ def test_registry_versions_and_aliases(two_runs, client):
     champion = client.get_model_version_by_alias(MODEL, "champion").version
     assert champion == ("2" if loss[1] < loss[0] else "1")
     assert versions[1].tags["dataset_digest"] == versions[0].tags["dataset_digest"]
-    assert versions[0].tags["promotion"] == "no champion yet"
+    first, second = (v.tags for v in versions)
+    assert first["promotion.decision"] == "promoted"
+    assert first["promotion.reason"] == "first version of this registered model"
+    assert second["promotion.champion_before"] == "1"
+    if champion == "2":  # version 1 no longer is champion, and says by whom
+        assert second["promotion.decision"] == "promoted"
+        assert first["promotion.replaced_by"] == "2"
+    else:
+        assert second["promotion.decision"] == "not promoted"
+        assert "promotion.replaced_by" not in first
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):

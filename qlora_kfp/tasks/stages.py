@@ -187,7 +187,7 @@ def register(args: dict) -> str:
         run.tags(
             {
                 "registered_model": f"{cfg.registered_model_name}/{res.version}",
-                "promotion": res.reason,
+                "promotion": res.summary,
             },
             parent=True,
         )
