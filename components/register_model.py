@@ -13,7 +13,8 @@ def register_model(
     tuned_eval_loss: float,
     metrics: Output[Metrics],
     base_model: str,
-    registered_model_name: str = "qlora-finetune",
+    data_source: str,
+    registered_model_name: str = "",
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",
 ) -> str:
@@ -21,7 +22,8 @@ def register_model(
 
     Args:
         base_model: Base model the adapter was trained on (a tag of the version).
-        registered_model_name: MLflow registered model to add a version to (empty: do not register).
+        data_source: Dataset the adapter was trained on (with base_model it names the registered model when registered_model_name is empty).
+        registered_model_name: MLflow registered model the version is added to. Empty: <base model>-<dataset>, each the last part of its path, URI or hub id (a dataset's without data extensions) in lower-case letters, digits and '-', at most 63 characters, e.g. llama-3-1-8b-support-v2 for meta-llama/Llama-3.1-8B trained on s3://bucket/datasets/support-v2/. A name given: 1 to 63 letters, digits, '.', '_' or '-', beginning and ending with a letter or digit.
     """
     from qlora_kfp.tasks import stages
 

@@ -392,23 +392,92 @@ class MergeConfig:
         _check(self.merge_tolerance > 0, "merge_tolerance", self.merge_tolerance, "use > 0")
 
 
+# A registered model's name: what a user may give, and what a derived one is made of. At most
+# 63 characters, as a Kubernetes (DNS label) name, so that a serving resource can bear it too.
+REGISTERED_NAME_LENGTH = 63
+_REGISTERED_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".csv", ".parquet")
+
+
+def source_stem(source: str, suffixes: tuple[str, ...] = ()) -> str:
+    """A model's or dataset's short name: the last non-empty part of its path, URI or hub id
+    (``meta-llama/Llama-3.1-8B`` -> ``Llama-3.1-8B``, ``s3://b/sets/support-v2/`` ->
+    ``support-v2``), without any of ``suffixes`` at its end (``chats.jsonl.gz`` -> ``chats``)."""
+    stem = source.strip().rstrip("/").rsplit("/", 1)[-1]
+    while stem.lower().endswith(suffixes):
+        stem = stem.rsplit(".", 1)[0]
+    return stem
+
+
+def _name_part(text: str, fallback: str) -> str:
+    """``text`` in lower-case letters, digits and single '-' (accents dropped: é -> e)."""
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-") or fallback
+
+
+def derived_model_name(base_model: str, data_source: str) -> str:
+    """``<base model>-<dataset>``: each source's short name (:func:`source_stem`; a dataset's
+    without data extensions) in lower-case letters, digits and '-', e.g.
+    ``llama-3-1-8b-support-v2`` for ``meta-llama/Llama-3.1-8B`` and
+    ``s3://bucket/datasets/support-v2/``. A name over :data:`REGISTERED_NAME_LENGTH` keeps the
+    start of each part and ends with 6 hex digits of the whole one's digest, so two long names
+    that differ only at their ends stay apart."""
+    import hashlib
+
+    model = _name_part(source_stem(base_model), "model")
+    data = _name_part(source_stem(data_source, DATA_SUFFIXES), "data")
+    whole = f"{model}-{data}"
+    if len(whole) <= REGISTERED_NAME_LENGTH:
+        return whole
+    digest = hashlib.sha256(whole.encode()).hexdigest()[:6]
+    room = REGISTERED_NAME_LENGTH - len(digest) - 2  # two '-': after model and after data
+    half = room // 2
+    if len(model) <= half:
+        data = data[: room - len(model)]
+    elif len(data) <= half:
+        model = model[: room - len(data)]
+    else:
+        model, data = model[:half], data[: room - half]
+    return f"{model.rstrip('-')}-{data.rstrip('-')}-{digest}"
+
+
 @dataclass
 class RegisterConfig:
     """Register the merged model in the MLflow Model Registry (challenger / champion)."""
 
     base_model: str = _help("Base model the adapter was trained on (a tag of the version).")
+    data_source: str = _help(
+        "Dataset the adapter was trained on (with base_model it names the registered model "
+        "when registered_model_name is empty)."
+    )
     registered_model_name: str = _help(
-        "MLflow registered model to add a version to (empty: do not register).",
-        default="qlora-finetune",
+        "MLflow registered model the version is added to. Empty: <base model>-<dataset>, each "
+        "the last part of its path, URI or hub id (a dataset's without data extensions) in "
+        "lower-case letters, digits and '-', at most 63 characters, e.g. "
+        "llama-3-1-8b-support-v2 for meta-llama/Llama-3.1-8B trained on "
+        "s3://bucket/datasets/support-v2/. A name given: 1 to 63 letters, digits, '.', '_' or "
+        "'-', beginning and ending with a letter or digit.",
+        default="",
     )
 
     def __post_init__(self) -> None:
         name = self.registered_model_name
+        if not name:
+            _check(bool(self.base_model), "base_model", self.base_model, "give a path or URI")
+            _check(bool(self.data_source), "data_source", self.data_source, "give a path or URI")
+            # Resolved here, so the stage, its MLflow params and the retraining gate see the
+            # one name the version goes to.
+            self.registered_model_name = derived_model_name(self.base_model, self.data_source)
+            return
         _check(
-            "/" not in name and ":" not in name,
+            bool(_REGISTERED_NAME.fullmatch(name)),
             "registered_model_name",
             name,
-            "use a name without '/' or ':'",
+            "use 1 to 63 letters, digits, '.', '_' or '-', beginning and ending with a letter "
+            "or digit (no '/', ':', '@' or spaces), e.g. support-bot-v2; or leave it empty "
+            "for <base model>-<dataset>",
         )
 
 

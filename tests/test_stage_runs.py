@@ -73,14 +73,15 @@ def test_registering_kfps_own_artifact_says_what_readers_need(local_mlflow, capl
     with caplog.at_level("WARNING"):
         version = stages.register(
             {
-                "base_model": "m",
+                "base_model": "org/m",
+                "data_source": "s3://data/sets/support-v2/",
                 "merged_model_uri": uri,
                 "dataset_digest": "d",
                 "tuned_eval_loss": 0.5,
                 "mlflow_parent_run_id": parent,
             }
         )
-    assert runs.client().get_model_version("qlora-finetune", version).source == uri
+    assert runs.client().get_model_version("m-support-v2", version).source == uri
     assert "KFP's own copy of the merged model" in caplog.text
 
 

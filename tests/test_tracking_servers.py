@@ -89,12 +89,15 @@ LOGS: list[str] = []
 LIVE: list[int] = []  # loss points the train run had, each time it was seen RUNNING
 
 
+# The demo's registered model, <base model>-<dataset> (tests/test_registry.py checks that the
+# demo's sources derive it).
+MODEL = "tiny-llama-antonyms"
+
+
 def champion_setting(services, key: str):
     from mlflow.tracking import MlflowClient
 
-    mv = MlflowClient(services.tracking_uri).get_model_version_by_alias(
-        "qlora-finetune", "champion"
-    )
+    mv = MlflowClient(services.tracking_uri).get_model_version_by_alias(MODEL, "champion")
     return json.loads(mv.tags["training.made_from"])["settings"][key]
 
 
@@ -237,17 +240,24 @@ def test_training_curve_and_artifacts_live_in_s3(two_runs, client, services):
 
 
 def test_registry_versions_and_aliases(two_runs, client):
-    versions = sorted(
-        client.search_model_versions("name='qlora-finetune'"), key=lambda v: int(v.version)
-    )
+    versions = sorted(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
     assert [v.version for v in versions] == ["1", "2"]
     assert versions[0].source.startswith("s3://pipeline/qlora/")
-    assert client.get_model_version_by_alias("qlora-finetune", "challenger").version == "2"
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == "2"
     loss = [float(v.tags["tuned_eval_loss"]) for v in versions]
-    champion = client.get_model_version_by_alias("qlora-finetune", "champion").version
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
     assert champion == ("2" if loss[1] < loss[0] else "1")
     assert versions[1].tags["dataset_digest"] == versions[0].tags["dataset_digest"]
-    assert versions[0].tags["promotion"] == "no champion yet"
+    first, second = (v.tags for v in versions)
+    assert first["promotion.decision"] == "promoted"
+    assert first["promotion.reason"] == "first version of this registered model"
+    assert second["promotion.champion_before"] == "1"
+    if champion == "2":  # version 1 no longer is champion, and says by whom
+        assert second["promotion.decision"] == "promoted"
+        assert first["promotion.replaced_by"] == "2"
+    else:
+        assert second["promotion.decision"] == "not promoted"
+        assert "promotion.replaced_by" not in first
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):
@@ -291,7 +301,7 @@ def test_unchanged_data_skips_training_and_says_why(two_runs, client):
     }
     assert kids == {"prepare-dataset", "decide-training", "preflight"}
     assert not (Path(two_runs[2]) / "train").exists()
-    assert len(client.search_model_versions("name='qlora-finetune'")) == 2
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 2
 
 
 CHROMIUM = "/usr/bin/chromium"

@@ -135,7 +135,9 @@ def build_model(
 
 
 def make_demo_assets(root: str | Path, seed: int = 0) -> dict[str, str]:
-    """Create ``root/model`` (bfloat16 checkpoint + tokenizer) and ``root/data/antonyms.jsonl``.
+    """Create ``root/tiny-llama`` (bfloat16 checkpoint + tokenizer) and
+    ``root/data/antonyms.jsonl``: named by what they are, as the registered model derived from
+    them is (``tiny-llama-antonyms``).
 
     Returns:
         ``{"base_model": ..., "data_source": ...}``, ready to pass to the pipeline.
@@ -143,7 +145,7 @@ def make_demo_assets(root: str | Path, seed: int = 0) -> dict[str, str]:
     import torch
 
     root = Path(root)
-    model_dir, data = root / "model", root / "data" / "antonyms.jsonl"
+    model_dir, data = root / "tiny-llama", root / "data" / "antonyms.jsonl"
     if not (model_dir / "config.json").is_file():
         from transformers.utils import logging as hf_logging
 

@@ -19,17 +19,14 @@ from qlora_kfp.tracking import runs, stage_runs
 log = logging.getLogger("qlora_kfp")
 
 
-DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".csv", ".parquet")
-
-
 def default_run_name(pipeline: str, data_source: str) -> str:
     """``<pipeline>-<dataset>-<yyyymmdd-hhmm>``: what the run did, on which data, when (a
     dataset's name is its file or folder name without data extensions, or a hub id's name)."""
     import time
 
-    stem = data_source.rstrip("/").rsplit("/", 1)[-1] or "data"
-    while stem.lower().endswith(DATA_SUFFIXES):
-        stem = stem.rsplit(".", 1)[0]
+    from qlora_kfp.configs import DATA_SUFFIXES, source_stem
+
+    stem = source_stem(data_source, DATA_SUFFIXES)
     return f"{pipeline}-{stem or 'data'}-{time.strftime('%Y%m%d-%H%M')}"
 
 
@@ -82,14 +79,16 @@ def decide_training(args: dict) -> str:
     A skip is one line in the task log (and ``make run``'s console) saying why and how to
     force training; the parent MLflow run is tagged with the champion it reuses.
     """
+    from qlora_kfp import configs
     from qlora_kfp.tracking import registry
 
     setup_logging()
     try:
         made_from = training_made_from(args)
+        # The name register-model adds the version to (given, or derived from the sources).
+        name = configs.from_params(configs.RegisterConfig, args).registered_model_name
     except QloraError as exc:  # a bad setting: preflight says so too, in one line
         fail("decide-training", exc)
-    name = args["registered_model_name"]
     decision = registry.should_train(name, made_from, args["force_retrain"])
     word = "train" if decision.train else "skip"
     if decision.train:

@@ -149,8 +149,8 @@ def register(args: dict) -> str:
     from qlora_kfp.tracking import registry
 
     with stage("register", configs.RegisterConfig, args) as (cfg, run, ctx):
-        if not (cfg.registered_model_name and run.run_id):
-            log.warning("registration skipped (no registered_model_name or tracking is off)")
+        if not run.run_id:
+            log.warning("registration skipped (tracking is off)")
             return ""
         source = args["merged_model_uri"]
         if Path(source).is_dir():  # a local run: the registry keeps its own copy
@@ -166,6 +166,7 @@ def register(args: dict) -> str:
             )
         tags = {
             "base_model": cfg.base_model,
+            "data_source": cfg.data_source,
             "dataset_digest": args["dataset_digest"],
             "kfp.run_id": ctx.kfp_run_id,
             "mlflow.parent_run": run.parent_run_id,
@@ -186,7 +187,7 @@ def register(args: dict) -> str:
         run.tags(
             {
                 "registered_model": f"{cfg.registered_model_name}/{res.version}",
-                "promotion": res.reason,
+                "promotion": res.summary,
             },
             parent=True,
         )
