@@ -65,12 +65,13 @@ def check_memory(
     model_cfg = AutoConfig.from_pretrained(sources.model_source(base_model))
     world = cfg.num_processes or int(os.environ.get(GPUS_ENV) or 1)
     cfg = dataclasses.replace(cfg, num_processes=world)  # what the train task resolves
-    # Training runs on the GPU image, whose torch has the varlen kernel.
+    # Training runs on the GPU image, whose torch has the varlen kernel (this pod has no GPU):
+    # the plan too, or it would be made for sdpa's attention mask.
     kw = autofit.estimate_kwargs(cfg, has_varlen=True)
     # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
     seq = cfg.pack_length if cfg.packing == "bins" and cfg.pack_length else max_seq_length
     # The training pod's host memory is not known here: auto may offload.
-    chosen = autofit.plan(model_cfg, cfg, seq, gpu_memory_gib, float("inf"))[0]
+    chosen = autofit.plan(model_cfg, cfg, seq, gpu_memory_gib, float("inf"), has_varlen=True)[0]
     est = memory.estimate(
         model_cfg,
         seq,

@@ -21,7 +21,15 @@ from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.manifest import atomic_folder
-from qlora_kfp.training import autofit, batching, checkpoints, distributed, modeling, trainer_hooks
+from qlora_kfp.training import (
+    attention,
+    autofit,
+    batching,
+    checkpoints,
+    distributed,
+    modeling,
+    trainer_hooks,
+)
 from qlora_kfp.training.peft_model import (
     build_peft_model,
     check_finite_adapter,
@@ -57,7 +65,10 @@ def memory_settings(
     host = autofit.host_available_gib() / max(cfg.num_processes, 1)
     if modeling.device() != "cuda":  # the CPU trains in host memory
         gpu_budget_gib = min(gpu_budget_gib, host)
-    return autofit.plan(AutoConfig.from_pretrained(model_dir), cfg, seq, gpu_budget_gib, host)
+    model_cfg = AutoConfig.from_pretrained(model_dir)
+    # The attention this machine trains with (build_peft_model resolves it the same way).
+    varlen = attention.kernel() is not None
+    return autofit.plan(model_cfg, cfg, seq, gpu_budget_gib, host, has_varlen=varlen)
 
 
 def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume, reset):

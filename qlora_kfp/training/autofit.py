@@ -80,17 +80,25 @@ def offload_allowed(cfg: TrainConfig, host_free_gib: float, stash_gib: float) ->
 
 
 def plan(
-    model_cfg, cfg: TrainConfig, seq_len: int, budget_gib: float, host_free_gib: float
+    model_cfg,
+    cfg: TrainConfig,
+    seq_len: int,
+    budget_gib: float,
+    host_free_gib: float,
+    *,
+    has_varlen: bool | None,
 ) -> list[Setting]:
     """Settings to try in order: the chosen one first, then ones that need less memory.
 
     With explicit settings (a layer count, offload on/off) there is one entry and no
     fallback. ``seq_len`` is the longest row (a bin's capacity with ``packing=bins``).
+    ``has_varlen``: whether the training machine has the varlen attention kernel (None: this
+    machine); it decides the attention, and so the estimate.
     """
     from qlora_kfp.training import memory
 
     layers = model_cfg.num_hidden_layers
-    kw = estimate_kwargs(cfg)
+    kw = estimate_kwargs(cfg, has_varlen)
     tokens = seq_len * cfg.batch_size
     stash_gib = layers * tokens * model_cfg.hidden_size * (4 if cfg.fp32_upcast else 2) / 2**30
     can_offload = offload_allowed(cfg, host_free_gib, stash_gib)
