@@ -182,9 +182,8 @@ def train_stage_plan(monkeypatch, cfg, model_dir, host) -> list[tuple[int, bool]
     monkeypatch.setattr(autofit, "host_available_gib", lambda: host * cfg.num_processes)
     rows = [{"input_ids": [1] * SEQ}]  # the longest row is max_seq_length long
     capacity = (cfg.pack_length or SEQ) if cfg.packing == "bins" else 0
-    settings = train_loop.memory_settings(cfg, model_dir, rows, capacity, cfg.gpu_memory_gib)
-    # train_here: with several processes only the first (no restart of one rank alone).
-    return _pairs(settings[:1] if cfg.num_processes > 1 else settings)
+    plan = train_loop.memory_settings(cfg, model_dir, rows, capacity, cfg.gpu_memory_gib)
+    return _pairs(plan.settings)
 
 
 def preflight_plan(monkeypatch, caplog, cfg, model_dir) -> tuple[int, bool]:
