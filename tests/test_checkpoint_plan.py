@@ -28,6 +28,7 @@ import logging
 import re
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from qlora_kfp.configs import TrainConfig
@@ -215,3 +216,78 @@ def test_the_preflight_plans_what_the_train_stage_plans(
     cfg = _cfg(kw)
     got = preflight_plan(monkeypatch, caplog, cfg, model_dirs[layers])
     assert got == train_stage_plan(monkeypatch, cfg, model_dirs[layers], host)[0] == want[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layers, offload, want",
+    [
+        pytest.param("0", "off", 0, id="none-of-2"),
+        pytest.param("1", "off", 1, id="first-of-2"),
+        pytest.param("1", "on", 1, id="first-of-2-offloaded"),
+        pytest.param("-1", "off", 2, id="every-layer"),
+        pytest.param("auto", "auto", None, id="auto"),
+    ],
+)
+def test_the_train_stage_applies_its_plan_once(
+    quantized, prepared, tmp_path, monkeypatch, layers, offload, want
+):
+    """On the tiny model (2 layers): the plan reaches the model once, and exactly its first
+    layers recompute, each once a step (a layer recomputes when its attention runs more often
+    than the layer itself: the recompute calls ``forward`` inside the checkpoint, where the
+    layer's hooks do not fire)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
+
+    from qlora_kfp.stages.train import run_train
+    from qlora_kfp.training import modeling
+    from qlora_kfp.training import offload as offloading
+
+    applied = []
+    real = modeling.checkpoint_first_layers
+
+    def spy(model, n, offload=False):
+        applied.append((model, n, offload))
+        return real(model, n, offload)
+
+    monkeypatch.setattr(modeling, "checkpoint_first_layers", spy)
+    layer_calls: dict[int, int] = {}
+    attention_calls: dict[int, int] = {}
+
+    def hook(module, args, output):
+        if isinstance(module, LlamaDecoderLayer):
+            i = module.self_attn.layer_idx
+            layer_calls[i] = layer_calls.get(i, 0) + 1
+        elif isinstance(module, LlamaAttention):
+            attention_calls[module.layer_idx] = attention_calls.get(module.layer_idx, 0) + 1
+
+    steps = 2
+    cfg = TrainConfig(
+        lora_r=8,
+        max_steps=steps,
+        batch_size=4,
+        checkpoint_steps=0,
+        gradient_checkpointing_layers=layers,
+        gradient_checkpointing_offload=offload,
+    )
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        res = run_train(cfg, quantized.path, prepared.path, str(tmp_path / "adapter"))
+    finally:
+        handle.remove()
+
+    m = res.metrics
+    planned = m["checkpointed_layers"]
+    if want is not None:
+        assert planned == want
+    assert len(applied) == 1, "the plan is applied once, by the train stage"
+    model, n, offloaded = applied[0]
+    assert (n, offloaded) == (planned, bool(m["checkpoint_offload"]))
+    recomputes = {i: attention_calls[i] - layer_calls[i] for i in layer_calls}
+    assert len(recomputes) == 2
+    assert recomputes == {i: steps if i < planned else 0 for i in range(2)}
+    wrapped = [layer for layer in modeling.decoder_layers(model) if layer.gradient_checkpointing]
+    assert len(wrapped) == planned
+    offload_func = offloading.checkpoint
+    assert all(
+        (layer._gradient_checkpointing_func is offload_func) == offloaded for layer in wrapped
+    )

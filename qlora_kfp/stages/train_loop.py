@@ -74,7 +74,8 @@ def memory_settings(
 def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume, reset):
     """``new_trainer().train(resume)`` under the first of the plan's settings that does not run
     out of memory in its first steps; each retry starts from the very beginning (the initial
-    adapter, a fresh Trainer and optimizer, ``reset()``).
+    adapter, a fresh Trainer and optimizer, ``reset()``). Each setting reaches the model here
+    (``autofit.apply``), before its attempt.
 
     Returns:
         (the Trainer, its ``train()`` output, the setting used).
@@ -92,7 +93,7 @@ def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume, re
     box: list = []
 
     def apply(setting: autofit.Setting) -> None:  # no-op without gradient_checkpointing
-        modeling.checkpoint_first_layers(model, setting.layers, setting.offload)
+        autofit.apply(model, setting)
 
     def start():
         box[:] = [new_trainer()]
@@ -203,7 +204,7 @@ def train_here(
             data_seed=cfg.seed,
             bf16=dtype == torch.bfloat16 and modeling.device() == "cuda",
             fp16=dtype == torch.float16 and modeling.device() == "cuda",
-            # prepare_model has set checkpointing up layer by layer; the Trainer's own switch
+            # autofit.apply sets checkpointing up layer by layer; the Trainer's own switch
             # would turn it back on in every layer.
             gradient_checkpointing=False,
             remove_unused_columns=False,

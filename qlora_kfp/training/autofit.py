@@ -17,6 +17,7 @@ in the run's history; the ``memory_settings_tried`` metric says the run started 
 
 One function decides (:func:`plan`, a :class:`CheckpointPlan`): the preflight calls it to
 report and check what the train stage will do, the train stage to do it, with the same inputs.
+One function puts a setting into the model (:func:`apply`), once for each attempt.
 """
 
 from __future__ import annotations
@@ -197,6 +198,18 @@ def plan(
     return decided(first, *rest)
 
 
+def apply(model, setting: Setting) -> None:
+    """Give ``model`` the checkpointing of ``setting``: the one place a plan reaches the model.
+
+    The model comes with checkpointing enabled in every layer (``peft_model.prepare_model``)
+    or in none (``gradient_checkpointing`` off: then this changes nothing); the train stage
+    applies each setting it trains with here, before its attempt starts.
+    """
+    from qlora_kfp.training import modeling
+
+    modeling.checkpoint_first_layers(model, setting.layers, setting.offload)
+
+
 def host_available_gib() -> float:
     """Memory the host can still give this process: ``MemAvailable``, capped by the cgroup
     limit of a container (a pod's memory limit) less what the cgroup uses."""
@@ -246,7 +259,7 @@ def train_fitting(
 
     Args:
         settings: A :class:`CheckpointPlan`'s.
-        apply: ``apply(setting)`` sets the model's checkpointing in place.
+        apply: ``apply(setting)`` sets the model's checkpointing in place (:func:`apply`).
         start: Runs training and returns its result.
         restart: Puts the model, RNG and bookkeeping back to their initial state.
         steps_done: ``steps_done()``: optimizer steps the failed attempt completed.
