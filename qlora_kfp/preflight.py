@@ -65,22 +65,17 @@ def check_memory(
     model_cfg = AutoConfig.from_pretrained(sources.model_source(base_model))
     world = cfg.num_processes or env.integer(GPUS_ENV)
     cfg = dataclasses.replace(cfg, num_processes=world)  # what the train task resolves
-    # Training runs on the GPU image, whose torch has the varlen kernel.
-    kw = autofit.estimate_kwargs(cfg, has_varlen=True)
+    # Training runs on the GPU image, whose torch has the varlen kernel: the plan and the
+    # estimate are made for it (this pod has no GPU, so none of its own).
+    varlen = True
+    kw = autofit.estimate_kwargs(cfg, has_varlen=varlen)
     # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
     seq = cfg.pack_length if cfg.packing == "bins" and cfg.pack_length else max_seq_length
-    # The training pod's host memory is not known here: auto may offload.
-    chosen = autofit.plan(model_cfg, cfg, seq, gpu_memory_gib, float("inf"))[0]
-    est = memory.estimate(
-        model_cfg,
-        seq,
-        cfg.batch_size,
-        cfg.lora_r,
-        gradient_checkpointing_layers=chosen.layers,
-        offload=chosen.offload,
-        **kw,
-    )
-    total = model_cfg.num_hidden_layers
+    # What the train stage will decide: the same function on the same inputs, except the
+    # training pod's host memory, which is not known here (auto may offload).
+    plan = autofit.plan(model_cfg, cfg, seq, gpu_memory_gib, float("inf"), has_varlen=varlen)
+    chosen, total = plan.chosen, plan.total_layers
+    est = autofit.setting_estimate(model_cfg, cfg, seq, chosen, has_varlen=varlen)
     log.info(
         "estimated peak memory of each of %d GPU(s) for batch %d x %d tokens with %s:\n%s",
         world,

@@ -21,9 +21,9 @@ LLAMA_8B = LlamaConfig(
 BINS = dict(packing="bins", pack_length=2048, lora_r=64, lora_dropout=0.0)
 
 
-def _plan(budget: float, host: float = 1e6, **kw) -> list[autofit.Setting]:
+def _plan(budget: float, host: float = 1e6, **kw) -> tuple[autofit.Setting, ...]:
     cfg = TrainConfig(**{**BINS, **kw})
-    return autofit.plan(LLAMA_8B, cfg, 2048, budget, host)
+    return autofit.plan(LLAMA_8B, cfg, 2048, budget, host, has_varlen=None).settings
 
 
 @pytest.mark.parametrize(

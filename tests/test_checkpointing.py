@@ -32,6 +32,18 @@ def _attention_calls(model_fn):
     return calls, result
 
 
+def apply_plan(model, cfg: TrainConfig, model_dir: str):
+    """Give ``model`` the checkpointing the train stage would plan for ``cfg`` (counts and
+    offload as set: the budget plays no part) the way the train stage does."""
+    from transformers import AutoConfig
+
+    from qlora_kfp.training import autofit
+
+    model_cfg = AutoConfig.from_pretrained(model_dir)
+    plan = autofit.plan(model_cfg, cfg, 64, cfg.gpu_memory_gib, float("inf"), has_varlen=None)
+    autofit.apply(model, plan.chosen)
+
+
 def _step(quantized, batch, layers: int, offload: str = "off"):
     cfg = TrainConfig(
         lora_r=8,
@@ -41,6 +53,7 @@ def _step(quantized, batch, layers: int, offload: str = "off"):
     )
     torch.manual_seed(0)
     model = build_peft_model(cfg, quantized.path)
+    apply_plan(model, cfg, quantized.path)
     torch.manual_seed(1)  # lora_B starts at zero: give it values so every gradient is nonzero
     for name, p in model.named_parameters():
         if "lora_B" in name:

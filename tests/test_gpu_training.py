@@ -69,17 +69,18 @@ def test_auto_picks_what_the_estimate_says_and_the_peak_stays_under_it(gpu_asset
 
     model_cfg = AutoConfig.from_pretrained(gpu_assets[0])
     base = TrainConfig(lora_r=16, batch_size=BATCH, packing="bins", pack_length=SEQ)
-    none = autofit.plan(model_cfg, base, SEQ, 1000.0, 1000.0)[0].estimate_gib
+    none = autofit.plan(model_cfg, base, SEQ, 1000.0, 1000.0, has_varlen=None).chosen.estimate_gib
     every = autofit.plan(
         model_cfg,
         TrainConfig(**{**vars(base), "gradient_checkpointing_layers": "-1"}),
         SEQ,
         1000.0,
         1000.0,
-    )[0].estimate_gib
+        has_varlen=None,
+    ).chosen.estimate_gib
     budget = (none + every) / 2 / autofit.MARGIN
     auto = TrainConfig(**{**vars(base), "gpu_memory_gib": budget})
-    want = autofit.plan(model_cfg, auto, SEQ, budget, 1000.0)[0]
+    want = autofit.plan(model_cfg, auto, SEQ, budget, 1000.0, has_varlen=None).chosen
     assert 0 < want.layers < SHAPE["num_hidden_layers"]
 
     got = _train(gpu_assets, tmp_path, "auto", gpu_memory_gib=budget)

@@ -21,7 +21,15 @@ from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.manifest import atomic_folder
-from qlora_kfp.training import autofit, batching, checkpoints, distributed, modeling, trainer_hooks
+from qlora_kfp.training import (
+    attention,
+    autofit,
+    batching,
+    checkpoints,
+    distributed,
+    modeling,
+    trainer_hooks,
+)
 from qlora_kfp.training.peft_model import (
     build_peft_model,
     check_finite_adapter,
@@ -45,8 +53,8 @@ class TrainResult:
 
 def memory_settings(
     cfg: TrainConfig, model_dir: str, rows: list[dict], capacity: int, gpu_budget_gib: float
-) -> list[autofit.Setting]:
-    """The checkpointing settings to train with, best first (``autofit.plan``).
+) -> autofit.CheckpointPlan:
+    """The checkpointing to train with (``autofit.plan``, on this machine's figures).
 
     ``rows``: the training rows (bins with ``packing=bins``); ``capacity``: a bin's tokens.
     """
@@ -57,13 +65,17 @@ def memory_settings(
     host = autofit.host_available_gib() / max(cfg.num_processes, 1)
     if modeling.device() != "cuda":  # the CPU trains in host memory
         gpu_budget_gib = min(gpu_budget_gib, host)
-    return autofit.plan(AutoConfig.from_pretrained(model_dir), cfg, seq, gpu_budget_gib, host)
+    model_cfg = AutoConfig.from_pretrained(model_dir)
+    # The attention this machine trains with (build_peft_model resolves it the same way).
+    varlen = attention.kernel() is not None
+    return autofit.plan(model_cfg, cfg, seq, gpu_budget_gib, host, has_varlen=varlen)
 
 
-def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume, reset):
-    """``new_trainer().train(resume)`` under the first setting that does not run out of memory
-    in its first steps; each retry starts from the very beginning (the initial adapter, a
-    fresh Trainer and optimizer, ``reset()``).
+def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume, reset):
+    """``new_trainer().train(resume)`` under the first of the plan's settings that does not run
+    out of memory in its first steps; each retry starts from the very beginning (the initial
+    adapter, a fresh Trainer and optimizer, ``reset()``). Each setting reaches the model here
+    (``autofit.apply``), before its attempt.
 
     Returns:
         (the Trainer, its ``train()`` output, the setting used).
@@ -75,13 +87,13 @@ def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume,
     # The initial adapter, for a restart (none is possible with one setting).
     initial = (
         {n: p.detach().to("cpu", copy=True) for n, p in trainable_params(model)}
-        if len(settings) > 1
+        if len(plan.settings) > 1
         else {}
     )
     box: list = []
 
     def apply(setting: autofit.Setting) -> None:  # no-op without gradient_checkpointing
-        modeling.checkpoint_first_layers(model, setting.layers, setting.offload)
+        autofit.apply(model, setting)
 
     def start():
         box[:] = [new_trainer()]
@@ -105,8 +117,9 @@ def train_in_memory(model, settings: list[autofit.Setting], new_trainer, resume,
     def steps_done() -> int:
         return box[0].state.global_step - first if box else 0
 
-    layers = sum(1 for _ in modeling.decoder_layers(model))
-    out, setting = autofit.train_fitting(settings, apply, start, restart, steps_done, layers)
+    out, setting = autofit.train_fitting(
+        plan.settings, apply, start, restart, steps_done, plan.total_layers
+    )
     return box[0], out, setting
 
 
@@ -157,11 +170,9 @@ def train_here(
     # count taken at collation time would credit a step with its successor's tokens.
     collate = batching.make_collator(cfg.packing, tokenizer, width=capacity, count_tokens=True)
 
-    settings = memory_settings(cfg, model_dir, train_ds, capacity, gpu_budget)
-    if ranks > 1:
-        # No restart after running out of memory: one rank starting over alone would leave
-        # the others waiting in a collective. The error names the settings to change.
-        settings = settings[:1]
+    # With several ranks the plan has no fallback: one rank starting over alone would leave
+    # the others waiting in a collective. The error names the settings to change.
+    plan = memory_settings(cfg, model_dir, train_ds, capacity, gpu_budget)
     history: list[dict] = []
     diverged: list[str] = []
     ckpt_root = Path(ckpt_root)
@@ -193,7 +204,7 @@ def train_here(
             data_seed=cfg.seed,
             bf16=dtype == torch.bfloat16 and modeling.device() == "cuda",
             fp16=dtype == torch.float16 and modeling.device() == "cuda",
-            # prepare_model has set checkpointing up layer by layer; the Trainer's own switch
+            # autofit.apply sets checkpointing up layer by layer; the Trainer's own switch
             # would turn it back on in every layer.
             gradient_checkpointing=False,
             remove_unused_columns=False,
@@ -234,7 +245,7 @@ def train_here(
             set_seed(cfg.seed)
 
         with checkpoints.saving(ckpt_root):  # a checkpoint cut off by a failure is removed
-            trainer, out, setting = train_in_memory(model, settings, new_trainer, resume, reset)
+            trainer, out, setting = train_in_memory(model, plan, new_trainer, resume, reset)
         if diverged or not math.isfinite(out.training_loss):
             raise TrainingDivergedError(
                 f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
@@ -273,7 +284,7 @@ def train_here(
         checkpointed_layers=setting.layers,
         checkpoint_offload=int(setting.offload),
         estimated_peak_gib=setting.estimate_gib,
-        memory_settings_tried=settings.index(setting) + 1,
+        memory_settings_tried=plan.settings.index(setting) + 1,
         expandable_segments=int(expandable),
     )
     metrics["processes"] = ranks

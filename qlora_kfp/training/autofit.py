@@ -14,12 +14,17 @@ starts again from its very beginning with more layers checkpointed
 (:func:`train_fitting`): same initial adapter, same RNG state, no optimizer state, and the
 failed attempt's history and token counts dropped (rows it already streamed to MLflow stay
 in the run's history; the ``memory_settings_tried`` metric says the run started over).
+
+One function decides (:func:`plan`, a :class:`CheckpointPlan`): the preflight calls it to
+report and check what the train stage will do, the train stage to do it, with the same inputs.
+One function puts a setting into the model (:func:`apply`), once for each attempt.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qlora_kfp.configs import TrainConfig
@@ -42,6 +47,24 @@ class Setting:
     def describe(self, total: int) -> str:
         where = " with their inputs in host memory" if self.offload and self.layers else ""
         return f"{self.layers} of {total} layers checkpointed{where}"
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """The train stage's gradient checkpointing, as :func:`plan` decides it.
+
+    ``settings``: best first; the rest are the fallbacks after running out of memory in the
+    first steps (none with explicit settings or several processes). ``total_layers``: the
+    model's decoder layers.
+    """
+
+    settings: tuple[Setting, ...]
+    total_layers: int
+
+    @property
+    def chosen(self) -> Setting:
+        """The setting training starts with (what the preflight reports and checks)."""
+        return self.settings[0]
 
 
 def estimate_kwargs(
@@ -79,40 +102,80 @@ def offload_allowed(cfg: TrainConfig, host_free_gib: float, stash_gib: float) ->
     return stash_gib <= HOST_SHARE * host_free_gib
 
 
-def plan(
-    model_cfg, cfg: TrainConfig, seq_len: int, budget_gib: float, host_free_gib: float
-) -> list[Setting]:
-    """Settings to try in order: the chosen one first, then ones that need less memory.
+def _estimate(model_cfg, cfg: TrainConfig, seq_len: int, layers: int, offload: bool, kw: dict):
+    from qlora_kfp.training import memory
 
-    With explicit settings (a layer count, offload on/off) there is one entry and no
-    fallback. ``seq_len`` is the longest row (a bin's capacity with ``packing=bins``).
+    return memory.estimate(
+        model_cfg,
+        seq_len,
+        cfg.batch_size,
+        cfg.lora_r,
+        gradient_checkpointing_layers=layers,
+        offload=offload,
+        **kw,
+    )
+
+
+def setting_estimate(
+    model_cfg, cfg: TrainConfig, seq_len: int, setting: Setting, *, has_varlen: bool | None
+):
+    """The ``memory.estimate`` :func:`plan` made of ``setting`` (same arguments), in parts."""
+    return _estimate(
+        model_cfg, cfg, seq_len, setting.layers, setting.offload, estimate_kwargs(cfg, has_varlen)
+    )
+
+
+def plan(
+    model_cfg,
+    cfg: TrainConfig,
+    seq_len: int,
+    budget_gib: float,
+    host_free_gib: float,
+    *,
+    has_varlen: bool | None,
+) -> CheckpointPlan:
+    """The checkpointing to train with: the chosen setting, then ones that need less memory.
+
+    The one place the checkpointing settings (``gradient_checkpointing``,
+    ``gradient_checkpointing_layers``, ``gradient_checkpointing_offload``) are decided; the
+    preflight and the train stage both call it.
+
+    With explicit settings (a layer count, offload on/off) there is one setting and no
+    fallback; with several processes (``cfg.num_processes`` above 1) only the first is kept,
+    as one rank starting over alone would leave the others waiting in a collective.
+
+    Args:
+        model_cfg: The model's config (``num_hidden_layers`` and the shapes).
+        cfg: The train stage's config, ``num_processes`` resolved.
+        seq_len: The longest row (a bin's capacity with ``packing=bins``).
+        budget_gib: The GPU memory training may use (:func:`budget_gib`).
+        host_free_gib: Host memory this process may pin (``inf`` when unknown).
+        has_varlen: Whether the training machine has the varlen attention kernel (None: this
+            machine); it decides the attention, and so the estimate.
     """
     from qlora_kfp.training import memory
 
     layers = model_cfg.num_hidden_layers
-    kw = estimate_kwargs(cfg)
+    kw = estimate_kwargs(cfg, has_varlen)
     tokens = seq_len * cfg.batch_size
     stash_gib = layers * tokens * model_cfg.hidden_size * (4 if cfg.fp32_upcast else 2) / 2**30
     can_offload = offload_allowed(cfg, host_free_gib, stash_gib)
 
     def setting(n: int, offload: bool) -> Setting:
-        est = memory.estimate(
-            model_cfg,
-            seq_len,
-            cfg.batch_size,
-            cfg.lora_r,
-            gradient_checkpointing_layers=n,
-            offload=offload,
-            **kw,
-        ).total_gib
+        est = _estimate(model_cfg, cfg, seq_len, n, offload, kw).total_gib
         return Setting(n, offload and n > 0, est)
 
+    def decided(*settings: Setting) -> CheckpointPlan:
+        if (cfg.num_processes or 1) > 1:
+            settings = settings[:1]
+        return CheckpointPlan(settings, layers)
+
     if not cfg.gradient_checkpointing:
-        return [setting(0, False)]
+        return decided(setting(0, False))
     fixed = cfg.checkpointed_layers
     if fixed is not None:
         n = layers if fixed < 0 else min(fixed, layers)
-        return [setting(n, can_offload and cfg.gradient_checkpointing_offload == "on")]
+        return decided(setting(n, can_offload and cfg.gradient_checkpointing_offload == "on"))
     budget = MARGIN * budget_gib
     options = [False, True] if can_offload else [False]
     found = {
@@ -132,7 +195,19 @@ def plan(
     rest = [setting(k, can_offload) for k in steps if k > n]
     if n == layers and can_offload and not off:
         rest = [setting(layers, True)]
-    return [first, *rest]
+    return decided(first, *rest)
+
+
+def apply(model, setting: Setting) -> None:
+    """Give ``model`` the checkpointing of ``setting``: the one place a plan reaches the model.
+
+    The model comes with checkpointing enabled in every layer (``peft_model.prepare_model``)
+    or in none (``gradient_checkpointing`` off: then this changes nothing); the train stage
+    applies each setting it trains with here, before its attempt starts.
+    """
+    from qlora_kfp.training import modeling
+
+    modeling.checkpoint_first_layers(model, setting.layers, setting.offload)
 
 
 def host_available_gib() -> float:
@@ -176,13 +251,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_fitting(settings: list[Setting], apply, start, restart, steps_done, total_layers: int):
+def train_fitting(
+    settings: Sequence[Setting], apply, start, restart, steps_done, total_layers: int
+):
     """Run ``start()`` under the first setting; on an out-of-memory error in the first
     steps, ``restart()`` (back to the initial state) and try the next setting.
 
     Args:
-        settings: From :func:`plan`.
-        apply: ``apply(setting)`` sets the model's checkpointing in place.
+        settings: A :class:`CheckpointPlan`'s.
+        apply: ``apply(setting)`` sets the model's checkpointing in place (:func:`apply`).
         start: Runs training and returns its result.
         restart: Puts the model, RNG and bookkeeping back to their initial state.
         steps_done: ``steps_done()``: optimizer steps the failed attempt completed.

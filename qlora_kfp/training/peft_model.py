@@ -58,8 +58,9 @@ def prepare_model(model, cfg: TrainConfig):
     weights stay in ``compute_dtype``; the LoRA weights are float32 either way (peft's
     ``autocast_adapter_dtype``), so the optimizer state keeps its precision.
 
-    An explicit ``gradient_checkpointing_layers`` count is applied here; with ``auto`` every
-    layer stays checkpointed until :func:`run_train` applies its choice.
+    With ``gradient_checkpointing`` every layer is checkpointed here; which layers stay so,
+    and whether they offload, is the train stage's plan (``autofit.plan``), which it applies
+    with ``autofit.apply`` before training.
     """
     from peft import prepare_model_for_kbit_training
 
@@ -75,10 +76,6 @@ def prepare_model(model, cfg: TrainConfig):
             p.requires_grad_(False)
         if cfg.gradient_checkpointing:  # non-reentrant: no input-grad hook needed
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    if cfg.gradient_checkpointing and cfg.checkpointed_layers is not None:
-        offload = cfg.gradient_checkpointing_offload == "on"
-        kept, total = modeling.checkpoint_first_layers(model, cfg.checkpointed_layers, offload)
-        log.info("gradient checkpointing in %d of %d layers", kept, total)
     return model
 
 
