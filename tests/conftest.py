@@ -81,6 +81,21 @@ def _unmarked_tests_neither_train_nor_start_servers(request, monkeypatch):
     monkeypatch.setattr(train_loop, "train_in_memory", refuse)
 
 
+@pytest.fixture(autouse=True)
+def _no_global_tracking_uri_outlives_its_test():
+    """``mlflow.set_tracking_uri`` outlives the test and beats ``MLFLOW_TRACKING_URI``: every
+    later test's ``local_mlflow`` store would be the server of the test that set it (a shared
+    registry, other tests' runs). Tests set the variable with monkeypatch instead."""
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and utils._tracking_uri is not None:
+        leaked, utils._tracking_uri = utils._tracking_uri, None
+        pytest.fail(
+            f"mlflow.set_tracking_uri({leaked!r}) outlived the test: monkeypatch "
+            "MLFLOW_TRACKING_URI instead"
+        )
+
+
 @pytest.fixture(scope="session")
 def empty_mlflow_db(tmp_path_factory):
     """A new MLflow SQLite store, made once: creating its tables (MLflow's alembic migrations)

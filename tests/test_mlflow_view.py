@@ -50,7 +50,6 @@ def test_the_printed_link_opens_the_runs_table(services, monkeypatch, tmp_path):
     from qlora_kfp.app.summary import mlflow_link
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", services.tracking_uri)
-    mlflow.set_tracking_uri(services.tracking_uri)
     exp = mlflow.set_experiment("view-check")
     with mlflow.start_run(run_name="the-parent-run", experiment_id=exp.experiment_id):
         mlflow.log_metric("eval_loss", 0.5)
