@@ -128,6 +128,7 @@ _TABLE = [
         "is downloaded again",
         default="~/.cache/qlora-kfp",
         type=Path,
+        blank_is_unset=True,  # "" would be the current folder: downloads beside the user's files
     ),
     Var(
         "QLORA_KFP_CACHE_KEEP_DAYS",
@@ -357,7 +358,9 @@ def path(name: str, environ: Mapping[str, str] | None = None) -> Path:
     """``name`` as a path; unset: its default, whose leading ``~`` is the home folder."""
     var(name)
     raw = (os.environ if environ is None else environ).get(name)
-    return Path(default(name, environ)).expanduser() if raw is None else Path(raw)
+    if raw is None or (raw == "" and var(name).blank_is_unset):
+        return Path(default(name, environ)).expanduser()
+    return Path(raw)
 
 
 def present(name: str, environ: Mapping[str, str] | None = None) -> bool:

@@ -211,6 +211,7 @@ def test_every_variable_read_is_named_in_the_code():
         ("RANK", "3", env.integer, 3),
         ("QLORA_KFP_CACHE", "/data/c", env.path, Path("/data/c")),
         ("QLORA_KFP_CACHE", None, env.path, Path.home() / ".cache" / "qlora-kfp"),
+        ("QLORA_KFP_CACHE", "", env.path, Path.home() / ".cache" / "qlora-kfp"),  # not the cwd
         ("LOCAL_RANK", None, env.present, False),
         ("LOCAL_RANK", "", env.present, True),
     ],
