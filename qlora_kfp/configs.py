@@ -698,8 +698,53 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
+TYPE_WORDS = {
+    str: "text",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a JSON list",
+    dict: "a JSON object",
+}
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def convert(value: Any, typ: type) -> Any:
+    """``value`` as the declared ``typ``, converting only where the value meant is exact.
+
+    A number written as text is the number (PyYAML reads ``2e-4``, which has no dot, as the
+    text ``"2e-4"``; a quoted ``"8"``), and a whole float is an integer (JSON carries 16 as
+    16.0: KFP loop items, params files). A fraction for an integer, a non-finite number, a
+    null or any other type is refused.
+
+    Raises:
+        ValueError: why not, e.g. ``got float 8.5``; the caller names the file and field.
+    """
+    if typ in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip()
+        value = int(text) if typ is int and text.lstrip("+-").isdigit() else float(text)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if typ in (int, float) and number and not math.isfinite(value):
+        raise ValueError(f"got {value}, not a finite number")
+    if typ is float and number:
+        return float(value)
+    if typ is int and number and float(value).is_integer():
+        return int(value)
+    if typ in TYPE_WORDS and typ not in (int, float) and isinstance(value, typ):
+        return value
+    if value is None:
+        raise ValueError("got null; give a value, or leave the key out for the default")
+    kind = "true/false" if isinstance(value, bool) else type(value).__name__
+    shown = f" {value!r}" if number or isinstance(value, str) else ""
+    raise ValueError(f"got {kind}{shown}")
+
+
 def from_params(cls: type, params: dict[str, Any]) -> Any:
-    """Build ``cls`` from a dict, ignoring keys that are not its fields (e.g. artifacts)."""
+    """Build ``cls`` from a dict, ignoring keys that are not its fields (e.g. artifacts).
+
+    Number and true/false fields are :func:`convert`-ed (a sweep grid's ``"2e-4"``, KFP's
+    16.0); a value that is not what the field takes is one :class:`ConfigError` naming it.
+    """
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -708,8 +753,12 @@ def from_params(cls: type, params: dict[str, Any]) -> Any:
         if f.name not in params:
             continue
         value, typ = params[f.name], hints[f.name]
-        # JSON carries every number as a float (KFP loop items, params files): 16.0 -> 16.
-        if typ is int and isinstance(value, float) and value.is_integer():
-            value = int(value)
+        if typ in (int, float, bool):
+            try:
+                value = convert(value, typ)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{f.name}={value!r} is invalid: takes {TYPE_WORDS[typ]}, {exc}"
+                ) from None
         out[f.name] = value
     return cls(**out)

@@ -127,7 +127,7 @@ def test_run_refuses_params_the_pipeline_does_not_declare_or_type(kfp_api, qlora
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("run_name: 2024\n", "parameter 'run_name' takes text, got int (quote it)"),
+        ("run_name: 2024\n", "parameter 'run_name' takes text, got int 2024 (quote it)"),
         ("lora_r: 1.5\n", "parameter 'lora_r' takes an integer, got float"),
         ("use_dora: 'yes'\n", "parameter 'use_dora' takes true or false, got str"),
         ("lora_rank: 8\n", "unknown parameter 'lora_rank'; did you mean lora_r?"),

@@ -292,14 +292,15 @@ def _register(cfg, args: argparse.Namespace) -> dict:
 
 def _run_local(args: argparse.Namespace) -> dict:
     from qlora_kfp.app import local_run
-    from qlora_kfp.app.pipeline_params import load
+    from qlora_kfp.app.pipeline_params import load, typed_file
 
     pipeline = local_pipeline(args.pipeline)
     inputs = pipeline_inputs(pipeline)
     flags = {k: v for k, v in vars(args).items() if k in _all_pipeline_inputs()}
     configs.check_known(flags, inputs, f"--pipeline {args.pipeline}")
     from_file = load(args.params_file, []).from_file if args.params_file else {}
-    configs.check_known(from_file, inputs, args.params_file)
+    types = {k: typ for k, (typ, _) in inputs.items()}
+    from_file = typed_file(from_file, types, args.params_file)  # as the flags are typed
     given = {**from_file, **flags}
     sources = [k for k in ("base_model", "data_source") if given.get(k)]
     if len(sources) == 1:

@@ -41,10 +41,6 @@ def root_inputs(pipeline_spec: dict) -> dict[str, dict]:
     return ((spec.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {}
 
 
-def _kind(value) -> str:
-    return "true/false" if isinstance(value, bool) else type(value).__name__
-
-
 def _from_text(name: str, text: str, ptype: str):
     """A ``--param`` value, converted to the declared type."""
     if ptype == "STRING":
@@ -65,24 +61,35 @@ def _from_text(name: str, text: str, ptype: str):
     raise ConfigError(f"--param {name}={text}: {name} takes {TYPE_WORDS.get(ptype, ptype)}")
 
 
-def _from_file(name: str, value, ptype: str, source: str):
-    """A params-file value (typed by JSON/YAML), checked against the declared type."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ptype == "STRING" and isinstance(value, str):
-        return value
-    if ptype == "NUMBER_INTEGER" and number and float(value).is_integer():
-        return int(value)
-    if ptype == "NUMBER_DOUBLE" and number and math.isfinite(value):
-        return float(value)
-    if ptype == "BOOLEAN" and isinstance(value, bool):
-        return value
-    if ptype == "LIST" and isinstance(value, list) or ptype == "STRUCT" and isinstance(value, dict):
-        return value
-    hint = " (quote it)" if ptype == "STRING" else ""
-    raise ConfigError(
-        f"{source}: parameter {name!r} takes {TYPE_WORDS.get(ptype, ptype)}, "
-        f"got {_kind(value)}{hint}"
-    )
+# The pipeline spec's parameter types, as the Python types of the pipeline's signature.
+PYTHON_TYPES = {
+    "STRING": str,
+    "NUMBER_INTEGER": int,
+    "NUMBER_DOUBLE": float,
+    "BOOLEAN": bool,
+    "LIST": list,
+    "STRUCT": dict,
+}
+
+
+def _from_file(name: str, value, typ: type, source: str):
+    """A params-file value (typed by JSON/YAML), as the declared type: a number written as
+    text is the number meant (PyYAML reads ``2e-4`` as text), a whole float an integer;
+    anything else that does not fit fails naming the file, the key and the type."""
+    try:
+        return configs.convert(value, typ)
+    except ValueError as exc:
+        hint = " (quote it)" if typ is str and value is not None else ""
+        raise ConfigError(
+            f"{source}: parameter {name!r} takes {configs.TYPE_WORDS[typ]}, {exc}{hint}"
+        ) from None
+
+
+def typed_file(values: dict, types: dict[str, type], source: str) -> dict:
+    """A params file's values as the Python types of a pipeline's parameters (``qlora-kfp
+    run``: ``{name: type}`` from the pipeline function's signature); unknown names fail."""
+    configs.check_known(values, types, source)
+    return {k: _from_file(k, v, types[k], source) for k, v in values.items()}
 
 
 @dataclass
@@ -102,10 +109,8 @@ class Params:
         """
         configs.check_known(self.from_file, inputs, self.source)
         configs.check_known(self.from_flags, inputs, "--param")
-        out = {
-            k: _from_file(k, v, inputs[k].get("parameterType", ""), self.source)
-            for k, v in self.from_file.items()
-        }
+        types = {k: PYTHON_TYPES[spec.get("parameterType", "STRING")] for k, spec in inputs.items()}
+        out = typed_file(self.from_file, types, self.source)
         for k, text in self.from_flags.items():
             out[k] = _from_text(k, text, inputs[k].get("parameterType", ""))
         missing = [
@@ -128,7 +133,13 @@ def load(params_file: str | None, overrides: list[str]) -> Params:
         path = Path(params_file)
         if not path.is_file():
             raise ConfigError(f"{params_file}: no such params file")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{params_file}, line {line}: not UTF-8 text; save the file as UTF-8"
+            ) from None
         is_yaml = params_file.endswith((".yaml", ".yml"))
         try:
             from_file = (yaml.safe_load(text) if is_yaml else json.loads(text)) or {}

@@ -1,0 +1,161 @@
+"""Issue 23: inputs that ended in a library's traceback (or worse, half-written output) now end
+in one line naming the file, field or setting and what to do.
+
+(Damaged weights and unknown optimizers: tests/test_one_line_errors.py; full disks and
+read-only outputs: tests/test_writes.py.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qlora_kfp import configs
+from qlora_kfp.app import cli, local_run
+from qlora_kfp.errors import ConfigError
+
+# --- params files: values of the wrong type -------------------------------------------------
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Stand-ins for the pipeline run: the parameters a local run would start with."""
+    seen: dict = {}
+
+    def run_pipeline(pipeline, params, workdir, verbose=False):
+        seen.update(params)
+        return workdir
+
+    monkeypatch.setattr(local_run, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(local_run, "demo", lambda *a, **kw: pytest.fail("the demo ran"))
+    monkeypatch.setattr(local_run, "collect", lambda run_dir: {})
+    monkeypatch.setattr(local_run, "local_tracking_env", lambda workdir: None)
+    monkeypatch.setattr("qlora_kfp.preflight.check_services", lambda: None)
+    monkeypatch.setattr("qlora_kfp.app.summary.print_summary", lambda *a: None)
+    return seen
+
+
+SOURCES = "base_model: org/m\ndata_source: d.jsonl\n"
+
+
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        ("learning_rate: 2e-4\n", "learning_rate", 0.0002),  # PyYAML: the text "2e-4"
+        ("learning_rate: '2e-4'\n", "learning_rate", 0.0002),
+        ("lora_r: '8'\n", "lora_r", 8),
+        ("max_steps: 1e3\n", "max_steps", 1000),
+        ("num_epochs: 3\n", "num_epochs", 3.0),
+        ("lora_r: 8.0\n", "lora_r", 8),
+    ],
+    ids=[
+        "yaml-2e-4-for-a-float",
+        "quoted-number-for-a-float",
+        "quoted-8-for-an-integer",
+        "1e3-for-an-integer",
+        "integer-for-a-float",
+        "whole-float-for-an-integer",
+    ],
+)
+def test_a_params_file_number_is_the_number_meant(ran, tmp_path, text, key, value):
+    params = tmp_path / "p.yaml"
+    params.write_text(SOURCES + text)
+    assert cli.main(["run", "--workdir", str(tmp_path / "w"), "--params_file", str(params)]) == 0
+    assert ran[key] == value and type(ran[key]) is type(value)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("p.yaml", "lora_r: 8.5\n", "parameter 'lora_r' takes an integer, got float 8.5"),
+        ("p.yaml", "lora_r: '8.5'\n", "parameter 'lora_r' takes an integer, got float 8.5"),
+        ("p.yaml", "lora_r: eight\n", "parameter 'lora_r' takes an integer, got str 'eight'"),
+        ("p.yaml", "lora_r:\n", "parameter 'lora_r' takes an integer, got null; give a value"),
+        ("p.yaml", "learning_rate: null\n", "'learning_rate' takes a number, got null"),
+        ("p.yaml", "learning_rate: .inf\n", "takes a number, got inf, not a finite number"),
+        ("p.json", '{"learning_rate": Infinity}', "got inf, not a finite number"),
+        ("p.json", '{"learning_rate": NaN}', "got nan, not a finite number"),
+        ("p.yaml", "learning_rate: 1e999\n", "got inf, not a finite number"),
+        ("p.yaml", "run_name:\n", "parameter 'run_name' takes text, got null"),
+        ("p.yaml", "use_dora: 1\n", "parameter 'use_dora' takes true or false, got int 1"),
+        ("p.yaml", b"run_name: caf\xe9\n", "line 3: not UTF-8 text; save the file as UTF-8"),
+    ],
+    ids=[
+        "fraction-for-an-integer",
+        "quoted-fraction-for-an-integer",
+        "word-for-an-integer",
+        "null-integer",
+        "null-float",
+        "yaml-inf",
+        "json-infinity",
+        "json-nan",
+        "overflowing-float",
+        "null-text",
+        "number-for-a-boolean",
+        "latin-1-file",
+    ],
+)
+def test_a_params_file_value_of_the_wrong_type_is_one_line(
+    ran, tmp_path, capsys, name, content, message
+):
+    params = tmp_path / name
+    if isinstance(content, bytes):
+        params.write_bytes(SOURCES.encode() + content)
+    elif name.endswith(".json"):
+        params.write_text(content[:-1] + ', "base_model": "m", "data_source": "d"}')
+    else:
+        params.write_text(SOURCES + content)
+    assert cli.main(["run", "--workdir", str(tmp_path / "w"), "--params_file", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {params}") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert ran == {}, "nothing started"
+
+
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        ("learning_rate: 2e-4\n", "learning_rate", 0.0002),
+        ("lora_r: '8'\n", "lora_r", 8),
+    ],
+    ids=["yaml-2e-4", "quoted-8"],
+)
+def test_a_run_on_kfp_gets_the_number_meant_too(tmp_path, text, key, value):
+    """``run-remote`` and ``schedule``: typed by the compiled pipeline's declared inputs."""
+    import yaml
+
+    from qlora_kfp.app import pipeline_params
+
+    compiled = Path(__file__).parents[1] / "pipelines" / "compiled" / "qlora_finetune.yaml"
+    spec = next(yaml.safe_load_all(compiled.read_text()))
+    params = tmp_path / "p.yaml"
+    params.write_text(SOURCES + text)
+    typed = pipeline_params.load(str(params), []).typed(pipeline_params.root_inputs(spec))
+    assert typed[key] == value and type(typed[key]) is type(value)
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"lora_r": 8.5}, "lora_r=8.5 is invalid: takes an integer, got float 8.5"),
+        ({"lora_r": None}, "lora_r=None is invalid: takes an integer, got null"),
+        ({"lora_r": "eight"}, "lora_r='eight' is invalid: takes an integer, got str 'eight'"),
+        ({"use_dora": "false"}, "use_dora='false' is invalid: takes true or false"),
+        ({"learning_rate": float("nan")}, "takes a number, got nan, not a finite number"),
+    ],
+    ids=["fraction", "null", "word", "text-boolean", "nan"],
+)
+def test_a_sweep_grid_value_of_the_wrong_type_is_one_line(entry, message):
+    """A grid entry reaches each stage as ``config_overrides`` (``configs.from_params``):
+    8.5 trained a rank-8.5 adapter and ``"false"`` turned DoRA on."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        configs.from_params(configs.TrainConfig, entry)
+
+
+def test_a_sweep_grid_number_is_the_number_meant():
+    cfg = configs.from_params(
+        configs.TrainConfig, {"learning_rate": "2e-4", "lora_r": 16.0, "max_steps": "10"}
+    )
+    assert (cfg.learning_rate, cfg.lora_r, cfg.max_steps) == (0.0002, 16, 10)
+    assert type(cfg.lora_r) is int and type(cfg.max_steps) is int
