@@ -159,3 +159,37 @@ def test_a_sweep_grid_number_is_the_number_meant():
     )
     assert (cfg.learning_rate, cfg.lora_r, cfg.max_steps) == (0.0002, 16, 10)
     assert type(cfg.lora_r) is int and type(cfg.max_steps) is int
+
+
+# --- concurrency: two runs into one output --------------------------------------------------
+
+HOLDER = """
+import sys, time
+from qlora_kfp.storage.manifest import atomic_folder
+with atomic_folder(sys.argv[1], "adapter") as tmp:
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_train_into_the_same_output_stops_before_any_work(tmp_path, monkeypatch):
+    """Before: both trained, shared ``<output>.checkpoints`` and replaced each other's
+    adapter; now the second stops before reading its inputs, naming the first."""
+    import subprocess
+    import sys
+
+    from qlora_kfp.errors import OutputError
+    from qlora_kfp.stages import train
+
+    final = tmp_path / "adapter"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(final)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout.readline().strip() == "writing"
+        monkeypatch.setattr(train, "verify", lambda *a: pytest.fail("the second run went on"))
+        with pytest.raises(OutputError, match=rf"another run is writing it \(pid {first.pid} "):
+            train.run_train(configs.TrainConfig(), "no-model", "no-data", str(final))
+    finally:
+        first.kill()
+        first.wait()

@@ -149,35 +149,82 @@ def _writer(final: Path) -> subprocess.Popen:
     return proc
 
 
-def test_the_next_write_removes_partials_of_killed_writes_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(writes, "STALE_AFTER_S", 0.0)
+def _kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)  # preemption: no cleanup runs
+    proc.wait()
+
+
+def test_the_next_write_removes_partials_of_killed_writes_only(tmp_path):
+    """Told apart by whether their writer is alive (its lock), not by age: the next run
+    seconds after a preempted one removes its partial folder."""
     final = tmp_path / "adapter"
     killed = _writer(final)
-    os.kill(killed.pid, signal.SIGKILL)  # preemption: no cleanup runs
-    killed.wait()
+    _kill(killed)
     (stale,) = tmp_path.glob(".adapter.partial-*")
-    live = _writer(final)  # a concurrent writer of the same output, still running
+    keep = [
+        tmp_path / ".adapter.partial-mine",  # not a name the project makes
+        tmp_path / ".other.partial-abcdefgh",  # another output's
+    ]
+    for p in keep:
+        p.mkdir()
+    with atomic_folder(final, "adapter") as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(b"y")
+    assert not stale.exists(), "the killed write's partial folder is removed"
+    assert all(p.is_dir() for p in keep)
+    verify(final, "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["adapter", *(p.name for p in keep)]
+    ), "no lock file is left beside the output"
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        lambda final: atomic_folder(final, "adapter").__enter__(),
+        lambda final: writes.output_lock(final).__enter__(),
+    ],
+    ids=["artifact-write", "stage-lock"],
+)
+def test_a_second_run_writing_the_same_output_is_refused(tmp_path, second):
+    """Two runs into one output never interleave: the second stops, naming the first."""
+    final = tmp_path / "adapter"
+    live = _writer(final)
     try:
-        (live_tmp,) = set(tmp_path.glob(".adapter.partial-*")) - {stale}
-        keep = [
-            tmp_path / ".adapter.partial-mine",  # not a name the project makes
-            tmp_path / ".other.partial-abcdefgh",  # another output's
-        ]
-        for p in keep:
-            p.mkdir()
-        with atomic_folder(final, "adapter") as tmp:
-            (tmp / "adapter_model.safetensors").write_bytes(b"y")
-        assert not stale.exists(), "the killed write's partial folder is removed"
+        (live_tmp,) = tmp_path.glob(".adapter.partial-*")
+        with pytest.raises(OutputError) as got:
+            second(final)
+        text = str(got.value)
+        assert text.startswith(f"{final}: another run is writing it (pid {live.pid} on ")
+        assert "choose another output folder" in text and "\n" not in text
+        assert got.value.retryable, "the first may be done by a KFP retry"
         assert live_tmp.is_dir(), "a live writer's folder is never touched"
-        assert all(p.is_dir() for p in keep)
-        verify(final, "adapter")
+        assert not final.exists()
     finally:
-        live.kill()
-        live.wait()
+        _kill(live)
+    with atomic_folder(final, "adapter") as tmp:  # the lock went with its writer
+        (tmp / "adapter_model.safetensors").write_bytes(b"y")
+    assert not live_tmp.exists()
+
+
+def test_the_lock_is_taken_again_by_its_holder_and_its_ranks(tmp_path, monkeypatch):
+    """The train stage holds it for the whole run; its own write (or a rank's) goes on."""
+    final = tmp_path / "adapter"
+    with writes.output_lock(final) as held:
+        assert held and writes.holds_lock(final)
+        with atomic_folder(final, "adapter") as tmp:
+            (tmp / "a").write_text("x")
+        code = (
+            "import sys; from qlora_kfp.storage.manifest import atomic_folder\n"
+            "with atomic_folder(sys.argv[1], 'adapter') as tmp: (tmp / 'a').write_text('y')\n"
+        )
+        subprocess.run([sys.executable, "-c", code, str(final)], check=True)
+    assert not writes.holds_lock(final) and writes.HELD_ENV not in os.environ
+    assert (final / "a").read_text() == "y"
 
 
 def test_a_young_unlocked_partial_is_left_alone(tmp_path):
-    """It may belong to a writer between creating and locking it."""
+    """Without the output's lock (a download into the cache) it may belong to a writer
+    between creating and locking it."""
     young = tmp_path / ".adapter.partial-abcd1234"
     young.mkdir()
     assert writes.remove_stale_partials(tmp_path / "adapter") == []

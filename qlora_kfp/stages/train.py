@@ -17,6 +17,7 @@ from qlora_kfp.stages.train_loop import TrainResult, train_here
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.fingerprint import artifact_digest
 from qlora_kfp.storage.manifest import check_output, verify
+from qlora_kfp.storage.writes import output_lock
 from qlora_kfp.training import checkpoints, distributed
 
 __all__ = ["TrainResult", "run_train", "train_here"]
@@ -63,6 +64,22 @@ def run_train(
             "run the train stage as one process: it starts one process per GPU itself "
             "(num_processes); under torchrun every rank would look for checkpoints at once"
         )
+    # One run at a time writes an adapter and its checkpoints: a second is refused here.
+    with output_lock(output_dir):
+        return _train(
+            cfg, model_dir, dataset_dir, output_dir, checkpoint_dir, checkpoint_uri, on_log
+        )
+
+
+def _train(
+    cfg: TrainConfig,
+    model_dir: str,
+    dataset_dir: str,
+    output_dir: str,
+    checkpoint_dir: str,
+    checkpoint_uri: str,
+    on_log: Callable[[dict], None] | None,
+) -> TrainResult:
     verify(model_dir, "quantized-model")
     verify(dataset_dir, "dataset")
     # The resolved count: the checkpoints record it (another count is another global batch).

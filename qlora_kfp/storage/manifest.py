@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qlora_kfp.errors import ArtifactError
-from qlora_kfp.storage.writes import partial_folder, writing
+from qlora_kfp.storage.writes import output_lock, partial_folder, writing
 
 MANIFEST = "MANIFEST.json"
 # Largest weights file the model stages write. KFP's launcher uploads each output file as one
@@ -175,13 +175,14 @@ def atomic_folder(
 
     ``final`` is checked first (:func:`check_output`, against ``inputs`` too). On an exception
     the temporary folder is removed and ``final`` is left untouched; a full disk or a
-    read-only output becomes one :class:`OutputError` naming ``final``.
+    read-only output becomes one :class:`OutputError` naming ``final``, and so does another
+    run writing ``final`` at the same time (:func:`~qlora_kfp.storage.writes.output_lock`).
     """
     check_output(final, kind, inputs)
     final = Path(final)
     with writing(final):
         final.parent.mkdir(parents=True, exist_ok=True)
-    with writing(final), partial_folder(final) as tmp:
+    with writing(final), output_lock(final), partial_folder(final) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes 0700; artifacts are read by other users (KFP, MLflow)
         try:
             yield tmp

@@ -4,7 +4,8 @@ A write that fails for want of space or permission (disk full, quota, read-only 
 access denied) becomes one :class:`OutputError` naming the output, whichever library did the
 writing. Temporary folders are locked by their writer while it runs, so the ones that killed
 writes left behind are told apart from a live writer's and removed by the next write of the
-same output.
+same output. An artifact's writer also holds its output's lock (:func:`output_lock`): a
+second run writing the same output at the same time is refused, naming the first one's pid.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,8 +26,12 @@ from pathlib import Path
 from qlora_kfp.errors import OutputError
 
 log = logging.getLogger(__name__)
-# A partial folder younger than this may be one whose writer has not locked it yet.
+# A partial folder younger than this may be one whose writer has not locked it yet (where no
+# writer holds the output's lock: downloads into the cache).
 STALE_AFTER_S = 60.0
+# Outputs whose lock a parent process holds for this one (the train stage for its ranks).
+HELD_ENV = "QLORA_KFP_WRITING"
+_held: dict[str, int] = {}  # outputs this process holds the lock of, and how many times
 # safetensors' Rust writer reports an io::Error only in its message: "... (os error 28)".
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # torch.save's zip writer (caffe2/serialize/inline_container.cc) reports a short write on a
@@ -97,14 +103,16 @@ def _partial_name(final: Path) -> re.Pattern:
     return re.compile(re.escape(f".{final.name}.partial-") + r"[a-z0-9_]{8}")
 
 
-def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
+def remove_stale_partials(final: str | os.PathLike, owner: bool = False) -> list[Path]:
     """Remove the temporary folders that killed writes of ``final`` left beside it.
 
     Only folders named as :func:`partial_folder` names them *for this output*, owned by this
-    user, older than :data:`STALE_AFTER_S` and not locked: a writer holds an ``flock`` on its
-    folder while it runs, which the kernel drops when the process dies (SIGKILL included), so
-    a concurrent writer's folder is never touched. Where locks are not supported nothing is
-    removed.
+    user and not locked: a writer holds an ``flock`` on its folder while it runs, which the
+    kernel drops when the process dies (SIGKILL included), so a concurrent writer's folder is
+    never touched. Where locks are not supported nothing is removed. A caller that holds the
+    output's lock (``owner``: :func:`output_lock`) knows no other writer of it is between
+    creating and locking its folder, so an unlocked one is a dead writer's whatever its age;
+    otherwise only those older than :data:`STALE_AFTER_S` are.
     """
     final = Path(final)
     pattern, removed = _partial_name(final), []
@@ -114,7 +122,8 @@ def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
         if not pattern.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
             continue
         st = p.stat()
-        if st.st_uid != os.geteuid() or time.time() - st.st_mtime < STALE_AFTER_S:
+        young = time.time() - st.st_mtime < STALE_AFTER_S
+        if st.st_uid != os.geteuid() or young and not owner:
             continue
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -130,14 +139,101 @@ def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
+def output_lock(final: str | os.PathLike) -> Iterator[bool]:
+    """Hold ``final``'s lock (``.<name>.lock`` beside it, with this writer's pid) while a run
+    writes it; yields whether it is held (False where the file system has no locks).
+
+    The kernel drops the lock when its holder dies (SIGKILL included), so a killed run's lock
+    never blocks the next one. Re-entrant: a process holding it, or one whose parent does
+    (:data:`HELD_ENV`: the train stage's ranks), takes it again at once.
+
+    Raises:
+        OutputError: another live run holds it, naming its pid and host.
+    """
+    final = Path(final)
+    key = str(final.resolve())
+    if key in _held or key in env_paths():
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            yield True
+        finally:
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        return
+    lock = final.parent / f".{final.name}.lock"
+    with writing(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd = _lock_file(final, lock)
+    if fd is None:  # no locks on this file system: nothing to tell writers apart by
+        yield False
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    saved = os.environ.get(HELD_ENV)
+    os.environ[HELD_ENV] = os.pathsep.join([*env_paths(), key])
+    _held[key] = 1
+    try:
+        yield True
+    finally:
+        del _held[key]
+        if saved is None:
+            os.environ.pop(HELD_ENV, None)
+        else:
+            os.environ[HELD_ENV] = saved
+        with contextlib.suppress(OSError):
+            lock.unlink()  # still held: a writer waiting on this file opens it again
+        os.close(fd)
+
+
+def _lock_file(final: Path, lock: Path) -> int | None:
+    """An open descriptor of ``lock``, locked by this process (None: locks unsupported)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            who = f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
+            raise OutputError(
+                f"{final}: another run is writing it ({who}); wait for it to finish, or "
+                "choose another output folder",
+                retryable=True,  # it may have finished by the retry
+            ) from None
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            return None
+        try:  # its last holder may have removed the file between our open and our lock
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def env_paths() -> list[str]:
+    return [p for p in os.environ.get(HELD_ENV, "").split(os.pathsep) if p]
+
+
+def holds_lock(final: str | os.PathLike) -> bool:
+    """Whether this process (or its parent, for it) holds ``final``'s :func:`output_lock`."""
+    key = str(Path(final).resolve())
+    return key in _held or key in env_paths()
+
+
+@contextlib.contextmanager
 def partial_folder(final: str | os.PathLike) -> Iterator[Path]:
     """A new temporary folder beside ``final``, locked for as long as this writer runs.
 
-    Stale ones of earlier, killed writes of the same output are removed first. The caller
-    moves the folder into place or removes it.
+    Stale ones of earlier, killed writes of the same output are removed first: any unlocked
+    one when this writer holds the output's lock (:func:`output_lock`), else only old ones.
+    The caller moves the folder into place or removes it.
     """
     final = Path(final)
-    for p in remove_stale_partials(final):
+    for p in remove_stale_partials(final, owner=holds_lock(final)):
         log.info("removed %s, left by an interrupted write", p)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     fd = os.open(tmp, os.O_RDONLY)
