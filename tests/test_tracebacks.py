@@ -193,3 +193,71 @@ def test_a_second_train_into_the_same_output_stops_before_any_work(tmp_path, mon
     finally:
         first.kill()
         first.wait()
+
+
+# --- outputs no write could make: refused before the stage's work ---------------------------
+
+
+def _symlink_to_empty_folder(tmp_path: Path) -> Path:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "real")
+    return tmp_path / "out"
+
+
+def _under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "notes.txt").write_text("mine")
+    return tmp_path / "notes.txt" / "out"
+
+
+def _long_name(tmp_path: Path) -> Path:
+    return tmp_path / ("d" * 300)
+
+
+def _name_too_long_for_its_partial_folder(tmp_path: Path) -> Path:
+    return tmp_path / ("d" * 250)  # fits, but ".<name>.partial-xxxxxxxx" does not
+
+
+def _long_folder_on_the_way(tmp_path: Path) -> Path:
+    return tmp_path / ("f" * 256) / "out"
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (_symlink_to_empty_folder, r"out: is a symbolic link \(to .*real\); give the folder"),
+        (_under_a_file, r"notes\.txt is a file, not a folder, so nothing can be written"),
+        (_long_name, r"its name is 300 bytes long; this file system takes at most 237"),
+        (_name_too_long_for_its_partial_folder, r"its name is 250 bytes long"),
+        (_long_folder_on_the_way, r"the folder name 'ffff.*is 256 bytes long.*at most 255"),
+    ],
+    ids=["symlink", "under-a-file", "300-byte-name", "250-byte-name", "256-byte-folder"],
+)
+def test_an_output_no_write_could_make_is_refused_before_the_work(
+    demo_assets, tmp_path, monkeypatch, make, message
+):
+    """Before: the symlink failed in shutil.rmtree after all the work; the others in
+    mkdir/mkdtemp with a NotADirectoryError or ENAMETOOLONG traceback."""
+    from qlora_kfp.errors import ArtifactError
+    from qlora_kfp.stages import prepare
+    from qlora_kfp.storage import sources
+
+    out = make(tmp_path)
+    monkeypatch.setattr(sources, "load_tokenizer", lambda *a: pytest.fail("the work started"))
+    cfg = configs.PrepareConfig(**demo_assets)
+    with pytest.raises(ArtifactError, match=message) as got:
+        prepare.run_prepare(cfg, str(out))
+    assert str(got.value).startswith(f"{out}: ") and "\n" not in str(got.value)
+
+
+def test_an_existing_output_folder_with_too_long_a_name_is_refused_too(tmp_path):
+    """KFP creates the output folder first: its name fits, its partial folder's does not."""
+    from qlora_kfp.errors import ArtifactError
+    from qlora_kfp.storage.manifest import atomic_folder
+
+    out = tmp_path / ("d" * 250)
+    out.mkdir()
+    with (
+        pytest.raises(ArtifactError, match="its name is 250 bytes long"),
+        atomic_folder(out, "adapter"),
+    ):
+        pytest.fail("the work started")

@@ -231,3 +231,37 @@ def test_a_young_unlocked_partial_is_left_alone(tmp_path):
     old = os.path.getmtime(young) - 2 * writes.STALE_AFTER_S
     os.utime(young, (old, old))
     assert writes.remove_stale_partials(tmp_path / "adapter") == [young]
+
+
+FSIZE_WRITER = """
+import resource, sys, torch
+from safetensors.torch import save_file
+from qlora_kfp.errors import OutputError
+from qlora_kfp.storage.manifest import atomic_folder
+writers = {
+    "python": lambda d: (d / "a.bin").write_bytes(b"x" * 2**20),
+    "safetensors": lambda d: save_file({"w": torch.zeros(2**18)}, d / "w.safetensors"),
+    "torch-save": lambda d: torch.save({"w": torch.zeros(2**18)}, d / "optimizer.pt"),
+}
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))  # `ulimit -f 64`
+try:
+    with atomic_folder(sys.argv[1], "x") as tmp:
+        writers[sys.argv[2]](tmp)
+except OutputError as exc:
+    sys.exit(f"OutputError: {exc}")
+"""
+
+
+@pytest.mark.parametrize("writer", ["python", "safetensors", "torch-save"])
+def test_a_file_size_limit_is_one_line(tmp_path, writer):
+    """RLIMIT_FSIZE (``ulimit -f``, a container's limit): Python ignores SIGXFSZ, so the write
+    fails with EFBIG, which was a traceback from inside the writer."""
+    final = tmp_path / "art"
+    proc = subprocess.run(
+        [sys.executable, "-c", FSIZE_WRITER, str(final), writer], capture_output=True, text=True
+    )
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and err.splitlines() == [err], err[-2000:]
+    assert err.startswith(f"OutputError: {final}: a file grew past the largest this process")
+    assert "ulimit -f" in err
+    assert list(tmp_path.iterdir()) == [], "the failed write leaves nothing"

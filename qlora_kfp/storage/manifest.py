@@ -112,7 +112,14 @@ def check_output(
     Raises:
         ArtifactError: naming the path and what to use instead.
     """
-    path = Path(final).expanduser().resolve()
+    given = Path(final).expanduser()
+    _check_path(final, Path(os.path.abspath(given)))
+    if given.is_symlink():  # replacing it at the end would fail (or replace the link), work lost
+        raise ArtifactError(
+            f"{final}: is a symbolic link (to {os.readlink(given)}); give the folder it points "
+            "to, or a new folder"
+        )
+    path = given.resolve()
     named = {Path("/"): "the root folder", Path.home().resolve(): "your home folder"}
     named[Path.cwd().resolve()] = "the working folder"
     if path in named:
@@ -150,6 +157,45 @@ def check_output(
                 f"{final}: holds files its {kind!r} manifest does not list ({_few(extra)}); "
                 "a stage replaces the folder whole: move them out or choose a new folder"
             )
+
+
+# What an output's own name gets in the folders and files written beside it: the longest is
+# its partial folder, ".<name>.partial-" and 8 random characters (storage/writes.py).
+NAME_OVERHEAD = len("..partial-") + 8
+
+
+def _check_path(final: str | os.PathLike, path: Path) -> None:
+    """Refuse, before any work, an output that no write could make: one under a file, or
+    with a name longer than the file system takes (with what its partial folder adds)."""
+    existing = Path(path.anchor)  # the deepest folder of the path that exists
+    for part in path.parts[1:]:
+        try:
+            os.stat(existing / part)
+        except OSError:  # absent, too long a name, or under a file
+            break
+        existing = existing / part
+    if not existing.is_dir() and existing != path:
+        raise ArtifactError(
+            f"{final}: {existing} is a file, not a folder, so nothing can be written under "
+            "it; choose an output folder elsewhere"
+        )
+    try:
+        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.relative_to(existing).parts[:-1]:  # the folders a write would make
+        if len(os.fsencode(part)) > limit:
+            raise ArtifactError(
+                f"{final}: the folder name {part[:20]!r}... is {len(os.fsencode(part))} bytes "
+                f"long; this file system takes at most {limit}; choose a shorter name"
+            )
+    size = len(os.fsencode(path.name))  # its own name, even where the folder exists (KFP's)
+    if size > limit - NAME_OVERHEAD:
+        raise ArtifactError(
+            f"{final}: its name is {size} bytes long; this file system takes at most "
+            f"{limit - NAME_OVERHEAD} ({limit} a name, less {NAME_OVERHEAD} for the temporary "
+            "folder written beside it); choose a shorter name"
+        )
 
 
 def foreign_files(folder: Path) -> list[str]:

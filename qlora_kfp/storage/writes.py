@@ -56,6 +56,16 @@ def write_error(exc: BaseException, path: str | os.PathLike) -> OutputError | No
             "exceeded); free space there or choose another output folder",
             retryable=True,  # the failed write's files are gone: a retry may have room
         )
+    if code is None and any(t in str(exc) for t in _TORCH_WRITER) and _file_size_limited():
+        code = errno.EFBIG
+    if code == errno.EFBIG:
+        return OutputError(
+            f"{path}: a file grew past the largest this process may write (its file size "
+            "limit, `ulimit -f`, or the file system's largest file); raise the limit or "
+            "choose an output folder on another file system"
+        )
+    if code == errno.ENAMETOOLONG:
+        return OutputError(f"{path}: a file name is too long for the file system; shorten it")
     if code == errno.EROFS:
         return OutputError(
             f"{path}: cannot write there, the file system is read-only; choose "
@@ -74,6 +84,13 @@ def _is_under(filename: object, path: str | os.PathLike) -> bool:
         return True
     parent = Path(path).resolve().parent
     return Path(str(filename)).resolve().is_relative_to(parent)
+
+
+def _file_size_limited() -> bool:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return soft != resource.RLIM_INFINITY
 
 
 def _free_bytes(path: str | os.PathLike) -> float:
