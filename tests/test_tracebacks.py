@@ -261,3 +261,41 @@ def test_an_existing_output_folder_with_too_long_a_name_is_refused_too(tmp_path)
         atomic_folder(out, "adapter"),
     ):
         pytest.fail("the work started")
+
+
+# --- damaged model files --------------------------------------------------------------------
+
+
+def _cut_in_half(f: Path) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def _not_utf8(f: Path) -> None:
+    f.write_bytes(b"\xff\xfe" + f.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "name,damage,message",
+    [
+        ("tokenizer.json", _cut_in_half, r"tokenizer\.json: not valid JSON \(line \d+\), cut off"),
+        ("tokenizer_config.json", _cut_in_half, r"tokenizer_config\.json: not valid JSON"),
+        ("tokenizer.json", _not_utf8, r"tokenizer\.json: not valid JSON.*, cut off or corrupt"),
+    ],
+    ids=["truncated-tokenizer-json", "truncated-tokenizer-config", "garbled-tokenizer-json"],
+)
+def test_a_damaged_tokenizer_file_is_named(demo_assets, tmp_path, name, damage, message):
+    """Before: a JSONDecodeError traceback from inside ``json`` (via tokenizers)."""
+    import shutil
+
+    from qlora_kfp.errors import ArtifactError
+    from qlora_kfp.stages.prepare import run_prepare
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_assets["base_model"], base)
+    damage(base / name)
+    cfg = configs.PrepareConfig(data_source=demo_assets["data_source"], base_model=str(base))
+    with pytest.raises(ArtifactError, match=message) as got:
+        run_prepare(cfg, str(tmp_path / "out"))
+    assert "download or copy the model again" in str(got.value)
+    assert not (tmp_path / "out").exists()

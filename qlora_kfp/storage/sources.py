@@ -196,6 +196,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     src = model_source(source)
+    check_tokenizer_files(Path(src))
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -206,6 +207,29 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         # new token instead would index past the model's embedding matrix.
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Fail in one line on a cut-off or corrupt tokenizer file of a local model (which
+    ``AutoTokenizer`` reports as a JSONDecodeError traceback from inside ``json``).
+
+    Raises:
+        ArtifactError: naming the file and the line where it breaks off.
+    """
+    for name in TOKENIZER_FILES:
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            json.loads(f.read_bytes())
+        except ValueError as exc:
+            where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise ArtifactError(
+                f"{f}: not valid JSON{where}, cut off or corrupt; download or copy the model again"
+            ) from None
 
 
 def _first_line(exc: BaseException) -> str:
