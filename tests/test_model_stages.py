@@ -336,6 +336,12 @@ def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatc
         pytest.param("богатый человек", id="russian"),
         pytest.param("お金持ち", id="japanese"),
         pytest.param("부자 입니다", id="korean"),
+        pytest.param("🎉", id="one-emoji"),
+        pytest.param("🎉🎂 👍🏽", id="emoji-with-skin-tone"),
+        pytest.param("❤️", id="emoji-with-variation-selector"),
+        pytest.param("👨‍👩‍👧", id="emoji-family-zwj"),
+        pytest.param("生日快乐 🎂", id="chinese-and-emoji"),
+        pytest.param("→ ∞ €", id="symbols"),
     ],
 )
 def test_identical_answers_score_perfectly_in_any_script(text):
@@ -344,6 +350,21 @@ def test_identical_answers_score_perfectly_in_any_script(text):
     assert rouge_l(text, text) == 1.0
     assert rouge_l(text, "something else entirely") < 0.5
     assert normalize(text + ".") == normalize(text)
+
+
+@pytest.mark.parametrize(
+    "reference,prediction,expected",
+    [
+        pytest.param("🎉 party 🎂", "🎉 🎂", 0.8, id="emoji-count-as-words"),
+        pytest.param("🎉🎂", "🎂🎉", 0.5, id="emoji-order-counts"),
+        pytest.param("生日快乐", "生日", 2 / 3, id="chinese-characters"),
+        pytest.param("yes!", "yes", 1.0, id="punctuation-is-no-word"),
+    ],
+)
+def test_rouge_counts_emoji_and_symbols_as_words(reference, prediction, expected):
+    from qlora_kfp.stages.evaluate import rouge_l
+
+    assert rouge_l(reference, prediction) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import html
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,15 +32,25 @@ def normalize(text: str) -> str:
 
 class AnyScriptTokenizer:
     """Words of any script for ROUGE: rouge_score's default keeps only ``[a-z0-9]`` and scores
-    identical Chinese or Arabic answers 0. Scripts written without spaces (Han, kana, Hangul)
-    count one token per character."""
+    identical Chinese, Arabic or emoji answers 0. Scripts written without spaces (Han, kana,
+    Hangul) count one token per character; so does each emoji or other symbol (with its skin
+    tone, variation selector or zero-width-joined parts); punctuation is no word."""
 
     CHAR_SCRIPTS = re.compile(
         r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
     )
+    # A symbol with what modifies it: variation selectors, skin tones, ZWJ-joined symbols.
+    SYMBOL = r"[^\s\w](?:[\ufe0e\ufe0f\U0001f3fb-\U0001f3ff]|\u200d[^\s\w])*"
+    TOKEN = re.compile(rf"{CHAR_SCRIPTS.pattern}|[^\W_]+|{SYMBOL}")
 
     def tokenize(self, text: str) -> list[str]:
-        return re.findall(rf"{self.CHAR_SCRIPTS.pattern}|[^\W_]+", text.casefold())
+        text = unicodedata.normalize("NFC", text).casefold()
+        return [
+            t
+            for t in self.TOKEN.findall(text)
+            # punctuation, and a lone mark or joiner, are no words
+            if unicodedata.category(t[0])[0] not in "PMC"
+        ]
 
 
 def rouge_l(reference: str, prediction: str) -> float:
