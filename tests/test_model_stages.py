@@ -367,16 +367,77 @@ def test_rouge_counts_emoji_and_symbols_as_words(reference, prediction, expected
     assert rouge_l(reference, prediction) == pytest.approx(expected)
 
 
+class ScriptedModel(torch.nn.Module):
+    """Answers with fixed token ids, stopping where transformers' ``generate`` would: after an
+    id of ``eos_token_id``, or once the text ends with one of ``stop_strings``."""
+
+    def __init__(self, answer: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answer = answer
+
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None, stop_strings=None, **kw):
+        stop = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        out: list[int] = []
+        for t in self.answer[:max_new_tokens]:
+            out.append(t)
+            text = kw["tokenizer"].decode(out) if stop_strings else ""
+            if t in stop or any(text.endswith(s) for s in stop_strings or ()):
+                break
+        return torch.cat([input_ids, torch.tensor([out], dtype=input_ids.dtype)], dim=1)
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """``text`` as a row's answer is tokenized: special-token strings in it stay plain text."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+END = object()  # the tokenizer's real end-of-turn token (the demo's EOS, <|im_end|>)
+
+
 @pytest.mark.parametrize(
-    "generated,answer",
+    "template_end,answer,expected",
     [
-        pytest.param("rich<|im_end|>", "rich", id="chatml-marker-as-text"),
-        pytest.param("rich<|eot_id|>\n<|im_start|>user", "rich", id="llama3-marker-and-more"),
-        pytest.param(" loud </s>", "loud", id="eos-as-text"),
-        pytest.param("cold", "cold", id="no-marker"),
+        pytest.param(None, ["cold", END, "junk"], "cold", id="the-real-end-token-ends-it"),
+        pytest.param(None, ["cold"], "cold", id="no-end-token"),
+        pytest.param(
+            None,
+            ["close a turn with <|im_end|> and go on", END],
+            "close a turn with <|im_end|> and go on",
+            id="end-token-text-inside-the-answer",
+        ),
+        pytest.param(
+            None, ["it is <|im_end|>", END], "it is <|im_end|>", id="end-token-text-at-the-end"
+        ),
+        pytest.param(
+            None,
+            ["</s> or <|eot_id|> or <end_of_turn>", END],
+            "</s> or <|eot_id|> or <end_of_turn>",
+            id="other-templates-markers-as-text",
+        ),
+        pytest.param(
+            "<|end|>", ["rich<|end|>\n", END], "rich", id="template-marker-the-tokenizer-lacks"
+        ),
+        pytest.param(
+            "<|end|>",
+            ["a <|end|> b<|end|>\n", END],
+            "a <|end|> b",
+            id="template-marker-text-inside-the-answer",
+        ),
     ],
 )
-def test_answers_are_cut_at_the_end_of_turn_marker(generated, answer):
-    from qlora_kfp.data.templates import cut_at_end_marker
+def test_only_the_end_of_turn_ends_an_answer(tokenizer, template_end, answer, expected):
+    """An answer holding end-of-turn text as text (trained on as text: data.specials) is
+    evaluated whole; a template whose end marker is no token of the tokenizer writes it as
+    text, and that text is dropped where the template puts it, at the answer's end."""
+    import copy
 
-    assert cut_at_end_marker(generated) == answer
+    from qlora_kfp.stages.evaluate import generate
+
+    tok = copy.deepcopy(tokenizer)
+    if template_end:
+        tok.chat_template = tokenizer.chat_template.replace("<|im_end|>", template_end)
+    ids = [
+        i for part in answer for i in ([tok.eos_token_id] if part is END else text_ids(tok, part))
+    ]
+    assert generate(ScriptedModel(ids), tok, [0, 5, 6], max_new_tokens=64) == expected

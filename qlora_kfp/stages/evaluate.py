@@ -62,11 +62,12 @@ def rouge_l(reference: str, prediction: str) -> float:
 
 def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int) -> str:
     """Greedy answer to a rendered prompt (or its token ids, as prepare-dataset stored them:
-    special-token text from the data stays text), cut at EOS or an end-of-turn marker,
-    without special tokens."""
+    special-token text from the data stays text), ended by EOS or an end-of-turn token only,
+    without special tokens (:func:`qlora_kfp.data.templates.answer_text`): end-of-turn text
+    that an answer holds as text is part of it."""
     import torch
 
-    from qlora_kfp.data.templates import END_MARKERS, cut_at_end_marker, prompt_ids
+    from qlora_kfp.data.templates import answer_text, end_of_turn_ids, prompt_ids
 
     dev = next(model.parameters()).device
     ids = prompt if isinstance(prompt, list) else prompt_ids(tokenizer, prompt)
@@ -77,12 +78,10 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int) -> 
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=end_of_turn_ids(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
-            stop_strings=list(END_MARKERS),
-            tokenizer=tokenizer,
         )
-    return cut_at_end_marker(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return answer_text(tokenizer, out[0, ids.shape[1] :].tolist())
 
 
 def score(samples: list[dict], who: str) -> dict:
