@@ -145,7 +145,9 @@ class TrainConfig:
     use_rslora: bool = _help("Rank-stabilized LoRA scaling (alpha / sqrt(r)).", default=False)
     learning_rate: float = _help("Peak learning rate.", default=2e-4)
     lr_scheduler: str = _help(
-        "Learning-rate schedule: cosine, linear or constant.", default="cosine"
+        "Learning-rate schedule after the warmup: cosine, linear or constant (constant warms "
+        "up too when warmup_ratio > 0, unlike transformers' own constant).",
+        default="cosine",
     )
     warmup_ratio: float = _help("Share of steps spent warming up the learning rate.", default=0.03)
     num_epochs: float = _help(

@@ -327,6 +327,38 @@ def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatc
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "schedule,warmup,first_lrs",
+    [
+        pytest.param("constant", 0.5, [0.0, 5e-4, 1e-3, 1e-3], id="constant-with-warmup"),
+        pytest.param("constant", 0.0, [1e-3, 1e-3, 1e-3, 1e-3], id="constant-without-warmup"),
+        pytest.param("linear", 0.5, [0.0, 5e-4, 1e-3, 5e-4], id="linear-with-warmup"),
+    ],
+)
+def test_warmup_applies_to_every_schedule(
+    quantized, prepared, tmp_path, schedule, warmup, first_lrs
+):
+    """transformers' own ``constant`` ignores warmup; a warmup_ratio given is a warmup wanted."""
+    from qlora_kfp.stages.train import run_train
+
+    res = run_train(
+        TrainConfig(
+            lr_scheduler=schedule,
+            warmup_ratio=warmup,
+            learning_rate=1e-3,
+            max_steps=4,
+            logging_steps=1,
+            checkpoint_steps=0,
+        ),
+        quantized.path,
+        prepared.path,
+        str(tmp_path / "a"),
+    )
+    lrs = [row["learning_rate"] for row in res.history if "learning_rate" in row]
+    assert lrs == pytest.approx(first_lrs)
+
+
 @pytest.mark.parametrize(
     "text",
     [
