@@ -129,6 +129,7 @@ def run_evaluate(
 
     Raises:
         ProvenanceError: ``model_dir`` was quantized from another base than the adapter's.
+        ArtifactError: an adapter weight is NaN or Inf.
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir))
@@ -140,6 +141,7 @@ def run_evaluate(
 
     verify(model_dir, "quantized-model")
     verify(adapter_dir, "adapter")
+    artifacts.check_finite_adapter(adapter_dir)
     # Base and tuned scores on another base of the same shapes would both be computed and both
     # be wrong: the adapter's deltas were learned for other weights.
     made = artifacts.base_model_of(model_dir)

@@ -116,6 +116,29 @@ def check_base(adapter_dir: str | Path, given: str, what: str, advice: str) -> N
         )
 
 
+def check_finite_adapter(adapter_dir: str | Path) -> None:
+    """Refuse an adapter with a NaN or Inf weight (sealed before the train stage checked its
+    weights, or written by hand): base+adapter would score NaN, or worse, finite nonsense.
+
+    Raises:
+        ArtifactError: naming the file and the tensor.
+    """
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(Path(adapter_dir).glob("adapter_model*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                t = f.get_tensor(name)
+                bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+                if bad:
+                    raise ArtifactError(
+                        f"{path}: tensor {name} holds {bad} NaN or Inf values of {t.numel()}; "
+                        "the adapter diverged: train it again (lower learning_rate, keep "
+                        "max_grad_norm small)"
+                    )
+
+
 def _read(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
