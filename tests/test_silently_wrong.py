@@ -6,6 +6,8 @@ another tokenizer), so they run with the fast tests; each case would have finish
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,73 @@ def test_evaluate_takes_a_finite_adapter(quantized, prepared, tmp_path):
         str(tmp_path / "out"),
     )
     assert res.metrics["generations"] == 1
+
+
+@pytest.fixture(scope="module")
+def other_prepared(demo_assets, tmp_path_factory):
+    """The demo data prepared for another model: the demo model's weights with a tokenizer of
+    another vocabulary (the same ids mean other tokens)."""
+    from qlora_kfp.app.demo import build_tokenizer
+    from qlora_kfp.configs import PrepareConfig
+    from qlora_kfp.stages.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("other")
+    other = root / "other-llama"
+    shutil.copytree(demo_assets["base_model"], other, ignore=shutil.ignore_patterns("MANIFEST*"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (other / f).unlink()
+    build_tokenizer(["a smaller vocabulary of other words"] * 20, vocab_size=300).save_pretrained(
+        other
+    )
+    cfg = PrepareConfig(
+        data_source=demo_assets["data_source"], base_model=str(other), max_seq_length=256
+    )
+    return run_prepare(cfg, str(root / "dataset"))
+
+
+def _refused(call, other_prepared) -> str:
+    from qlora_kfp.errors import ProvenanceError
+
+    with pytest.raises(ProvenanceError) as err:
+        call()
+    msg = str(err.value)
+    assert "other-llama" in msg and "tiny-llama" in msg and "\n" not in msg, msg
+    assert "another tokenizer" in msg
+    return msg
+
+
+STAGES = ["quantize", "train", "evaluate"]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=[f"{s}-refuses-it" for s in STAGES])
+def test_a_dataset_tokenized_for_another_model_is_refused(
+    stage, demo_assets, quantized, prepared, other_prepared, tmp_path
+):
+    from qlora_kfp.configs import QuantizeConfig
+    from qlora_kfp.stages.evaluate import run_evaluate
+    from qlora_kfp.stages.quantize import run_quantize
+    from qlora_kfp.stages.train import run_train
+
+    out = str(tmp_path / "out")
+    calls = {
+        "quantize": lambda: run_quantize(
+            QuantizeConfig(base_model=demo_assets["base_model"]), out, other_prepared.path
+        ),
+        "train": lambda: run_train(
+            TrainConfig(max_steps=1), quantized.path, other_prepared.path, out
+        ),
+        "evaluate": lambda: run_evaluate(
+            EvaluateConfig(eval_rows=4, num_generations=1, max_new_tokens=2),
+            quantized.path,
+            make_adapter(quantized, prepared, tmp_path / "adapter"),
+            other_prepared.path,
+            out,
+        ),
+    }
+    _refused(calls[stage], other_prepared)
+    assert not Path(out).exists()
+
+
+def test_the_prepared_dataset_records_its_tokenizer(prepared, tokenizer):
+    info = json.loads((Path(prepared.path) / "stats.json").read_text())
+    assert info["tokenizer_fingerprint"] == artifacts.tokenizer_fingerprint(tokenizer)

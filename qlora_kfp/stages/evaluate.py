@@ -129,6 +129,7 @@ def run_evaluate(
 
     Raises:
         ProvenanceError: ``model_dir`` was quantized from another base than the adapter's.
+        ProvenanceError: ``dataset_dir`` was tokenized for another model than ``model_dir``.
         ArtifactError: an adapter weight is NaN or Inf.
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
@@ -150,6 +151,12 @@ def run_evaluate(
         made["base_model_fingerprint"],
         f"{model_dir} (quantized from {made['base_model']})",
         "evaluate it on a quantized copy of the base it was trained on",
+    )
+    artifacts.check_tokenizer(
+        dataset_dir,
+        AutoTokenizer.from_pretrained(model_dir),
+        f"{model_dir} (quantized from {made['base_model']})",
+        "evaluate on a dataset prepared for the base model the adapter was trained on",
     )
     evals = modeling.take(artifacts.load_split(dataset_dir, "eval"), cfg.eval_rows)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

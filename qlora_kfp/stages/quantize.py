@@ -129,6 +129,13 @@ def run_quantize(
         else None
     )
     tokenizer = sources.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+    if dataset_dir:
+        artifacts.check_tokenizer(
+            dataset_dir,
+            tokenizer,
+            f"base_model={cfg.base_model}",
+            "prepare the dataset with this base_model, or quantize the model it was prepared for",
+        )
     if dataset_dir:  # the tokenizer with the chat template the data was rendered with
         from transformers import AutoTokenizer
 
