@@ -60,7 +60,7 @@ def train(
         use_dora: Weight-decomposed LoRA (DoRA).
         use_rslora: Rank-stabilized LoRA scaling (alpha / sqrt(r)).
         learning_rate: Peak learning rate.
-        lr_scheduler: Learning-rate schedule: cosine, linear or constant.
+        lr_scheduler: Learning-rate schedule after the warmup: cosine, linear or constant (constant warms up too when warmup_ratio > 0, unlike transformers' own constant).
         warmup_ratio: Share of steps spent warming up the learning rate.
         num_epochs: Passes over the training split (ignored when max_steps > 0).
         max_steps: Stop after this many optimizer steps (0: use num_epochs).

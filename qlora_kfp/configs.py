@@ -145,7 +145,9 @@ class TrainConfig:
     use_rslora: bool = _help("Rank-stabilized LoRA scaling (alpha / sqrt(r)).", default=False)
     learning_rate: float = _help("Peak learning rate.", default=2e-4)
     lr_scheduler: str = _help(
-        "Learning-rate schedule: cosine, linear or constant.", default="cosine"
+        "Learning-rate schedule after the warmup: cosine, linear or constant (constant warms "
+        "up too when warmup_ratio > 0, unlike transformers' own constant).",
+        default="cosine",
     )
     warmup_ratio: float = _help("Share of steps spent warming up the learning rate.", default=0.03)
     num_epochs: float = _help(
@@ -389,7 +391,13 @@ class MergeConfig:
     def __post_init__(self) -> None:
         _check(bool(self.base_model), "base_model", self.base_model, "give a path or URI")
         _one_of("merge_dtype", self.merge_dtype, ("bfloat16", "float16", "float32"))
-        _check(self.merge_tolerance > 0, "merge_tolerance", self.merge_tolerance, "use > 0")
+        # inf (or NaN) would pass every logit difference: the check would be off, silently.
+        _check(
+            math.isfinite(self.merge_tolerance) and self.merge_tolerance > 0,
+            "merge_tolerance",
+            self.merge_tolerance,
+            "use a finite value > 0, e.g. 1e-3",
+        )
 
 
 # A registered model's name: what a user may give, and what a derived one is made of. At most

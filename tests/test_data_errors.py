@@ -148,6 +148,29 @@ CASES = [
         ["data.parquet", "not a readable Parquet file ("],
     ),
     (
+        "messages-and-alpaca",
+        "data.jsonl",
+        OK
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": SECRET},
+                    {"role": "assistant", "content": "y"},
+                ],
+                "instruction": SECRET,
+                "output": "z",
+            }
+        )
+        + "\n",
+        ["data.jsonl, row 2", "both 'messages' and 'instruction'+'output'", "keep one"],
+    ),
+    (
+        "alpaca-and-prompt-completion",
+        "data.csv",
+        f"instruction,output,prompt,completion\n{SECRET},a,q,b\n",
+        ["data.csv, row 1", "both 'instruction'+'output' and 'prompt'+'completion'"],
+    ),
+    (
         "csv-extra-cell",
         "data.csv",
         f"prompt,completion\na,b,{SECRET}\n",
@@ -208,3 +231,27 @@ def test_a_hub_loading_error_does_not_quote_the_data(monkeypatch, demo_assets, t
         run_prepare(cfg, str(tmp_path / "out"))
     assert "someone/ragged: cannot load from the hub (CSV parse error)" in str(err.value)
     assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "rec,expected",
+    [
+        pytest.param(
+            {"instruction": None, "output": None, "prompt": "q", "completion": "a"},
+            "q",
+            id="parquet-null-alpaca-columns",
+        ),
+        pytest.param(
+            {"instruction": "", "output": " ", "prompt": "q", "completion": "a"},
+            "q",
+            id="csv-empty-alpaca-cells",
+        ),
+        pytest.param(
+            {"messages": None, "instruction": "q", "output": "a"}, "q", id="null-messages"
+        ),
+    ],
+)
+def test_a_table_mixing_schemas_uses_the_one_each_row_fills(rec, expected):
+    """Parquet fills another schema's columns with nulls, CSV with empty cells: not two
+    schemas in one row, but one row of a table that mixes them."""
+    assert to_messages(rec, "data.parquet", 1)[0]["content"] == expected

@@ -327,6 +327,38 @@ def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatc
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "schedule,warmup,first_lrs",
+    [
+        pytest.param("constant", 0.5, [0.0, 5e-4, 1e-3, 1e-3], id="constant-with-warmup"),
+        pytest.param("constant", 0.0, [1e-3, 1e-3, 1e-3, 1e-3], id="constant-without-warmup"),
+        pytest.param("linear", 0.5, [0.0, 5e-4, 1e-3, 5e-4], id="linear-with-warmup"),
+    ],
+)
+def test_warmup_applies_to_every_schedule(
+    quantized, prepared, tmp_path, schedule, warmup, first_lrs
+):
+    """transformers' own ``constant`` ignores warmup; a warmup_ratio given is a warmup wanted."""
+    from qlora_kfp.stages.train import run_train
+
+    res = run_train(
+        TrainConfig(
+            lr_scheduler=schedule,
+            warmup_ratio=warmup,
+            learning_rate=1e-3,
+            max_steps=4,
+            logging_steps=1,
+            checkpoint_steps=0,
+        ),
+        quantized.path,
+        prepared.path,
+        str(tmp_path / "a"),
+    )
+    lrs = [row["learning_rate"] for row in res.history if "learning_rate" in row]
+    assert lrs == pytest.approx(first_lrs)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -336,6 +368,12 @@ def test_a_nan_adapter_is_never_sealed(quantized, prepared, tmp_path, monkeypatc
         pytest.param("богатый человек", id="russian"),
         pytest.param("お金持ち", id="japanese"),
         pytest.param("부자 입니다", id="korean"),
+        pytest.param("🎉", id="one-emoji"),
+        pytest.param("🎉🎂 👍🏽", id="emoji-with-skin-tone"),
+        pytest.param("❤️", id="emoji-with-variation-selector"),
+        pytest.param("👨‍👩‍👧", id="emoji-family-zwj"),
+        pytest.param("生日快乐 🎂", id="chinese-and-emoji"),
+        pytest.param("→ ∞ €", id="symbols"),
     ],
 )
 def test_identical_answers_score_perfectly_in_any_script(text):
@@ -347,15 +385,91 @@ def test_identical_answers_score_perfectly_in_any_script(text):
 
 
 @pytest.mark.parametrize(
-    "generated,answer",
+    "reference,prediction,expected",
     [
-        pytest.param("rich<|im_end|>", "rich", id="chatml-marker-as-text"),
-        pytest.param("rich<|eot_id|>\n<|im_start|>user", "rich", id="llama3-marker-and-more"),
-        pytest.param(" loud </s>", "loud", id="eos-as-text"),
-        pytest.param("cold", "cold", id="no-marker"),
+        pytest.param("🎉 party 🎂", "🎉 🎂", 0.8, id="emoji-count-as-words"),
+        pytest.param("🎉🎂", "🎂🎉", 0.5, id="emoji-order-counts"),
+        pytest.param("生日快乐", "生日", 2 / 3, id="chinese-characters"),
+        pytest.param("yes!", "yes", 1.0, id="punctuation-is-no-word"),
     ],
 )
-def test_answers_are_cut_at_the_end_of_turn_marker(generated, answer):
-    from qlora_kfp.data.templates import cut_at_end_marker
+def test_rouge_counts_emoji_and_symbols_as_words(reference, prediction, expected):
+    from qlora_kfp.stages.evaluate import rouge_l
 
-    assert cut_at_end_marker(generated) == answer
+    assert rouge_l(reference, prediction) == pytest.approx(expected)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Answers with fixed token ids, stopping where transformers' ``generate`` would: after an
+    id of ``eos_token_id``, or once the text ends with one of ``stop_strings``."""
+
+    def __init__(self, answer: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answer = answer
+
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None, stop_strings=None, **kw):
+        stop = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+        out: list[int] = []
+        for t in self.answer[:max_new_tokens]:
+            out.append(t)
+            text = kw["tokenizer"].decode(out) if stop_strings else ""
+            if t in stop or any(text.endswith(s) for s in stop_strings or ()):
+                break
+        return torch.cat([input_ids, torch.tensor([out], dtype=input_ids.dtype)], dim=1)
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """``text`` as a row's answer is tokenized: special-token strings in it stay plain text."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+END = object()  # the tokenizer's real end-of-turn token (the demo's EOS, <|im_end|>)
+
+
+@pytest.mark.parametrize(
+    "template_end,answer,expected",
+    [
+        pytest.param(None, ["cold", END, "junk"], "cold", id="the-real-end-token-ends-it"),
+        pytest.param(None, ["cold"], "cold", id="no-end-token"),
+        pytest.param(
+            None,
+            ["close a turn with <|im_end|> and go on", END],
+            "close a turn with <|im_end|> and go on",
+            id="end-token-text-inside-the-answer",
+        ),
+        pytest.param(
+            None, ["it is <|im_end|>", END], "it is <|im_end|>", id="end-token-text-at-the-end"
+        ),
+        pytest.param(
+            None,
+            ["</s> or <|eot_id|> or <end_of_turn>", END],
+            "</s> or <|eot_id|> or <end_of_turn>",
+            id="other-templates-markers-as-text",
+        ),
+        pytest.param(
+            "<|end|>", ["rich<|end|>\n", END], "rich", id="template-marker-the-tokenizer-lacks"
+        ),
+        pytest.param(
+            "<|end|>",
+            ["a <|end|> b<|end|>\n", END],
+            "a <|end|> b",
+            id="template-marker-text-inside-the-answer",
+        ),
+    ],
+)
+def test_only_the_end_of_turn_ends_an_answer(tokenizer, template_end, answer, expected):
+    """An answer holding end-of-turn text as text (trained on as text: data.specials) is
+    evaluated whole; a template whose end marker is no token of the tokenizer writes it as
+    text, and that text is dropped where the template puts it, at the answer's end."""
+    import copy
+
+    from qlora_kfp.stages.evaluate import generate
+
+    tok = copy.deepcopy(tokenizer)
+    if template_end:
+        tok.chat_template = tokenizer.chat_template.replace("<|im_end|>", template_end)
+    ids = [
+        i for part in answer for i in ([tok.eos_token_id] if part is END else text_ids(tok, part))
+    ]
+    assert generate(ScriptedModel(ids), tok, [0, 5, 6], max_new_tokens=64) == expected

@@ -125,3 +125,50 @@ def test_only_the_weights_transformers_loads_are_read(sharded, tmp_path):
     assert [f.name for f in again] == [f.name for f in listed]
     index = json.loads((copy / "model.safetensors.index.json").read_text())
     assert {f.name for f in again} == set(index["weight_map"].values())
+
+
+def _broken_copy(src: str, dst: Path, name: str, change: str) -> str:
+    """A copy of the model at ``src`` whose tensor ``name`` is removed or poisoned."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    weights = load_file(dst / "model.safetensors")
+    if change == "missing":
+        del weights[name]
+    else:
+        weights[name] = weights[name].clone()
+        weights[name].view(-1)[3] = float(change)
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+@pytest.mark.parametrize(
+    "name,change,fragment",
+    [
+        pytest.param(
+            "model.layers.1.mlp.down_proj.weight", "missing", "missing", id="missing-linear"
+        ),
+        pytest.param("model.norm.weight", "missing", "missing", id="missing-norm"),
+        pytest.param("lm_head.weight", "missing", "missing", id="missing-head"),
+        pytest.param(
+            "model.layers.0.self_attn.q_proj.weight", "nan", "NaN or Inf", id="nan-linear"
+        ),
+        pytest.param("model.embed_tokens.weight", "inf", "NaN or Inf", id="inf-embedding"),
+        pytest.param(
+            "model.layers.0.input_layernorm.weight", "nan", "NaN or Inf", id="nan-layernorm"
+        ),
+    ],
+)
+def test_a_base_model_with_a_missing_or_nan_tensor_is_refused(
+    demo_assets, tmp_path, name, change, fragment
+):
+    """transformers initializes a missing tensor at random, and NaN weights quantize to NaN
+    (beside a finite "worst layer"): either would be a quantized model of another model."""
+    from qlora_kfp.errors import ArtifactError
+
+    base = _broken_copy(demo_assets["base_model"], tmp_path / "base", name, change)
+    with pytest.raises(ArtifactError) as err:
+        quantize.run_quantize(QuantizeConfig(base_model=base), str(tmp_path / "out"))
+    msg = str(err.value)
+    assert name in msg and fragment in msg and "\n" not in msg, msg
+    assert not (tmp_path / "out").exists()

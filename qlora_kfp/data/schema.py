@@ -39,7 +39,31 @@ def _known(word: object, vocabulary: set[str] | list[str]) -> str:
     return ""
 
 
+def _given(value: object) -> bool:
+    """A field holds something: Parquet fills another schema's columns with nulls and CSV
+    with empty cells, so a table may mix schemas row by row."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return value is not None and value != []
+
+
+def _schema_name(name: str) -> str:
+    return "+".join(f"'{k}'" for k in SCHEMAS[name])
+
+
 def detect_schema(rec: dict, file: str, row: int) -> str:
+    given = [name for name, keys in SCHEMAS.items() if all(_given(rec.get(k)) for k in keys)]
+    if len(given) > 1:
+        # Training on one and dropping the other would be a guess: a merge of two exports
+        # gone wrong, or a column meant for something else.
+        a, b = (_schema_name(n) for n in given[:2])
+        raise DataError(
+            f"both {a} and {b} are set; which one to train on is unclear: keep one of them",
+            source=file,
+            row=row,
+        )
+    if given:
+        return given[0]
     for name, keys in SCHEMAS.items():
         if all(k in rec for k in keys):
             return name

@@ -18,16 +18,33 @@ ALPACA = (
 )
 NAMED = {"chatml": CHATML, "alpaca": ALPACA}
 # Strings that end an assistant turn in common templates (ChatML, Llama 3, Gemma, Mistral, GPT
-# style). A tokenizer that lacks one as a special token generates it as plain text, which
-# skip_special_tokens cannot remove: generation stops at it and the answer is cut before it.
+# style). Where the tokenizer has one as a token, that token alone ends an answer: the same
+# string in a row's text was trained on as plain text (data.specials), and is part of the
+# answer. A template marker the tokenizer lacks can only be written as text; the model learns
+# it before EOS, and it is dropped from the answer's end (answer_text).
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<|endoftext|>", "<|end|>")
 
 
-def cut_at_end_marker(text: str) -> str:
-    """The answer before the first end-of-turn marker, stripped."""
-    for marker in END_MARKERS:
-        text = text.split(marker, 1)[0]
-    return text.strip()
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids that end a generated answer: EOS and each end-of-turn marker that is one
+    token of this tokenizer."""
+    added = tokenizer.get_added_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(dict.fromkeys(ids + [added[m] for m in END_MARKERS if m in added]))
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """A generated answer's text: its ids up to the first end-of-turn token, without special
+    tokens, and without the end marker the chat template writes as text (one the tokenizer
+    has no token for) at its end. Marker text inside the answer stays: it is the answer's."""
+    stop = set(end_of_turn_ids(tokenizer))
+    end = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+    text = tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+    added, template = tokenizer.get_added_vocab(), tokenizer.chat_template or ""
+    as_text = [m for m in END_MARKERS if m not in added and m in template]
+    while marker := next((m for m in as_text if text.endswith(m)), None):
+        text = text[: -len(marker)].rstrip()
+    return text
 
 
 IGNORE = -100

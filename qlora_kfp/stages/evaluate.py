@@ -6,6 +6,7 @@ import html
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,15 +32,25 @@ def normalize(text: str) -> str:
 
 class AnyScriptTokenizer:
     """Words of any script for ROUGE: rouge_score's default keeps only ``[a-z0-9]`` and scores
-    identical Chinese or Arabic answers 0. Scripts written without spaces (Han, kana, Hangul)
-    count one token per character."""
+    identical Chinese, Arabic or emoji answers 0. Scripts written without spaces (Han, kana,
+    Hangul) count one token per character; so does each emoji or other symbol (with its skin
+    tone, variation selector or zero-width-joined parts); punctuation is no word."""
 
     CHAR_SCRIPTS = re.compile(
         r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
     )
+    # A symbol with what modifies it: variation selectors, skin tones, ZWJ-joined symbols.
+    SYMBOL = r"[^\s\w](?:[\ufe0e\ufe0f\U0001f3fb-\U0001f3ff]|\u200d[^\s\w])*"
+    TOKEN = re.compile(rf"{CHAR_SCRIPTS.pattern}|[^\W_]+|{SYMBOL}")
 
     def tokenize(self, text: str) -> list[str]:
-        return re.findall(rf"{self.CHAR_SCRIPTS.pattern}|[^\W_]+", text.casefold())
+        text = unicodedata.normalize("NFC", text).casefold()
+        return [
+            t
+            for t in self.TOKEN.findall(text)
+            # punctuation, and a lone mark or joiner, are no words
+            if unicodedata.category(t[0])[0] not in "PMC"
+        ]
 
 
 def rouge_l(reference: str, prediction: str) -> float:
@@ -51,11 +62,12 @@ def rouge_l(reference: str, prediction: str) -> float:
 
 def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int) -> str:
     """Greedy answer to a rendered prompt (or its token ids, as prepare-dataset stored them:
-    special-token text from the data stays text), cut at EOS or an end-of-turn marker,
-    without special tokens."""
+    special-token text from the data stays text), ended by EOS or an end-of-turn token only,
+    without special tokens (:func:`qlora_kfp.data.templates.answer_text`): end-of-turn text
+    that an answer holds as text is part of it."""
     import torch
 
-    from qlora_kfp.data.templates import END_MARKERS, cut_at_end_marker, prompt_ids
+    from qlora_kfp.data.templates import answer_text, end_of_turn_ids, prompt_ids
 
     dev = next(model.parameters()).device
     ids = prompt if isinstance(prompt, list) else prompt_ids(tokenizer, prompt)
@@ -66,12 +78,10 @@ def generate(model, tokenizer, prompt: str | list[int], max_new_tokens: int) -> 
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=end_of_turn_ids(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
-            stop_strings=list(END_MARKERS),
-            tokenizer=tokenizer,
         )
-    return cut_at_end_marker(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return answer_text(tokenizer, out[0, ids.shape[1] :].tolist())
 
 
 def score(samples: list[dict], who: str) -> dict:
@@ -119,6 +129,8 @@ def run_evaluate(
 
     Raises:
         ProvenanceError: ``model_dir`` was quantized from another base than the adapter's.
+        ProvenanceError: ``dataset_dir`` was tokenized for another model than ``model_dir``.
+        ArtifactError: an adapter weight is NaN or Inf.
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir))
@@ -130,6 +142,7 @@ def run_evaluate(
 
     verify(model_dir, "quantized-model")
     verify(adapter_dir, "adapter")
+    artifacts.check_finite_adapter(adapter_dir)
     # Base and tuned scores on another base of the same shapes would both be computed and both
     # be wrong: the adapter's deltas were learned for other weights.
     made = artifacts.base_model_of(model_dir)
@@ -138,6 +151,12 @@ def run_evaluate(
         made["base_model_fingerprint"],
         f"{model_dir} (quantized from {made['base_model']})",
         "evaluate it on a quantized copy of the base it was trained on",
+    )
+    artifacts.check_tokenizer(
+        dataset_dir,
+        AutoTokenizer.from_pretrained(model_dir),
+        f"{model_dir} (quantized from {made['base_model']})",
+        "evaluate on a dataset prepared for the base model the adapter was trained on",
     )
     evals = modeling.take(artifacts.load_split(dataset_dir, "eval"), cfg.eval_rows)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_kfp.configs import QuantizeConfig
+from qlora_kfp.errors import ArtifactError
 from qlora_kfp.storage import artifacts, manifest, sources
 from qlora_kfp.storage.fingerprint import model_fingerprint
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
@@ -21,11 +22,43 @@ class QuantizeResult:
     metrics: dict
 
 
-def dequant_error(model_4bit, files, dtype) -> dict:
+def _refuse_non_finite(name: str, tensor, source: str) -> None:
+    """A NaN or Inf weight quantizes to NaN; its error would be NaN beside a finite worst
+    layer (``max`` skips NaN), and the stage would end as if it had worked."""
+    import torch
+
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ArtifactError(
+            f"{source}: tensor {name} holds {bad} NaN or Inf values of {tensor.numel()} (in "
+            f"{str(tensor.dtype).removeprefix('torch.')}); the base model is corrupt: download "
+            "or copy it again"
+        )
+
+
+def check_finite(model_4bit, source: str) -> None:
+    """Refuse NaN or Inf in the weights the 4-bit model keeps in 16 bit (embeddings, norms,
+    head); the 4-bit ones are checked from their originals (:func:`dequant_error`)."""
+    import bitsandbytes as bnb
+
+    packed = {
+        f"{name}.weight"
+        for name, mod in model_4bit.named_modules()
+        if isinstance(mod, bnb.nn.Linear4bit)
+    }
+    for name, p in model_4bit.named_parameters():
+        if name not in packed:
+            _refuse_non_finite(name, p.data, source)
+
+
+def dequant_error(model_4bit, files, dtype, source: str = "") -> dict:
     """Relative Frobenius error ||W - deq(Q(W))|| / ||W|| over every 4-bit Linear.
 
     The originals ``W`` are read from the checkpoint's weight ``files`` one at a time (in
     ``dtype``, as the 4-bit load cast them before quantizing), never as a 16-bit model.
+
+    Raises:
+        ArtifactError: an original holds NaN or Inf (named with ``source``).
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -42,7 +75,9 @@ def dequant_error(model_4bit, files, dtype) -> dict:
     for key, w in shards.tensors(files, set(mods)):
         mod = mods.pop(key)
         dq = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
-        w = w.to(dq.device).to(dtype).float()
+        w = w.to(dq.device).to(dtype)
+        _refuse_non_finite(key, w, source or str(files[0].parent))
+        w = w.float()
         diff = torch.linalg.norm(w - dq).item() ** 2
         norm = torch.linalg.norm(w).item() ** 2
         num, den, layers = num + diff, den + norm, layers + 1
@@ -94,6 +129,13 @@ def run_quantize(
         else None
     )
     tokenizer = sources.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+    if dataset_dir:
+        artifacts.check_tokenizer(
+            dataset_dir,
+            tokenizer,
+            f"base_model={cfg.base_model}",
+            "prepare the dataset with this base_model, or quantize the model it was prepared for",
+        )
     if dataset_dir:  # the tokenizer with the chat template the data was rendered with
         from transformers import AutoTokenizer
 
@@ -106,11 +148,13 @@ def run_quantize(
         dtype=dtype,
         quantization_config=qcfg,
         trust_remote_code=cfg.trust_remote_code,
+        complete=True,
     )
+    check_finite(model4, cfg.base_model)
     files = shards.weight_files(cfg.base_model)
     n_params = shards.tensor_numel(files)
     metrics = {"params": n_params, "bytes_16bit": 2 * n_params}
-    metrics.update(dequant_error(model4, files, dtype))
+    metrics.update(dequant_error(model4, files, dtype, cfg.base_model))
     if evals is not None:
         ppl4 = modeling.eval_loss(model4, evals, tokenizer, desc="4-bit eval")
         metrics.update(eval_loss_4bit=ppl4["loss"], eval_perplexity_4bit=ppl4["perplexity"])

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qlora_kfp.configs import TrainConfig
-from qlora_kfp.errors import ConfigError
+from qlora_kfp.errors import ArtifactError, ConfigError
 from qlora_kfp.stages.train_loop import TrainResult, train_here
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.fingerprint import artifact_digest
@@ -27,6 +27,23 @@ def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
     """What this run's checkpoints and adapter are made from (checkpoints.made_from)."""
     return checkpoints.made_from(
         cfg, artifacts.dataset_digest(dataset_dir), artifact_digest(model_dir)
+    )
+
+
+def _check_tokenizer(model_dir: str, dataset_dir: str) -> None:
+    """Refuse a dataset tokenized for another model than the quantized one (its token ids
+    would mean other text: training would run, and learn nothing of the data)."""
+    from transformers import AutoTokenizer
+
+    try:
+        what = f"{model_dir} (quantized from {artifacts.base_model_of(model_dir)['base_model']})"
+    except ArtifactError:  # a 4-bit model written by hand: the base is not recorded
+        what = str(model_dir)
+    artifacts.check_tokenizer(
+        dataset_dir,
+        AutoTokenizer.from_pretrained(model_dir),
+        what,
+        "prepare the dataset with the base model that was quantized, or train on its model",
     )
 
 
@@ -82,6 +99,7 @@ def _train(
 ) -> TrainResult:
     verify(model_dir, "quantized-model")
     verify(dataset_dir, "dataset")
+    _check_tokenizer(model_dir, dataset_dir)
     # The resolved count: the checkpoints record it (another count is another global batch).
     cfg = dataclasses.replace(cfg, num_processes=distributed.world_size(cfg))
     ckpt_root = Path(checkpoint_dir or f"{output_dir}.checkpoints")

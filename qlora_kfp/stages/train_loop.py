@@ -185,7 +185,12 @@ def train_here(
             per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler,
+            # transformers' constant ignores the warmup: warmup_ratio > 0 asks for one.
+            lr_scheduler_type=(
+                "constant_with_warmup"
+                if cfg.lr_scheduler == "constant" and cfg.warmup_ratio > 0
+                else cfg.lr_scheduler
+            ),
             warmup_steps=cfg.warmup_ratio,
             num_train_epochs=cfg.num_epochs,
             max_steps=cfg.max_steps or -1,

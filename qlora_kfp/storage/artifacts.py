@@ -24,6 +24,7 @@ from qlora_kfp.errors import ArtifactError, ProvenanceError
 from qlora_kfp.storage.manifest import MANIFEST, verify
 
 log = logging.getLogger(__name__)
+DATASET_RECORD = "stats.json"
 QUANTIZE_RECORD = "quantize.json"
 TRAIN_RECORD = "train.json"
 
@@ -38,6 +39,41 @@ def dataset_digest(folder: str | Path) -> str:
     for name in ("train.parquet", "eval.parquet"):
         h.update(files[name]["sha256"].encode())
     return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What a tokenizer's ids mean: its vocabulary (added tokens included) and BOS/EOS ids.
+    Not its chat template, which prepare-dataset sets itself."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    meaning = [vocab, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    return hashlib.sha256(json.dumps(meaning).encode()).hexdigest()[:16]
+
+
+def check_tokenizer(dataset_dir: str | Path, tokenizer, what: str, advice: str) -> None:
+    """Refuse a model whose tokenizer is not the one the dataset was tokenized with: its
+    token ids would mean other text, and training and evaluating on them would run.
+
+    Args:
+        dataset_dir: A prepared dataset, whose ``stats.json`` records its tokenizer.
+        tokenizer: The model's tokenizer.
+        what: The model at hand, for the message (``base_model=...``).
+        advice: What to do instead.
+
+    Raises:
+        ProvenanceError: naming both models and both tokenizers' fingerprints.
+    """
+    info = _read(Path(dataset_dir) / DATASET_RECORD, "what the dataset was prepared with")
+    recorded = info.get("tokenizer_fingerprint")
+    if not recorded:  # prepared before the fingerprint was recorded
+        log.warning("%s records no tokenizer fingerprint: tokenizer not checked", dataset_dir)
+        return
+    given = tokenizer_fingerprint(tokenizer)
+    if given != recorded:
+        made_for = info.get("config", {}).get("base_model", "?")
+        raise ProvenanceError(
+            f"{dataset_dir}: the dataset was tokenized for base model {made_for} (tokenizer "
+            f"{recorded}), but {what} has another tokenizer ({given}); {advice}"
+        )
 
 
 def load_split(folder: str | Path, name: str):
@@ -116,11 +152,35 @@ def check_base(adapter_dir: str | Path, given: str, what: str, advice: str) -> N
         )
 
 
+def check_finite_adapter(adapter_dir: str | Path) -> None:
+    """Refuse an adapter with a NaN or Inf weight (sealed before the train stage checked its
+    weights, or written by hand): base+adapter would score NaN, or worse, finite nonsense.
+
+    Raises:
+        ArtifactError: naming the file and the tensor.
+    """
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(Path(adapter_dir).glob("adapter_model*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                t = f.get_tensor(name)
+                bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+                if bad:
+                    raise ArtifactError(
+                        f"{path}: tensor {name} holds {bad} NaN or Inf values of {t.numel()}; "
+                        "the adapter diverged: train it again (lower learning_rate, keep "
+                        "max_grad_norm small)"
+                    )
+
+
 def _read(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        stage = "quantize" if path.name == QUANTIZE_RECORD else "train"
+        stages = {QUANTIZE_RECORD: "quantize", DATASET_RECORD: "prepare"}
+        stage = stages.get(path.name, "train")
         raise ArtifactError(
             f"{path}: cannot read {what} ({type(exc).__name__}); write it with the {stage} stage"
         ) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from qlora_kfp.errors import SourceError
+from qlora_kfp.errors import ArtifactError, SourceError
 from qlora_kfp.storage import sources
 
 
@@ -44,8 +44,13 @@ def load_model(
     quantization_config=None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    complete: bool = False,
 ):
-    """``AutoModelForCausalLM.from_pretrained`` on the right device, with a clear error."""
+    """``AutoModelForCausalLM.from_pretrained`` on the right device, with a clear error.
+
+    With ``complete``, a checkpoint that lacks a tensor of the model is refused: transformers
+    would initialize it at random and load the rest without an error.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,9 +66,18 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs, output_loading_info=True)
     except OSError as exc:
         raise SourceError(f"{source}: cannot load the model ({sources._first_line(exc)})") from None
+    missing = sorted(info["missing_keys"])
+    if complete and missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ArtifactError(
+            f"{source}: tensor {missing[0]}{more} {'are' if more else 'is'} missing from the "
+            "checkpoint (transformers would initialize it at random); download or copy the "
+            "model again"
+        )
+    return model
 
 
 def prefer_expandable_segments() -> bool:
