@@ -218,6 +218,11 @@ _TABLE = [
         when="compile",
     ),
     Var(
+        "QLORA_KFP_WRITING",
+        "set by the project, not by users: the outputs this process's stage holds the write "
+        "lock of, so the train stage's own ranks take it again (storage/writes.py)",
+    ),
+    Var(
         "QLORA_KFP_SCRATCH_SIZE",
         "size limit of a GPU task's scratch disk at `/scratch`, where model downloads go "
         '("": none)',

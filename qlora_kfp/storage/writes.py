@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from qlora_kfp import env
 from qlora_kfp.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def output_lock(final: str | os.PathLike) -> Iterator[bool]:
         return
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-    saved = os.environ.get(HELD_ENV)
+    saved = env.text(HELD_ENV) if env.present(HELD_ENV) else None
     os.environ[HELD_ENV] = os.pathsep.join([*env_paths(), key])
     _held[key] = 1
     try:
@@ -232,7 +233,7 @@ def _lock_file(final: Path, lock: Path) -> int | None:
 
 
 def env_paths() -> list[str]:
-    return [p for p in os.environ.get(HELD_ENV, "").split(os.pathsep) if p]
+    return [p for p in env.text(HELD_ENV).split(os.pathsep) if p]
 
 
 def holds_lock(final: str | os.PathLike) -> bool:
