@@ -49,6 +49,7 @@ def write_dataset(rows: list[list[int]], folder: Path) -> None:
     import pyarrow.parquet as pq
 
     from qlora_kfp.app.demo import build_tokenizer
+    from qlora_kfp.storage.artifacts import write_dataset_record
     from qlora_kfp.storage.manifest import atomic_folder
 
     with atomic_folder(folder, "dataset") as tmp:
@@ -65,7 +66,11 @@ def write_dataset(rows: list[list[int]], folder: Path) -> None:
                 tmp / f"{name}.parquet",
             )
         # Only padding uses the tokenizer: pad id 2 exists in every vocabulary here.
-        build_tokenizer(["a b c"], vocab_size=300).save_pretrained(tmp / "tokenizer")
+        tok = build_tokenizer(["a b c"], vocab_size=300)
+        tok.save_pretrained(tmp / "tokenizer")
+        # The stages check a model's tokenizer against the one the rows were made with: the
+        # models the benchmarks build carry this same tokenizer.
+        write_dataset_record(tmp, tok, {"base_model": "benchmark token rows"})
 
 
 def quantize(checkpoint: str, out: Path) -> float:

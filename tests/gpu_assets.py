@@ -22,7 +22,7 @@ def build(root: Path, shape: dict, seq: int, rows: int, device: str) -> tuple[st
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora_kfp.app.demo import build_tokenizer
-    from qlora_kfp.storage.artifacts import write_quantize_record
+    from qlora_kfp.storage.artifacts import write_dataset_record, write_quantize_record
     from qlora_kfp.storage.fingerprint import model_fingerprint
     from qlora_kfp.storage.manifest import atomic_folder
     from qlora_kfp.training import modeling
@@ -58,4 +58,5 @@ def build(root: Path, shape: dict, seq: int, rows: int, device: str) -> tuple[st
             table = {"input_ids": part, "labels": part, "prompt": [""] * n, "reference": [""] * n}
             pq.write_table(pa.table(table), tmp / f"{name}.parquet")
         tok.save_pretrained(tmp / "tokenizer")
+        write_dataset_record(tmp, tok, {"base_model": str(root / "base")})
     return str(root / "model4"), str(root / "data")

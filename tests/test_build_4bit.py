@@ -72,13 +72,13 @@ def test_same_packed_weights_as_transformers_quantizing_the_model(built, demo_as
 
 
 @pytest.mark.slow
-def test_the_train_stage_trains_on_what_the_benchmarks_build(demo_assets, prepared, tmp_path):
+def test_the_train_stage_trains_on_what_the_benchmarks_build(demo_assets, tmp_path):
     """Both benchmark writers leave the record the quantize stage leaves (what the model was
     made from): without it run_train stopped on a missing quantize.json."""
     import json
 
     from build_4bit import build_artifact
-    from train_bench import quantize
+    from train_bench import quantize, write_dataset
     from transformers import AutoConfig
 
     from qlora_kfp.configs import TrainConfig
@@ -92,8 +92,11 @@ def test_the_train_stage_trains_on_what_the_benchmarks_build(demo_assets, prepar
     made = json.loads((quantized / "quantize.json").read_text())
     assert made["config"]["base_model"] == demo_assets["base_model"]
     assert made["base_model_fingerprint"] == model_fingerprint(demo_assets["base_model"])
+    # The benchmarks' own token rows: the stages refuse rows made with another tokenizer.
+    rows = [[(7 * i + j) % 300 + 3 for j in range(16)] for i in range(8)]
+    write_dataset(rows, tmp_path / "rows")
     cfg = TrainConfig(max_steps=1, batch_size=4, lora_r=8, logging_steps=1)
-    res = run_train(cfg, str(built), prepared.path, str(tmp_path / "adapter"))
+    res = run_train(cfg, str(built), str(tmp_path / "rows"), str(tmp_path / "adapter"))
     assert res.metrics["steps"] == 1
     record = json.loads((tmp_path / "adapter" / "train.json").read_text())
     assert record["base_model"] == "random-weights:seed=3"

@@ -159,13 +159,9 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
             datasets.Dataset.from_dict(cols).to_parquet(str(tmp / f"{name}.parquet"))
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "rendered_samples.txt").write_text(render_samples(tokenizer, train[:3]))
-        info = {
-            "config": asdict(cfg),
-            "chat_template_used": template,
-            "stats": stats,
-            "tokenizer_fingerprint": artifacts.tokenizer_fingerprint(tokenizer),
-        }
-        (tmp / "stats.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+        artifacts.write_dataset_record(
+            tmp, tokenizer, asdict(cfg), chat_template_used=template, stats=stats
+        )
     digest = artifacts.dataset_digest(output_dir)
     return PrepareResult(str(output_dir), stats, digest)
 

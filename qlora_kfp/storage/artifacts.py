@@ -49,6 +49,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(meaning).encode()).hexdigest()[:16]
 
 
+def write_dataset_record(folder: str | Path, tokenizer, config: dict, **info) -> None:
+    """What a prepared-dataset artifact was made with: the settings (with ``base_model``) and
+    the fingerprint of the tokenizer its ids come from, which train, evaluate and quantize
+    check their model's tokenizer against. Every writer of the artifact calls it."""
+    record = {"config": config, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **info}
+    (Path(folder) / DATASET_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
 def check_tokenizer(dataset_dir: str | Path, tokenizer, what: str, advice: str) -> None:
     """Refuse a model whose tokenizer is not the one the dataset was tokenized with: its
     token ids would mean other text, and training and evaluating on them would run.
