@@ -3,6 +3,7 @@ relative link they show exists."""
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -19,7 +20,8 @@ def make_targets() -> set[str]:
     return set(re.findall(r"(?m)^([a-zA-Z0-9_-]+):", text))
 
 
-def cli_commands() -> set[str]:
+@functools.cache  # one `qlora-kfp --help` (2 s) for every page
+def cli_commands() -> frozenset[str]:
     out = subprocess.run(
         [sys.executable, "-m", "qlora_kfp.app.cli", "--help"],
         capture_output=True,
@@ -29,7 +31,7 @@ def cli_commands() -> set[str]:
     ).stdout
     listed = re.search(r"\{([a-z,_-]+)\}", out)
     assert listed, out
-    return set(listed.group(1).split(","))
+    return frozenset(listed.group(1).split(","))
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
