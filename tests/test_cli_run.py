@@ -150,3 +150,45 @@ def test_run_help_lists_the_sweep_grid_with_its_help(capsys):
     assert "--lora_grid LORA_GRID Trials: each entry sets train parameters" in text
     assert "[qlora_sweep only]" in text and "[qlora_finetune only]" in text
     assert "(pipeline default: qlora_finetune: qlora-finetune; qlora_sweep: qlora-sweep)" in text
+
+
+def _registered(version: int, promoted: bool) -> dict:
+    meta = {"registered_version": float(version), "promoted_to_champion": float(promoted)}
+    return {
+        "register-model": {
+            "outputs": {"artifacts": {"metrics": {"artifacts": [{"metadata": meta}]}}}
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "tasks, registry",
+    [
+        (_registered(1, True), "registry:  tiny-llama-antonyms version 1, now its champion"),
+        (_registered(3, False), "registry:  tiny-llama-antonyms version 3, challenger"),
+        ({}, "registry:  tiny-llama-antonyms: unchanged (no model was registered)"),
+    ],
+    ids=["promoted", "not-promoted", "nothing-registered"],
+)
+def test_the_last_lines_say_where_to_look_what_the_registry_holds_and_what_next(
+    capsys, monkeypatch, tasks, registry
+):
+    from qlora_kfp.app import summary
+
+    monkeypatch.setattr(summary, "mlflow_link", lambda *a: "http://mlflow/#/experiments/1/runs")
+    params = {
+        "base_model": "/w/demo/tiny-llama",
+        "data_source": "/w/demo/antonyms.jsonl",
+        "run_name": "demo-20261205-1508",
+        "mlflow_experiment": "qlora-finetune",
+    }
+    result = {"run_dir": "/r", "params": params, "tracking_uri": "sqlite:///m.db", "tasks": tasks}
+    summary.print_summary(result)
+    last = capsys.readouterr().out.rstrip().splitlines()[-5:]
+    assert last[0] == "--- what next ---"
+    assert last[1] == "MLflow:    experiment qlora-finetune, run demo-20261205-1508"
+    assert last[2].strip() == "http://mlflow/#/experiments/1/runs"
+    assert last[3].startswith(registry)
+    assert (
+        last[4].startswith("next:") and "make mlflow-ui" in last[4] and "--data_source" in last[4]
+    )

@@ -118,3 +118,13 @@ def test_exit_handler_wrote_the_run_report(local_run):
     text = (run_dir / "finish-tracking" / "report").read_text()
     assert ": SUCCEEDED" in text and "| exact match |" in text
     assert "![loss curve](data:image/png;base64," in text
+
+
+def test_the_last_lines_give_the_mlflow_link_the_registry_result_and_the_next_step(local_run):
+    _, _, stdout = local_run
+    human = stdout[: stdout.rindex("{")].rstrip().splitlines()  # the JSON line is for scripts
+    assert human[-5] == "--- what next ---"
+    assert human[-4].startswith("MLflow:    experiment qlora-finetune, run e2e")
+    assert "?workflowType=machine_learning" in human[-3] and "make mlflow-ui" in human[-3]
+    assert human[-2] == "registry:  tiny-llama-antonyms version 1, now its champion"
+    assert human[-1].startswith("next:")

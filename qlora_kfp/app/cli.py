@@ -318,7 +318,12 @@ def _run_local(args: argparse.Namespace) -> dict:
     else:
         local_run.local_tracking_env(Path(args.workdir))
         run_dir = local_run.run_pipeline(pipeline, given, args.workdir, args.verbose)
-        result = {"run_dir": str(run_dir), "tasks": local_run.collect(run_dir)}
+        result = {
+            "run_dir": str(run_dir),
+            "params": given,
+            "tracking_uri": env.text("MLFLOW_TRACKING_URI"),
+            "tasks": local_run.collect(run_dir),
+        }
     from qlora_kfp.app.summary import print_summary
 
     print_summary(result, args.pipeline)

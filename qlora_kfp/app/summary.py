@@ -43,9 +43,6 @@ def print_summary(result: dict, pipeline: str = "qlora_finetune") -> None:
     print(f"run folder:   {result['run_dir']}")
     if result.get("tracking_uri"):
         print(f"MLflow store: {result['tracking_uri']}")
-        link = mlflow_link(result, pipeline)
-        if link:
-            print(f"MLflow runs:  {link}")
     if result.get("seconds"):
         print(f"wall time:    {result['seconds']} s")
     print("\nartifacts:")
@@ -63,7 +60,12 @@ def print_summary(result: dict, pipeline: str = "qlora_finetune") -> None:
         won = best["Output"]
         print(f"\nbest trial: {won.get('trial_name')} (eval loss {won.get('eval_loss'):.4f})")
         print("  " + json.dumps({k: v for k, v in won.items() if k not in BEST_KEYS}))
-        return
+    else:
+        _print_results(tasks)
+    print_next(result, pipeline)
+
+
+def _print_results(tasks: dict) -> None:
     ev = task_metrics(tasks, "evaluate")
     if ev:
         print(f"\n{'metric':18s} {'base':>12s} {'tuned':>12s}")
@@ -90,3 +92,40 @@ def print_summary(result: dict, pipeline: str = "qlora_finetune") -> None:
             s = json.loads(line)
             user = s["prompt"].split("user\n", 1)[-1].split("<|im_end|>")[0].strip()
             print(f"  {user[:50]:50s} -> {s['tuned_answer'][:20]:20s} | {s['reference']}")
+
+
+def registry_line(result: dict) -> str:
+    """What the run did to the Model Registry, from register-model's own metrics."""
+    params = result.get("params", {})
+    name = params.get("registered_model_name")
+    if not name and params.get("base_model") and params.get("data_source"):
+        from qlora_kfp.configs import derived_model_name
+
+        name = derived_model_name(params["base_model"], params["data_source"])
+    reg = task_metrics(result["tasks"], TASK_OF["register"])
+    if not reg:
+        return f"{name or 'the registered model'}: unchanged (no model was registered)"
+    version = int(reg["registered_version"])
+    if reg.get("promoted_to_champion"):
+        return f"{name} version {version}, now its champion"
+    return f"{name} version {version}, challenger (the champion stays; MLflow's tags say why)"
+
+
+def print_next(result: dict, pipeline: str = "qlora_finetune") -> None:
+    """The last lines: where to look (MLflow), what the registry holds now, what to do next."""
+    print("\n--- what next ---")
+    params = result.get("params", {})
+    if result.get("tracking_uri"):
+        default = "qlora-sweep" if pipeline == "qlora_sweep" else "qlora-finetune"
+        experiment = params.get("mlflow_experiment") or default
+        run = f", run {params['run_name']}" if params.get("run_name") else ""
+        print(f"MLflow:    experiment {experiment}{run}")
+        link = mlflow_link(result, pipeline)
+        if link:
+            print(f"           {link}")
+        print(f"registry:  {registry_line(result)}")
+    print(
+        "next:      compare runs in MLflow (make mlflow-ui for the local store); your own model"
+        ' and data: make run ARGS="--base_model ... --data_source ..." (docs/own-data.md); on a'
+        " cluster: make compile, then docs/deploy.md"
+    )
