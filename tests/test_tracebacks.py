@@ -299,3 +299,72 @@ def test_a_damaged_tokenizer_file_is_named(demo_assets, tmp_path, name, damage, 
         run_prepare(cfg, str(tmp_path / "out"))
     assert "download or copy the model again" in str(got.value)
     assert not (tmp_path / "out").exists()
+
+
+def _prepare(out: str) -> None:
+    from qlora_kfp.stages import prepare
+
+    prepare.run_prepare(configs.PrepareConfig(base_model="m", data_source="d.jsonl"), out)
+
+
+def _quantize(out: str) -> None:
+    from qlora_kfp.stages import quantize
+
+    quantize.run_quantize(configs.QuantizeConfig(base_model="m"), out, "no-data")
+
+
+def _evaluate(out: str) -> None:
+    from qlora_kfp.stages import evaluate
+
+    evaluate.run_evaluate(configs.EvaluateConfig(), "no-model", "no-adapter", "no-data", out)
+
+
+def _merge(out: str) -> None:
+    from qlora_kfp.stages import merge
+
+    merge.run_merge(configs.MergeConfig(base_model="m"), "no-adapter", out)
+
+
+@pytest.mark.parametrize(
+    "run,kind",
+    [
+        (_prepare, "dataset"),
+        (_quantize, "quantized-model"),
+        (_evaluate, "evaluation"),
+        (_merge, "merged-model"),
+    ],
+    ids=["prepare", "quantize", "evaluate", "merge"],
+)
+def test_a_second_writer_of_any_stage_stops_before_any_work(tmp_path, monkeypatch, run, kind):
+    """Before: prepare, quantize, evaluate and merge took the output's lock only in
+    ``atomic_folder``, after all their work: the second did it all and was then refused."""
+    import subprocess
+    import sys
+
+    from qlora_kfp.errors import OutputError
+    from qlora_kfp.stages import evaluate, merge
+    from qlora_kfp.storage import artifacts, sources
+
+    def went_on(*a, **kw):
+        pytest.fail("the second run went on")
+
+    for module, name in [
+        (sources, "load_tokenizer"),
+        (artifacts, "load_split"),
+        (evaluate, "verify"),
+        (merge, "verify"),
+    ]:
+        monkeypatch.setattr(module, name, went_on)
+    final = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.replace('"adapter"', repr(kind)), str(final)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout.readline().strip() == "writing"
+        with pytest.raises(OutputError, match=rf"another run is writing it \(pid {first.pid} "):
+            run(str(final))
+    finally:
+        first.kill()
+        first.wait()
