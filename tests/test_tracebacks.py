@@ -368,3 +368,57 @@ def test_a_second_writer_of_any_stage_stops_before_any_work(tmp_path, monkeypatc
     finally:
         first.kill()
         first.wait()
+
+
+# --- weights that do not fit their config.json ----------------------------------------------
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _narrower(t):
+    return t[:, :-1].contiguous()
+
+
+def _as_int8(t):
+    import torch
+
+    return t.to(torch.int8)
+
+
+def _transposed(t):
+    return t[:, :100].t().contiguous()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (_narrower, r"is bfloat16 of shape \[128, 127\], but .* expects shape \[128, 128\]"),
+        (_as_int8, r"is int8 of shape \[128, 128\], but .* expects a float dtype \(bfloat16"),
+        (_transposed, r"is bfloat16 of shape \[100, 128\], but .* expects shape \[128, 128\]"),
+    ],
+    ids=["narrower-tensor", "int8-tensor", "transposed-tensor"],
+)
+def test_a_tensor_that_does_not_fit_the_config_is_named(
+    demo_assets, tmp_path, monkeypatch, change, message
+):
+    """Before: quantize loaded it without an error (transformers initialized a tensor of
+    another shape at random, and cast int8 to float)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora_kfp.errors import ArtifactError
+    from qlora_kfp.stages import quantize
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_assets["base_model"], base)
+    weights = load_file(base / "model.safetensors")
+    weights[Q_PROJ] = change(weights[Q_PROJ])
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(quantize, "atomic_folder", lambda *a: pytest.fail("it was written"))
+    cfg = configs.QuantizeConfig(base_model=str(base))
+    with pytest.raises(ArtifactError, match=message) as got:
+        quantize.run_quantize(cfg, str(tmp_path / "out"))
+    text = str(got.value)
+    assert text.startswith(f"{base / 'model.safetensors'}: tensor {Q_PROJ} is ")
+    assert "download or copy the model again" in text and "\n" not in text
