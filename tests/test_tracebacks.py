@@ -422,3 +422,35 @@ def test_a_tensor_that_does_not_fit_the_config_is_named(
     text = str(got.value)
     assert text.startswith(f"{base / 'model.safetensors'}: tensor {Q_PROJ} is ")
     assert "download or copy the model again" in text and "\n" not in text
+
+
+# --- optimizers whose package is not installed ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,module,package",
+    [
+        ("lomo", "lomo_optim", "lomo-optim"),
+        ("galore_adamw", "galore_torch", "galore-torch"),
+        ("apollo_adamw", "apollo_torch", "apollo-torch"),
+        ("adamw_torch_4bit", "torchao", "torchao"),
+        ("schedule_free_adamw", "schedulefree", "schedulefree"),
+        ("stable_adamw", "optimi", "torch-optimi"),
+        ("grokadamw", "grokadamw", "grokadamw"),
+    ],
+    ids=["lomo", "galore", "apollo", "torchao-4bit", "schedule-free", "stable-adamw", "grok"],
+)
+def test_an_optimizer_whose_package_is_absent_is_refused_in_the_config(name, module, package):
+    """Before: the name passed (transformers knows it) and the train stage ended in
+    transformers' ImportError traceback when it created the trainer."""
+    import importlib.util
+
+    if importlib.util.find_spec(module):
+        pytest.skip(f"{module} is installed here")
+    with pytest.raises(ConfigError) as got:
+        configs.TrainConfig(optimizer=name)
+    assert str(got.value) == (
+        f"optimizer={name!r} is invalid: optimizer {name} needs the package {package}, which "
+        f"is not installed: pip install {package}, or choose auto, adamw_torch, "
+        "paged_adamw_32bit or adamw_8bit"
+    )
