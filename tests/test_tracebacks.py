@@ -454,3 +454,47 @@ def test_an_optimizer_whose_package_is_absent_is_refused_in_the_config(name, mod
         f"is not installed: pip install {package}, or choose auto, adamw_torch, "
         "paged_adamw_32bit or adamw_8bit"
     )
+
+
+# --- chat templates that refuse a conversation ----------------------------------------------
+
+NO_SYSTEM = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["chat_template.jinja", "tokenizer_config.json"],
+    ids=["template-file", "template-in-tokenizer-config"],
+)
+def test_a_template_that_refuses_the_system_role_is_one_line(
+    demo_assets, tmp_path, write_rows, where
+):
+    """Before: a jinja2 TemplateError traceback from inside transformers (as with Gemma's)."""
+    import json
+    import shutil
+
+    from qlora_kfp.errors import DataError
+    from qlora_kfp.stages.prepare import run_prepare
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_assets["base_model"], base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    if where == "chat_template.jinja":
+        (base / where).write_text(NO_SYSTEM)
+    else:
+        conf = json.loads((base / where).read_text())
+        (base / where).write_text(json.dumps({**conf, "chat_template": NO_SYSTEM}))
+    turns = [("system", "Be brief."), ("user", "Opposite of hot?"), ("assistant", "cold")]
+    data = write_rows([{"messages": [{"role": r, "content": c} for r, c in turns]}] * 4)
+    cfg = configs.PrepareConfig(data_source=data, base_model=str(base))
+    with pytest.raises(DataError) as got:
+        run_prepare(cfg, str(tmp_path / "out"))
+    text = str(got.value)
+    assert text.startswith(f"{data}, row 1: the chat template of ")
+    assert f"{base / where}" in text and "System role not supported" in text
+    assert "drop the system message from the data, or set chat_template" in text
+    assert "\n" not in text
