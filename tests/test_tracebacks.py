@@ -498,3 +498,90 @@ def test_a_template_that_refuses_the_system_role_is_one_line(
     assert f"{base / where}" in text and "System role not supported" in text
     assert "drop the system message from the data, or set chat_template" in text
     assert "\n" not in text
+
+
+# --- models with code of their own ----------------------------------------------------------
+
+OWN_CONFIG = (
+    "from transformers import LlamaConfig\n\n\n"
+    "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
+)
+OWN_MODEL = (
+    "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
+    "class MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+)
+
+
+def _custom_model(demo_assets, tmp_path: Path, auto_map: bool, files: bool) -> Path:
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_assets["base_model"], base)
+    conf = json.loads((base / "config.json").read_text())
+    conf["model_type"] = "my_llama"
+    if auto_map:
+        conf["auto_map"] = {
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.MyForCausalLM",
+        }
+    (base / "config.json").write_text(json.dumps(conf))
+    if files:
+        (base / "configuration_my.py").write_text(OWN_CONFIG)
+        (base / "modeling_my.py").write_text(OWN_MODEL)
+    return base
+
+
+@pytest.mark.parametrize(
+    "auto_map,files,trust,error,message",
+    [
+        (False, False, False, ConfigError, "config.json: model_type 'my_llama' is not one "),
+        (False, False, True, ConfigError, r"names no code of the model's own \(auto_map\); upg"),
+        (True, True, False, ConfigError, r"own code \(configuration_my\.py, modeling_my\.py\)"),
+        (True, False, False, ConfigError, "runs only with trust_remote_code=true; read that"),
+        (True, False, True, "ArtifactError", r"configuration_my\.py: missing \(config\.json's"),
+    ],
+    ids=[
+        "unknown-model-type",
+        "unknown-model-type-trusted",
+        "own-code-untrusted",
+        "own-code-untrusted-files-missing",
+        "own-code-trusted-files-missing",
+    ],
+)
+@pytest.mark.parametrize("stage", ["prepare", "quantize"])
+def test_a_model_transformers_cannot_build_is_one_line(
+    demo_assets, tmp_path, monkeypatch, stage, auto_map, files, trust, error, message
+):
+    """Before: transformers' ValueError traceback (unknown model_type; custom code without
+    trust_remote_code), or a retried SourceError naming a hub URL made of the local path."""
+    from qlora_kfp import errors
+    from qlora_kfp.stages import prepare, quantize
+
+    error = getattr(errors, error) if isinstance(error, str) else error
+    base = _custom_model(demo_assets, tmp_path, auto_map, files)
+    for module in (prepare, quantize):
+        monkeypatch.setattr(module, "atomic_folder", lambda *a: pytest.fail("it was written"))
+    out = str(tmp_path / "out")
+    with pytest.raises(error, match=message) as got:
+        if stage == "prepare":
+            cfg = configs.PrepareConfig(
+                data_source=demo_assets["data_source"],
+                base_model=str(base),
+                trust_remote_code=trust,
+            )
+            prepare.run_prepare(cfg, out)
+        else:
+            cfg = configs.QuantizeConfig(base_model=str(base), trust_remote_code=trust)
+            quantize.run_quantize(cfg, out)
+    assert str(got.value).startswith(str(base)) and "\n" not in str(got.value)
+    assert not got.value.retryable
+
+
+@pytest.mark.slow
+def test_a_model_with_its_own_code_loads_when_trusted(demo_assets, tmp_path):
+    from qlora_kfp.training import modeling
+
+    base = _custom_model(demo_assets, tmp_path, auto_map=True, files=True)
+    model = modeling.load_model(str(base), trust_remote_code=True, complete=True)
+    assert type(model).__name__ == "MyForCausalLM"

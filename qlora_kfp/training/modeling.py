@@ -55,6 +55,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = sources.model_source(source)
+    sources.check_model_code(source, path, trust_remote_code)
     check_checkpoint(source, path, trust_remote_code)
     dtype = dtype or resolve_dtype("auto")
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True)
