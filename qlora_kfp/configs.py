@@ -45,6 +45,34 @@ def optimizer_names() -> tuple[str, ...]:
     return tuple(o.value for o in OptimizerNames)
 
 
+# Optimizers of transformers' Trainer that import a package of their own when the trainer is
+# created (transformers/trainer_optimizer.py): (name or name prefix, module, pip package).
+OPTIMIZER_PACKAGES = (
+    ("galore_", "galore_torch", "galore-torch"),
+    ("apollo_", "apollo_torch", "apollo-torch"),
+    ("lomo", "lomo_optim", "lomo-optim"),
+    ("adalomo", "lomo_optim", "lomo-optim"),
+    ("grokadamw", "grokadamw", "grokadamw"),
+    ("adamw_torch_4bit", "torchao", "torchao"),
+    ("adamw_torch_8bit", "torchao", "torchao"),
+    ("schedule_free_", "schedulefree", "schedulefree"),
+    ("stable_adamw", "optimi", "torch-optimi"),
+    ("adamw_torch_xla", "torch_xla", "torch-xla"),
+    ("adamw_torch_npu_fused", "torch_npu", "torch-npu"),
+    ("adamw_anyprecision", "torchdistx", "torchdistx"),
+)
+
+
+def optimizer_package(name: str) -> str:
+    """The pip package optimizer ``name`` needs and this environment lacks ("" when none)."""
+    import importlib.util
+
+    for prefix, module, package in OPTIMIZER_PACKAGES:
+        if name == prefix or prefix.endswith("_") and name.startswith(prefix):
+            return "" if importlib.util.find_spec(module) else package
+    return ""
+
+
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
     _check(value in choices, name, value, f"choose one of {', '.join(choices)}")
 
@@ -343,6 +371,16 @@ class TrainConfig:
                 + "use auto or a name of transformers' OptimizerNames, e.g. adamw_torch, "
                 "adamw_torch_fused, paged_adamw_32bit, adamw_8bit",
             )
+        # Checked where the trainer would run (the package's absence there fails at trainer
+        # creation, with transformers' ImportError): not when compiling pipelines (no names).
+        package = optimizer_package(self.optimizer) if names else ""
+        _check(
+            not package,
+            "optimizer",
+            self.optimizer,
+            f"optimizer {self.optimizer} needs the package {package}, which is not installed: "
+            f"pip install {package}, or choose auto, adamw_torch, paged_adamw_32bit or adamw_8bit",
+        )
 
     @property
     def checkpointed_layers(self) -> int | None:

@@ -299,3 +299,289 @@ def test_a_damaged_tokenizer_file_is_named(demo_assets, tmp_path, name, damage, 
         run_prepare(cfg, str(tmp_path / "out"))
     assert "download or copy the model again" in str(got.value)
     assert not (tmp_path / "out").exists()
+
+
+def _prepare(out: str) -> None:
+    from qlora_kfp.stages import prepare
+
+    prepare.run_prepare(configs.PrepareConfig(base_model="m", data_source="d.jsonl"), out)
+
+
+def _quantize(out: str) -> None:
+    from qlora_kfp.stages import quantize
+
+    quantize.run_quantize(configs.QuantizeConfig(base_model="m"), out, "no-data")
+
+
+def _evaluate(out: str) -> None:
+    from qlora_kfp.stages import evaluate
+
+    evaluate.run_evaluate(configs.EvaluateConfig(), "no-model", "no-adapter", "no-data", out)
+
+
+def _merge(out: str) -> None:
+    from qlora_kfp.stages import merge
+
+    merge.run_merge(configs.MergeConfig(base_model="m"), "no-adapter", out)
+
+
+@pytest.mark.parametrize(
+    "run,kind",
+    [
+        (_prepare, "dataset"),
+        (_quantize, "quantized-model"),
+        (_evaluate, "evaluation"),
+        (_merge, "merged-model"),
+    ],
+    ids=["prepare", "quantize", "evaluate", "merge"],
+)
+def test_a_second_writer_of_any_stage_stops_before_any_work(tmp_path, monkeypatch, run, kind):
+    """Before: prepare, quantize, evaluate and merge took the output's lock only in
+    ``atomic_folder``, after all their work: the second did it all and was then refused."""
+    import subprocess
+    import sys
+
+    from qlora_kfp.errors import OutputError
+    from qlora_kfp.stages import evaluate, merge
+    from qlora_kfp.storage import artifacts, sources
+
+    def went_on(*a, **kw):
+        pytest.fail("the second run went on")
+
+    for module, name in [
+        (sources, "load_tokenizer"),
+        (artifacts, "load_split"),
+        (evaluate, "verify"),
+        (merge, "verify"),
+    ]:
+        monkeypatch.setattr(module, name, went_on)
+    final = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.replace('"adapter"', repr(kind)), str(final)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout.readline().strip() == "writing"
+        with pytest.raises(OutputError, match=rf"another run is writing it \(pid {first.pid} "):
+            run(str(final))
+    finally:
+        first.kill()
+        first.wait()
+
+
+# --- weights that do not fit their config.json ----------------------------------------------
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _narrower(t):
+    return t[:, :-1].contiguous()
+
+
+def _as_int8(t):
+    import torch
+
+    return t.to(torch.int8)
+
+
+def _transposed(t):
+    return t[:, :100].t().contiguous()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (_narrower, r"is bfloat16 of shape \[128, 127\], but .* expects shape \[128, 128\]"),
+        (_as_int8, r"is int8 of shape \[128, 128\], but .* expects a float dtype \(bfloat16"),
+        (_transposed, r"is bfloat16 of shape \[100, 128\], but .* expects shape \[128, 128\]"),
+    ],
+    ids=["narrower-tensor", "int8-tensor", "transposed-tensor"],
+)
+def test_a_tensor_that_does_not_fit_the_config_is_named(
+    demo_assets, tmp_path, monkeypatch, change, message
+):
+    """Before: quantize loaded it without an error (transformers initialized a tensor of
+    another shape at random, and cast int8 to float)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora_kfp.errors import ArtifactError
+    from qlora_kfp.stages import quantize
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_assets["base_model"], base)
+    weights = load_file(base / "model.safetensors")
+    weights[Q_PROJ] = change(weights[Q_PROJ])
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(quantize, "atomic_folder", lambda *a: pytest.fail("it was written"))
+    cfg = configs.QuantizeConfig(base_model=str(base))
+    with pytest.raises(ArtifactError, match=message) as got:
+        quantize.run_quantize(cfg, str(tmp_path / "out"))
+    text = str(got.value)
+    assert text.startswith(f"{base / 'model.safetensors'}: tensor {Q_PROJ} is ")
+    assert "download or copy the model again" in text and "\n" not in text
+
+
+# --- optimizers whose package is not installed ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,module,package",
+    [
+        ("lomo", "lomo_optim", "lomo-optim"),
+        ("galore_adamw", "galore_torch", "galore-torch"),
+        ("apollo_adamw", "apollo_torch", "apollo-torch"),
+        ("adamw_torch_4bit", "torchao", "torchao"),
+        ("schedule_free_adamw", "schedulefree", "schedulefree"),
+        ("stable_adamw", "optimi", "torch-optimi"),
+        ("grokadamw", "grokadamw", "grokadamw"),
+    ],
+    ids=["lomo", "galore", "apollo", "torchao-4bit", "schedule-free", "stable-adamw", "grok"],
+)
+def test_an_optimizer_whose_package_is_absent_is_refused_in_the_config(name, module, package):
+    """Before: the name passed (transformers knows it) and the train stage ended in
+    transformers' ImportError traceback when it created the trainer."""
+    import importlib.util
+
+    if importlib.util.find_spec(module):
+        pytest.skip(f"{module} is installed here")
+    with pytest.raises(ConfigError) as got:
+        configs.TrainConfig(optimizer=name)
+    assert str(got.value) == (
+        f"optimizer={name!r} is invalid: optimizer {name} needs the package {package}, which "
+        f"is not installed: pip install {package}, or choose auto, adamw_torch, "
+        "paged_adamw_32bit or adamw_8bit"
+    )
+
+
+# --- chat templates that refuse a conversation ----------------------------------------------
+
+NO_SYSTEM = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["chat_template.jinja", "tokenizer_config.json"],
+    ids=["template-file", "template-in-tokenizer-config"],
+)
+def test_a_template_that_refuses_the_system_role_is_one_line(
+    demo_assets, tmp_path, write_rows, where
+):
+    """Before: a jinja2 TemplateError traceback from inside transformers (as with Gemma's)."""
+    import json
+    import shutil
+
+    from qlora_kfp.errors import DataError
+    from qlora_kfp.stages.prepare import run_prepare
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_assets["base_model"], base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    if where == "chat_template.jinja":
+        (base / where).write_text(NO_SYSTEM)
+    else:
+        conf = json.loads((base / where).read_text())
+        (base / where).write_text(json.dumps({**conf, "chat_template": NO_SYSTEM}))
+    turns = [("system", "Be brief."), ("user", "Opposite of hot?"), ("assistant", "cold")]
+    data = write_rows([{"messages": [{"role": r, "content": c} for r, c in turns]}] * 4)
+    cfg = configs.PrepareConfig(data_source=data, base_model=str(base))
+    with pytest.raises(DataError) as got:
+        run_prepare(cfg, str(tmp_path / "out"))
+    text = str(got.value)
+    assert text.startswith(f"{data}, row 1: the chat template of ")
+    assert f"{base / where}" in text and "System role not supported" in text
+    assert "drop the system message from the data, or set chat_template" in text
+    assert "\n" not in text
+
+
+# --- models with code of their own ----------------------------------------------------------
+
+OWN_CONFIG = (
+    "from transformers import LlamaConfig\n\n\n"
+    "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
+)
+OWN_MODEL = (
+    "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
+    "class MyForCausalLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+)
+
+
+def _custom_model(demo_assets, tmp_path: Path, auto_map: bool, files: bool) -> Path:
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(demo_assets["base_model"], base)
+    conf = json.loads((base / "config.json").read_text())
+    conf["model_type"] = "my_llama"
+    if auto_map:
+        conf["auto_map"] = {
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.MyForCausalLM",
+        }
+    (base / "config.json").write_text(json.dumps(conf))
+    if files:
+        (base / "configuration_my.py").write_text(OWN_CONFIG)
+        (base / "modeling_my.py").write_text(OWN_MODEL)
+    return base
+
+
+@pytest.mark.parametrize(
+    "auto_map,files,trust,error,message",
+    [
+        (False, False, False, ConfigError, "config.json: model_type 'my_llama' is not one "),
+        (False, False, True, ConfigError, r"names no code of the model's own \(auto_map\); upg"),
+        (True, True, False, ConfigError, r"own code \(configuration_my\.py, modeling_my\.py\)"),
+        (True, False, False, ConfigError, "runs only with trust_remote_code=true; read that"),
+        (True, False, True, "ArtifactError", r"configuration_my\.py: missing \(config\.json's"),
+    ],
+    ids=[
+        "unknown-model-type",
+        "unknown-model-type-trusted",
+        "own-code-untrusted",
+        "own-code-untrusted-files-missing",
+        "own-code-trusted-files-missing",
+    ],
+)
+@pytest.mark.parametrize("stage", ["prepare", "quantize"])
+def test_a_model_transformers_cannot_build_is_one_line(
+    demo_assets, tmp_path, monkeypatch, stage, auto_map, files, trust, error, message
+):
+    """Before: transformers' ValueError traceback (unknown model_type; custom code without
+    trust_remote_code), or a retried SourceError naming a hub URL made of the local path."""
+    from qlora_kfp import errors
+    from qlora_kfp.stages import prepare, quantize
+
+    error = getattr(errors, error) if isinstance(error, str) else error
+    base = _custom_model(demo_assets, tmp_path, auto_map, files)
+    for module in (prepare, quantize):
+        monkeypatch.setattr(module, "atomic_folder", lambda *a: pytest.fail("it was written"))
+    out = str(tmp_path / "out")
+    with pytest.raises(error, match=message) as got:
+        if stage == "prepare":
+            cfg = configs.PrepareConfig(
+                data_source=demo_assets["data_source"],
+                base_model=str(base),
+                trust_remote_code=trust,
+            )
+            prepare.run_prepare(cfg, out)
+        else:
+            cfg = configs.QuantizeConfig(base_model=str(base), trust_remote_code=trust)
+            quantize.run_quantize(cfg, out)
+    assert str(got.value).startswith(str(base)) and "\n" not in str(got.value)
+    assert not got.value.retryable
+
+
+@pytest.mark.slow
+def test_a_model_with_its_own_code_loads_when_trusted(demo_assets, tmp_path):
+    from qlora_kfp.training import modeling
+
+    base = _custom_model(demo_assets, tmp_path, auto_map=True, files=True)
+    model = modeling.load_model(str(base), trust_remote_code=True, complete=True)
+    assert type(model).__name__ == "MyForCausalLM"

@@ -76,6 +76,48 @@ def _with_bos(tokenizer, prompt: str, ids: list[int]) -> list[int]:
     return ids
 
 
+def template_source(tokenizer) -> str:
+    """Where ``tokenizer``'s chat template comes from, for a message: the named one set by
+    ``chat_template``, or the model's file that holds it."""
+    template = getattr(tokenizer, "chat_template", None)
+    for name, text in NAMED.items():
+        if template == text:
+            return f"chat_template={name}"
+    from pathlib import Path
+
+    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return f"the tokenizer of {folder}"
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """``apply_chat_template`` as text; a template that refuses the conversation (its
+    ``raise_exception``, as Gemma's does for a system message) is one :class:`DataError`."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except TemplateError as exc:
+        from qlora_kfp.errors import DataError
+
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        system = any(m.get("role") == "system" for m in messages)
+        todo = (
+            "drop the system message from the data, or set chat_template to chatml or alpaca"
+            if system and "system" in reason.lower()
+            else "change the data to what the template accepts, or set chat_template to "
+            "chatml or alpaca"
+        )
+        raise DataError(
+            f"the chat template of {template_source(tokenizer)} refuses this conversation "
+            f"({reason}); {todo}"
+        ) from None
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -107,8 +149,8 @@ def encode(
     """
     special = special or SpecialText(tokenizer)
     safe = special.escape(messages)
-    prompt = tokenizer.apply_chat_template(safe[:-1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(safe, tokenize=False)
+    prompt = _render(tokenizer, safe[:-1], add_generation_prompt=True)
+    full = _render(tokenizer, safe)
     if not full.startswith(prompt):
         from qlora_kfp.errors import ConfigError
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from qlora_kfp.configs import EvaluateConfig
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
+from qlora_kfp.storage.writes import output_lock
 from qlora_kfp.training import modeling
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,14 @@ def run_evaluate(
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "evaluation", (model_dir, adapter_dir, dataset_dir))
+    # One run at a time writes it: a second is refused here, before any work.
+    with output_lock(output_dir):
+        return _evaluate(cfg, model_dir, adapter_dir, dataset_dir, output_dir)
+
+
+def _evaluate(
+    cfg: EvaluateConfig, model_dir: str, adapter_dir: str, dataset_dir: str, output_dir: str
+) -> EvaluateResult:
     from peft import PeftModel
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer

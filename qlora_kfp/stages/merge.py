@@ -14,6 +14,7 @@ from qlora_kfp.configs import MergeConfig
 from qlora_kfp.errors import VerificationError
 from qlora_kfp.storage import artifacts, fingerprint, manifest, sources
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes, verify
+from qlora_kfp.storage.writes import output_lock
 from qlora_kfp.training import modeling
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ def run_merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResul
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "merged-model", (cfg.base_model, adapter_dir))
+    # One run at a time writes it: a second is refused here, before any work.
+    with output_lock(output_dir):
+        return _merge(cfg, adapter_dir, output_dir)
+
+
+def _merge(cfg: MergeConfig, adapter_dir: str, output_dir: str) -> MergeResult:
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer

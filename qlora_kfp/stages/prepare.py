@@ -13,6 +13,7 @@ from qlora_kfp.data.specials import SpecialText
 from qlora_kfp.errors import DataError
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.manifest import atomic_folder, check_output
+from qlora_kfp.storage.writes import output_lock
 
 log = logging.getLogger(__name__)
 COLUMNS = ("input_ids", "labels", "prompt", "reference", "prompt_ids")
@@ -136,6 +137,12 @@ def run_prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "dataset", (cfg.data_source, cfg.base_model))
+    # One run at a time writes it: a second is refused here, before any work.
+    with output_lock(output_dir):
+        return _prepare(cfg, output_dir)
+
+
+def _prepare(cfg: PrepareConfig, output_dir: str) -> PrepareResult:
     import datasets
 
     from qlora_kfp.storage.sources import load_tokenizer

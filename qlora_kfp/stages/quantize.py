@@ -11,6 +11,7 @@ from qlora_kfp.errors import ArtifactError
 from qlora_kfp.storage import artifacts, manifest, sources
 from qlora_kfp.storage.fingerprint import model_fingerprint
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
+from qlora_kfp.storage.writes import output_lock
 from qlora_kfp.training import modeling, shards
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,12 @@ def run_quantize(
     """
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "quantized-model", (cfg.base_model, dataset_dir or ""))
+    # One run at a time writes it: a second is refused here, before any work.
+    with output_lock(output_dir):
+        return _quantize(cfg, output_dir, dataset_dir)
+
+
+def _quantize(cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None) -> QuantizeResult:
     import torch
 
     evals = (

@@ -196,6 +196,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     src = model_source(source)
+    check_model_code(source, src, trust_remote_code)
     check_tokenizer_files(Path(src))
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
@@ -207,6 +208,70 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         # new token instead would index past the model's embedding matrix.
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+def check_model_code(source: str, path: str, trust_remote_code: bool) -> None:
+    """Fail in one line, before loading, on a local model transformers cannot build: a
+    ``model_type`` it does not know with no code of the model's own (``auto_map``), the
+    model's own code without ``trust_remote_code``, or its ``.py`` files missing.
+
+    transformers reports these as a ValueError traceback, or as an OSError naming a hub URL
+    made of the local path.
+
+    Raises:
+        ConfigError: an unknown model_type, or trust_remote_code is needed and off.
+        ArtifactError: a .py file that config.json's auto_map names is missing.
+    """
+    from qlora_kfp.errors import ConfigError
+
+    folder = Path(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # a hub id, or a config.json from_pretrained reports itself
+    if not isinstance(config, dict):
+        return
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    where = folder / "config.json"
+    model_type = config.get("model_type")
+    auto_map = config.get("auto_map") or {}
+    known = model_type in CONFIG_MAPPING_NAMES
+    if not auto_map:
+        if model_type is not None and not known:
+            raise ConfigError(
+                f"{where}: model_type {model_type!r} is not one transformers {__version__} "
+                "knows, and config.json names no code of the model's own (auto_map); upgrade "
+                "transformers (pip install -U transformers), or fix model_type"
+            )
+        return
+    modules = sorted({ref.split(".")[0] for ref in _auto_map_refs(auto_map) if "--" not in ref})
+    if not trust_remote_code:
+        if known:
+            return  # transformers builds its own class for it and ignores the model's code
+        raise ConfigError(
+            f"{where}: model_type {model_type!r} is built by the model's own code ("
+            + ", ".join(f"{m}.py" for m in modules)
+            + "), which runs only with trust_remote_code=true; read that code, then set "
+            "trust_remote_code=true, or use a model transformers supports"
+        )
+    missing = [m for m in modules if not (folder / f"{m}.py").is_file()]
+    if missing:
+        raise ArtifactError(
+            f"{folder / (missing[0] + '.py')}: missing (config.json's auto_map names it for "
+            f"the model's own code); copy the model's .py files with it ({source})"
+        )
+
+
+def _auto_map_refs(auto_map: dict) -> list[str]:
+    """The ``module.Class`` references of an ``auto_map`` (a tokenizer's is a pair)."""
+    refs = []
+    for value in auto_map.values():
+        for ref in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(ref, str) and "." in ref:
+                refs.append(ref)
+    return refs
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -55,6 +55,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = sources.model_source(source)
+    sources.check_model_code(source, path, trust_remote_code)
+    check_checkpoint(source, path, trust_remote_code)
     dtype = dtype or resolve_dtype("auto")
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True)
     if quantization_config is not None:
@@ -78,6 +80,89 @@ def load_model(
             "model again"
         )
     return model
+
+
+# safetensors' names of the float dtypes a 16-bit checkpoint's float tensors may be stored in
+# (transformers casts each to the dtype asked for).
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def check_checkpoint(source: str, path: str, trust_remote_code: bool = False) -> None:
+    """Refuse a 16-bit checkpoint whose tensors do not fit the model its config.json
+    describes: a tensor of another shape, or of a non-float dtype where the model has a float
+    weight. transformers loads such a file without an error: it initializes a tensor of
+    another shape at random and casts integers to floats. Only the safetensors headers and
+    an empty (meta-device) model are read. Quantized checkpoints (a ``quantization_config``)
+    store packed tensors of other shapes and dtypes: they are not checked, nor are names the
+    model does not have (transformers renames some of them on loading).
+
+    Raises:
+        ArtifactError: naming the file, the tensor, and the expected and found shape/dtype.
+    """
+    import json
+    from pathlib import Path
+
+    from qlora_kfp.training import shards
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        return  # a hub id: from_pretrained downloads it
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # from_pretrained names what is wrong with it
+    if not isinstance(config, dict) or config.get("quantization_config"):
+        return
+    found = list(shards.header_tensors(shards.weight_files(path)))
+    if not found:
+        return
+    expected = _meta_parameters(path, trust_remote_code)
+    bad = []
+    for f, name, dtype, shape in found:
+        want = expected.get(name)
+        if want is None:
+            continue
+        want_shape, want_float = want
+        if shape != want_shape or want_float and dtype not in FLOAT_DTYPES:
+            bad.append((f, name, dtype, shape, want_shape, want_float))
+    if not bad:
+        return
+    f, name, dtype, shape, want_shape, want_float = bad[0]
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    want = [f"shape {want_shape}"] if shape != want_shape else []
+    if want_float and dtype not in FLOAT_DTYPES:
+        want.append("a float dtype (bfloat16, float16 or float32)")
+    raise ArtifactError(
+        f"{f}: tensor {name} is {_dtype_name(dtype)} of shape {shape}, but the model its "
+        f"config.json describes expects {' and '.join(want)}{more}; the weights do not belong "
+        f"to this config.json ({source}): download or copy the model again, with its own "
+        "config.json"
+    )
+
+
+def _dtype_name(dtype: str) -> str:
+    """torch's name of a safetensors dtype (``BF16``: bfloat16, ``I8``: int8)."""
+    kinds = {"BF": "bfloat", "F": "float", "I": "int", "U": "uint"}
+    bits = dtype.lstrip("BFIU")
+    kind = dtype[: len(dtype) - len(bits)]
+    return f"{kinds[kind]}{bits}" if kind in kinds and bits.isdigit() else dtype.lower()
+
+
+def _meta_parameters(path: str, trust_remote_code: bool) -> dict[str, tuple[list[int], bool]]:
+    """``name: (shape, is float)`` of each parameter and buffer of the model ``path``'s
+    config.json describes, built on the meta device (no memory); ``{}`` where it cannot be
+    built (``from_pretrained`` then says why)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - from_pretrained reports it, in one line where it can
+        return {}
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    return {k: (list(t.shape), t.is_floating_point()) for k, t in tensors.items()}
 
 
 def prefer_expandable_segments() -> bool:

@@ -90,6 +90,20 @@ def tensors(files: Iterable[Path], names: set[str] | None = None) -> Iterator[tu
                     yield key, tensor
 
 
+def header_tensors(files: Iterable[Path]) -> Iterator[tuple[Path, str, str, list[int]]]:
+    """``(file, name, dtype, shape)`` of each tensor of the safetensors ``files``, read from
+    their headers alone (a length and a JSON table: nothing of the weights is read); the
+    dtype as safetensors writes it (``BF16``, ``F32``, ``I8``...). Other files are skipped."""
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                yield f, name, entry["dtype"], list(entry["shape"])
+
+
 def _load_bin(path: Path) -> dict:
     import torch
 
