@@ -36,6 +36,29 @@ def check_services() -> None:
         s3.check_access(uri)
 
 
+def check_targets(model_cfg, cfg: TrainConfig) -> None:
+    """Refuse ``target_modules`` the model does not have, here rather than in the GPU task,
+    where the error would come after the model's download and load (a deterministic error is
+    never retried, but it still costs that). The model is built on the meta device: no
+    weights, any size in milliseconds.
+
+    Raises:
+        ConfigError: naming the missing modules and the ones the model has.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kfp.training.peft_model import check_target_modules
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_cfg)
+    except Exception as exc:  # noqa: BLE001 - e.g. the model's own code: the train task checks
+        log.info("target_modules not checked before training (%s)", type(exc).__name__)
+        return
+    check_target_modules(model, cfg)
+
+
 def check_memory(
     base_model: str, cfg: TrainConfig, max_seq_length: int, gpu_memory_gib: float
 ) -> dict[str, float]:
@@ -63,6 +86,7 @@ def check_memory(
     from qlora_kfp.training import autofit, memory
 
     model_cfg = AutoConfig.from_pretrained(sources.model_source(base_model))
+    check_targets(model_cfg, cfg)
     world = cfg.num_processes or env.integer(GPUS_ENV)
     cfg = dataclasses.replace(cfg, num_processes=world)  # what the train task resolves
     # Training runs on the GPU image, whose torch has the varlen kernel: the plan and the

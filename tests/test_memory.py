@@ -211,6 +211,23 @@ def test_preflight_fails_early_with_a_suggestion(demo_assets):
     assert "4-bit weights" in ok
 
 
+@pytest.mark.parametrize(
+    "targets, refused",
+    [("q_proj,wq", r"\['wq'\] are not in the model.*q_proj"), ("q_proj,v_proj", None)],
+    ids=["a-module-the-model-lacks", "modules-it-has"],
+)
+def test_preflight_refuses_target_modules_the_model_lacks(demo_assets, targets, refused):
+    """Before any GPU task: in the train task the same error came after the model's load."""
+    from qlora_kfp.tasks.run import preflight
+
+    args = preflight_args(demo_assets["base_model"], target_modules=targets)
+    if refused:
+        with pytest.raises(SystemExit, match="preflight failed: target_modules " + refused):
+            preflight(args)
+    else:
+        assert "4-bit weights" in preflight(args)
+
+
 def test_preflight_sizes_a_batch_of_bins_by_pack_length(demo_assets, caplog):
     import logging
 
