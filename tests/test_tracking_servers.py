@@ -304,14 +304,9 @@ def test_unchanged_data_skips_training_and_says_why(two_runs, client):
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 2
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
 def test_mlflow_ui_compares_the_two_runs_in_a_browser(two_runs, client, services, tmp_path):
     """Headless Chromium opens the MLflow UI's run comparison and finds both runs' metrics."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is needed (make install-browser installs it)")
-    from playwright.sync_api import sync_playwright
+    from browser import page_text
 
     _, (a, b, _) = parents(client)
     ids = json.dumps([a.info.run_id, b.info.run_id]).replace(" ", "")
@@ -319,39 +314,9 @@ def test_mlflow_ui_compares_the_two_runs_in_a_browser(two_runs, client, services
         f"{services.tracking_uri}/#/compare-runs?runs={ids}"
         f"&experiments={json.dumps([a.info.experiment_id])}"
     )
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        # Tall: the comparison tables are virtualized and render only rows in the viewport.
-        page = browser.new_page(viewport={"width": 1600, "height": 9000})
-        page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-        # Metric rows are virtualized: pick a key that sorts first (base_eval_loss).
-        needles = ["rank-16", "rank-4", "base_eval_loss", "lora_r"]
-        # The UI is a React app: wait until the comparison has rendered every needle.
-        try:
-            page.wait_for_function(
-                "needles => needles.every(n => document.body.innerText.includes(n))",
-                arg=needles,
-                timeout=120_000,
-            )
-        except Exception as exc:
-            page.screenshot(path=str(tmp_path / "compare-timeout.png"), full_page=True)
-            raise AssertionError(
-                f"not all of {needles} rendered; page text:\n{page.inner_text('body')[:8000]}"
-            ) from exc
-        text = page.inner_text("body")
-        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
-        browser.close()
+    # Metric rows are virtualized: pick a key that sorts first (base_eval_loss); tall, as the
+    # comparison tables render only the rows in the viewport.
+    needles = ["rank-16", "rank-4", "base_eval_loss", "lora_r"]
+    text = page_text(url, needles, tmp_path / "compare.png", (1600, 9000), timeout_ms=120_000)
     for needle in needles:
         assert needle in text, needle
