@@ -115,7 +115,8 @@ def test_a_champion_without_a_record_is_not_reused(store):
     assert "does not record what it was made from" in tags["training_decision_reason"]
 
 
-def test_the_console_says_why_training_was_skipped_and_how_to_force_it(tmp_path):
+def console_lines(tmp_path, task_log: str) -> list[str]:
+    """What `make run` prints for decide-training, given the lines its task logged."""
     from kfp.local import logging_utils, status
 
     from qlora_kfp.app.progress import TaskProgress
@@ -125,14 +126,20 @@ def test_the_console_says_why_training_was_skipped_and_how_to_force_it(tmp_path)
     out = io.StringIO()
     tap = TaskProgress(tmp_path / "runner.log", out)
     tap.write(
-        f"12:00:00.000 - INFO - Executing task {name}\n"
-        "    2026 qlora_kfp WARNING training skipped: dataset unchanged since champion m/1 "
-        "(run r1), and so are ...; to train anyway: force_retrain=true (qlora-kfp run "
-        "--force_retrain)\n"
+        f"12:00:00.000 - INFO - Executing task {name}\n{task_log}"
         f"12:00:01.000 - INFO - Task {name} finished with status {ok}\n"
     )
     tap.close()
-    shown = [line.strip() for line in out.getvalue().splitlines()]
+    return [line.strip() for line in out.getvalue().splitlines()]
+
+
+def test_the_console_says_why_training_was_skipped_and_how_to_force_it(tmp_path):
+    shown = console_lines(
+        tmp_path,
+        "    2026 qlora_kfp WARNING training skipped: dataset unchanged since champion m/1 "
+        "(run r1), and so are ...; to train anyway: force_retrain=true (qlora-kfp run "
+        "--force_retrain)\n",
+    )
     assert shown[1] == (
         "decide-training        training skipped: dataset unchanged since champion m/1 (run "
         "r1), and so are ...; to train anyway: force_retrain=true (qlora-kfp run --force_retrain)"
@@ -177,23 +184,12 @@ def test_uncommitted_code_edits_change_the_code_version(tmp_path, monkeypatch):
 
 def test_the_console_says_why_it_trains(tmp_path):
     """A run that trains says why too (what changed since the champion), in one line."""
-    from kfp.local import logging_utils, status
-
-    from qlora_kfp.app.progress import TaskProgress
-
-    name = logging_utils.format_task_name("decide-training")
-    ok = logging_utils.format_status(status.Status.SUCCESS)
-    out = io.StringIO()
-    tap = TaskProgress(tmp_path / "runner.log", out)
-    tap.write(
-        f"12:00:00.000 - INFO - Executing task {name}\n"
+    shown = console_lines(
+        tmp_path,
         "    [KFP Executor 2026-12-05 12:57:44,272 INFO]: training decision: train (no champion "
         "yet)\n"
-        "    [KFP Executor 2026-12-05 12:57:44,272 INFO]: training: no champion yet\n"
-        f"12:00:01.000 - INFO - Task {name} finished with status {ok}\n"
+        "    [KFP Executor 2026-12-05 12:57:44,272 INFO]: training: no champion yet\n",
     )
-    tap.close()
-    shown = [line.strip() for line in out.getvalue().splitlines()]
     assert shown[1] == "decide-training        training: no champion yet"
     assert len(shown) == 3
 
