@@ -45,16 +45,12 @@ def check_targets(model_cfg, cfg: TrainConfig) -> None:
     Raises:
         ConfigError: naming the missing modules and the ones the model has.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    from qlora_kfp.training.modeling import meta_model
     from qlora_kfp.training.peft_model import check_target_modules
 
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_cfg)
-    except Exception as exc:  # noqa: BLE001 - e.g. the model's own code: the train task checks
-        log.info("target_modules not checked before training (%s)", type(exc).__name__)
+    model = meta_model(model_cfg)
+    if model is None:  # e.g. the model's own code: the train task checks
+        log.info("target_modules not checked before training: the model cannot be built here")
         return
     check_target_modules(model, cfg)
 

@@ -148,18 +148,32 @@ def _dtype_name(dtype: str) -> str:
     return f"{kinds[kind]}{bits}" if kind in kinds and bits.isdigit() else dtype.lower()
 
 
+def meta_model(cfg, trust_remote_code: bool = False):
+    """The model ``cfg`` describes, built on the meta device (no memory: any size in
+    milliseconds); None where transformers cannot build it here (the caller says what that
+    leaves unchecked)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - e.g. the model's own code, not available here
+        return None
+
+
 def _meta_parameters(path: str, trust_remote_code: bool) -> dict[str, tuple[list[int], bool]]:
     """``name: (shape, is float)`` of each parameter and buffer of the model ``path``'s
     config.json describes, built on the meta device (no memory); ``{}`` where it cannot be
     built (``from_pretrained`` then says why)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - from_pretrained reports it, in one line where it can
+        return {}
+    model = meta_model(cfg, trust_remote_code)
+    if model is None:
         return {}
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     return {k: (list(t.shape), t.is_floating_point()) for k, t in tensors.items()}
