@@ -10,6 +10,8 @@ modules it writes exist.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from qlora_kfp.components.spec import COMPONENTS
@@ -24,3 +26,18 @@ def __getattr__(name: str) -> Any:
         globals()[name] = component
         return component
     raise AttributeError(f"module 'qlora_kfp.components' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """This package: importing a component's module (``import qlora_kfp.components.train``)
+    makes the import system bind ``train`` here to the module, after the module has run;
+    the component it defines is bound instead, so the name means one thing however it was
+    first imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in __all__ and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

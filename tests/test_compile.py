@@ -92,3 +92,19 @@ def test_pipeline_shape():
     assert sorted(gated["merge"]["dependentTasks"]) == ["evaluate", "train"]
     root = spec["root"]["dag"]["tasks"]
     assert root["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+
+
+def test_a_component_is_the_component_whichever_way_it_was_imported():
+    """Importing a component's module first (``import qlora_kfp.components.preflight``) binds
+    the package's attribute to the module; the pipeline then found a module, not a component
+    (``pytest tests/test_memory.py tests/test_tracebacks.py`` failed 18 cases that way)."""
+    code = (
+        "import importlib, qlora_kfp.components as c\n"
+        "for name in c.__all__:\n"
+        "    importlib.import_module(f'qlora_kfp.components.{name}')\n"
+        "    got = getattr(c, name)\n"
+        "    assert hasattr(got, 'component_spec'), (name, got)\n"
+        "from qlora_kfp.components import preflight\n"
+        "assert hasattr(preflight, 'component_spec'), preflight\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
