@@ -74,6 +74,21 @@ class OutputError(QloraError):
         self.retryable = retryable
 
 
+class TrainJobError(QloraError):
+    """The train stage's TrainJob (``train_runner=trainjob``) failed, was deleted or refused,
+    or the Kubernetes API failed; the message names the TrainJob and what happened. A failed
+    TrainJob (a node lost, preempted) may succeed on a retry, which resumes from the
+    checkpoints; a refused or deleted one will not: ``retryable`` is set per error."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class TrainJobFailed(TrainJobError):
+    """The TrainJob ended with its ``Failed`` condition; the message has its reason."""
+
+
 class ProvenanceError(QloraError, ValueError):
     """An artifact was made from other inputs than the ones given (e.g. an adapter trained on
     another base model); the message names both."""

@@ -120,14 +120,31 @@ def row_writer(folder: Path) -> Callable[[dict], None]:
     return write
 
 
-def write_error(folder: Path, exc: BaseException) -> None:
-    """What a rank failed with, for :func:`launch` to raise again in the stage's process."""
-    record = {
+def error_record(exc: BaseException) -> dict:
+    """What a process failed with, as JSON, for :func:`raise_record` in another process."""
+    return {
         "type": type(exc).__name__,
         "message": str(exc),
         "retryable": bool(getattr(exc, "retryable", False)),
     }
-    (folder / f"error-{rank()}.json").write_text(json.dumps(record))
+
+
+def write_error(folder: Path, exc: BaseException) -> None:
+    """What a rank failed with, for :func:`launch` to raise again in the stage's process."""
+    (folder / f"error-{rank()}.json").write_text(json.dumps(error_record(exc)))
+
+
+def raise_record(rec: dict, suffix: str = "") -> None:
+    """Raise the error :func:`error_record` recorded: the same :class:`QloraError` class
+    (and retryability), any other as a RuntimeError naming its type; ``suffix`` is added to
+    the message."""
+    cls = getattr(errors, rec["type"], None)
+    message = rec["message"] + suffix
+    if isinstance(cls, type) and issubclass(cls, errors.QloraError):
+        if issubclass(cls, (errors.OutputError, errors.TrainJobError)):
+            raise cls(message, retryable=rec["retryable"])
+        raise cls(message)
+    raise RuntimeError(f"{rec['type']}: {message}")
 
 
 def _raise_error(folder: Path, code: int) -> None:
@@ -137,16 +154,17 @@ def _raise_error(folder: Path, code: int) -> None:
             f"a training process failed (exit code {code}) without an error of its own "
             "(killed, or out of host memory); its log is above"
         )
-    rec = json.loads(found[0].read_text())
-    cls = getattr(errors, rec["type"], None)
-    if isinstance(cls, type) and issubclass(cls, errors.QloraError):
-        if cls is errors.OutputError:
-            raise cls(rec["message"], retryable=rec["retryable"])
-        raise cls(rec["message"])
-    raise RuntimeError(f"{rec['type']}: {rec['message']}")
+    raise_record(json.loads(found[0].read_text()))
 
 
-def launch(module: str, job: dict, nproc: int, on_row: Callable[[dict], None] | None) -> dict:
+def launch(
+    module: str,
+    job: dict,
+    nproc: int,
+    on_row: Callable[[dict], None] | None,
+    rendezvous: list[str] | None = None,
+    expect_result: bool = True,
+) -> dict:
     """Run ``python -m module <job.json>`` in ``nproc`` processes under torchrun and wait.
 
     Args:
@@ -155,14 +173,19 @@ def launch(module: str, job: dict, nproc: int, on_row: Callable[[dict], None] | 
         job: JSON-able arguments of the worker.
         nproc: Processes (one per GPU).
         on_row: Called in this process with every row rank 0 logs, as it logs it.
+        rendezvous: torchrun's arguments for finding the other processes (default
+            ``--standalone``: all of them here); one node of several gives ``--nnodes``,
+            ``--node_rank``, ``--master_addr`` and ``--master_port``.
+        expect_result: Whether rank 0 is here, to write ``result.json`` (not on the other
+            nodes of several).
 
     Returns:
-        The worker's ``result.json``.
+        The worker's ``result.json`` (``{}`` where it is not expected).
     """
     with tempfile.TemporaryDirectory(prefix="qlora-kfp-ranks-") as tmp:
         folder = Path(tmp)
         (folder / "job.json").write_text(json.dumps({**job, "folder": tmp}))
-        cmd = [sys.executable, "-m", __name__, "--standalone"]  # torchrun (see __main__)
+        cmd = [sys.executable, "-m", __name__, *(rendezvous or ["--standalone"])]  # torchrun
         cmd += [f"--nproc_per_node={nproc}", "-m", module, str(folder / "job.json")]
         log.info("training in %d processes: %s", nproc, " ".join(cmd))
         # One thread a rank for CPU ops (torchrun's default too), said aloud to silence it.
@@ -183,9 +206,9 @@ def launch(module: str, job: dict, nproc: int, on_row: Callable[[dict], None] | 
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        if proc.returncode or not (folder / RESULT).is_file():
+        if proc.returncode or expect_result and not (folder / RESULT).is_file():
             _raise_error(folder, proc.returncode)
-        return json.loads((folder / RESULT).read_text())
+        return json.loads((folder / RESULT).read_text()) if expect_result else {}
 
 
 def die_with_parent() -> None:
