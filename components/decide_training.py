@@ -57,6 +57,9 @@ def decide_training(
     fused_lora: bool = True,
     attn_implementation: str = "auto",
     checkpoint_steps: int = 50,
+    train_runner: str = "pod",
+    num_nodes: int = 1,
+    training_runtime: str = "torch-distributed",
     num_generations: int = 16,
     max_new_tokens: int = 64,
     merge_dtype: str = "bfloat16",
@@ -103,7 +106,7 @@ def decide_training(
         gradient_checkpointing_layers: With gradient_checkpointing: how many decoder layers, counted from the first, recompute their activations in backward (-1: all). The others keep theirs: no recompute (faster) for more memory. auto: the fewest that fit the GPU (the smaller of its free memory and gpu_memory_gib, by the preflight estimate with a margin); if the first steps still run out of memory, training restarts from scratch with more layers checkpointed.
         gradient_checkpointing_offload: Keep the inputs of checkpointed layers in pinned host memory instead of on the GPU (copied out and back on side streams, overlapped with compute): on, off or auto (on when some layer is checkpointed and the host has room). Frees tokens x hidden x 2 bytes per checkpointed layer.
         gpu_memory_gib: Memory of one GPU in GiB: preflight fails before any GPU is claimed when training cannot fit it, and names the setting that would; the train stage's auto settings fit the smaller of this and the GPU's free memory.
-        num_processes: Training processes in the train task's pod, one per GPU (DDP: each GPU holds the 4-bit base and trains on its own micro-batches of batch_size; the LoRA gradients are averaged, so one optimizer step sees batch_size x gradient_accumulation_steps x num_processes rows). 0: one per visible GPU (the pipeline's GPUs per task, QLORA_KFP_GPUS at compile time; 1 on the CPU). On the CPU a count above 1 runs that many processes with the gloo backend (for tests).
+        num_processes: Training processes in the train task's pod (with train_runner=trainjob: in each node's pod), one per GPU (DDP: each GPU holds the 4-bit base and trains on its own micro-batches of batch_size; the LoRA gradients are averaged, so one optimizer step sees batch_size x gradient_accumulation_steps x num_processes rows). 0: one per visible GPU (the pipeline's GPUs per task, QLORA_KFP_GPUS at compile time; 1 on the CPU). On the CPU a count above 1 runs that many processes with the gloo backend (for tests).
         optimizer: Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the CPU. Choose paged_adamw_32bit when the optimizer state must page to host memory under memory spikes.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping norm (QLoRA paper: 0.3).
@@ -117,6 +120,9 @@ def decide_training(
         fused_lora: Compute each LoRA update as one addmm (scaling and add inside the matmul) instead of peft's clone, scale and add: the same sum with one rounding, fewer passes over activations. Turn off only to compare with peft's own forward.
         attn_implementation: Attention kernel: varlen (flash attention per document of a packed row; CUDA), sdpa, eager, or auto (varlen on a GPU when packing is on, else sdpa). Set sdpa or eager only to compare numerics.
         checkpoint_steps: Save a resumable checkpoint every this many steps (0: never). A restarted task resumes from the newest complete one (local, or the S3 mirror).
+        train_runner: Where training runs: pod (the train task's own pod trains) or trainjob (the train task creates a Kubeflow Trainer TrainJob of num_nodes pods, each like its own pod, relays its logs and status, and fetches the adapter; needs the Trainer installed, the TrainJob role of manifests/components/trainjob and QLORA_KFP_ARTIFACT_URI).
+        num_nodes: Pods (nodes) training together with train_runner=trainjob, each with the train task's GPUs and num_processes processes: one optimizer step sees batch_size x gradient_accumulation_steps x num_processes x num_nodes rows. 1 with train_runner=pod.
+        training_runtime: ClusterTrainingRuntime the TrainJob runs on (train_runner=trainjob): the Trainer's torch-distributed, or one of yours built on it.
         num_generations: Eval prompts to generate answers for.
         max_new_tokens: Longest generated answer in tokens.
         merge_dtype: Dtype of the saved merged model: bfloat16, float16 or float32.

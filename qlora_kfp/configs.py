@@ -23,6 +23,10 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 PACKING_MODES = ("off", "padding_free", "bins")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen")
 AUTO_ON_OFF = ("auto", "on", "off")
+TRAIN_RUNNERS = ("pod", "trainjob")
+# A ClusterTrainingRuntime's name: an object name (k8s.io/apimachinery validation
+# IsDNS1123Subdomain), at most 253 characters.
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -210,7 +214,8 @@ class TrainConfig:
         default=80.0,
     )
     num_processes: int = _help(
-        "Training processes in the train task's pod, one per GPU (DDP: each GPU holds the "
+        "Training processes in the train task's pod (with train_runner=trainjob: in each "
+        "node's pod), one per GPU (DDP: each GPU holds the "
         "4-bit base and trains on its own micro-batches of batch_size; the LoRA gradients are "
         "averaged, so one optimizer step sees batch_size x gradient_accumulation_steps x "
         "num_processes rows). 0: one per visible GPU (the pipeline's GPUs per task, "
@@ -270,6 +275,25 @@ class TrainConfig:
         "Save a resumable checkpoint every this many steps (0: never). A restarted task "
         "resumes from the newest complete one (local, or the S3 mirror).",
         default=50,
+    )
+    train_runner: str = _help(
+        "Where training runs: pod (the train task's own pod trains) or trainjob (the train "
+        "task creates a Kubeflow Trainer TrainJob of num_nodes pods, each like its own pod, "
+        "relays its logs and status, and fetches the adapter; needs the Trainer installed, "
+        "the TrainJob role of manifests/components/trainjob and QLORA_KFP_ARTIFACT_URI).",
+        default="pod",
+    )
+    num_nodes: int = _help(
+        "Pods (nodes) training together with train_runner=trainjob, each with the train "
+        "task's GPUs and num_processes processes: one optimizer step sees batch_size x "
+        "gradient_accumulation_steps x num_processes x num_nodes rows. 1 with "
+        "train_runner=pod.",
+        default=1,
+    )
+    training_runtime: str = _help(
+        "ClusterTrainingRuntime the TrainJob runs on (train_runner=trainjob): the Trainer's "
+        "torch-distributed, or one of yours built on it.",
+        default="torch-distributed",
     )
     compute_dtype: str = QuantizeConfig.__dataclass_fields__["compute_dtype"].default
     seed: int = PrepareConfig.__dataclass_fields__["seed"].default
@@ -359,6 +383,27 @@ class TrainConfig:
             "varlen needs packed rows: set packing to padding_free or bins, or use sdpa",
         )
         _check(self.checkpoint_steps >= 0, "checkpoint_steps", self.checkpoint_steps, "use >= 0")
+        _one_of("train_runner", self.train_runner, TRAIN_RUNNERS)
+        _check(
+            1 <= self.num_nodes <= 64,
+            "num_nodes",
+            self.num_nodes,
+            "use a count of nodes from 1 to 64",
+        )
+        _check(
+            self.num_nodes == 1 or self.train_runner == "trainjob",
+            "num_nodes",
+            self.num_nodes,
+            "several nodes train only as a TrainJob: set train_runner=trainjob, or num_nodes=1",
+        )
+        _check(
+            len(self.training_runtime) <= 253
+            and bool(_DNS_SUBDOMAIN.fullmatch(self.training_runtime)),
+            "training_runtime",
+            self.training_runtime,
+            "name a ClusterTrainingRuntime (lower-case letters, digits, '-' and '.'), e.g. "
+            "torch-distributed",
+        )
         # Imports transformers (seconds): only for a name that is not the default.
         names = optimizer_names() if self.optimizer != "auto" else ()
         if names and self.optimizer not in names:
@@ -381,6 +426,29 @@ class TrainConfig:
             f"optimizer {self.optimizer} needs the package {package}, which is not installed: "
             f"pip install {package}, or choose auto, adamw_torch, paged_adamw_32bit or adamw_8bit",
         )
+
+    def check_runner(self, artifact_uri: str) -> None:
+        """Refuse ``train_runner=trainjob`` without an S3 artifact store: the TrainJob's
+        nodes read their inputs and write the adapter there. Checked where the store is
+        known (the preflight and the train task), not here: a client compiling or starting
+        a run has no ``QLORA_KFP_ARTIFACT_URI``.
+
+        Raises:
+            ConfigError: naming the variable to set.
+        """
+        _check(
+            self.train_runner != "trainjob" or artifact_uri.startswith("s3://"),
+            "train_runner",
+            self.train_runner,
+            "a TrainJob's nodes read the inputs and write the adapter through S3: set "
+            "QLORA_KFP_ARTIFACT_URI (e.g. s3://bucket/qlora) for the tasks, or use "
+            "train_runner=pod",
+        )
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: ``num_processes`` (0 counts as 1) on each node."""
+        return max(self.num_processes, 1) * self.num_nodes
 
     @property
     def checkpointed_layers(self) -> int | None:
@@ -653,6 +721,9 @@ RESULT_INDEPENDENT = frozenset(
         "fused_kernels",
         "fused_lora",
         "attn_implementation",
+        # Where the processes run, not how many: a TrainJob of one node trains as the pod.
+        "train_runner",
+        "training_runtime",
     }
 )
 # The stages whose settings make a registered model and its evaluation.

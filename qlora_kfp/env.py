@@ -177,6 +177,24 @@ _TABLE = [
         "the experiment KFP's MLflow plugin tracks the run in (read only with `MLFLOW_RUN_ID`)",
         owner="KFP's MLflow plugin",
     ),
+    *[
+        Var(
+            name,
+            f"the task's own pod's {what} (KFP's compiler sets it on every task container: "
+            "backend/src/v2/compiler/argocompiler/common.go, commonEnvs); the train task "
+            "with `train_runner=trainjob` reads its pod to make the TrainJob's nodes like it",
+            owner="KFP backend",
+        )
+        for name, what in (("KFP_POD_NAME", "name"), ("KFP_POD_UID", "UID"))
+    ],
+    Var(
+        "KUBECONFIG",
+        "the cluster a `train_runner=trainjob` train stage creates its TrainJob in when it "
+        "runs outside a pod (`qlora-kfp run`); in a pod: the pod's service account",
+        owner="kubernetes client",
+        read=False,
+        when="",
+    ),
     Var(
         "QLORA_KFP_IMAGE",
         "the image a task runs in (set by the compiled pipeline): part of the cache fingerprint",
@@ -292,6 +310,19 @@ _TABLE = [
         "service account of the run's pods (`--service_account`; unset: the backend's default)",
         when="client",
     ),
+    # Set by Kubeflow Trainer's torch plugin on each TrainJob node's container
+    # (pkg/runtime/framework/plugins/torch/torch.go, names in pkg/constants/constants.go,
+    # v2.0.0); qlora_kfp/stages/train_nodes.py passes them to torchrun.
+    *[
+        Var(name, help, type=int if name != "PET_MASTER_ADDR" else str, owner="Kubeflow Trainer")
+        for name, help in (
+            ("PET_NNODES", "nodes (pods) of the TrainJob"),
+            ("PET_NPROC_PER_NODE", "training processes on each node"),
+            ("PET_NODE_RANK", "this node's rank (its Job completion index)"),
+            ("PET_MASTER_ADDR", "host name of node 0, where the rendezvous is"),
+            ("PET_MASTER_PORT", "port of the rendezvous on node 0"),
+        )
+    ],
     # Set by torchrun for each training process, and for the libraries under training.
     Var("RANK", "the process's rank in the training group", "0", int, owner="torchrun"),
     Var("LOCAL_RANK", "the process's rank on its node (its GPU)", "0", int, owner="torchrun"),

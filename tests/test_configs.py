@@ -30,6 +30,20 @@ BAD = [
     ("train-no-length", configs.TrainConfig, {"num_epochs": 0.0, "max_steps": 0}, "num_epochs"),
     ("train-scheduler", configs.TrainConfig, {"lr_scheduler": "step"}, "lr_scheduler"),
     ("train-processes", configs.TrainConfig, {"num_processes": -1}, "num_processes"),
+    ("train-runner-unknown", configs.TrainConfig, {"train_runner": "slurm"}, "train_runner"),
+    ("train-nodes-in-one-pod", configs.TrainConfig, {"num_nodes": 2}, "num_nodes"),
+    (
+        "train-no-nodes",
+        configs.TrainConfig,
+        {"num_nodes": 0, "train_runner": "trainjob"},
+        "num_nodes",
+    ),
+    (
+        "train-runtime-not-a-name",
+        configs.TrainConfig,
+        {"training_runtime": "Torch Distributed"},
+        "training_runtime",
+    ),
     ("merge-dtype", configs.MergeConfig, {"merge_dtype": "int8"}, "merge_dtype"),
     ("merge-tolerance", configs.MergeConfig, {"merge_tolerance": 0.0}, "merge_tolerance"),
     (

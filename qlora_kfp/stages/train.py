@@ -2,6 +2,8 @@
 
 One process per GPU of the pod (``num_processes``): with one, training runs in this process;
 with several, this process launches them (:mod:`qlora_kfp.training.distributed`) and waits.
+With ``train_runner=trainjob`` the processes run on ``num_nodes`` pods of a Kubeflow Trainer
+TrainJob that this process creates and watches (:mod:`qlora_kfp.stages.train_job`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def run_train(
     checkpoint_dir: str = "",
     checkpoint_uri: str = "",
     on_log: Callable[[dict], None] | None = None,
+    job_uri: str = "",
+    input_uris: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the 4-bit model in ``model_dir`` and save it to ``output_dir``.
 
@@ -70,10 +74,16 @@ def run_train(
             another machine (a KFP retry after preemption).
         on_log: Called with each logged row (``step``, ``loss``, ``learning_rate``, ...) as
             training logs it, e.g. to stream it to a tracking server.
+        job_uri: ``train_runner=trainjob``: the ``s3://`` folder of the TrainJob's job, inputs
+            and outputs (the tasks give ``<QLORA_KFP_ARTIFACT_URI>/<run>/train-job``).
+        input_uris: ``train_runner=trainjob``: published S3 copies of the inputs
+            (``quantized_model``, ``dataset``), which the nodes read where they hold the
+            same files; otherwise the task uploads the inputs under ``job_uri``.
 
     Returns:
         The folder, final metrics and the per-step history.
     """
+    cfg.check_runner(job_uri)
     # Refuse an output that is not ours before any long work (atomic_folder checks again).
     check_output(output_dir, "adapter", (model_dir, dataset_dir))
     if distributed.launched():
@@ -84,25 +94,40 @@ def run_train(
     # One run at a time writes an adapter and its checkpoints: a second is refused here.
     with output_lock(output_dir):
         return _train(
-            cfg, model_dir, dataset_dir, output_dir, checkpoint_dir, checkpoint_uri, on_log
+            cfg,
+            dict(model_dir=model_dir, dataset_dir=dataset_dir, output_dir=output_dir),
+            checkpoint_dir,
+            checkpoint_uri,
+            on_log,
+            job_uri,
+            input_uris or {},
         )
 
 
 def _train(
     cfg: TrainConfig,
-    model_dir: str,
-    dataset_dir: str,
-    output_dir: str,
+    paths: dict[str, str],
     checkpoint_dir: str,
     checkpoint_uri: str,
     on_log: Callable[[dict], None] | None,
+    job_uri: str,
+    input_uris: dict[str, str],
 ) -> TrainResult:
+    model_dir, dataset_dir = paths["model_dir"], paths["dataset_dir"]
     verify(model_dir, "quantized-model")
     verify(dataset_dir, "dataset")
     _check_tokenizer(model_dir, dataset_dir)
+    if cfg.train_runner == "trainjob":
+        from qlora_kfp.stages.train_job import TrainJobRunner
+
+        runner = TrainJobRunner(job_uri)
+        # Per node; the checkpoints record it with num_nodes (the global batch).
+        cfg = dataclasses.replace(cfg, num_processes=runner.processes(cfg))
+        made_from = _made_from(cfg, model_dir, dataset_dir)
+        return runner.train(cfg, paths, made_from, checkpoint_uri, on_log, input_uris)
     # The resolved count: the checkpoints record it (another count is another global batch).
     cfg = dataclasses.replace(cfg, num_processes=distributed.world_size(cfg))
-    ckpt_root = Path(checkpoint_dir or f"{output_dir}.checkpoints")
+    ckpt_root = Path(checkpoint_dir or f"{paths['output_dir']}.checkpoints")
     made_from = _made_from(cfg, model_dir, dataset_dir)
     # Here, in one process: every rank then resumes from this same sealed checkpoint.
     resume = (
@@ -110,7 +135,6 @@ def _train(
         if cfg.checkpoint_steps
         else None
     )
-    paths = dict(model_dir=model_dir, dataset_dir=dataset_dir, output_dir=output_dir)
     where = dict(ckpt_root=str(ckpt_root), checkpoint_uri=checkpoint_uri, resume=resume)
     if cfg.num_processes > 1:
         job = dict(config=asdict(cfg), made_from=made_from, **paths, **where)

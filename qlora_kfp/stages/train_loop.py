@@ -143,7 +143,8 @@ def train_here(
     from qlora_kfp.tracking.plots import loss_curve
 
     expandable = modeling.prefer_expandable_segments()
-    ranks, main = cfg.num_processes, distributed.is_main()
+    # Every process of the group, on this node and the others (a TrainJob's nodes).
+    ranks, main = distributed.current_world(), distributed.is_main()
     if torch.cuda.is_available():  # this rank's GPU; the model loads onto the current one
         torch.cuda.set_device(distributed.local_rank())
     gpu_budget = autofit.budget_gib(cfg)  # before the model takes its share

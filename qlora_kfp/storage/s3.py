@@ -251,6 +251,16 @@ def read_text(uri: str) -> str:
         raise _explain(uri, exc) from None
 
 
+def write_text(uri: str, text: str) -> str:
+    """Write one small object (a job description, a result); returns ``uri``."""
+    bucket, key = split_uri(uri)
+    try:
+        client().put_object(Bucket=bucket, Key=key, Body=text.encode())
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(uri, exc) from None
+    return uri
+
+
 def delete_object(uri: str) -> None:
     """Delete one object (absent is fine: S3's DeleteObject succeeds on a missing key)."""
     bucket, key = split_uri(uri)

@@ -276,6 +276,8 @@ def preflight(args: dict) -> str:
         estimates = []
         for entry in trials or [{}]:
             train = configs.from_params(configs.TrainConfig, {**args, **entry})
+            # A TrainJob's nodes work through S3: refused here, before any GPU is claimed.
+            train.check_runner(env.text(checks.ARTIFACT_URI_ENV))
             estimates.append(
                 checks.check_memory(
                     args["base_model"],

@@ -87,6 +87,12 @@ def train(args: dict) -> float:
                 args["adapter"].path,
                 checkpoint_uri=ctx.artifact_uri("train-checkpoints"),
                 on_log=live.metric_streamer(run),  # MLflow shows each step as it happens
+                # train_runner=trainjob: the TrainJob's files, and the inputs' S3 copies.
+                job_uri=ctx.artifact_uri("train-job"),
+                input_uris={
+                    name: args[name].metadata.get("s3_uri", "")
+                    for name in ("quantized_model", "dataset")
+                },
             )
         report(
             run,

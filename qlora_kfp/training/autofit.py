@@ -72,8 +72,8 @@ def estimate_kwargs(
 ) -> dict:
     """The keyword arguments of ``memory.estimate`` that follow from the stage config.
 
-    ``world_size``: the training processes (default: ``cfg.num_processes``, which the train
-    stage has resolved; 0 counts as 1)."""
+    ``world_size``: the training processes (default: ``cfg.world_size``, ``num_processes``
+    on each of ``num_nodes``, which the train stage has resolved; 0 counts as 1)."""
     from qlora_kfp.training import attention
 
     return dict(
@@ -83,7 +83,7 @@ def estimate_kwargs(
         fp32_upcast=cfg.fp32_upcast,
         attention=attention.resolve(cfg.attn_implementation, cfg.packing, has_varlen),
         dropout=dropout_mode(cfg),
-        world_size=world_size or cfg.num_processes or 1,
+        world_size=world_size or cfg.world_size,
     )
 
 
@@ -141,7 +141,7 @@ def plan(
     preflight and the train stage both call it.
 
     With explicit settings (a layer count, offload on/off) there is one setting and no
-    fallback; with several processes (``cfg.num_processes`` above 1) only the first is kept,
+    fallback; with several processes (``cfg.world_size`` above 1) only the first is kept,
     as one rank starting over alone would leave the others waiting in a collective.
 
     Args:
@@ -166,7 +166,7 @@ def plan(
         return Setting(n, offload and n > 0, est)
 
     def decided(*settings: Setting) -> CheckpointPlan:
-        if (cfg.num_processes or 1) > 1:
+        if cfg.world_size > 1:
             settings = settings[:1]
         return CheckpointPlan(settings, layers)
 

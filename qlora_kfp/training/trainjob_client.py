@@ -1,0 +1,153 @@
+"""The Kubernetes API calls a train task makes for its TrainJob, with the ``kubernetes`` client.
+
+In a pod the task acts as its service account (the run's, ``qlora-kfp-runner`` with the Role
+of manifests/components/trainjob), in its own namespace; outside one (``qlora-kfp run``) as
+the kubeconfig's current context. The API's refusals become one :class:`TrainJobError`
+naming the object and what to do (:func:`explained`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_kfp import env
+from qlora_kfp.errors import TrainJobError
+from qlora_kfp.training.trainjob_spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The Kubernetes API (the ``kubernetes`` client's) and the namespace to work in."""
+
+    custom: Any  # CustomObjectsApi
+    core: Any  # CoreV1Api
+    namespace: str
+
+    def what(self, name: str) -> str:
+        """How messages name the TrainJob ``name``."""
+        return f"TrainJob {self.namespace}/{name}"
+
+
+def connect(kubeconfig: str | None = None) -> Cluster:
+    """With ``kubeconfig``, its context; else in a pod its service account, in its namespace,
+    and outside one the default kubeconfig's (``KUBECONFIG``, ``~/.kube/config``) context."""
+    from kubernetes import client, config
+
+    try:
+        if kubeconfig:
+            raise config.ConfigException("a kubeconfig is given")
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        api, namespace = client.ApiClient(configuration), SA_NAMESPACE.read_text().strip()
+    except (config.ConfigException, OSError):
+        api = config.new_client_from_config(config_file=kubeconfig)
+        _, context = config.list_kube_config_contexts(config_file=kubeconfig)
+        namespace = context["context"].get("namespace") or "default"
+    return Cluster(client.CustomObjectsApi(api), client.CoreV1Api(api), namespace)
+
+
+@contextlib.contextmanager
+def explained(what: str) -> Iterator[None]:
+    """The API's refusals and failures as one :class:`TrainJobError` naming ``what``."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        yield
+    except ApiException as exc:
+        try:
+            message = json.loads(exc.body)["message"]
+        except (TypeError, ValueError, KeyError):
+            message = exc.reason
+        hint = {
+            403: "; apply the TrainJob role to the run's service account "
+            "(manifests/components/trainjob)",
+            404: "; is Kubeflow Trainer v2 installed (its TrainJob CRD) in this cluster?",
+        }.get(exc.status, "")
+        raise TrainJobError(
+            f"{what}: {exc.status} {message}{hint}", retryable=exc.status >= 500
+        ) from None
+
+
+def own_pod(cluster: Cluster) -> dict | None:
+    """The train task's pod (``KFP_POD_NAME``) as JSON; None outside a KFP pod."""
+    name = env.text("KFP_POD_NAME")
+    if not name:
+        return None
+    with explained(f"pod {cluster.namespace}/{name} (the train task's own)"):
+        pod = cluster.core.read_namespaced_pod(name, cluster.namespace)
+    return cluster.core.api_client.sanitize_for_serialization(pod)
+
+
+def get(cluster: Cluster, name: str) -> dict | None:
+    """The TrainJob ``name``; None when there is none. Other refusals are raised as the
+    client's ``ApiException`` (the watch tells a passing one from a lasting one)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return cluster.custom.get_namespaced_custom_object(
+            GROUP, VERSION, cluster.namespace, PLURAL, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def create(cluster: Cluster, body: dict) -> dict:
+    """Create the TrainJob; one of the same name (an earlier attempt's) is deleted first."""
+    from kubernetes.client.exceptions import ApiException
+
+    name = body["metadata"]["name"]
+    args = (GROUP, VERSION, cluster.namespace, PLURAL)
+    try:
+        return cluster.custom.create_namespaced_custom_object(*args, body)
+    except ApiException as exc:
+        if exc.status != 409:
+            with explained(cluster.what(name)):
+                raise
+    log.warning("%s exists (an earlier attempt's): replacing it", cluster.what(name))
+    delete(cluster, name)
+    wait_gone(cluster, name)
+    with explained(cluster.what(name)):
+        return cluster.custom.create_namespaced_custom_object(*args, body)
+
+
+def delete(cluster: Cluster, name: str) -> None:
+    """Delete the TrainJob and, before it goes, its JobSet and pods (foreground)."""
+    from kubernetes.client.exceptions import ApiException
+
+    body = {"propagationPolicy": "Foreground"}
+    try:
+        cluster.custom.delete_namespaced_custom_object(
+            GROUP, VERSION, cluster.namespace, PLURAL, name, body=body
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            with explained(cluster.what(name)):
+                raise
+
+
+def wait_gone(cluster: Cluster, name: str, timeout_s: float = 600) -> None:
+    """Until the TrainJob ``name`` is gone (its pods stopped, for a foreground deletion)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with explained(cluster.what(name)):
+            if get(cluster, name) is None:
+                return
+        if time.monotonic() > deadline:
+            raise TrainJobError(
+                f"{cluster.what(name)}: still being deleted after {timeout_s:.0f} s (its pods "
+                "are stopping, or a finalizer holds it); delete it, then retry",
+                retryable=True,
+            )
+        time.sleep(2)
