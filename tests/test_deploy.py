@@ -16,7 +16,11 @@ import yaml
 from kube import ROOT, find, kustomize
 from kube_api import pod, workload_pods
 
-OVERLAYS = ["manifests/overlays/example", "manifests/overlays/example-istio"]
+OVERLAYS = [
+    "manifests/overlays/example",
+    "manifests/overlays/example-istio",
+    "manifests/overlays/example-trainjob",
+]
 # The parts each role applies (tests/test_manifests_owner.py), without a namespace of their own.
 PARTS = ["manifests/base", "manifests/admin"]
 EXAMPLES = ["manifests/examples/kserve"]

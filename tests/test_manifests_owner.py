@@ -17,7 +17,11 @@ from kube import ROOT, kustomize, kustomize_into
 from kube_api import Kube
 from kube_apiserver import OWNER
 
-OVERLAYS = ["manifests/overlays/example", "manifests/overlays/example-istio"]
+OVERLAYS = [
+    "manifests/overlays/example",
+    "manifests/overlays/example-istio",
+    "manifests/overlays/example-trainjob",
+]
 
 
 def keys(docs: list[dict]) -> set[str]:

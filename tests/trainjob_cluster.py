@@ -1,0 +1,156 @@
+"""A profile namespace for train_runner=trainjob on the real API server (tests/kube_apiserver.py),
+and a stand-in for what cannot run here: the Trainer's controller and the kubelet.
+
+* :func:`profile_namespace`: Kubeflow Trainer v2.0.0's TrainJob CRD, from the release's Go
+  module (``go mod download``), and the example-trainjob overlay applied to a namespace.
+* :func:`runner_kubeconfig`: the API as the train task's pod has it, the qlora-kfp-runner
+  service account's token (its Role: manifests/components/trainjob).
+* :class:`LocalTrainer`: runs a TrainJob as the Trainer and the kubelet would, with local
+  processes: ``numNodes`` of its ``spec.trainer.command``, each with the torch plugin's
+  ``PET_*`` variables (Trainer pkg/runtime/framework/plugins/torch/torch.go; the rendezvous on
+  127.0.0.1 instead of node 0's pod), the TrainJob's ``value`` variables and the S3
+  endpoint and keys in place of the Secret references; then sets ``Complete``, or ``Failed``
+  with JobSet's reason and message, on its status as the Trainer does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from kube import kustomize_into
+from kube_api import Kube, _established
+from servers import free_port
+
+from qlora_kfp.training.trainjob_spec import GROUP, PLURAL, VERSION
+
+TRAINER, TRAINER_VERSION = "github.com/kubeflow/trainer/v2", "v2.0.0"
+SA = "qlora-kfp-runner"
+
+
+def trainer_crds(*plurals: str) -> list[dict]:
+    """The Trainer release's own CRDs (manifests/base/crds of its Go module)."""
+    with tempfile.TemporaryDirectory() as tmp:  # outside any module: the module cache only
+        out = subprocess.run(
+            ["go", "mod", "download", "-json", f"{TRAINER}@{TRAINER_VERSION}"],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
+    assert out.returncode == 0, f"go mod download (needs Go and the module proxy): {out.stderr}"
+    folder = Path(json.loads(out.stdout)["Dir"]) / "manifests/base/crds"
+    return [yaml.safe_load((folder / f"{GROUP}_{p}.yaml").read_text()) for p in plurals]
+
+
+def profile_namespace(kube: Kube, name: str, work: Path) -> str:
+    """``name`` with the TrainJob CRD installed and the example-trainjob overlay applied."""
+    for crd in trainer_crds(PLURAL):
+        resp = kube.apply(crd)
+        assert resp.ok, resp.text[:500]
+        kube._wait(kube.path(crd), _established)
+    kube.namespace(name)
+    assert kube.refused(kustomize_into("manifests/overlays/example-trainjob", name, work)) == {}
+    kube.wait_quotas_counted(name)
+    return name
+
+
+def write_kubeconfig(path: Path, url: str, ca: Path, token: str, namespace: str) -> str:
+    """A kubeconfig whose context reaches ``url`` with ``token``, in ``namespace``."""
+    cluster = {"server": url, "certificate-authority": str(ca)}
+    context = {"cluster": "c", "user": "u", "namespace": namespace}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "c",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": context}],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def runner_kubeconfig(kube: Kube, namespace: str, path: Path) -> str:
+    """A kubeconfig as the train task's pod has it: the runner's token, its namespace."""
+    token = kube.service_account_token(namespace, SA)
+    return write_kubeconfig(path, kube.url, kube.ca, token, namespace)
+
+
+def set_condition(kube: Kube, namespace: str, name: str, kind: str, reason: str, message: str):
+    """What the Trainer's controller writes: a condition on the status subresource."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cond = {"type": kind, "status": "True", "reason": reason, "message": message}
+    patch = {"status": {"conditions": [{**cond, "lastTransitionTime": now}]}}
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+    kube.ok("PATCH", path, patch, headers={"Content-Type": "application/merge-patch+json"})
+
+
+class LocalTrainer(threading.Thread):
+    """Runs the first TrainJob created in ``namespace`` as local node processes (see the
+    module's docstring); ``outputs[rank]`` is each node's (stdout, stderr)."""
+
+    def __init__(self, kube: Kube, namespace: str, node_env: dict[str, str], disks: Path):
+        super().__init__(daemon=True, name="local-trainer")
+        self.kube, self.namespace, self.node_env, self.disks = kube, namespace, node_env, disks
+        self.outputs: list[tuple[str, str]] = []
+        self.trainjob: dict = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # for the test to show: a thread's error is only printed
+            self.error = exc
+            if self.trainjob:  # the task's watch must not wait for ever
+                name = self.trainjob["metadata"]["name"]
+                set_condition(self.kube, self.namespace, name, "Failed", "LocalTrainer", str(exc))
+            raise
+
+    def _run(self) -> None:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
+        deadline = time.monotonic() + 300
+        items: list[dict] = []
+        while not items:
+            assert time.monotonic() < deadline, "no TrainJob was created"
+            resp = self.kube.request("GET", path)  # a new CRD's storage may answer 429 first
+            items = resp.json()["items"] if resp.ok else []
+            time.sleep(0.2)
+        self.trainjob = job = items[0]
+        trainer = job["spec"]["trainer"]
+        values = {e["name"]: e["value"] for e in trainer.get("env", []) if "value" in e}
+        port, nodes = free_port(), trainer["numNodes"]
+        command = [sys.executable if trainer["command"][0] == "python" else trainer["command"][0]]
+        procs = []
+        for rank in range(nodes):
+            pet = {
+                "PET_NNODES": str(nodes),
+                "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+                "PET_NODE_RANK": str(rank),
+                "PET_MASTER_ADDR": "127.0.0.1",
+                "PET_MASTER_PORT": str(port),
+                "QLORA_KFP_CACHE": str(self.disks / f"node-{rank}"),  # each node its own disk
+            }
+            procs.append(
+                subprocess.Popen(
+                    command + trainer["command"][1:],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, **values, **self.node_env, **pet},
+                )
+            )
+        self.outputs = [p.communicate(timeout=900) for p in procs]
+        name = job["metadata"]["name"]
+        if all(p.returncode == 0 for p in procs):
+            done = ("Complete", "AllJobsCompleted", "jobset completed successfully")
+        else:
+            done = ("Failed", "FailedJobs", "jobset failed due to one or more job failures")
+        set_condition(self.kube, self.namespace, name, *done)
