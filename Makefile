@@ -67,7 +67,30 @@ $(BACKEND_BINS) &: $(addprefix backend/kube/,go.mod go.sum tools.go etcd/main.go
 
 backend: $(BACKEND_BINS) ## Build etcd, kube-apiserver, kube-controller-manager (backend/kube; needs Go) into .cache/backend/bin
 
-test: $(STAMP) $(KFP_RELEASES) install-browser backend ## Run every test the CPU can run (gpu tests skip)
+# Kubeflow Trainer's controller manager (backend/trainer pins the release) and the manifests of the
+# same release the tests install (CRDs, RBAC, webhook configuration, runtimes), with the JobSet CRD
+# of the sigs.k8s.io/jobset version it requires. VERSION names the release they came from.
+TRAINER_VERSION := $(shell awk '$$1 == "require" && $$2 == "github.com/kubeflow/trainer/v2" {print $$3}' backend/trainer/go.mod)
+TRAINER_MANIFESTS := .cache/backend/trainer
+TRAINER_OUT := $(BACKEND_BIN)/trainer-controller-manager $(TRAINER_MANIFESTS)/VERSION
+$(TRAINER_OUT) &: $(addprefix backend/trainer/,go.mod go.sum tools.go)
+	mkdir -p $(BACKEND_BIN)
+	cd backend/trainer && go build -trimpath -ldflags "-s -w" -o $(abspath $(BACKEND_BIN))/ \
+	  github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager
+	@# The module cache's files are read-only: the copies are made writable, so the next copy can
+	@# remove them.
+	rm -rf $(TRAINER_MANIFESTS) && mkdir -p $(TRAINER_MANIFESTS)/jobset
+	cd backend/trainer && \
+	  cp -R "$$(go list -m -f '{{.Dir}}' github.com/kubeflow/trainer/v2)/manifests/base/." $(abspath $(TRAINER_MANIFESTS))/ && \
+	  cp "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/jobset)/config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml" \
+	    $(abspath $(TRAINER_MANIFESTS))/jobset/
+	chmod -R u+w $(TRAINER_MANIFESTS)
+	echo $(TRAINER_VERSION) > $(TRAINER_MANIFESTS)/VERSION
+	touch $(TRAINER_OUT)
+
+backend-trainer: $(TRAINER_OUT) ## Build Kubeflow Trainer's controller manager (backend/trainer; needs Go) and copy its manifests into .cache/backend
+
+test: $(STAMP) $(KFP_RELEASES) install-browser backend backend-trainer ## Run every test the CPU can run (gpu tests skip)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) $(KFP_RELEASES) ## Run the tests not marked slow or integration
@@ -143,6 +166,6 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0
 clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
-.PHONY: help install run generate compile backend test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
+.PHONY: help install run generate compile backend backend-trainer test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
 	schedule images manifests install-browser bench bench-mfu bench-70b bench-multi-gpu bench-stages bench-pipeline \
 	device-wheels
