@@ -1,8 +1,10 @@
-"""What Kubeflow Trainer's own controller manager and webhooks do with a TrainJob, on a real API
-server (tests/trainer_backend.py): the JobSet it becomes, the refusals, the garbage collection.
+"""What Kubeflow Trainer's and JobSet's own controller managers and webhooks do with a TrainJob,
+on a real API server (tests/trainer_backend.py): the JobSet, Jobs and Service it becomes, the
+refusals, the garbage collection.
 
 No kubelet runs, so no pod starts and a TrainJob reaches no Complete or Failed condition; what
-is asserted is what the Trainer writes to the API server and what it and the CRDs refuse.
+is asserted is what the controllers write to the API server and what the Trainer's webhook,
+JobSet's webhook and the CRDs' schemas refuse.
 """
 
 from __future__ import annotations
