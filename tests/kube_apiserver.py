@@ -154,17 +154,19 @@ def etcd(work: Path) -> Iterator[str]:
 CONTROLLERS = "serviceaccount,resourcequota,clusterrole-aggregation,garbagecollector"
 
 
-def write_kubeconfig(path: Path, url: str, ca: Path, token: str) -> Path:
-    """Writes a kubeconfig that reaches the server at ``url`` (trusting ``ca``) with a token.
+def write_kubeconfig(path: Path, url: str, ca: Path, token: str, namespace: str = "") -> Path:
+    """Writes a kubeconfig that reaches the server at ``url`` (trusting ``ca``) with a token,
+    its context in ``namespace`` when one is given.
 
     Returns:
         ``path``.
     """
+    context = f", namespace: '{namespace}'" if namespace else ""
     path.write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
         f"clusters: [{{name: c, cluster: {{server: '{url}', certificate-authority: '{ca}'}}}}]\n"
         f"users: [{{name: u, user: {{token: '{token}'}}}}]\n"
-        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        f"contexts: [{{name: c, context: {{cluster: c, user: u{context}}}}}]\n"
     )
     return path
 

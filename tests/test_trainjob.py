@@ -131,7 +131,8 @@ def test_outside_a_pod_the_image_must_be_named(monkeypatch):
     monkeypatch.setenv("QLORA_KFP_IMAGE", "registry.example.com/qlora-kfp-gpu:1")
     monkeypatch.setenv("QLORA_KFP_GPUS", "2")
     task = TaskPod.outside("default")
-    assert task.resources == {"limits": {"nvidia.com/gpu": "2"}} and not task.uid
+    gpus = {"nvidia.com/gpu": "2"}
+    assert task.resources == {"limits": gpus, "requests": gpus} and not task.uid
 
 
 def test_a_trainjob_name_is_an_rfc_1035_label_one_per_job_folder():

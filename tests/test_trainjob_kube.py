@@ -1,7 +1,8 @@
 """train_runner=trainjob against a real Kubernetes API server (tests/kube_apiserver.py) with
-Kubeflow Trainer v2.0.0's TrainJob CRD, taken from the release's Go module: the TrainJob a
-train task creates passes the CRD's schema and CEL rules, and the task's watch handles how a
-TrainJob ends.
+the TrainJob CRD of the Kubeflow Trainer release backend/trainer/go.mod pins (v2.0.0): the
+TrainJob a train task creates passes the CRD's schema and CEL rules, and the task's watch
+handles how a TrainJob ends. What the Trainer's own webhook and controller make of it:
+tests/test_trainjob_trainer.py.
 
 The task acts as the qlora-kfp-runner service account of a namespace where the
 example-trainjob overlay is applied, with a token the server issued: its Role is the one of

@@ -1,8 +1,9 @@
 """A profile namespace for train_runner=trainjob on the real API server (tests/kube_apiserver.py),
 and a stand-in for what cannot run here: the Trainer's controller and the kubelet.
 
-* :func:`profile_namespace`: Kubeflow Trainer v2.0.0's TrainJob CRD, from the release's Go
-  module (``go mod download``), and the example-trainjob overlay applied to a namespace.
+* :func:`profile_namespace`: the TrainJob CRD of the Kubeflow Trainer release
+  backend/trainer/go.mod pins (v2.0.0; ``make backend-trainer`` copies it from the Go module)
+  and the example-trainjob overlay, applied to a namespace.
 * :func:`runner_kubeconfig`: the API as the train task's pod has it, the qlora-kfp-runner
   service account's token (its Role: manifests/components/trainjob).
 * :class:`LocalTrainer`: runs a TrainJob as the Trainer and the kubelet would, with local
@@ -16,72 +17,52 @@ and a stand-in for what cannot run here: the Trainer's controller and the kubele
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import yaml
 from kube import kustomize_into
-from kube_api import Kube, _established
+from kube_api import Kube
+from kube_apiserver import write_kubeconfig
 from servers import free_port
+from trainer_backend import MANIFESTS, pinned_version
 
 from qlora_kfp.training.trainjob_spec import GROUP, PLURAL, VERSION
 
-TRAINER, TRAINER_VERSION = "github.com/kubeflow/trainer/v2", "v2.0.0"
 SA = "qlora-kfp-runner"
 
 
 def trainer_crds(*plurals: str) -> list[dict]:
-    """The Trainer release's own CRDs (manifests/base/crds of its Go module)."""
-    with tempfile.TemporaryDirectory() as tmp:  # outside any module: the module cache only
-        out = subprocess.run(
-            ["go", "mod", "download", "-json", f"{TRAINER}@{TRAINER_VERSION}"],
-            cwd=tmp,
-            capture_output=True,
-            text=True,
+    """The Trainer release's own CRDs (its manifests/base/crds), as `make backend-trainer`
+    copies them from the Go module of the release backend/trainer/go.mod pins."""
+    stamp = MANIFESTS / "VERSION"
+    if not stamp.is_file() or stamp.read_text().strip() != pinned_version():
+        # A failure, never a skip, as for the binaries (tests/trainer_backend.py).
+        raise FileNotFoundError(
+            f"{MANIFESTS} is not {pinned_version()}: run `make backend-trainer`"
         )
-    assert out.returncode == 0, f"go mod download (needs Go and the module proxy): {out.stderr}"
-    folder = Path(json.loads(out.stdout)["Dir"]) / "manifests/base/crds"
-    return [yaml.safe_load((folder / f"{GROUP}_{p}.yaml").read_text()) for p in plurals]
+    return [yaml.safe_load((MANIFESTS / f"crds/{GROUP}_{p}.yaml").read_text()) for p in plurals]
 
 
-def profile_namespace(kube: Kube, name: str, work: Path) -> str:
-    """``name`` with the TrainJob CRD installed and the example-trainjob overlay applied."""
-    for crd in trainer_crds(PLURAL):
-        resp = kube.apply(crd)
-        assert resp.ok, resp.text[:500]
-        kube._wait(kube.path(crd), _established)
+def profile_namespace(kube: Kube, name: str, work: Path, crd: bool = True) -> str:
+    """``name`` with the example-trainjob overlay applied, and the TrainJob CRD installed
+    (``crd``; where the Trainer runs, its harness installed it)."""
+    if crd:
+        kube.apply_crds(trainer_crds(PLURAL))
     kube.namespace(name)
     assert kube.refused(kustomize_into("manifests/overlays/example-trainjob", name, work)) == {}
     kube.wait_quotas_counted(name)
     return name
 
 
-def write_kubeconfig(path: Path, url: str, ca: Path, token: str, namespace: str) -> str:
-    """A kubeconfig whose context reaches ``url`` with ``token``, in ``namespace``."""
-    cluster = {"server": url, "certificate-authority": str(ca)}
-    context = {"cluster": "c", "user": "u", "namespace": namespace}
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "current-context": "c",
-        "clusters": [{"name": "c", "cluster": cluster}],
-        "users": [{"name": "u", "user": {"token": token}}],
-        "contexts": [{"name": "c", "context": context}],
-    }
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 def runner_kubeconfig(kube: Kube, namespace: str, path: Path) -> str:
     """A kubeconfig as the train task's pod has it: the runner's token, its namespace."""
     token = kube.service_account_token(namespace, SA)
-    return write_kubeconfig(path, kube.url, kube.ca, token, namespace)
+    return str(write_kubeconfig(path, kube.url, kube.ca, token, namespace))
 
 
 def set_condition(kube: Kube, namespace: str, name: str, kind: str, reason: str, message: str):

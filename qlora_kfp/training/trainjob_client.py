@@ -68,11 +68,18 @@ def explained(what: str) -> Iterator[None]:
             message = json.loads(exc.body)["message"]
         except (TypeError, ValueError, KeyError):
             message = exc.reason
+        # A webhook's denial is a 403 too (controller-runtime's admission.Denied), its
+        # message its own: an RBAC refusal is the other 403.
         hint = {
             403: "; apply the TrainJob role to the run's service account "
             "(manifests/components/trainjob)",
             404: "; is Kubeflow Trainer v2 installed (its TrainJob CRD) in this cluster?",
         }.get(exc.status, "")
+        if "admission webhook" in message:
+            hint = ""
+            # The Trainer's webhook (pkg/runtime/core/clustertrainingruntime.go ValidateObjects)
+            if "ClusterTrainingRuntime" in message and "not found" in message:
+                hint = "; set training_runtime to a ClusterTrainingRuntime of the cluster"
         raise TrainJobError(
             f"{what}: {exc.status} {message}{hint}", retryable=exc.status >= 500
         ) from None

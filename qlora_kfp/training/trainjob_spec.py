@@ -105,7 +105,13 @@ class TaskPod:
             )
         gpus = env.integer("QLORA_KFP_GPUS")
         limits = {"nvidia.com/gpu": str(gpus)} if gpus else {}
-        return cls(namespace=namespace, image=image, resources={"limits": limits})
+        # Requested as limited, as a pod's defaulting does: the Trainer's torch plugin reads
+        # the requests after the limits, and without any gives a node one process whatever
+        # numProcPerNode says (pkg/runtime/framework/plugins/torch/torch.go,
+        # calculateNumProcPerNode).
+        return cls(
+            namespace=namespace, image=image, resources={"limits": limits, "requests": limits}
+        )
 
 
 def node_env(task_env: list[dict]) -> list[dict]:
