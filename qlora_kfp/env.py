@@ -197,7 +197,8 @@ _TABLE = [
     ),
     Var(
         "QLORA_KFP_IMAGE",
-        "the image a task runs in (set by the compiled pipeline): part of the cache fingerprint",
+        "the image a task runs in (set by the compiled pipeline): part of the cache fingerprint; "
+        "outside a pod, the image of the nodes of a `train_runner=trainjob` TrainJob",
     ),
     Var(
         "QLORA_KFP_GIT_COMMIT",
@@ -206,7 +207,8 @@ _TABLE = [
     Var(
         "QLORA_KFP_GPUS",
         "GPUs per GPU task (the compiled pipeline passes it on to the tasks: the train task's "
-        "processes when `num_processes` is 0)",
+        "processes when `num_processes` is 0); outside a pod, the GPUs of each node of a "
+        "`train_runner=trainjob` TrainJob",
         default="1",
         type=int,
         when="compile,task",

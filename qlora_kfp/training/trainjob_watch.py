@@ -41,7 +41,12 @@ class Cancelled(BaseException):
 @contextlib.contextmanager
 def cancel_on_sigterm() -> Iterator[None]:
     """Turn SIGTERM into :class:`Cancelled` in this (the main) thread; a blocking read of the
-    watch is interrupted by it (PEP 475: a handler that raises ends the system call)."""
+    watch is interrupted by it (PEP 475: a handler that raises ends the system call).
+
+    A terminated run's pod gets it from Argo's executor, which forwards the signals it gets
+    to the command it started (KFP's launcher, in a process group of its own with this
+    process): argo-workflows cmd/argoexec/commands/emissary.go, osspecific/command_unix.go.
+    """
 
     def handler(signum, frame):
         raise Cancelled(signal.Signals(signum).name)
