@@ -177,16 +177,13 @@ _TABLE = [
         "the experiment KFP's MLflow plugin tracks the run in (read only with `MLFLOW_RUN_ID`)",
         owner="KFP's MLflow plugin",
     ),
-    *[
-        Var(
-            name,
-            f"the task's own pod's {what} (KFP's compiler sets it on every task container: "
-            "backend/src/v2/compiler/argocompiler/common.go, commonEnvs); the train task "
-            "with `train_runner=trainjob` reads its pod to make the TrainJob's nodes like it",
-            owner="KFP backend",
-        )
-        for name, what in (("KFP_POD_NAME", "name"), ("KFP_POD_UID", "UID"))
-    ],
+    Var(
+        "KFP_POD_NAME",
+        "the task's own pod (KFP's compiler sets it on every task container: "
+        "backend/src/v2/compiler/argocompiler/common.go, commonEnvs); the train task with "
+        "`train_runner=trainjob` reads its pod to make the TrainJob's nodes like it",
+        owner="KFP backend",
+    ),
     Var(
         "KUBECONFIG",
         "the cluster a `train_runner=trainjob` train stage creates its TrainJob in when it "

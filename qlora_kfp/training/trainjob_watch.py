@@ -51,6 +51,9 @@ def cancel_on_sigterm() -> Iterator[None]:
     def handler(signum, frame):
         raise Cancelled(signal.Signals(signum).name)
 
+    if threading.current_thread() is not threading.main_thread():  # only it may have handlers
+        yield
+        return
     old = signal.signal(signal.SIGTERM, handler)
     try:
         yield
