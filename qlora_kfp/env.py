@@ -187,10 +187,9 @@ _TABLE = [
     Var(
         "KUBECONFIG",
         "the cluster a `train_runner=trainjob` train stage creates its TrainJob in when it "
-        "runs outside a pod (`qlora-kfp run`); in a pod: the pod's service account",
+        "runs outside a pod (`qlora-kfp run`); unset: `~/.kube/config`; in a pod: the pod's "
+        "service account",
         owner="kubernetes client",
-        read=False,
-        when="",
     ),
     Var(
         "QLORA_KFP_IMAGE",

@@ -135,6 +135,20 @@ def test_outside_a_pod_the_image_must_be_named(monkeypatch):
     assert task.resources == {"limits": gpus, "requests": gpus} and not task.uid
 
 
+def test_outside_a_pod_without_a_kubeconfig_is_one_line(monkeypatch, tmp_path):
+    from qlora_kfp.training import trainjob_client
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    with pytest.raises(ConfigError) as caught:
+        trainjob_client.connect()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(
+        "train_runner=trainjob needs a Kubernetes cluster: not in a pod, and the kubeconfig "
+        f"({tmp_path / 'none'}) gives none"
+    )
+
+
 def test_a_trainjob_name_is_an_rfc_1035_label_one_per_job_folder():
     import re
 

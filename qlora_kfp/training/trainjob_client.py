@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_kfp import env
-from qlora_kfp.errors import TrainJobError
+from qlora_kfp.errors import ConfigError, TrainJobError
 from qlora_kfp.training.trainjob_spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,17 @@ def connect(kubeconfig: str | None = None) -> Cluster:
         config.load_incluster_config(client_configuration=configuration)
         api, namespace = client.ApiClient(configuration), SA_NAMESPACE.read_text().strip()
     except (config.ConfigException, OSError):
-        api = config.new_client_from_config(config_file=kubeconfig)
-        _, context = config.list_kube_config_contexts(config_file=kubeconfig)
+        # Read now: the client reads KUBECONFIG once, when it is first imported.
+        kubeconfig = kubeconfig or env.text("KUBECONFIG") or None
+        try:
+            api = config.new_client_from_config(config_file=kubeconfig)
+            _, context = config.list_kube_config_contexts(config_file=kubeconfig)
+        except config.ConfigException as exc:
+            raise ConfigError(
+                f"train_runner=trainjob needs a Kubernetes cluster: not in a pod, and the "
+                f"kubeconfig ({kubeconfig or '~/.kube/config'}) gives none ({exc}); set "
+                "KUBECONFIG, or use train_runner=pod"
+            ) from None
         namespace = context["context"].get("namespace") or "default"
     return Cluster(client.CustomObjectsApi(api), client.CoreV1Api(api), namespace)
 
