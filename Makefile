@@ -67,7 +67,33 @@ $(BACKEND_BINS) &: $(addprefix backend/kube/,go.mod go.sum tools.go etcd/main.go
 
 backend: $(BACKEND_BINS) ## Build etcd, kube-apiserver, kube-controller-manager (backend/kube; needs Go) into .cache/backend/bin
 
-test: $(STAMP) $(KFP_RELEASES) install-browser backend ## Run every test the CPU can run (gpu tests skip)
+# Kubeflow Trainer's controller manager and the JobSet controller manager of the version it requires
+# (backend/trainer pins both), and the manifests of the same releases the tests install (CRDs, RBAC,
+# webhook configurations, runtimes). VERSION names the Trainer release they came from.
+TRAINER_VERSION := $(shell awk '$$1 == "github.com/kubeflow/trainer/v2" {print $$2}' backend/trainer/go.mod)
+TRAINER_MANIFESTS := .cache/backend/trainer
+TRAINER_OUT := $(addprefix $(BACKEND_BIN)/,trainer-controller-manager jobset-controller-manager) \
+  $(TRAINER_MANIFESTS)/VERSION
+$(TRAINER_OUT) &: $(addprefix backend/trainer/,go.mod go.sum tools.go)
+	mkdir -p $(BACKEND_BIN)
+	cd backend/trainer && go build -trimpath -ldflags "-s -w" -o $(abspath $(BACKEND_BIN))/ \
+	  github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager
+	@# JobSet's main package is its module's root: named, its binary is not just "jobset".
+	cd backend/trainer && go build -trimpath -ldflags "-s -w" \
+	  -o $(abspath $(BACKEND_BIN))/jobset-controller-manager sigs.k8s.io/jobset
+	@# The module cache's files are read-only: the copies are made writable, so the next copy can
+	@# remove them.
+	rm -rf $(TRAINER_MANIFESTS) && mkdir -p $(TRAINER_MANIFESTS)/jobset
+	cd backend/trainer && \
+	  cp -R "$$(go list -m -f '{{.Dir}}' github.com/kubeflow/trainer/v2)/manifests/base/." $(abspath $(TRAINER_MANIFESTS))/ && \
+	  cp -R "$$(go list -m -f '{{.Dir}}' sigs.k8s.io/jobset)/config/components/." $(abspath $(TRAINER_MANIFESTS))/jobset/
+	chmod -R u+w $(TRAINER_MANIFESTS)
+	echo $(TRAINER_VERSION) > $(TRAINER_MANIFESTS)/VERSION
+	touch $(TRAINER_OUT)
+
+backend-trainer: $(TRAINER_OUT) ## Build Kubeflow Trainer's and JobSet's controller managers (backend/trainer; needs Go) into .cache/backend/bin, their manifests beside
+
+test: $(STAMP) $(KFP_RELEASES) install-browser backend backend-trainer ## Run every test the CPU can run (gpu tests skip)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) $(KFP_RELEASES) ## Run the tests not marked slow or integration
@@ -143,6 +169,6 @@ mlflow-ui: $(STAMP) ## Open the MLflow UI on the local run's store (http://127.0
 clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
-.PHONY: help install run generate compile backend test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
+.PHONY: help install run generate compile backend backend-trainer test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
 	schedule images manifests install-browser bench bench-mfu bench-70b bench-multi-gpu bench-stages bench-pipeline \
 	device-wheels

@@ -45,10 +45,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
         # A test on the real API server starts real servers: the `integration` marker's
         # meaning, set here so no such test can go without it.
-        if "kube_cluster" in getattr(item, "fixturenames", ()):
+        if {"kube_cluster", "kubeflow_trainer"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
     if unmarked:
         raise pytest.UsageError("make test-fast would run these:\n" + "\n".join(unmarked))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test on the Trainer's backend shows the end of its controller managers' logs."""
+    report = yield
+    backend = getattr(item, "funcargs", {}).get("kubeflow_trainer")
+    if report.failed and backend is not None:
+        report.sections.append(("Trainer and JobSet controller managers", backend.logs()))
+    return report
 
 
 # `make test-fast` runs what is marked neither slow nor integration. What makes a test slow or
@@ -271,6 +281,16 @@ def kube_cluster(tmp_path_factory):
         for schemas in ("istio-security.json", "kserve-inferenceservice.json"):
             admin.install_crds(schemas)
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def kubeflow_trainer(tmp_path_factory):
+    """Kubeflow Trainer's own controller manager and webhooks on a real API server of their own
+    (tests/trainer_backend.py), with the ``torch-distributed`` ClusterTrainingRuntime."""
+    from trainer_backend import trainer_backend
+
+    with trainer_backend(tmp_path_factory.mktemp("trainer")) as backend:
+        yield backend
 
 
 @pytest.fixture(scope="session")

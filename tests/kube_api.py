@@ -150,9 +150,13 @@ class Kube:
 
     def install_crds(self, schema_file: str) -> list[str]:
         """The CRDs of tests/schemas/<schema_file> (vendor_crds.py), until they serve."""
-        crds = crds_from_schemas(schema_file)
+        return self.apply_crds(crds_from_schemas(schema_file))
+
+    def apply_crds(self, crds: list[dict]) -> list[str]:
+        """Apply CustomResourceDefinitions and wait until each is established (serves)."""
         for crd in crds:
-            assert self.apply(crd).ok, crd["metadata"]["name"]
+            resp = self.apply(crd)
+            assert resp.ok, f"{crd['metadata']['name']}: {resp.status_code} {resp.text[:500]}"
         for crd in crds:
             self._wait(self.path(crd), _established)
         return [c["metadata"]["name"] for c in crds]

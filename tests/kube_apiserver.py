@@ -7,9 +7,11 @@ serving certificate made here, static tokens for an admin (``system:masters``) a
 profile owner, service-account tokens signed by a key made here, ``Node,RBAC`` authorization
 and the admission plugins a cluster enables by default (NamespaceLifecycle, LimitRanger,
 ServiceAccount, ResourceQuota, PodSecurity, ...) plus NodeRestriction. The controller manager
-runs the three controllers whose work the API server's answers depend on: each namespace's
+runs the controllers whose work the API server's answers depend on: each namespace's
 ``default`` service account, quota usage (ResourceQuota admission refuses every pod until a
-quota's status is counted) and the aggregated ClusterRoles (``admin``, ``edit``, ``view``).
+quota's status is counted), the aggregated ClusterRoles (``admin``, ``edit``, ``view``) and the
+garbage collector (an object whose owner is deleted goes with it: a TrainJob's JobSet,
+tests/trainer_backend.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +96,15 @@ def _binary(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
+def _process(cmd: list[str], log: Path, env: dict | None = None) -> Iterator[subprocess.Popen]:
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
+        )
     try:
         yield proc
     finally:
@@ -142,8 +150,23 @@ def etcd(work: Path) -> Iterator[str]:
         yield client
 
 
-# The controllers the tests need; the others (nodes, garbage collection, ...) have nothing to do.
-CONTROLLERS = "serviceaccount,resourcequota,clusterrole-aggregation"
+# The controllers the tests need; the others (nodes, pods, volumes, ...) have nothing to do.
+CONTROLLERS = "serviceaccount,resourcequota,clusterrole-aggregation,garbagecollector"
+
+
+def write_kubeconfig(path: Path, url: str, ca: Path, token: str) -> Path:
+    """Writes a kubeconfig that reaches the server at ``url`` (trusting ``ca``) with a token.
+
+    Returns:
+        ``path``.
+    """
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: c, cluster: {{server: '{url}', certificate-authority: '{ca}'}}}}]\n"
+        f"users: [{{name: u, user: {{token: '{token}'}}}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+    )
+    return path
 
 
 @contextlib.contextmanager
@@ -151,13 +174,8 @@ def controller_manager(work: Path, url: str, token: str) -> Iterator[None]:
     """kube-controller-manager with CONTROLLERS, until ``edit`` holds the rules it aggregates.
     It acts with ``token`` (the admin's; a cluster gives it system:kube-controller-manager,
     whose rights the admin's include)."""
-    kubeconfig = work / "controller-manager.kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
-        f"clusters: [{{name: c, cluster: {{server: '{url}', "
-        f"certificate-authority: '{work / 'serving.crt'}'}}}}]\n"
-        f"users: [{{name: u, user: {{token: '{token}'}}}}]\n"
-        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+    kubeconfig = write_kubeconfig(
+        work / "controller-manager.kubeconfig", url, work / "serving.crt", token
     )
     cmd = [
         _binary("kube-controller-manager"),
@@ -182,8 +200,17 @@ def controller_manager(work: Path, url: str, token: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kube_apiserver(work: Path) -> Iterator[Cluster]:
-    """etcd, kube-apiserver and kube-controller-manager, ready to serve, stopped on exit."""
+def kube_apiserver(
+    work: Path, before_controllers: Callable[[Cluster], None] | None = None
+) -> Iterator[Cluster]:
+    """etcd, kube-apiserver and kube-controller-manager, ready to serve, stopped on exit.
+
+    Args:
+        work: The folder of the certificates, tokens, etcd's data and the logs.
+        before_controllers: Called with the Cluster once the API server is ready and before the
+            controller manager starts: CRDs installed here are watched by the garbage collector
+            from its start, not from its next discovery (every 30 s).
+    """
     work.mkdir(parents=True, exist_ok=True)
     _write_key_and_cert(work)
     admin, owner = secrets.token_hex(16), secrets.token_hex(16)
@@ -217,5 +244,8 @@ def kube_apiserver(work: Path) -> Iterator[Cluster]:
             url = f"https://127.0.0.1:{port}"
             auth = {"Authorization": f"Bearer {admin}"}
             _wait(f"{url}/readyz", proc, log, 90, headers=auth, verify=work / "serving.crt")
+            cluster = Cluster(url, work / "serving.crt", admin, owner)
+            if before_controllers is not None:
+                before_controllers(cluster)
             with controller_manager(work, url, admin):
-                yield Cluster(url, work / "serving.crt", admin, owner)
+                yield cluster
