@@ -23,6 +23,7 @@ def preflight(
     quant_type: str = "nf4",
     double_quant: bool = True,
     compute_dtype: str = "auto",
+    quant_storage: str = "uint8",
     eval_rows: int = 64,
     lora_r: int = 16,
     lora_alpha: int = 32,
@@ -91,6 +92,7 @@ def preflight(
         quant_type: 4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.
         double_quant: Quantize the quantization constants too (saves ~0.4 bit/param).
         compute_dtype: Dtype of 4-bit matmuls: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.
+        quant_storage: Dtype the packed 4-bit weights are stored in (the same bytes, two weights a byte, only their tensor dtype differs): uint8, or bfloat16, float16 or float32, which FSDP can shard (parallelism=fsdp needs one; on a GPU the one training computes in, bfloat16 by default).
         eval_rows: Eval rows used for the 16-bit vs 4-bit perplexity (0: all).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).

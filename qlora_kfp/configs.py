@@ -23,6 +23,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 PACKING_MODES = ("off", "padding_free", "bins")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen")
 AUTO_ON_OFF = ("auto", "on", "off")
+QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -144,6 +145,13 @@ class QuantizeConfig:
         "float32.",
         default="auto",
     )
+    quant_storage: str = _help(
+        "Dtype the packed 4-bit weights are stored in (the same bytes, two weights a byte, "
+        "only their tensor dtype differs): uint8, or bfloat16, float16 or float32, which "
+        "FSDP can shard (parallelism=fsdp needs one; on a GPU the one training computes in, "
+        "bfloat16 by default).",
+        default="uint8",
+    )
     eval_rows: int = _help(
         "Eval rows used for the 16-bit vs 4-bit perplexity (0: all).", default=64
     )
@@ -155,6 +163,7 @@ class QuantizeConfig:
         _check(bool(self.base_model), "base_model", self.base_model, "give a path or URI")
         _one_of("quant_type", self.quant_type, ("nf4", "fp4"))
         _one_of("compute_dtype", self.compute_dtype, DTYPES)
+        _one_of("quant_storage", self.quant_storage, QUANT_STORAGES)
         _check(self.eval_rows >= 0, "eval_rows", self.eval_rows, "use 0 (all) or more")
 
 
@@ -653,6 +662,8 @@ RESULT_INDEPENDENT = frozenset(
         "fused_kernels",
         "fused_lora",
         "attn_implementation",
+        # The same 4-bit bytes under another tensor dtype: the same model.
+        "quant_storage",
     }
 )
 # The stages whose settings make a registered model and its evaluation.
