@@ -24,6 +24,7 @@ PACKING_MODES = ("off", "padding_free", "bins")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen")
 AUTO_ON_OFF = ("auto", "on", "off")
 QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
+PARALLELISMS = ("auto", "ddp", "fsdp")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -227,6 +228,15 @@ class TrainConfig:
         "many processes with the gloo backend (for tests).",
         default=0,
     )
+    parallelism: str = _help(
+        "How several processes (num_processes above 1) train: ddp (each GPU holds the whole "
+        "4-bit model; fastest), fsdp (the 4-bit weights, LoRA weights and optimizer state "
+        "are sharded over the GPUs and each layer is gathered while it runs: for a model "
+        "that does not fit one GPU; needs a model quantized with quant_storage=bfloat16) or "
+        "auto (ddp when the preflight estimate of one GPU's memory under DDP fits "
+        "gpu_memory_gib, else fsdp). Ignored with one process.",
+        default="auto",
+    )
     optimizer: str = _help(
         "Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the "
         "CPU. Choose paged_adamw_32bit when the optimizer state must page to host memory "
@@ -341,6 +351,7 @@ class TrainConfig:
             self.num_processes,
             "use 0 (one per visible GPU) or a count of processes up to 64 (GPUs of one pod)",
         )
+        _one_of("parallelism", self.parallelism, PARALLELISMS)
         _check(0 < self.max_grad_norm < math.inf, "max_grad_norm", self.max_grad_norm, "use > 0")
         _check(
             0 <= self.weight_decay <= 1,
