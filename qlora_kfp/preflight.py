@@ -102,7 +102,7 @@ def check_memory(
     mode = parallelism.decide(model_cfg, cfg, seq, gpu_memory_gib, float("inf"), has_varlen=varlen)
     cfg = mode.resolve(cfg)
     if mode.mode != "none":
-        log.info("%d processes, %s", world, mode.describe())
+        log.info("%d processes, %s", world, mode.summary())
     if mode.mode == "fsdp" and quant_storage:  # training runs on GPUs
         fsdp.check_storage(
             quant_storage, cfg.compute_dtype, True, "the quantize stage", mode.describe()

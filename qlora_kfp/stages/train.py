@@ -77,13 +77,7 @@ def decide_parallelism(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> Tr
         autofit.host_available_gib() / cfg.num_processes,
         has_varlen=attention.kernel() is not None,
     )
-    log.info(
-        "%d processes, %s (estimated per GPU: DDP %.2f GiB, FSDP %.2f GiB)",
-        cfg.num_processes,
-        plan.describe(),
-        plan.ddp_gib,
-        plan.fsdp_gib,
-    )
+    log.info("%d processes, %s", cfg.num_processes, plan.summary())
     if plan.mode == "fsdp":
         fsdp.check_storage(
             fsdp.storage_of(model_dir),

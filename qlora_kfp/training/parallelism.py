@@ -45,8 +45,8 @@ class ParallelPlan:
 
     def describe(self) -> str:
         """The mode and why, for logs and errors: ``parallelism=fsdp`` when set, else e.g.
-        ``parallelism=auto chose fsdp (one GPU under DDP: 52.1 GiB, over gpu_memory_gib=40;
-        under FSDP: 21.3 GiB)``."""
+        ``parallelism=auto chose fsdp (one GPU under DDP: 46.18 GiB, over 95% of
+        gpu_memory_gib=40; under FSDP: 37.11 GiB)``."""
         if self.mode == "none":
             return "one process"
         if not self.chosen_by_auto:
@@ -54,7 +54,18 @@ class ParallelPlan:
         fits = "within" if self.mode == "ddp" else "over"
         return (
             f"parallelism=auto chose {self.mode} (one GPU under DDP: {self.ddp_gib} GiB, {fits} "
-            f"gpu_memory_gib={self.budget_gib:g}; under FSDP: {self.fsdp_gib} GiB)"
+            f"{autofit.MARGIN:.0%} of gpu_memory_gib={self.budget_gib:g}; under FSDP: "
+            f"{self.fsdp_gib} GiB)"
+        )
+
+    def summary(self) -> str:
+        """:meth:`describe`, with both estimates (the log line of the preflight and the
+        train stage)."""
+        if self.mode == "none" or self.chosen_by_auto:
+            return self.describe()
+        return (
+            f"{self.describe()} (one GPU under DDP: {self.ddp_gib} GiB, under FSDP: "
+            f"{self.fsdp_gib} GiB)"
         )
 
 
