@@ -73,7 +73,8 @@ def estimate_kwargs(
     """The keyword arguments of ``memory.estimate`` that follow from the stage config.
 
     ``world_size``: the training processes (default: ``cfg.num_processes``, which the train
-    stage has resolved; 0 counts as 1)."""
+    stage has resolved; 0 counts as 1). The estimate is FSDP's with ``parallelism=fsdp``, else
+    DDP's (``auto`` is resolved before training: :func:`qlora_kfp.training.parallelism.decide`)."""
     from qlora_kfp.training import attention
 
     return dict(
@@ -84,6 +85,7 @@ def estimate_kwargs(
         attention=attention.resolve(cfg.attn_implementation, cfg.packing, has_varlen),
         dropout=dropout_mode(cfg),
         world_size=world_size or cfg.num_processes or 1,
+        sharded=cfg.parallelism == "fsdp",
     )
 
 
