@@ -25,6 +25,7 @@ def decide_training(
     quant_type: str = "nf4",
     double_quant: bool = True,
     compute_dtype: str = "auto",
+    quant_storage: str = "uint8",
     eval_rows: int = 64,
     lora_r: int = 16,
     lora_alpha: int = 32,
@@ -44,6 +45,7 @@ def decide_training(
     gradient_checkpointing_offload: str = "auto",
     gpu_memory_gib: float = 80.0,
     num_processes: int = 0,
+    parallelism: str = "auto",
     optimizer: str = "auto",
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.3,
@@ -88,6 +90,7 @@ def decide_training(
         quant_type: 4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.
         double_quant: Quantize the quantization constants too (saves ~0.4 bit/param).
         compute_dtype: Dtype of 4-bit matmuls: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.
+        quant_storage: Dtype the packed 4-bit weights are stored in (the same bytes, two weights a byte, only their tensor dtype differs): uint8, or bfloat16, float16 or float32, which FSDP can shard (parallelism=fsdp needs one; on a GPU the one training computes in, bfloat16 by default).
         eval_rows: Eval rows used for the 16-bit vs 4-bit perplexity (0: all).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
@@ -107,6 +110,7 @@ def decide_training(
         gradient_checkpointing_offload: Keep the inputs of checkpointed layers in pinned host memory instead of on the GPU (copied out and back on side streams, overlapped with compute): on, off or auto (on when some layer is checkpointed and the host has room). Frees tokens x hidden x 2 bytes per checkpointed layer.
         gpu_memory_gib: Memory of one GPU in GiB: preflight fails before any GPU is claimed when training cannot fit it, and names the setting that would; the train stage's auto settings fit the smaller of this and the GPU's free memory.
         num_processes: Training processes in the train task's pod (with train_runner=trainjob: in each node's pod), one per GPU (DDP: each GPU holds the 4-bit base and trains on its own micro-batches of batch_size; the LoRA gradients are averaged, so one optimizer step sees batch_size x gradient_accumulation_steps x num_processes rows). 0: one per visible GPU (the pipeline's GPUs per task, QLORA_KFP_GPUS at compile time; 1 on the CPU). On the CPU a count above 1 runs that many processes with the gloo backend (for tests).
+        parallelism: How several processes (num_processes above 1) train: ddp (each GPU holds the whole 4-bit model; fastest), fsdp (the 4-bit weights, LoRA weights and optimizer state are sharded over the GPUs and each layer is gathered while it runs: for a model that does not fit one GPU; needs a model quantized with quant_storage=bfloat16) or auto (ddp when the preflight estimate of one GPU's memory under DDP fits gpu_memory_gib, else fsdp). Ignored with one process.
         optimizer: Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the CPU. Choose paged_adamw_32bit when the optimizer state must page to host memory under memory spikes.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping norm (QLoRA paper: 0.3).

@@ -15,6 +15,7 @@ def quantize(
     quant_type: str = "nf4",
     double_quant: bool = True,
     compute_dtype: str = "auto",
+    quant_storage: str = "uint8",
     eval_rows: int = 64,
     trust_remote_code: bool = False,
     cache_fingerprint: str = "",
@@ -26,6 +27,7 @@ def quantize(
         quant_type: 4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.
         double_quant: Quantize the quantization constants too (saves ~0.4 bit/param).
         compute_dtype: Dtype of 4-bit matmuls: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.
+        quant_storage: Dtype the packed 4-bit weights are stored in (the same bytes, two weights a byte, only their tensor dtype differs): uint8, or bfloat16, float16 or float32, which FSDP can shard (parallelism=fsdp needs one; on a GPU the one training computes in, bfloat16 by default).
         eval_rows: Eval rows used for the 16-bit vs 4-bit perplexity (0: all).
         trust_remote_code: Allow custom code from the model repo (off: safer).
     """

@@ -27,6 +27,8 @@ TRAIN_RUNNERS = ("pod", "trainjob")
 # A ClusterTrainingRuntime's name: an object name (k8s.io/apimachinery validation
 # IsDNS1123Subdomain), at most 253 characters.
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
+PARALLELISMS = ("auto", "ddp", "fsdp")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -148,6 +150,13 @@ class QuantizeConfig:
         "float32.",
         default="auto",
     )
+    quant_storage: str = _help(
+        "Dtype the packed 4-bit weights are stored in (the same bytes, two weights a byte, "
+        "only their tensor dtype differs): uint8, or bfloat16, float16 or float32, which "
+        "FSDP can shard (parallelism=fsdp needs one; on a GPU the one training computes in, "
+        "bfloat16 by default).",
+        default="uint8",
+    )
     eval_rows: int = _help(
         "Eval rows used for the 16-bit vs 4-bit perplexity (0: all).", default=64
     )
@@ -159,6 +168,7 @@ class QuantizeConfig:
         _check(bool(self.base_model), "base_model", self.base_model, "give a path or URI")
         _one_of("quant_type", self.quant_type, ("nf4", "fp4"))
         _one_of("compute_dtype", self.compute_dtype, DTYPES)
+        _one_of("quant_storage", self.quant_storage, QUANT_STORAGES)
         _check(self.eval_rows >= 0, "eval_rows", self.eval_rows, "use 0 (all) or more")
 
 
@@ -222,6 +232,15 @@ class TrainConfig:
         "QLORA_KFP_GPUS at compile time; 1 on the CPU). On the CPU a count above 1 runs that "
         "many processes with the gloo backend (for tests).",
         default=0,
+    )
+    parallelism: str = _help(
+        "How several processes (num_processes above 1) train: ddp (each GPU holds the whole "
+        "4-bit model; fastest), fsdp (the 4-bit weights, LoRA weights and optimizer state "
+        "are sharded over the GPUs and each layer is gathered while it runs: for a model "
+        "that does not fit one GPU; needs a model quantized with quant_storage=bfloat16) or "
+        "auto (ddp when the preflight estimate of one GPU's memory under DDP fits "
+        "gpu_memory_gib, else fsdp). Ignored with one process.",
+        default="auto",
     )
     optimizer: str = _help(
         "Optimizer (a transformers name). auto: adamw_torch_fused on a GPU, adamw_torch on the "
@@ -356,6 +375,7 @@ class TrainConfig:
             self.num_processes,
             "use 0 (one per visible GPU) or a count of processes up to 64 (GPUs of one pod)",
         )
+        _one_of("parallelism", self.parallelism, PARALLELISMS)
         _check(0 < self.max_grad_norm < math.inf, "max_grad_norm", self.max_grad_norm, "use > 0")
         _check(
             0 <= self.weight_decay <= 1,
@@ -724,6 +744,8 @@ RESULT_INDEPENDENT = frozenset(
         # Where the processes run, not how many: a TrainJob of one node trains as the pod.
         "train_runner",
         "training_runtime",
+        # The same 4-bit bytes under another tensor dtype: the same model.
+        "quant_storage",
     }
 )
 # The stages whose settings make a registered model and its evaluation.

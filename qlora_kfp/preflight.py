@@ -56,30 +56,39 @@ def check_targets(model_cfg, cfg: TrainConfig) -> None:
 
 
 def check_memory(
-    base_model: str, cfg: TrainConfig, max_seq_length: int, gpu_memory_gib: float
+    base_model: str,
+    cfg: TrainConfig,
+    max_seq_length: int,
+    gpu_memory_gib: float,
+    quant_storage: str = "",
 ) -> dict[str, float]:
     """Estimate peak training memory on one GPU and fail when it cannot fit.
 
     With several processes (``num_processes``, or 0 and ``QLORA_KFP_GPUS`` above 1) the
-    figure is still one GPU's: each holds the whole model and trains on ``batch_size`` rows,
-    so it is the single-GPU figure at the per-GPU batch plus DDP's gradient buckets.
+    figure is still one GPU's, at the per-GPU batch, under the ``parallelism`` the train
+    stage will use (``parallelism.decide``, the same function): under DDP each GPU holds the
+    whole model, plus DDP's gradient buckets; under FSDP a share of the weights and
+    optimizer state plus the layers being gathered.
 
     Args:
         base_model: Hub id, local folder or ``s3://`` URI; only its ``config.json`` is read.
         cfg: The train stage's config (batch, rank, checkpointing, packing, kernels).
         max_seq_length: Longest row, from the prepare stage's config.
         gpu_memory_gib: The GPU's memory.
+        quant_storage: The quantize stage's, checked when training will use FSDP ("": not
+            checked).
 
     Returns:
         The estimate's parts in GiB (their sum is what must fit).
 
     Raises:
-        ConfigError: training cannot fit; the message names the setting that would.
+        ConfigError: training cannot fit, or FSDP cannot shard the 4-bit weights; the
+            message names the setting that would.
     """
     from transformers import AutoConfig
 
     from qlora_kfp.storage import sources
-    from qlora_kfp.training import autofit, memory
+    from qlora_kfp.training import autofit, fsdp, memory, parallelism
 
     model_cfg = AutoConfig.from_pretrained(sources.model_source(base_model))
     check_targets(model_cfg, cfg)
@@ -88,9 +97,17 @@ def check_memory(
     # Training runs on the GPU image, whose torch has the varlen kernel: the plan and the
     # estimate are made for it (this pod has no GPU, so none of its own).
     varlen = True
-    kw = autofit.estimate_kwargs(cfg, has_varlen=varlen)
     # A bin holds pack_length tokens; other modes hold rows of at most max_seq_length.
     seq = cfg.pack_length if cfg.packing == "bins" and cfg.pack_length else max_seq_length
+    mode = parallelism.decide(model_cfg, cfg, seq, gpu_memory_gib, float("inf"), has_varlen=varlen)
+    cfg = mode.resolve(cfg)
+    if mode.mode != "none":
+        log.info("%d processes, %s", world, mode.summary())
+    if mode.mode == "fsdp" and quant_storage:  # training runs on GPUs
+        fsdp.check_storage(
+            quant_storage, cfg.compute_dtype, True, "the quantize stage", mode.describe()
+        )
+    kw = autofit.estimate_kwargs(cfg, has_varlen=varlen)
     # What the train stage will decide: the same function on the same inputs, except the
     # training pod's host memory, which is not known here (auto may offload).
     plan = autofit.plan(model_cfg, cfg, seq, gpu_memory_gib, float("inf"), has_varlen=varlen)
@@ -118,6 +135,8 @@ def check_memory(
             hint = f"use gradient_checkpointing_layers={fewest} (or auto)" + (
                 " with gradient_checkpointing_offload=on" if offload and fewest else ""
             )
+        elif mode.mode == "ddp" and mode.fsdp_gib <= budget:  # set to ddp: FSDP fits
+            hint = f"use parallelism=fsdp (or auto), about {mode.fsdp_gib} GiB of each GPU"
         elif fits:
             hint = (
                 f"use batch_size={fits} with gradient_accumulation_steps="

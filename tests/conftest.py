@@ -70,6 +70,8 @@ MARK_OF_FIXTURE = {
     "s3_only": "integration",
     "s3_env": "integration",
     "gpu_assets": "slow",  # tests/test_gpu_training.py: builds and trains on a GPU
+    "two_processes": "slow",  # the train stage in two processes (tests/ranks.py)
+    "preempted_fsdp": "slow",  # tests/test_fsdp.py: the same, under FSDP, killed and resumed
 }
 
 
@@ -192,6 +194,25 @@ def trained(quantized, prepared, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("adapter") / "adapter"
     return run_train(TrainConfig(**TRAIN_KW), quantized.path, prepared.path, str(out))
+
+
+@pytest.fixture(scope="session")
+def rank_site(tmp_path_factory):
+    """The test hooks of the train stage's processes (tests/ranks.py), on their PYTHONPATH."""
+    from ranks import write_site
+
+    return write_site(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(scope="session")
+def two_processes(quantized, prepared, rank_site, tmp_path_factory):
+    """An uninterrupted DDP run of 2 processes x 2 rows a step (tests/ranks.py's CFG):
+    ``(adapter folder, result)``. Shared by the DDP and FSDP tests, which compare with it."""
+    from ranks import result, start
+
+    out = tmp_path_factory.mktemp("ddp") / "adapter"
+    proc = start(quantized.path, prepared.path, out, rank_site, num_processes=2, batch_size=2)
+    return out, result(proc)
 
 
 @pytest.fixture

@@ -158,7 +158,10 @@ class FakeKfpApiServer:
         handler = type("BoundHandler", (Handler,), {"api": self.api})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.host = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # Polled every 10 ms: shutdown() waits for the poll (0.5 s by default, 80 times a run).
+        threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        ).start()
         return self
 
     def __exit__(self, *exc):

@@ -389,3 +389,25 @@ def test_preflight_estimates_one_gpu_of_a_ddp_run(
     lora = sum(16 * (i + o) for i, o in memory.linear_shapes(LlamaConfig(**LLAMA_8B)))
     buckets = {"DDP gradient buckets": round(lora * 4 / memory.GIB, 2)} if world > 1 else {}
     assert parts == {**single, **buckets}
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_fsdp_splits_weights_and_optimizer_state_and_keeps_activations(world):
+    """Under FSDP one GPU holds a 1/world share of the packed weights, LoRA weights, grads
+    and AdamW state, the quantization constants whole, two decoder layers gathered, and the
+    activations of its own micro-batch, as under DDP (which adds its gradient buckets)."""
+    cfg = LlamaConfig(**LLAMA_70B)
+    kw = dict(packing="bins", attention="varlen", fp32_upcast=False, world_size=world)
+    ddp = memory.estimate(cfg, 2048, 1, 16, **kw).parts_bytes
+    fsdp = memory.estimate(cfg, 2048, 1, 16, sharded=True, **kw).parts_bytes
+    packed, constants = fsdp["4-bit weights (shard)"], fsdp["4-bit quantization constants"]
+    assert world * packed + constants == pytest.approx(ddp["4-bit weights"])
+    for part in ("LoRA weights + grads", "AdamW state"):
+        assert world * fsdp[f"{part} (shard)"] == pytest.approx(ddp[part])
+    per_layer = memory.linear_shapes(cfg)[:7]
+    layer = sum(i * o / 2 + 16 * (i + o) * 4 for i, o in per_layer)
+    assert fsdp["gathered decoder layers"] == pytest.approx(2 * layer)
+    shared = set(ddp) & set(fsdp) - {"embeddings + head"}
+    assert shared >= {"backward working set", "fused loss", "checkpointed layer inputs"}
+    assert all(fsdp[k] == ddp[k] for k in shared)
+    assert "DDP gradient buckets" in ddp and "DDP gradient buckets" not in fsdp

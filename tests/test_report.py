@@ -28,7 +28,10 @@ def webhook():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Polled every 10 ms: shutdown() waits for the poll (0.5 s by default, 80 times a run).
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+    ).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
     server.shutdown()
 

@@ -147,7 +147,9 @@ def _quantize(cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None) -> 
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
-    qcfg = modeling.bnb_config(cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
+    qcfg = modeling.bnb_config(
+        cfg.quant_type, cfg.double_quant, cfg.compute_dtype, cfg.quant_storage
+    )
     dtype = modeling.resolve_dtype(cfg.compute_dtype)
     # transformers loads and quantizes shard by shard: the 16-bit model is never whole.
     model4 = modeling.load_model(

@@ -1,28 +1,39 @@
 """Stage 3, train: QLoRA (LoRA adapters on the frozen 4-bit model) with transformers' Trainer.
 
 One process per GPU of the pod (``num_processes``): with one, training runs in this process;
-with several, this process launches them (:mod:`qlora_kfp.training.distributed`) and waits.
-With ``train_runner=trainjob`` the processes run on ``num_nodes`` pods of a Kubeflow Trainer
-TrainJob that this process creates and watches (:mod:`qlora_kfp.stages.train_job`).
+with several, this process decides how they share the work (``parallelism``: DDP or FSDP,
+:mod:`qlora_kfp.training.parallelism`), launches them (:mod:`qlora_kfp.training.distributed`)
+and waits. With ``train_runner=trainjob`` the processes run on ``num_nodes`` pods of a Kubeflow
+Trainer TrainJob that this process creates and watches (:mod:`qlora_kfp.stages.train_job`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ArtifactError, ConfigError
-from qlora_kfp.stages.train_loop import TrainResult, train_here
+from qlora_kfp.stages.train_loop import TrainResult, plan_length, train_here
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.fingerprint import artifact_digest
 from qlora_kfp.storage.manifest import check_output, verify
 from qlora_kfp.storage.writes import output_lock
-from qlora_kfp.training import checkpoints, distributed
+from qlora_kfp.training import (
+    attention,
+    autofit,
+    checkpoints,
+    distributed,
+    fsdp,
+    modeling,
+    parallelism,
+)
 
 __all__ = ["TrainResult", "run_train", "train_here"]
+log = logging.getLogger(__name__)
 
 
 def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
@@ -47,6 +58,36 @@ def _check_tokenizer(model_dir: str, dataset_dir: str) -> None:
         what,
         "prepare the dataset with the base model that was quantized, or train on its model",
     )
+
+
+def decide_parallelism(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> TrainConfig:
+    """``cfg`` with ``parallelism`` decided (``parallelism.decide``, on ``gpu_memory_gib``, as
+    the preflight decides), and checked against the model's 4-bit storage under FSDP.
+
+    Raises:
+        ConfigError: FSDP on a model it cannot shard (uint8 storage) or would corrupt.
+    """
+    from transformers import AutoConfig
+
+    rows = artifacts.token_rows(dataset_dir, "train")
+    plan = parallelism.decide(
+        AutoConfig.from_pretrained(model_dir),
+        cfg,
+        plan_length(cfg, rows),
+        cfg.gpu_memory_gib,
+        autofit.host_available_gib() / cfg.num_processes,
+        has_varlen=attention.kernel() is not None,
+    )
+    log.info("%d processes, %s", cfg.num_processes, plan.summary())
+    if plan.mode == "fsdp":
+        fsdp.check_storage(
+            fsdp.storage_of(model_dir),
+            cfg.compute_dtype,
+            modeling.device() == "cuda",
+            model_dir,
+            plan.describe(),
+        )
+    return plan.resolve(cfg)
 
 
 def run_train(
@@ -123,10 +164,14 @@ def _train(
         runner = TrainJobRunner(job_uri)
         # Per node; the checkpoints record it with num_nodes (the global batch).
         cfg = dataclasses.replace(cfg, num_processes=runner.processes(cfg))
+        if cfg.world_size > 1:  # DDP or FSDP over every node's processes, decided here
+            cfg = decide_parallelism(cfg, model_dir, dataset_dir)
         made_from = _made_from(cfg, model_dir, dataset_dir)
         return runner.train(cfg, paths, made_from, checkpoint_uri, on_log, input_uris)
     # The resolved count: the checkpoints record it (another count is another global batch).
     cfg = dataclasses.replace(cfg, num_processes=distributed.world_size(cfg))
+    if cfg.num_processes > 1:  # the resolved mode too: a checkpoint of the other is not resumed
+        cfg = decide_parallelism(cfg, model_dir, dataset_dir)
     ckpt_root = Path(checkpoint_dir or f"{paths['output_dir']}.checkpoints")
     made_from = _made_from(cfg, model_dir, dataset_dir)
     # Here, in one process: every rank then resumes from this same sealed checkpoint.

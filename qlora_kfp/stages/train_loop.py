@@ -27,6 +27,7 @@ from qlora_kfp.training import (
     batching,
     checkpoints,
     distributed,
+    fsdp,
     modeling,
     trainer_hooks,
 )
@@ -49,6 +50,13 @@ class TrainResult:
     path: str
     metrics: dict
     history: list[dict]
+
+
+def plan_length(cfg: TrainConfig, rows) -> int:
+    """The row length memory is planned for: a bin's capacity with ``packing=bins``
+    (``pack_length``, else the longest row), else the longest row."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    return (cfg.pack_length or longest) if cfg.packing == "bins" else longest
 
 
 def memory_settings(
@@ -136,7 +144,8 @@ def train_here(
 ) -> TrainResult:
     """:func:`run_train`'s training in this process: the only one, or one rank of
     ``cfg.num_processes`` (:mod:`qlora_kfp.training.distributed`), where rank 0 alone writes
-    the adapter and seals checkpoints. Arguments as :func:`run_train`'s, checked by it."""
+    the adapter and seals checkpoints. Arguments as :func:`run_train`'s, checked by it;
+    ``cfg.parallelism`` resolved (DDP, or FSDP: :mod:`qlora_kfp.training.fsdp`)."""
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -155,12 +164,15 @@ def train_here(
     dtype = modeling.resolve_dtype(cfg.compute_dtype)
     model = build_peft_model(cfg, model_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sharded = ranks > 1 and cfg.parallelism == "fsdp"
+    if sharded:
+        fsdp.keep_weight_layout(model)
 
     tokens_seen = [0]  # real tokens of the batches training steps have consumed (this rank)
 
     capacity = 0
     if cfg.packing == "bins":
-        capacity = cfg.pack_length or max(len(r["input_ids"]) for r in train_ds)
+        capacity = plan_length(cfg, train_ds)
         try:
             bins = batching.packed_rows(train_ds, capacity)
         except ValueError as exc:
@@ -229,10 +241,16 @@ def train_here(
             ddp_backend="gloo" if cpu_ranks else None,
             # A pod log is no terminal: progress comes as one line per logging step instead.
             disable_tqdm=not sys.stderr.isatty(),
+            **(fsdp.trainer_arguments() if sharded else {}),
         )
+        if sharded and cpu_ranks:
+            fsdp.accelerate_on_cpu(args)
+        trainer_cls = trainer_hooks.counting_trainer(Trainer, tokens_seen)
+        if sharded:
+            trainer_cls = fsdp.sharded_trainer(trainer_cls)
 
         def new_trainer():
-            return trainer_hooks.counting_trainer(Trainer, tokens_seen)(
+            return trainer_cls(
                 model=model,
                 args=args,
                 train_dataset=train_ds,
@@ -259,9 +277,11 @@ def train_here(
                 "use compute_dtype=bfloat16 instead of float16"
             )
         final_eval = trainer.evaluate()  # the Recorder logs it into history too
-        check_finite_adapter(model)  # a NaN adapter must never be sealed as complete
+        # Under FSDP the adapter is sharded: gathered (by every rank) onto rank 0 to be saved.
+        adapter = fsdp.gathered_state(trainer.model) if sharded else None
+        check_finite_adapter(model, adapter)  # a NaN adapter must never be sealed as complete
         if main:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=adapter)
             tokenizer.save_pretrained(tmp)
             (tmp / "history.json").write_text(json.dumps(history, indent=1))
             artifacts.write_train_record(

@@ -284,6 +284,7 @@ def preflight(args: dict) -> str:
                     train,
                     built["prepare"].max_seq_length,
                     train.gpu_memory_gib,  # a trial may set its own
+                    built["quantize"].quant_storage,
                 )
             )
         parts = max(estimates, key=lambda p: sum(p.values()))

@@ -73,7 +73,9 @@ def estimate_kwargs(
     """The keyword arguments of ``memory.estimate`` that follow from the stage config.
 
     ``world_size``: the training processes (default: ``cfg.world_size``, ``num_processes``
-    on each of ``num_nodes``, which the train stage has resolved; 0 counts as 1)."""
+    on each of ``num_nodes``, which the train stage has resolved; 0 counts as 1). The estimate
+    is FSDP's with ``parallelism=fsdp``, else DDP's (``auto`` is resolved before training:
+    :func:`qlora_kfp.training.parallelism.decide`)."""
     from qlora_kfp.training import attention
 
     return dict(
@@ -84,6 +86,7 @@ def estimate_kwargs(
         attention=attention.resolve(cfg.attn_implementation, cfg.packing, has_varlen),
         dropout=dropout_mode(cfg),
         world_size=world_size or cfg.world_size,
+        sharded=cfg.parallelism == "fsdp",
     )
 
 

@@ -20,7 +20,13 @@ settings. The parts:
 * with several processes (DDP, one per GPU): every figure above is per GPU at the per-GPU
   micro-batch, as on one GPU (each holds the whole 4-bit model, its own LoRA copy, optimizer
   state and activations), plus DDP's gradient buckets: a float32 copy of the LoRA gradients
-  that the all-reduce works on (``gradient_as_bucket_view`` is off in the Trainer's DDP).
+  that the all-reduce works on (``gradient_as_bucket_view`` is off in the Trainer's DDP);
+* with FSDP (``sharded``): the packed 4-bit weights and the LoRA weights, gradients and AdamW
+  state are split over the processes; the quantization constants stay whole on each GPU
+  (bitsandbytes keeps them on the module, not in the sharded parameter); two decoder layers
+  are gathered whole at a time (the one running and the next, prefetched); embeddings and
+  head stay gathered from the forward to the backward (FSDP does not reshard the root
+  module after its forward), beside their shard. Activations are as under DDP.
 
 Fitted on one H100 (8B shapes, 4 bins of 2,048 tokens, varlen + Liger, LoRA r=64 on every
 Linear with peft's dropout; 0, 4, 12 and 32 of 32 layers checkpointed; BENCHMARKS.md) and
@@ -49,6 +55,8 @@ BACKWARD_WORK = 0.50
 REGENERATED_DROPOUT_BYTES = 3
 OFFLOAD_IN_FLIGHT = 2  # layer inputs on the GPU at once with offload (one copying, one used)
 OVERHEAD_GIB = 1.0  # CUDA context, allocator slack
+PACKED_BYTES = 0.5  # of NF4_DQ_BYTES, what FSDP shards: the packed weights, two a byte
+GATHERED_LAYERS = 2  # FSDP: the decoder layer running and the next one, being gathered
 
 
 @dataclass
@@ -127,6 +135,7 @@ def estimate(
     offload: bool = False,
     dropout: str = "none",
     world_size: int = 1,
+    sharded: bool = False,
 ) -> MemoryEstimate:
     """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
 
@@ -137,20 +146,26 @@ def estimate(
     stage does; ``offload`` keeps their inputs in host memory. ``dropout``: LoRA dropout off
     (``none``), with masks drawn again in backward (``regenerated``, the train stage) or
     through peft's own module (``peft``; see :func:`kept_layer_bytes`). ``world_size``:
-    training processes (DDP); the estimate is one GPU's, at ``batch_size`` per GPU.
+    training processes; the estimate is one GPU's, at ``batch_size`` per GPU, under DDP, or
+    under FSDP with ``sharded`` (weights, LoRA and optimizer state split ``world_size`` ways).
     """
     shapes = linear_shapes(cfg)
     h, vocab, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
     tokens = seq_len * batch_size
     tied = getattr(cfg, "tie_word_embeddings", False)
     lora = sum(lora_r * (i + o) for i, o in shapes)
-    parts = {
-        "4-bit weights": sum(i * o for i, o in shapes) * NF4_DQ_BYTES,
-        "embeddings + head": vocab * h * (4 if fp32_upcast else 2) * (1 if tied else 2),
-        "LoRA weights + grads": lora * 8,
-        "AdamW state": lora * 8,
-    }
-    if world_size > 1:
+    weights = sum(i * o for i, o in shapes)
+    embeddings = vocab * h * (4 if fp32_upcast else 2) * (1 if tied else 2)
+    if sharded and world_size > 1:
+        parts = _sharded_parts(shapes, layers, weights, embeddings, lora, lora_r, world_size)
+    else:
+        parts = {
+            "4-bit weights": weights * NF4_DQ_BYTES,
+            "embeddings + head": embeddings,
+            "LoRA weights + grads": lora * 8,
+            "AdamW state": lora * 8,
+        }
+    if world_size > 1 and not sharded:
         parts["DDP gradient buckets"] = lora * 4
     n = gradient_checkpointing_layers
     ckpt = 0 if not gradient_checkpointing else layers if n < 0 else min(n, layers)
@@ -174,6 +189,20 @@ def estimate(
     parts["attention mask"] = 0 if attention == "varlen" else rows * width * width
     parts["CUDA context + slack"] = OVERHEAD_GIB * GIB
     return MemoryEstimate(parts, tokens)
+
+
+def _sharded_parts(shapes, layers, weights, embeddings, lora, lora_r, world) -> dict:
+    """The weights' and optimizer's parts of one GPU's memory under FSDP (see the module)."""
+    per_layer = shapes[: len(shapes) // layers]
+    layer = sum(i * o * PACKED_BYTES + lora_r * (i + o) * 4 for i, o in per_layer)
+    return {
+        "4-bit weights (shard)": weights * PACKED_BYTES / world,
+        "4-bit quantization constants": weights * (NF4_DQ_BYTES - PACKED_BYTES),
+        "gathered decoder layers": GATHERED_LAYERS * layer,
+        "embeddings + head": embeddings * (1 + 1 / world),
+        "LoRA weights + grads (shard)": lora * 8 / world,
+        "AdamW state (shard)": lora * 8 / world,
+    }
 
 
 def fewest_checkpointed_layers(

@@ -25,7 +25,12 @@ def resolve_dtype(name: str):
     return getattr(torch, name)
 
 
-def bnb_config(quant_type: str, double_quant: bool, compute_dtype: str):
+def bnb_config(
+    quant_type: str, double_quant: bool, compute_dtype: str, quant_storage: str = "uint8"
+):
+    """transformers' 4-bit settings; ``quant_storage`` is the packed weights' tensor dtype,
+    which ``config.json`` records (``bnb_4bit_quant_storage``) for every later load."""
+    import torch
     from transformers import BitsAndBytesConfig
 
     dtype = resolve_dtype(compute_dtype)
@@ -34,6 +39,7 @@ def bnb_config(quant_type: str, double_quant: bool, compute_dtype: str):
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant_storage),
     )
 
 

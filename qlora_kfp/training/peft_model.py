@@ -116,14 +116,18 @@ def resolve_optimizer(name: str) -> str:
     return "adamw_torch_fused" if modeling.device() == "cuda" else "adamw_torch"
 
 
-def check_finite_adapter(model) -> None:
+def check_finite_adapter(model, gathered: dict | None = None) -> None:
     """Fail when a trained LoRA weight is NaN or Inf (losses can look finite while weights
-    are not, e.g. under an extreme weight decay)."""
+    are not, e.g. under an extreme weight decay). ``gathered``: the adapter's tensors where
+    the model holds shards of them (FSDP: the whole adapter on rank 0, none elsewhere)."""
     import torch
 
-    bad = [
-        n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
-    ]
+    tensors = (
+        gathered.items()
+        if gathered is not None
+        else ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    )
+    bad = [n for n, p in tensors if not torch.isfinite(p).all()]
     if bad:
         raise TrainingDivergedError(
             f"training diverged: {len(bad)} adapter weights are NaN or Inf (first: {bad[0]}); "
