@@ -14,15 +14,12 @@ of one pod make on the same global batch of 4 rows (tests/test_ddp.py, whose tol
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_ddp import CFG, SCRIPT, adapter
+from ranks import CFG, adapter
 from trainjob_cluster import LocalTrainer, profile_namespace, runner_kubeconfig
 
 from qlora_kfp.configs import TrainConfig
@@ -33,29 +30,14 @@ from qlora_kfp.training import trainjob_logs
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-# test_ddp's settings, shorter: 4 steps, a checkpoint mirrored to S3 at step 2.
-SHORT = {**CFG, "max_steps": 4, "checkpoint_steps": 2}
 STORE = "s3://data/run-1"
 
 
-def one_pod(quantized, prepared, out: Path) -> dict:
-    """The same training in one pod's 2 processes (the train stage, train_runner=pod)."""
-    argv = [json.dumps({**SHORT, "num_processes": 2, "batch_size": 2})]
-    argv += [quantized.path, prepared.path, str(out)]
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *argv],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-
-
 def test_two_nodes_give_one_pod_s_adapter_on_the_same_global_batch(
-    kube, s3_env, quantized, prepared, tmp_path, monkeypatch
+    kube, s3_env, quantized, prepared, two_processes, tmp_path, monkeypatch
 ):
+    """Against the DDP tests' run of one pod's 2 processes x 2 rows (conftest's two_processes),
+    on tests/ranks.py's settings."""
     (tmp_path / "overlay").mkdir()
     namespace = profile_namespace(kube, "trainjob-nodes", tmp_path / "overlay")
     monkeypatch.setenv("KUBECONFIG", runner_kubeconfig(kube, namespace, tmp_path / "kubeconfig"))
@@ -68,7 +50,7 @@ def test_two_nodes_give_one_pod_s_adapter_on_the_same_global_batch(
     trainer.start()
     # The dataset as its stage published it; the model published nowhere: the task copies it.
     published = s3.upload_folder(prepared.path, f"{STORE}/dataset")
-    cfg = TrainConfig(**{**SHORT, "batch_size": 2}, train_runner="trainjob", num_nodes=2)
+    cfg = TrainConfig(**{**CFG, "batch_size": 2}, train_runner="trainjob", num_nodes=2)
     got = run_train(
         cfg,
         quantized.path,
@@ -87,7 +69,7 @@ def test_two_nodes_give_one_pod_s_adapter_on_the_same_global_batch(
     assert job["model_uri"] == f"{STORE}/train-job/inputs/quantized-model"
 
     verify(got.path, "adapter")
-    assert got.metrics["processes"] == 2 and got.metrics["steps"] == SHORT["max_steps"]
+    assert got.metrics["processes"] == 2 and got.metrics["steps"] == CFG["max_steps"]
     # Node 0's log carries every logged row, as the task relays it to on_log; node 1's none.
     relayed: list[dict] = []
     trainjob_logs.relay(trainer.outputs[0][0].splitlines(), relayed.append, lambda line: None)
@@ -95,12 +77,12 @@ def test_two_nodes_give_one_pod_s_adapter_on_the_same_global_batch(
     assert trainjob_logs.ROW_MARK not in trainer.outputs[1][0]
     # Node 0 mirrored its checkpoints, sealed, for a restarted TrainJob to resume from.
     keys = {o["key"] for o in s3.list_objects(f"{STORE}/train-checkpoints")}
-    assert "run-1/train-checkpoints/checkpoint-2/MANIFEST.json" in keys
+    assert f"run-1/train-checkpoints/checkpoint-{CFG['checkpoint_steps']}/MANIFEST.json" in keys
 
-    pod = one_pod(quantized, prepared, tmp_path / "one-pod")
+    pod_folder, pod = two_processes
     losses = [[r["loss"] for r in h if "loss" in r] for h in (got.history, pod["history"])]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    a, b = adapter(tmp_path / "one-pod"), adapter(Path(got.path))
+    a, b = adapter(pod_folder), adapter(Path(got.path))
     assert a.keys() == b.keys()
     for k in a:  # test_ddp's bound: summation order apart, the same updates
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=CFG["learning_rate"] / 100)
