@@ -66,15 +66,15 @@ def main() -> None:
 
     # The installed project first: gpu_stages puts the checkout on sys.path, whose qlora_kfp
     # folder has no pipelines/components subpackages (they install from the top-level folders).
-    from qlora_kfp.app import local_run
+    from qlora_kfp.app import local_runner
     from qlora_kfp.pipelines.qlora_finetune import qlora_finetune  # isort: skip
     from gpu_stages import build_assets  # isort: skip
 
     work = Path(a.work)
-    local_run.local_tracking_env(work)
+    local_runner.local_tracking_env(work)
     assets = build_assets(work, a.hidden, a.layers)
     params = {
-        **local_run.demo_params(),
+        **local_runner.demo_params(),
         **assets,
         # The GPU image's defaults otherwise: bins of pack_length tokens, Liger, varlen.
         "packing": "bins",
@@ -91,7 +91,7 @@ def main() -> None:
         "run_name": f"gpu-{time.strftime('%H%M%S')}",
     }
     t0 = time.perf_counter()
-    run_dir = local_run.run_pipeline(qlora_finetune, params, work)
+    run_dir = local_runner.run_pipeline(qlora_finetune, params, work)
     total = round(time.perf_counter() - t0, 1)
     rows, parent = stage_usage(os.environ["MLFLOW_TRACKING_URI"])
     out = {

@@ -57,7 +57,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "start_tracking",
         "Check MLflow and S3 before any GPU is claimed, then create the parent MLflow run.",
-        "run.start_tracking",
+        "bookkeeping_tasks.start_tracking",
         inputs=(
             ("mlflow_experiment", "str"),
             ("run_name", "str"),
@@ -72,7 +72,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "finish_tracking",
         "Exit handler: close the parent run, write the run report, post the webhook, clean up.",
-        "run.finish",
+        "bookkeeping_tasks.finish",
         inputs=(
             ("mlflow_experiment", "str"),
             ("kfp_run_id", "str"),
@@ -84,7 +84,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "fingerprint_sources",
         "Digest of the data, the base model and the running code; never cached.",
-        "run.fingerprint",
+        "bookkeeping_tasks.fingerprint",
         inputs=(("data_source", "str"), ("base_model", "str")),
         returns="str",
         context=False,
@@ -93,7 +93,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "preflight",
         "Validate every stage's settings and estimate peak GPU memory (JSON breakdown); fail "
         "before any GPU task when training cannot fit.",
-        "run.preflight",
+        "bookkeeping_tasks.preflight",
         configs=(*ALL_STAGES, "pipeline"),
         extra=(("lora_grid", "list", "[]"),),
         returns="str",
@@ -101,7 +101,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "prepare_dataset",
         "Read, validate, render, tokenize and split a dataset; returns its digest.",
-        "stages.prepare_dataset",
+        "stage_tasks.prepare_dataset",
         configs=("prepare",),
         inputs=(("dataset", "Output[Dataset]"), ("metrics", "Output[Metrics]")),
         extra=(("cache_fingerprint", "str", '""'),),
@@ -112,7 +112,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "decide_training",
         'Returns "skip" when the champion was made from this dataset, base model, code and '
         'result-changing settings, else "train".',
-        "run.decide_training",
+        "bookkeeping_tasks.decide_training",
         configs=(*ALL_STAGES, "pipeline"),
         inputs=(("dataset_digest", "str"), ("cache_fingerprint", "str")),
         exclude=(
@@ -127,7 +127,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "quantize",
         "Load the base model in 4 bit (bitsandbytes) and save it; report size and error.",
-        "stages.quantize",
+        "stage_tasks.quantize",
         gpu=True,
         configs=("quantize",),
         inputs=(
@@ -141,7 +141,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "train",
         "QLoRA: train a LoRA adapter on the frozen 4-bit model; returns the eval loss.",
-        "stages.train",
+        "stage_tasks.train",
         gpu=True,
         configs=("train",),
         inputs=(
@@ -157,7 +157,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "evaluate",
         "Base vs tuned on the eval split: loss, perplexity, exact match, ROUGE-L.",
-        "stages.evaluate",
+        "stage_tasks.evaluate",
         gpu=True,
         configs=("evaluate",),
         inputs=(
@@ -175,7 +175,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
         "merge",
         "Merge the adapter into the 16-bit base and verify merged vs base+adapter logits; "
         "returns where the merged model can be read.",
-        "stages.merge",
+        "stage_tasks.merge",
         gpu=True,
         configs=("merge",),
         inputs=(
@@ -188,7 +188,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "register_model",
         "New MLflow model version, alias challenger; champion when it beats the champion.",
-        "stages.register",
+        "stage_tasks.register",
         configs=("register",),
         inputs=(
             ("merged_model_uri", "str"),
@@ -201,7 +201,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "pick_best_trial",
         "The grid entry with the lowest tuned eval loss (logged to the parent MLflow run).",
-        "run.pick_best",
+        "bookkeeping_tasks.pick_best",
         inputs=(("lora_grid", "list"), ("eval_losses", "list"), ("metrics", "Output[Metrics]")),
         returns="dict",
     ),

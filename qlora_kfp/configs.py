@@ -725,10 +725,10 @@ STAGE_CONFIGS: dict[str, type] = {
 ALL_CONFIGS: tuple[type, ...] = (*STAGE_CONFIGS.values(), PipelineConfig)
 
 # Settings that change how fast training runs or what it logs, not the model it makes. A
-# checkpoint made under other values may still be resumed (training/checkpoints.py), and a
+# checkpoint made under other values may still be resumed (training/resume.py), and a
 # champion made under other values is still what these settings would make (the retraining
-# gate, tasks/run.decide_training). Every other field, including any added later, changes the
-# result.
+# gate, tasks/bookkeeping_tasks.decide_training). Every other field, including any added
+# later, changes the result.
 RESULT_INDEPENDENT = frozenset(
     {
         "logging_steps",

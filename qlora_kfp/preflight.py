@@ -13,7 +13,7 @@ from qlora_kfp import env
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError
 from qlora_kfp.storage import s3
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import parent_run
 
 log = logging.getLogger(__name__)
 ARTIFACT_URI_ENV = "QLORA_KFP_ARTIFACT_URI"
@@ -30,7 +30,7 @@ def check_services() -> None:
         TrackingError: MLflow is unreachable.
         SourceError: the bucket is missing, the credentials are wrong or S3 is unreachable.
     """
-    runs.check_server()
+    parent_run.check_server()
     uri = env.text(ARTIFACT_URI_ENV)
     if uri:
         s3.check_access(uri)

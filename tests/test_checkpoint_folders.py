@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_kfp.errors import ArtifactError
-from qlora_kfp.training import checkpoints
+from qlora_kfp.training import resume
 
 WANTED = {"config": {"lora_r": 8}, "dataset_digest": "d", "model_digest": "m"}
 
@@ -29,15 +29,15 @@ def _users(root, step):
 
 def test_a_cut_off_checkpoint_is_removed(tmp_path):
     cut = _cut_off(tmp_path, 4)
-    assert checkpoints.find_resume_point(tmp_path, WANTED) is None
+    assert resume.find_resume_point(tmp_path, WANTED) is None
     assert not cut.exists()
 
 
 def test_a_users_folder_named_like_a_checkpoint_is_refused_and_kept(tmp_path):
     mine = _users(tmp_path, 5)
     with pytest.raises(ArtifactError, match=r"checkpoint-5: holds files .* move that folder out"):
-        checkpoints.find_resume_point(tmp_path, WANTED)
-    checkpoints.remove_all(tmp_path)  # the clean-up after a finished training
-    with pytest.raises(ValueError), checkpoints.saving(tmp_path):  # ... and after a failed one
+        resume.find_resume_point(tmp_path, WANTED)
+    resume.remove_all(tmp_path)  # the clean-up after a finished training
+    with pytest.raises(ValueError), resume.saving(tmp_path):  # ... and after a failed one
         raise ValueError("training failed")
     assert (mine / "notes.txt").read_text() == "mine"

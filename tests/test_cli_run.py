@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_kfp.app import cli, local_run
+from qlora_kfp.app import cli, local_runner
 
 
 @pytest.fixture
@@ -14,8 +14,8 @@ def no_pipeline(monkeypatch):
     def ran(*a, **kw):
         raise AssertionError("a pipeline ran")
 
-    monkeypatch.setattr(local_run, "demo", ran)
-    monkeypatch.setattr(local_run, "run_pipeline", ran)
+    monkeypatch.setattr(local_runner, "demo", ran)
+    monkeypatch.setattr(local_runner, "run_pipeline", ran)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
@@ -48,11 +48,11 @@ def captured(monkeypatch):
         seen.update(pipeline=pipeline.pipeline_func.__name__, params=params)
         return workdir
 
-    monkeypatch.setattr(local_run, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(local_runner, "run_pipeline", run_pipeline)
     monkeypatch.setattr(
-        local_run, "make_demo_assets", lambda root: {"data_source": "d.jsonl", "base_model": "m"}
+        local_runner, "make_demo_assets", lambda root: {"data_source": "d.jsonl", "base_model": "m"}
     )
-    monkeypatch.setattr(local_run, "collect", lambda run_dir: {})
+    monkeypatch.setattr(local_runner, "collect", lambda run_dir: {})
     for k in ("MLFLOW_TRACKING_URI", "QLORA_KFP_MLFLOW_ARTIFACT_ROOT"):
         monkeypatch.delenv(k, raising=False)
     return seen
@@ -61,7 +61,7 @@ def captured(monkeypatch):
 def test_the_demo_trains_with_the_settings_of_examples_demo_yaml(captured, tmp_path):
     import yaml
 
-    shown = yaml.safe_load(local_run.DEMO_PARAMS_FILE.read_text())
+    shown = yaml.safe_load(local_runner.DEMO_PARAMS_FILE.read_text())
     assert shown["learning_rate"] == 5e-3 and shown["num_epochs"] == 20.0
     assert cli.main(["run", "--workdir", str(tmp_path), "--lora_r", "8"]) == 0
     assert captured["pipeline"] == "qlora_finetune"
@@ -77,14 +77,14 @@ def test_the_demo_trains_with_the_settings_of_examples_demo_yaml(captured, tmp_p
 def test_the_demo_settings_file_is_the_one_read(captured, tmp_path, monkeypatch):
     mine = tmp_path / "demo.yaml"
     mine.write_text("learning_rate: 0.0123\n")
-    monkeypatch.setattr(local_run, "DEMO_PARAMS_FILE", mine)
+    monkeypatch.setattr(local_runner, "DEMO_PARAMS_FILE", mine)
     assert cli.main(["run", "--workdir", str(tmp_path)]) == 0
     assert captured["params"]["learning_rate"] == 0.0123
     assert "num_epochs" not in captured["params"]
 
 
 def test_a_local_sweep_runs_qlora_sweep_with_its_grid(captured, tmp_path):
-    from qlora_kfp.app.local_run import DEMO_PARAMS_FILE
+    from qlora_kfp.app.local_runner import DEMO_PARAMS_FILE
 
     grid = DEMO_PARAMS_FILE.parent / "demo_sweep.yaml"
     args = ["run", "--workdir", str(tmp_path), "--pipeline", "qlora_sweep"]
@@ -140,7 +140,7 @@ def test_the_readme_shows_the_demo_settings_as_they_are():
     block = re.search(r"examples/demo\.yaml\)?:\n\n```yaml\n(.*?)```", readme, re.S)
     assert block, "README shows examples/demo.yaml in a yaml block"
     shown = yaml.safe_load(block.group(1))
-    assert shown == yaml.safe_load(local_run.DEMO_PARAMS_FILE.read_text())
+    assert shown == yaml.safe_load(local_runner.DEMO_PARAMS_FILE.read_text())
 
 
 def test_run_help_lists_the_sweep_grid_with_its_help(capsys):

@@ -7,7 +7,7 @@ import sys
 
 from kfp.local import logging_utils, status
 
-from qlora_kfp.app import cli, local_run, progress
+from qlora_kfp.app import cli, local_runner, progress
 
 
 def task_lines(task: str, ok: bool, body: list[str]) -> str:
@@ -49,8 +49,8 @@ def test_a_failed_task_is_one_line_and_the_run_one_error(tmp_path, monkeypatch, 
     def run_pipeline(pipeline, params, workdir, verbose=False):
         progress.run_quietly(failing_run, tmp_path / "runner.log", verbose)
 
-    monkeypatch.setattr(local_run, "run_pipeline", run_pipeline)
-    monkeypatch.setattr(local_run, "local_tracking_env", lambda workdir: None)
+    monkeypatch.setattr(local_runner, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(local_runner, "local_tracking_env", lambda workdir: None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = ["run", "--workdir", str(tmp_path), "--base_model", "m", "--data_source", "d.jsonl"]
     assert cli.main(args) == 2

@@ -121,9 +121,11 @@ def test_the_library_imports_no_kfp_wiring():
     "importer,line",
     [
         pytest.param(
-            "storage/s3.py", "from qlora_kfp.tracking import runs", id="storage-to-tracking"
+            "storage/s3.py", "from qlora_kfp.tracking import parent_run", id="storage-to-tracking"
         ),
-        pytest.param("stages/train.py", "from qlora_kfp.tasks import stages", id="stage-to-task"),
+        pytest.param(
+            "stages/train.py", "from qlora_kfp.tasks import stage_tasks", id="stage-to-task"
+        ),
         pytest.param("configs.py", "    from qlora_kfp.training.batching import x", id="in-a-body"),
     ],
 )
@@ -131,9 +133,9 @@ def test_the_check_catches_an_upward_import(tmp_path, importer, line):
     pkg = tmp_path / "qlora_kfp"
     for rel in (
         "storage/s3.py",
-        "tracking/runs.py",
+        "tracking/parent_run.py",
         "stages/train.py",
-        "tasks/stages.py",
+        "tasks/stage_tasks.py",
         "training/batching.py",
         "configs.py",
     ):

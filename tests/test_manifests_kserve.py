@@ -130,7 +130,7 @@ def test_huggingface_runtime_serves_the_merged_model_of_a_run(docs, monkeypatch)
     assert model["modelFormat"]["name"] == "huggingface"
     overlay = kustomize("manifests/overlays/example")
     uri = find(overlay, "ConfigMap", "qlora-kfp-config")["data"]["QLORA_KFP_ARTIFACT_URI"]
-    assert '"merged-model"' in (ROOT / "qlora_kfp/tasks/stages.py").read_text()
+    assert '"merged-model"' in (ROOT / "qlora_kfp/tasks/stage_tasks.py").read_text()
     monkeypatch.setenv("QLORA_KFP_ARTIFACT_URI", uri)
     assert model["storageUri"] == RunContext("RUN_ID").artifact_uri("merged-model")
 

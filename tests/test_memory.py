@@ -191,7 +191,7 @@ def preflight_args(base_model: str, **kw) -> dict:
 
 
 def test_preflight_fails_early_with_a_suggestion(demo_assets):
-    from qlora_kfp.tasks.run import preflight
+    from qlora_kfp.tasks.bookkeeping_tasks import preflight
 
     args = preflight_args(
         demo_assets["base_model"],
@@ -218,7 +218,7 @@ def test_preflight_fails_early_with_a_suggestion(demo_assets):
 )
 def test_preflight_refuses_target_modules_the_model_lacks(demo_assets, targets, refused):
     """Before any GPU task: in the train task the same error came after the model's load."""
-    from qlora_kfp.tasks.run import preflight
+    from qlora_kfp.tasks.bookkeeping_tasks import preflight
 
     args = preflight_args(demo_assets["base_model"], target_modules=targets)
     if refused:
@@ -231,7 +231,7 @@ def test_preflight_refuses_target_modules_the_model_lacks(demo_assets, targets, 
 def test_preflight_sizes_a_batch_of_bins_by_pack_length(demo_assets, caplog):
     import logging
 
-    from qlora_kfp.tasks.run import preflight
+    from qlora_kfp.tasks.bookkeeping_tasks import preflight
 
     args = preflight_args(
         demo_assets["base_model"], max_seq_length=64, packing="bins", pack_length=1024
@@ -301,7 +301,7 @@ def config_8b(tmp_path):
 def test_preflight_names_the_fewest_checkpointed_layers_that_fit(config_8b, caplog):
     import logging
 
-    from qlora_kfp.tasks.run import preflight
+    from qlora_kfp.tasks.bookkeeping_tasks import preflight
 
     args = preflight_args(
         config_8b,
@@ -330,7 +330,7 @@ def test_preflight_names_the_fewest_checkpointed_layers_that_fit(config_8b, capl
 def test_preflight_estimates_what_auto_would_choose(config_8b, caplog):
     import logging
 
-    from qlora_kfp.tasks.run import preflight
+    from qlora_kfp.tasks.bookkeeping_tasks import preflight
 
     args = preflight_args(config_8b, packing="bins", pack_length=2048, gpu_memory_gib=24.0)
     with caplog.at_level(logging.INFO, logger="qlora_kfp"):
@@ -341,7 +341,7 @@ def test_preflight_estimates_what_auto_would_choose(config_8b, caplog):
 
 
 def test_preflight_asks_for_more_checkpointed_layers_when_too_few_fit(config_8b):
-    from qlora_kfp.tasks.run import preflight
+    from qlora_kfp.tasks.bookkeeping_tasks import preflight
 
     args = preflight_args(
         config_8b,
@@ -368,7 +368,7 @@ def test_preflight_estimates_one_gpu_of_a_ddp_run(
     """Per GPU, DDP holds what one GPU holds at the per-GPU batch, plus its gradient buckets
     (a float32 copy of the LoRA gradients); ``num_processes=0`` counts the task's GPUs."""
     from qlora_kfp.preflight import GPUS_ENV
-    from qlora_kfp.tasks.run import preflight
+    from qlora_kfp.tasks.bookkeeping_tasks import preflight
 
     if gpus_env:
         monkeypatch.setenv(GPUS_ENV, gpus_env)

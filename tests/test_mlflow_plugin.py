@@ -18,15 +18,15 @@ from types import SimpleNamespace
 import pytest
 
 from qlora_kfp import configs
-from qlora_kfp.tasks import run as run_tasks
+from qlora_kfp.tasks import bookkeeping_tasks
 from qlora_kfp.tasks.context import RUN_ID_ENV, stage
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import parent_run
 
 
 class FakeMlflowPlugin:
     def __init__(self, monkeypatch, experiment: str, kfp_run_id: str):
         self.mp, self.kfp_run_id = monkeypatch, kfp_run_id
-        c = runs.client()
+        c = parent_run.client()
         self.experiment_id = c.create_experiment(experiment)
         self.root = c.create_run(
             self.experiment_id,
@@ -37,7 +37,7 @@ class FakeMlflowPlugin:
 
     @contextlib.contextmanager
     def task(self, name: str, inputs: dict, parent: str = ""):
-        c = runs.client()
+        c = parent_run.client()
         nested = c.create_run(
             self.experiment_id, run_name=name, tags={"mlflow.parentRunId": parent or self.root}
         ).info.run_id
@@ -65,7 +65,7 @@ def test_the_stages_log_into_the_backends_runs_and_open_no_second_tree(local_mlf
     plugin = FakeMlflowPlugin(monkeypatch, "kfp-default", "run-uuid-1")
     args = {**_defaults(), "base_model": "m", "data_source": "d", "kfp_run_id": "run-uuid-1"}
     with plugin.task("start-tracking", {"mlflow_experiment": "qlora-finetune"}):
-        parent = run_tasks.start_tracking(args)
+        parent = bookkeeping_tasks.start_tracking(args)
     assert parent == plugin.root
     train_inputs = {k: args[k] for k in ("lora_r", "learning_rate", "optimizer", "packing")}
     train_args = {**args, "mlflow_parent_run_id": parent}
@@ -76,7 +76,7 @@ def test_the_stages_log_into_the_backends_runs_and_open_no_second_tree(local_mlf
         assert run.run_id == train_run
         run.metrics({"loss": 0.5}, step=3)
     with plugin.task("finish-tracking", {}):
-        run_tasks.finish(
+        bookkeeping_tasks.finish(
             {
                 **args,
                 "status": SimpleNamespace(state="COMPLETE", error_message=None),
@@ -84,7 +84,7 @@ def test_the_stages_log_into_the_backends_runs_and_open_no_second_tree(local_mlf
             }
         )
 
-    c = runs.client()
+    c = parent_run.client()
     everything = c.search_runs([plugin.experiment_id])
     assert len(everything) == 4  # the backend's parent and its three task runs: nothing else
     assert not [e for e in c.search_experiments() if e.name == "qlora-finetune"]
@@ -105,7 +105,7 @@ def test_a_failing_stage_under_the_plugin_says_why_on_its_task_run(local_mlflow,
     bad = {"lora_r": 0, "kfp_run_id": "run-uuid-2"}
     with plugin.task("train", {}) as train_run, stage("train", configs.TrainConfig, bad):
         pytest.fail("an invalid config must not start the stage")
-    run = runs.client().get_run(train_run)
+    run = parent_run.client().get_run(train_run)
     assert run.info.status == "FAILED"
     assert "lora_r=0 is invalid" in run.data.tags["failure_reason"]
 
@@ -119,9 +119,9 @@ def test_a_trial_that_failed_for_good_is_not_retried_under_the_plugin(local_mlfl
     plugin = FakeMlflowPlugin(monkeypatch, "kfp-default", "run-uuid-3")
     args = {**_defaults(), "base_model": "m", "data_source": "d", "kfp_run_id": "run-uuid-3"}
     with plugin.task("start-tracking", {}):
-        run_tasks.start_tracking(args)
+        bookkeeping_tasks.start_tracking(args)
     loop = (
-        runs.client()
+        parent_run.client()
         .create_run(
             plugin.experiment_id, run_name="trials", tags={"mlflow.parentRunId": plugin.root}
         )
@@ -140,4 +140,6 @@ def test_a_trial_that_failed_for_good_is_not_retried_under_the_plugin(local_mlfl
     ):
         ran.append(True)
     assert not ran
-    assert "not retried (attempt 2)" in runs.client().get_run(retry).data.tags["failure_reason"]
+    assert (
+        "not retried (attempt 2)" in parent_run.client().get_run(retry).data.tags["failure_reason"]
+    )

@@ -145,7 +145,7 @@ def test_the_cli_prints_one_line(demo_assets, tmp_path, capsys):
 
 def test_fingerprint_sources_fails_in_one_line(monkeypatch, capsys):
     """The fingerprint task lists s3:// sources: an unreachable endpoint is one line."""
-    from qlora_kfp.tasks.run import fingerprint
+    from qlora_kfp.tasks.bookkeeping_tasks import fingerprint
 
     for key, value in {
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens there

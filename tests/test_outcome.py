@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from qlora_kfp.tasks.run import finish
-from qlora_kfp.tracking import outcome, runs, stage_runs
+from qlora_kfp.tasks.bookkeeping_tasks import finish
+from qlora_kfp.tracking import outcome, parent_run, stage_runs
 
 DONE = {"prepare-dataset": "FINISHED", "train": "FINISHED", "register": "FINISHED"}
 CASES = [
@@ -40,7 +40,7 @@ def test_every_runner_state_maps_to_one_outcome(state, stages, skipped, expected
 
 
 def _run_with_stages(kfp_run_id: str, failing: str = "") -> str:
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": kfp_run_id})
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": kfp_run_id})
     for stage in ("prepare-dataset", "train", "register"):
         try:
             with stage_runs.stage_run(parent, stage):
@@ -73,7 +73,7 @@ def test_exit_handler_closes_the_parent_by_outcome(local_mlflow, state, failing,
             "report": SimpleNamespace(path=str(out)),
         }
     )
-    run = runs.client().get_run(parent)
+    run = parent_run.client().get_run(parent)
     assert run.info.status == status
     assert run.data.tags["kfp.state"] == state
     text = out.read_text()
@@ -92,9 +92,9 @@ def test_a_retried_stage_counts_by_its_newest_attempt(local_mlflow):
 
     from qlora_kfp.tracking import stage_runs
 
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-8"})
-    exp = runs.client().get_run(parent).info.experiment_id
-    runs.client().create_run(  # what stage_run opened before the pod was killed
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-8"})
+    exp = parent_run.client().get_run(parent).info.experiment_id
+    parent_run.client().create_run(  # what stage_run opened before the pod was killed
         exp, tags={"mlflow.parentRunId": parent, "stage": "train", "kfp.run_id": "run-8"}
     )
     time.sleep(0.05)

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "QLORA_KFP_"))}
     proc = subprocess.run(
@@ -46,8 +46,8 @@ def metrics_of(run_dir: Path, task: str) -> dict:
     return out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
 
 
-def test_every_stage_wrote_a_verified_artifact(local_run):
-    _, run_dir, _ = local_run
+def test_every_stage_wrote_a_verified_artifact(demo_run):
+    _, run_dir, _ = demo_run
     for task, name, kind in [
         ("prepare-dataset", "dataset", "dataset"),
         ("quantize", "quantized_model", "quantized-model"),
@@ -61,8 +61,8 @@ def test_every_stage_wrote_a_verified_artifact(local_run):
     assert "<img src='data:image/png;base64," in (run_dir / "train" / "loss_curve").read_text()
 
 
-def test_tuned_beats_base_and_learns_the_task(local_run):
-    _, run_dir, stdout = local_run
+def test_tuned_beats_base_and_learns_the_task(demo_run):
+    _, run_dir, stdout = demo_run
     ev = metrics_of(run_dir, "evaluate")
     assert ev["tuned_eval_loss"] < 0.2 * ev["base_eval_loss"]
     assert ev["tuned_exact_match"] >= 0.5 > ev["base_exact_match"]
@@ -73,8 +73,8 @@ def test_tuned_beats_base_and_learns_the_task(local_run):
     assert re.search(r"\ntrain +\d+\.\d\d +- +\d+\.\d\d\n", stdout)  # the printed cost table
 
 
-def test_mlflow_has_one_parent_run_with_nested_stage_runs(local_run):
-    workdir, _, _ = local_run
+def test_mlflow_has_one_parent_run_with_nested_stage_runs(demo_run):
+    workdir, _, _ = demo_run
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
@@ -113,15 +113,15 @@ def test_mlflow_has_one_parent_run_with_nested_stage_runs(local_run):
     assert train["stage_seconds"] >= train["train_runtime_s"]
 
 
-def test_exit_handler_wrote_the_run_report(local_run):
-    _, run_dir, _ = local_run
+def test_exit_handler_wrote_the_run_report(demo_run):
+    _, run_dir, _ = demo_run
     text = (run_dir / "finish-tracking" / "report").read_text()
     assert ": SUCCEEDED" in text and "| exact match |" in text
     assert "![loss curve](data:image/png;base64," in text
 
 
-def test_the_last_lines_give_the_mlflow_link_the_registry_result_and_the_next_step(local_run):
-    _, _, stdout = local_run
+def test_the_last_lines_give_the_mlflow_link_the_registry_result_and_the_next_step(demo_run):
+    _, _, stdout = demo_run
     human = stdout[: stdout.rindex("{")].rstrip().splitlines()  # the JSON line is for scripts
     assert human[-5] == "--- what next ---"
     assert human[-4].startswith("MLflow:    experiment qlora-finetune, run e2e")

@@ -9,7 +9,7 @@ import pytest
 
 from qlora_kfp import configs
 from qlora_kfp.errors import ConfigError
-from qlora_kfp.tracking import registry, runs
+from qlora_kfp.tracking import parent_run, registry
 
 
 def _name(base_model: str, data_source: str, given: str = "") -> str:
@@ -93,7 +93,7 @@ def _tags(name: str) -> dict[str, tuple]:
     """``{version: (decision, reason, champion_before, replaced_by)}`` (None: no such tag)."""
     return {
         str(mv.version): tuple(mv.tags.get(f"promotion.{k}") for k in KEYS)
-        for mv in runs.client().search_model_versions(f"name='{name}'")
+        for mv in parent_run.client().search_model_versions(f"name='{name}'")
     }
 
 
@@ -101,7 +101,7 @@ def _assert_nothing_false(name: str) -> None:
     """What every version's tags say holds now: exactly the champion was promoted and never
     replaced; a replaced version names a later promoted one that found it champion; no version
     keeps the old one-tag summary (``promotion: no champion yet``)."""
-    c = runs.client()
+    c = parent_run.client()
     versions = {str(mv.version): mv.tags for mv in c.search_model_versions(f"name='{name}'")}
     champion = str(c.get_model_version_by_alias(name, "champion").version)
     standing = [
@@ -160,7 +160,7 @@ def test_promotion_tags_stay_true_as_the_champion_moves(local_mlflow):
         assert _tags(name) == expected, f"after version {res.version}"
         assert res.summary == ": ".join(expected[res.version][:2])
         _assert_nothing_false(name)
-    c = runs.client()
+    c = parent_run.client()
     assert str(c.get_model_version_by_alias(name, "champion").version) == "4"
     assert str(c.get_model_version_by_alias(name, "challenger").version) == "4"
 
@@ -181,7 +181,7 @@ def test_a_version_on_other_data_is_not_compared(local_mlflow):
 
 def test_with_no_champion_alias_a_later_version_says_so_not_first(local_mlflow):
     _register("m-data", 0.5)
-    runs.client().delete_registered_model_alias("m-data", "champion")
+    parent_run.client().delete_registered_model_alias("m-data", "champion")
     _register("m-data", 0.7)
     assert _tags("m-data")["2"] == ("promoted", "no version held alias champion", "none", None)
 
@@ -191,7 +191,7 @@ def test_register_and_the_retraining_gate_use_the_derived_name(local_mlflow, tmp
     next run's gate finds its champion there."""
     import json
 
-    from qlora_kfp.tasks import run, stages
+    from qlora_kfp.tasks import bookkeeping_tasks, stage_tasks
 
     merged = tmp_path / "merged"
     merged.mkdir()
@@ -208,11 +208,11 @@ def test_register_and_the_retraining_gate_use_the_derived_name(local_mlflow, tmp
     }
 
     def parent(label: str) -> str:
-        return runs.start_pipeline_run("gate", label, {"kfp.run_id": label})
+        return parent_run.start_pipeline_run("gate", label, {"kfp.run_id": label})
 
     first = parent("first")
-    assert run.decide_training({**args, "mlflow_parent_run_id": first}) == "train"
-    version = stages.register(
+    assert bookkeeping_tasks.decide_training({**args, "mlflow_parent_run_id": first}) == "train"
+    version = stage_tasks.register(
         {
             **args,
             "mlflow_parent_run_id": first,
@@ -221,13 +221,13 @@ def test_register_and_the_retraining_gate_use_the_derived_name(local_mlflow, tmp
         }
     )
     assert version == "1"
-    mv = runs.client().get_model_version("llama-3-1-8b-support-v2", version)
+    mv = parent_run.client().get_model_version("llama-3-1-8b-support-v2", version)
     assert mv.tags["base_model"] == "meta-llama/Llama-3.1-8B"
     assert mv.tags["data_source"] == "s3://bucket/datasets/support-v2/"
-    tags = runs.client().get_run(first).data.tags
+    tags = parent_run.client().get_run(first).data.tags
     assert tags["registered_model"] == "llama-3-1-8b-support-v2/1"
     assert tags["promotion"] == f"promoted: {FIRST}"
     again = parent("again")
-    assert run.decide_training({**args, "mlflow_parent_run_id": again}) == "skip"
-    tags = runs.client().get_run(again).data.tags
+    assert bookkeeping_tasks.decide_training({**args, "mlflow_parent_run_id": again}) == "skip"
+    tags = parent_run.client().get_run(again).data.tags
     assert tags["qlora.reused_champion_version"] == "llama-3-1-8b-support-v2/1"

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from qlora_kfp.tasks.run import finish
-from qlora_kfp.tracking import report, runs
+from qlora_kfp.tasks.bookkeeping_tasks import finish
+from qlora_kfp.tracking import parent_run, report
 
 
 @pytest.fixture
@@ -45,9 +45,9 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
     url, received = webhook
     monkeypatch.setenv(report.WEBHOOK_ENV, url)
     monkeypatch.setenv("KFP_UI_URL", "https://kfp.example.com")
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-42"})
-    runs.client().log_metric(parent, "base_eval_loss", 6.5)
-    runs.client().log_metric(parent, "tuned_eval_loss", 0.5)
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-42"})
+    parent_run.client().log_metric(parent, "base_eval_loss", 6.5)
+    parent_run.client().log_metric(parent, "tuned_eval_loss", 0.5)
     # What the train and quantize stages log to the parent about their own cost.
     for name, value in [
         ("train.stage_seconds", 57.78),
@@ -56,7 +56,7 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
         ("quantize.stage_seconds", 30.87),
         ("quantize.stage_peak_rss_gib", 2.96),
     ]:
-        runs.client().log_metric(parent, name, value)
+        parent_run.client().log_metric(parent, name, value)
     out = local_mlflow / "report.md"
     finish(
         {
@@ -74,13 +74,13 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
     assert (error in text) if error else "Failure" not in text
     line = f"qlora-finetune run-42: {state} | eval loss 6.5000 -> 0.5000"
     assert received == [{"text": f"{line} | {error}" if error else line}]
-    run = runs.client().get_run(parent)
+    run = parent_run.client().get_run(parent)
     assert run.info.status == ("FINISHED" if state == "SUCCEEDED" else "FAILED")
     # MLflow itself shows base vs tuned: one metric, two steps, and a table; and the report is
     # the run's description.
-    history = runs.client().get_metric_history(parent, "base_vs_tuned/eval_loss")
+    history = parent_run.client().get_metric_history(parent, "base_vs_tuned/eval_loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 6.5), (1, 0.5)]
-    assert "base_vs_tuned.json" in {a.path for a in runs.client().list_artifacts(parent)}
+    assert "base_vs_tuned.json" in {a.path for a in parent_run.client().list_artifacts(parent)}
     assert "| eval loss | 6.5000 | 0.5000 | -6.0000 |" in run.data.tags["mlflow.note.content"]
 
 

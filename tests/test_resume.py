@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_kfp.storage.manifest import verify
-from qlora_kfp.training.checkpoints import latest_local
+from qlora_kfp.training.resume import latest_local
 
 pytestmark = pytest.mark.slow
 
@@ -226,7 +226,7 @@ def test_a_rerun_resumes_only_the_same_run(
     shutil.copytree(cut_off, f"{out}.checkpoints")
     (Path(f"{out}.checkpoints") / "keep.txt").write_text("not ours")
     dataset = (prepared if data == "same" else other_data).path
-    with caplog.at_level(logging.WARNING, logger="qlora_kfp.training.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="qlora_kfp.training.resume"):
         res = run_train(TrainConfig(**{**SMALL, **change}), quantized.path, dataset, str(out))
     assert res.metrics["resumed_from_step"] == resumed and res.metrics["steps"] == 4
     warned = [r.getMessage() for r in caplog.records if "made from other inputs" in r.getMessage()]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import parent_run
 
 FINGERPRINT = json.dumps({"data": "file:d1", "model": "weights:m1", "code": "0.1.0+abc+img"})
 
@@ -28,11 +28,11 @@ def _args(parent: str, **changes) -> dict:
 
 
 def _decide(name: str, **changes) -> tuple[str, dict]:
-    from qlora_kfp.tasks import run
+    from qlora_kfp.tasks import bookkeeping_tasks
 
-    parent = runs.start_pipeline_run("gate", name, {"kfp.run_id": name})
-    word = run.decide_training(_args(parent, **changes))
-    return word, {"id": parent, **runs.client().get_run(parent).data.tags}
+    parent = parent_run.start_pipeline_run("gate", name, {"kfp.run_id": name})
+    word = bookkeeping_tasks.decide_training(_args(parent, **changes))
+    return word, {"id": parent, **parent_run.client().get_run(parent).data.tags}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def champion(store):
     """A first run that trains and registers its model: the champion."""
-    from qlora_kfp.tasks import stages
+    from qlora_kfp.tasks import stage_tasks
 
     word, first = _decide("first")
     assert word == "train" and first["training_decision_reason"] == "no champion yet"
@@ -60,7 +60,7 @@ def champion(store):
         "merged_model_uri": str(merged),
         "tuned_eval_loss": 0.5,
     }
-    assert stages.register(args) == "1"
+    assert stage_tasks.register(args) == "1"
     return first["id"]
 
 

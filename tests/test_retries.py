@@ -11,7 +11,7 @@ import pytest
 from qlora_kfp import configs
 from qlora_kfp.errors import ConfigError, SourceError, TrainingDivergedError
 from qlora_kfp.tasks.context import RETRY_INDEX_ENV, stage
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import parent_run
 
 
 def attempt(parent: str, error: Exception | None, trial: dict | None = None) -> bool:
@@ -34,7 +34,7 @@ def attempt(parent: str, error: Exception | None, trial: dict | None = None) -> 
     ids=["bad-setting", "diverged"],
 )
 def test_a_retry_after_a_permanent_failure_stops_before_any_work(local_mlflow, monkeypatch, error):
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-1"})
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-1"})
     monkeypatch.setenv(RETRY_INDEX_ENV, "0")
     assert attempt(parent, error)
     monkeypatch.setenv(RETRY_INDEX_ENV, "1")
@@ -44,7 +44,7 @@ def test_a_retry_after_a_permanent_failure_stops_before_any_work(local_mlflow, m
 
 
 def test_a_transient_failure_is_retried(local_mlflow, monkeypatch):
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-1"})
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-1"})
     monkeypatch.setenv(RETRY_INDEX_ENV, "0")
     assert attempt(parent, SourceError("s3://b/model: connection reset"))
     monkeypatch.setenv(RETRY_INDEX_ENV, "1")
@@ -53,14 +53,14 @@ def test_a_transient_failure_is_retried(local_mlflow, monkeypatch):
 
 def test_a_first_attempt_always_runs(local_mlflow, monkeypatch):
     """A user's retry of the whole run (or a backend before 2.17) starts at attempt 0."""
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-1"})
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-1"})
     assert attempt(parent, ConfigError("bad"))
     monkeypatch.setenv(RETRY_INDEX_ENV, "0")
     assert attempt(parent, None)
 
 
 def test_one_trials_permanent_failure_does_not_stop_another_trial(local_mlflow, monkeypatch):
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-1"})
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-1"})
     assert attempt(parent, ConfigError("bad"), trial={"lora_r": 8})
     monkeypatch.setenv(RETRY_INDEX_ENV, "1")
     assert attempt(parent, None, trial={"lora_r": 16})

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import parent_run
 
 
 @pytest.mark.parametrize(
@@ -21,14 +21,14 @@ from qlora_kfp.tracking import runs
     ],
 )
 def test_default_run_name(source, stem):
-    from qlora_kfp.tasks.run import default_run_name
+    from qlora_kfp.tasks.bookkeeping_tasks import default_run_name
 
     name = default_run_name("qlora-finetune", source)
     assert re.fullmatch(rf"qlora-finetune-{re.escape(stem)}-\d{{8}}-\d{{4}}", name), name
 
 
 def test_an_unnamed_run_gets_the_pipeline_dataset_and_time(local_mlflow):
-    from qlora_kfp.tasks import run
+    from qlora_kfp.tasks import bookkeeping_tasks
 
     args = {
         "mlflow_experiment": "names",
@@ -37,8 +37,8 @@ def test_an_unnamed_run_gets_the_pipeline_dataset_and_time(local_mlflow):
         "data_source": "s3://b/support-chats.jsonl",
         "pipeline_name": "qlora-sweep",
     }
-    unnamed = run.start_tracking({**args, "run_name": ""})
-    named = run.start_tracking({**args, "run_name": "nightly", "kfp_run_id": "run-2"})
-    name = runs.client().get_run(unnamed).info.run_name
+    unnamed = bookkeeping_tasks.start_tracking({**args, "run_name": ""})
+    named = bookkeeping_tasks.start_tracking({**args, "run_name": "nightly", "kfp_run_id": "run-2"})
+    name = parent_run.client().get_run(unnamed).info.run_name
     assert re.fullmatch(r"qlora-sweep-support-chats-\d{8}-\d{4}", name), name
-    assert runs.client().get_run(named).info.run_name == "nightly"  # a given name is kept
+    assert parent_run.client().get_run(named).info.run_name == "nightly"  # a given name is kept

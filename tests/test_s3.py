@@ -234,17 +234,15 @@ def test_checkpoint_mirror_resumes_on_a_new_machine(s3_env, tmp_path):
     """A sealed checkpoint uploaded by one pod is found and downloaded by the next."""
     from types import SimpleNamespace
 
-    from qlora_kfp.training import checkpoints
+    from qlora_kfp.training import resume
 
     root = tmp_path / "pod1"
     (root / "checkpoint-12").mkdir(parents=True)
     (root / "checkpoint-12" / "optimizer.pt").write_bytes(b"state")
     (root / "checkpoint-18").mkdir()  # cut off before its manifest: never uploaded
-    cb = checkpoints.callback(root, RUN_A, "s3://data/run-1/train-checkpoints")
+    cb = resume.callback(root, RUN_A, "s3://data/run-1/train-checkpoints")
     cb.on_save(None, SimpleNamespace(global_step=12), None)
-    found = checkpoints.find_resume_point(
-        tmp_path / "pod2", RUN_A, "s3://data/run-1/train-checkpoints"
-    )
+    found = resume.find_resume_point(tmp_path / "pod2", RUN_A, "s3://data/run-1/train-checkpoints")
     assert found and found.endswith("checkpoint-12")
     assert (tmp_path / "pod2" / "checkpoint-12" / "optimizer.pt").read_bytes() == b"state"
 
@@ -256,32 +254,30 @@ RUN_B = {**RUN_A, "config": {"learning_rate": 1e-3}}
 def _save(root, step: int, made_from: dict, uri: str, payload: bytes) -> None:
     from types import SimpleNamespace
 
-    from qlora_kfp.training import checkpoints
+    from qlora_kfp.training import resume
 
     (root / f"checkpoint-{step}").mkdir(parents=True)
     (root / f"checkpoint-{step}" / "optimizer.pt").write_bytes(payload)
-    checkpoints.callback(root, made_from, uri).on_save(
-        None, SimpleNamespace(global_step=step), None
-    )
+    resume.callback(root, made_from, uri).on_save(None, SimpleNamespace(global_step=step), None)
 
 
 def test_the_mirror_resumes_only_checkpoints_of_the_same_run(s3_env, tmp_path, caplog):
     """Run B (another learning rate) under the same prefix as run A: each finds its own
     newest checkpoint and never the other's, and nothing of A's is deleted."""
-    from qlora_kfp.training import checkpoints
+    from qlora_kfp.training import resume
 
     uri = "s3://data/run-2/train-checkpoints"
     _save(tmp_path / "a", 12, RUN_A, uri, b"a12")
     _save(tmp_path / "b", 6, RUN_B, uri, b"b6")
     _save(tmp_path / "b", 18, RUN_B, uri, b"b18")
-    found = checkpoints.find_resume_point(tmp_path / "a-again", RUN_A, uri)
+    found = resume.find_resume_point(tmp_path / "a-again", RUN_A, uri)
     assert found and found.endswith("checkpoint-12")
     assert (tmp_path / "a-again" / "checkpoint-12" / "optimizer.pt").read_bytes() == b"a12"
     assert "learning_rate 0.001 -> 0.003" in caplog.text  # says why 18 was not resumed
-    found = checkpoints.find_resume_point(tmp_path / "b-again", RUN_B, uri)
+    found = resume.find_resume_point(tmp_path / "b-again", RUN_B, uri)
     assert found and found.endswith("checkpoint-18")
     other = {**RUN_A, "dataset_digest": "d9"}
-    assert checkpoints.find_resume_point(tmp_path / "c", other, uri) is None
+    assert resume.find_resume_point(tmp_path / "c", other, uri) is None
     keys = client(s3_env).list_objects_v2(Bucket="data", Prefix="run-2/")["Contents"]
     assert len(keys) == 6  # optimizer.pt + MANIFEST.json of all three
 
@@ -290,7 +286,7 @@ def test_a_rewritten_checkpoint_never_pairs_an_old_manifest_with_new_files(
     s3_env, tmp_path, monkeypatch
 ):
     """Run B saves a step run A already mirrored: A's manifest is gone before B's files land."""
-    from qlora_kfp.training import checkpoints
+    from qlora_kfp.training import resume
 
     uri = "s3://data/run-3/train-checkpoints"
     _save(tmp_path / "a", 6, RUN_A, uri, b"a6")
@@ -305,9 +301,9 @@ def test_a_rewritten_checkpoint_never_pairs_an_old_manifest_with_new_files(
     _save(tmp_path / "b", 6, RUN_B, uri, b"b6")
     monkeypatch.setattr(s3, "upload_folder", real)
     assert seen == [["run-3/train-checkpoints/checkpoint-6/optimizer.pt"]]
-    found = checkpoints.find_resume_point(tmp_path / "b-again", RUN_B, uri)
+    found = resume.find_resume_point(tmp_path / "b-again", RUN_B, uri)
     assert (Path(found) / "optimizer.pt").read_bytes() == b"b6"
-    assert checkpoints.find_resume_point(tmp_path / "a-again", RUN_A, uri) is None
+    assert resume.find_resume_point(tmp_path / "a-again", RUN_A, uri) is None
 
 
 def test_wrong_credentials_fail_fast(tmp_path, monkeypatch):

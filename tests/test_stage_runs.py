@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import parent_run
 
 
 def test_prepare_dataset_leaves_the_parent_run_running(local_mlflow, demo_assets, tmp_path):
@@ -12,14 +12,14 @@ def test_prepare_dataset_leaves_the_parent_run_running(local_mlflow, demo_assets
     a parent reading FINISHED while the pipeline still trains misleads everyone watching."""
     from types import SimpleNamespace
 
-    from qlora_kfp.tasks import stages
+    from qlora_kfp.tasks import stage_tasks
 
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-4"})
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-4"})
     out = SimpleNamespace(path=str(tmp_path / "dataset"), metadata={})
-    stages.prepare_dataset(
+    stage_tasks.prepare_dataset(
         {**demo_assets, "max_seq_length": 64, "dataset": out, "mlflow_parent_run_id": parent}
     )
-    top = runs.client().get_run(parent)
+    top = parent_run.client().get_run(parent)
     assert top.info.status == "RUNNING"
     assert [d.dataset.name for d in top.inputs.dataset_inputs] == ["train"]
 
@@ -32,7 +32,7 @@ def test_mlflow_failing_while_a_stage_fails_still_reports_the_stages_error(
     from qlora_kfp.tasks.context import stage
     from qlora_kfp.tracking import stage_runs
 
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-9"})
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-9"})
     real = stage_runs.client()
 
     class Down:
@@ -52,11 +52,11 @@ def test_a_cached_task_finds_its_parent_run_in_any_experiment(local_mlflow, monk
     tracking server holds more than one page of experiments)."""
     from qlora_kfp.tracking import stage_runs
 
-    monkeypatch.setattr(runs, "EXPERIMENTS_PAGE", 2)
-    parent = runs.start_pipeline_run("oldest", "r", {"kfp.run_id": "run-5"})
+    monkeypatch.setattr(parent_run, "EXPERIMENTS_PAGE", 2)
+    parent = parent_run.start_pipeline_run("oldest", "r", {"kfp.run_id": "run-5"})
     for i in range(5):
-        runs.client().create_experiment(f"newer-{i}")
-    assert runs.find_pipeline_run("", "run-5") == parent
+        parent_run.client().create_experiment(f"newer-{i}")
+    assert parent_run.find_pipeline_run("", "run-5") == parent
     with stage_runs.stage_run("", "prepare-dataset", "run-5") as run:
         assert run.parent_run_id == parent
     with caplog.at_level("WARNING"), stage_runs.stage_run("", "quantize", "run-unknown") as run:
@@ -66,12 +66,12 @@ def test_a_cached_task_finds_its_parent_run_in_any_experiment(local_mlflow, monk
 
 def test_registering_kfps_own_artifact_says_what_readers_need(local_mlflow, caplog):
     """Without an artifact store of the user's, the version's source is KFP's own store."""
-    from qlora_kfp.tasks import stages
+    from qlora_kfp.tasks import stage_tasks
 
-    parent = runs.start_pipeline_run("exp", "r", {"kfp.run_id": "run-6"})
+    parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-6"})
     uri = "s3://mlpipeline/v2/artifacts/qlora-finetune/run-6/merge/merged_model"
     with caplog.at_level("WARNING"):
-        version = stages.register(
+        version = stage_tasks.register(
             {
                 "base_model": "org/m",
                 "data_source": "s3://data/sets/support-v2/",
@@ -81,7 +81,7 @@ def test_registering_kfps_own_artifact_says_what_readers_need(local_mlflow, capl
                 "mlflow_parent_run_id": parent,
             }
         )
-    assert runs.client().get_model_version("m-support-v2", version).source == uri
+    assert parent_run.client().get_model_version("m-support-v2", version).source == uri
     assert "KFP's own copy of the merged model" in caplog.text
 
 
@@ -92,22 +92,22 @@ def test_a_run_reusing_cached_tasks_shows_what_they_reported(local_mlflow, demo_
     tagged with where they came from, and not their cost (it was not this run's)."""
     from types import SimpleNamespace
 
-    from qlora_kfp.tasks import stages
+    from qlora_kfp.tasks import stage_tasks
 
     def artifact(name):
         return SimpleNamespace(path=str(tmp_path / name), metadata={})
 
-    first = runs.start_pipeline_run("exp", "r1", {"kfp.run_id": "run-a"})
+    first = parent_run.start_pipeline_run("exp", "r1", {"kfp.run_id": "run-a"})
     common = {"mlflow_parent_run_id": first, "kfp_run_id": "run-a"}
     dataset, model = artifact("dataset"), artifact("model")
-    stages.prepare_dataset({**demo_assets, **common, "max_seq_length": 64, "dataset": dataset})
-    stages.quantize({**demo_assets, **common, "dataset": dataset, "quantized_model": model})
-    made = runs.client().get_run(first)
+    stage_tasks.prepare_dataset({**demo_assets, **common, "max_seq_length": 64, "dataset": dataset})
+    stage_tasks.quantize({**demo_assets, **common, "dataset": dataset, "quantized_model": model})
+    made = parent_run.client().get_run(first)
 
     # KFP's cache hands the same artifacts, metadata included, to the next run.
-    second = runs.start_pipeline_run("exp", "r2", {"kfp.run_id": "run-b"})
+    second = parent_run.start_pipeline_run("exp", "r2", {"kfp.run_id": "run-b"})
     small = dict(max_steps=1, batch_size=4, lora_r=8, logging_steps=1)
-    stages.train(
+    stage_tasks.train(
         {
             **small,
             "mlflow_parent_run_id": second,
@@ -117,7 +117,7 @@ def test_a_run_reusing_cached_tasks_shows_what_they_reported(local_mlflow, demo_
             "adapter": artifact("adapter"),
         }
     )
-    got = runs.client().get_run(second)
+    got = parent_run.client().get_run(second)
     stage_cost = ("prepare-dataset.", "quantize.")
     want = {k: v for k, v in made.data.metrics.items() if not k.startswith(stage_cost)}
     assert "rows_read" in want and "compression_ratio" in want

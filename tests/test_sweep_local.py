@@ -33,14 +33,14 @@ def test_sweep_trains_each_trial_and_picks_the_lowest_eval_loss(tmp_path, monkey
     from mlflow.tracking import MlflowClient
     from qlora_kfp.pipelines.qlora_sweep import qlora_sweep
 
-    from qlora_kfp.app import local_run
+    from qlora_kfp.app import local_runner
     from qlora_kfp.app.demo import make_demo_assets
 
     for k in [k for k in os.environ if k.startswith(("MLFLOW_", "QLORA_KFP_"))]:
         monkeypatch.delenv(k)
-    local_run.local_tracking_env(tmp_path)
+    local_runner.local_tracking_env(tmp_path)
     assets = make_demo_assets(tmp_path / "demo")
-    run_dir = local_run.run_pipeline(
+    run_dir = local_runner.run_pipeline(
         qlora_sweep,
         dict(
             **assets,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from qlora_kfp.tracking import live, runs
+from qlora_kfp.tracking import live, parent_run
 
 
 def test_a_cpu_only_run_logs_no_gpu_system_metrics(local_mlflow, monkeypatch):
@@ -21,12 +21,16 @@ def test_a_cpu_only_run_logs_no_gpu_system_metrics(local_mlflow, monkeypatch):
             return {k: sum(v) / len(v) for k, v in self._metrics.items()}
 
     monkeypatch.setattr(SystemMetricsMonitor, "_initialize_gpu_monitor", lambda self: HostGpus())
-    parent = runs.start_pipeline_run("sys", "r", {"kfp.run_id": "run-1"})
+    parent = parent_run.start_pipeline_run("sys", "r", {"kfp.run_id": "run-1"})
     for uses_gpu in (False, True):
         monkeypatch.setattr(live, "_uses_gpu", lambda uses_gpu=uses_gpu: uses_gpu)
-        run = runs.client().create_run(runs.client().get_run(parent).info.experiment_id).info
+        run = (
+            parent_run.client()
+            .create_run(parent_run.client().get_run(parent).info.experiment_id)
+            .info
+        )
         with live.system_metrics(run.run_id, interval_s=0.2):
             time.sleep(1.5)
-        keys = set(runs.client().get_run(run.run_id).data.metrics)
+        keys = set(parent_run.client().get_run(run.run_id).data.metrics)
         assert "system/cpu_utilization_percentage" in keys
         assert ("system/gpu_0_utilization_percentage" in keys) == uses_gpu, keys

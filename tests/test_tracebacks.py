@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qlora_kfp import configs
-from qlora_kfp.app import cli, local_run
+from qlora_kfp.app import cli, local_runner
 from qlora_kfp.errors import ConfigError
 
 # --- params files: values of the wrong type -------------------------------------------------
@@ -27,10 +27,10 @@ def ran(monkeypatch):
         seen.update(params)
         return workdir
 
-    monkeypatch.setattr(local_run, "run_pipeline", run_pipeline)
-    monkeypatch.setattr(local_run, "demo", lambda *a, **kw: pytest.fail("the demo ran"))
-    monkeypatch.setattr(local_run, "collect", lambda run_dir: {})
-    monkeypatch.setattr(local_run, "local_tracking_env", lambda workdir: None)
+    monkeypatch.setattr(local_runner, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(local_runner, "demo", lambda *a, **kw: pytest.fail("the demo ran"))
+    monkeypatch.setattr(local_runner, "collect", lambda run_dir: {})
+    monkeypatch.setattr(local_runner, "local_tracking_env", lambda workdir: None)
     monkeypatch.setattr("qlora_kfp.preflight.check_services", lambda: None)
     monkeypatch.setattr("qlora_kfp.app.summary.print_summary", lambda *a: None)
     return seen
@@ -125,13 +125,13 @@ def test_a_run_on_kfp_gets_the_number_meant_too(tmp_path, text, key, value):
     """``run-remote`` and ``schedule``: typed by the compiled pipeline's declared inputs."""
     import yaml
 
-    from qlora_kfp.app import pipeline_params
+    from qlora_kfp.app import remote_params
 
     compiled = Path(__file__).parents[1] / "pipelines" / "compiled" / "qlora_finetune.yaml"
     spec = next(yaml.safe_load_all(compiled.read_text()))
     params = tmp_path / "p.yaml"
     params.write_text(SOURCES + text)
-    typed = pipeline_params.load(str(params), []).typed(pipeline_params.root_inputs(spec))
+    typed = remote_params.load(str(params), []).typed(remote_params.root_inputs(spec))
     assert typed[key] == value and type(typed[key]) is type(value)
 
 

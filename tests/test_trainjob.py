@@ -46,7 +46,7 @@ def test_the_train_stage_refuses_a_trainjob_without_a_store_before_any_work(tmp_
 def test_preflight_refuses_a_trainjob_without_a_store(demo_assets, monkeypatch):
     from test_memory import preflight_args
 
-    from qlora_kfp.tasks.run import preflight
+    from qlora_kfp.tasks.bookkeeping_tasks import preflight
 
     monkeypatch.delenv("QLORA_KFP_ARTIFACT_URI", raising=False)
     args = preflight_args(demo_assets["base_model"], train_runner="trainjob", num_nodes=2)

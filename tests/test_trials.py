@@ -10,9 +10,9 @@ import pytest
 
 from qlora_kfp import configs
 from qlora_kfp.tasks import context
+from qlora_kfp.tasks.bookkeeping_tasks import pick_best, preflight
 from qlora_kfp.tasks.context import RunContext, stage
-from qlora_kfp.tasks.run import pick_best, preflight
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import parent_run
 
 SMALL = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 2e-4}
 LARGE = {"lora_r": 64, "lora_alpha": 16, "learning_rate": 1e-4, "use_rslora": True}
@@ -43,35 +43,37 @@ def test_the_pods_run_id_wins_over_the_argument(artifact_store):
 
 
 def test_a_trials_stage_run_is_named_after_it_and_keeps_to_itself(local_mlflow):
-    parent = runs.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
+    parent = parent_run.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
     args = {"mlflow_parent_run_id": parent, "config_overrides": LARGE, **LARGE}
     with stage("train", configs.TrainConfig, args) as (cfg, run, ctx):
         assert cfg.lora_r == 64
         run.metrics({"loss": 1.5}, step=1)
-    found = runs.client().search_runs([runs.client().get_run(parent).info.experiment_id])
+    found = parent_run.client().search_runs(
+        [parent_run.client().get_run(parent).info.experiment_id]
+    )
     train = next(r for r in found if r.data.tags.get("stage") == "train")
     assert train.info.run_name == f"train {context.trial_label(LARGE)}"
     assert json.loads(train.data.tags["trial.params"]) == LARGE
     assert train.data.params["lora_r"] == "64" and train.data.metrics["loss"] == 1.5
     # Nothing of one trial lands on the parent: no settings, no interleaved histories.
-    top = runs.client().get_run(parent).data
+    top = parent_run.client().get_run(parent).data
     assert "lora_r" not in top.params
     assert not any(k == "loss" or k.startswith("train.") for k in top.metrics)
 
 
 def test_the_parent_shows_the_grid_and_the_winner(local_mlflow):
-    parent = runs.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
+    parent = parent_run.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
     best = pick_best(
         {"lora_grid": [SMALL, LARGE], "eval_losses": [2.0, 1.25], "mlflow_parent_run_id": parent}
     )
     assert best["trial"] == 1 and best["trial_name"] == context.trial_label(LARGE)
-    top = runs.client().get_run(parent).data
+    top = parent_run.client().get_run(parent).data
     assert top.tags["best_trial.name"] == best["trial_name"]
     assert json.loads(top.tags["sweep.grid"]) == [SMALL, LARGE]
-    files = {a.path for a in runs.client().list_artifacts(parent, "sweep")}
-    files |= {a.path for a in runs.client().list_artifacts(parent, "plots")}
+    files = {a.path for a in parent_run.client().list_artifacts(parent, "sweep")}
+    files |= {a.path for a in parent_run.client().list_artifacts(parent, "plots")}
     assert {"sweep/trials.json", "plots/sweep_trials.png"} <= files
-    path = runs.client().download_artifacts(parent, "sweep/trials.json", str(local_mlflow))
+    path = parent_run.client().download_artifacts(parent, "sweep/trials.json", str(local_mlflow))
     table = json.loads(Path(path).read_text())
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     assert [(r["trial"], r["eval_loss"]) for r in rows] == [
@@ -131,7 +133,7 @@ def test_a_failing_chart_or_cleanup_does_not_fail_the_finished_sweep(
 
     monkeypatch.setattr(plots, "trial_bars", broken)
     monkeypatch.setattr(s3, "delete_prefix", broken)
-    parent = runs.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
+    parent = parent_run.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
     best = pick_best(
         {"lora_grid": [SMALL, LARGE], "eval_losses": [2.0, 1.25], "mlflow_parent_run_id": parent}
     )

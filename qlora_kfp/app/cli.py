@@ -271,13 +271,13 @@ def _register(cfg, args: argparse.Namespace) -> dict:
     from qlora_kfp.errors import TrackingError
     from qlora_kfp.stages.evaluate import read_metrics
     from qlora_kfp.storage.artifacts import dataset_digest
-    from qlora_kfp.tasks import stages
-    from qlora_kfp.tracking import runs
+    from qlora_kfp.tasks import stage_tasks
+    from qlora_kfp.tracking import parent_run
 
-    if not runs.enabled():
+    if not parent_run.enabled():
         raise TrackingError("register needs MLFLOW_TRACKING_URI")
-    parent = runs.start_pipeline_run("qlora-finetune", "register", {"kfp.run_id": "cli"})
-    version = stages.register(
+    parent = parent_run.start_pipeline_run("qlora-finetune", "register", {"kfp.run_id": "cli"})
+    version = stage_tasks.register(
         {
             **vars(args),
             "merged_model_uri": args.merged_model,  # a folder, or where merge published it
@@ -286,13 +286,13 @@ def _register(cfg, args: argparse.Namespace) -> dict:
             "tuned_eval_loss": read_metrics(args.evaluation)["tuned_eval_loss"],
         }
     )
-    runs.close_pipeline_run(parent, "SUCCEEDED")
+    parent_run.close_pipeline_run(parent, "SUCCEEDED")
     return {"registered_model_name": cfg.registered_model_name, "version": version}
 
 
 def _run_local(args: argparse.Namespace) -> dict:
-    from qlora_kfp.app import local_run
-    from qlora_kfp.app.pipeline_params import load, typed_file
+    from qlora_kfp.app import local_runner
+    from qlora_kfp.app.remote_params import load, typed_file
 
     pipeline = local_pipeline(args.pipeline)
     inputs = pipeline_inputs(pipeline)
@@ -314,15 +314,15 @@ def _run_local(args: argparse.Namespace) -> dict:
 
     preflight.check_services()  # unreachable MLflow or a bad bucket: fail before any task
     if not sources:  # the demo: its own settings (examples/demo.yaml) under these
-        result = local_run.demo(args.workdir, given, args.verbose, pipeline)
+        result = local_runner.demo(args.workdir, given, args.verbose, pipeline)
     else:
-        local_run.local_tracking_env(Path(args.workdir))
-        run_dir = local_run.run_pipeline(pipeline, given, args.workdir, args.verbose)
+        local_runner.local_tracking_env(Path(args.workdir))
+        run_dir = local_runner.run_pipeline(pipeline, given, args.workdir, args.verbose)
         result = {
             "run_dir": str(run_dir),
             "params": given,
             "tracking_uri": env.text("MLFLOW_TRACKING_URI"),
-            "tasks": local_run.collect(run_dir),
+            "tasks": local_runner.collect(run_dir),
         }
     from qlora_kfp.app.summary import print_summary
 

@@ -32,7 +32,8 @@ TRAIN_PROGRESS = re.compile(r"progress: ((?:\[([\w-]+)\] )?step .+)$")
 PIPELINE_FAILED = re.compile(
     r"Pipeline '([\w-]+)' finished with status \w+\. Inner task failed: '([\w-]+)'"
 )
-# decide-training's one line (tasks.run.decide_training): why it skips training, or trains.
+# decide-training's one line (tasks.bookkeeping_tasks.decide_training): why it skips training,
+# or trains.
 DECISION = re.compile(r"(?:\]:| INFO| WARNING) (training(?: skipped)?: .+)$")
 
 

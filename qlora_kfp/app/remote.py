@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from qlora_kfp.app import pipeline_params
+from qlora_kfp.app import remote_params
 from qlora_kfp.app.kfp_api import Backend, call, connect, parse_version
 from qlora_kfp.errors import ConfigError
 
@@ -120,10 +120,10 @@ def _with_link(out: dict, b: Backend, fragment: str, namespace: str | None) -> d
     return out
 
 
-def load_params(params_file: str | None, overrides: list[str]) -> pipeline_params.Params:
+def load_params(params_file: str | None, overrides: list[str]) -> remote_params.Params:
     """Pipeline parameters from a JSON/YAML file plus ``key=value`` overrides (typed later,
     by the uploaded pipeline's declared inputs)."""
-    return pipeline_params.load(params_file, overrides)
+    return remote_params.load(params_file, overrides)
 
 
 def _experiment_id(b: Backend, experiment: str) -> str:
@@ -146,14 +146,14 @@ def _experiment_id(b: Backend, experiment: str) -> str:
     ).experiment_id
 
 
-def _target(b: Backend, name: str, params: pipeline_params.Params):
+def _target(b: Backend, name: str, params: remote_params.Params):
     """Pipeline id, its latest version and the parameters typed by that version's inputs."""
     pipeline_id = _find_pipeline(b, name)
     if pipeline_id is None:
         where = f" in namespace {b.namespace!r}" if b.namespace else ""
         raise ConfigError(f"no pipeline named {name!r} on {b.host}{where}; run make upload first")
     version = _latest_version(b, pipeline_id, name)
-    typed = params.typed(pipeline_params.root_inputs(version.pipeline_spec or {}))
+    typed = params.typed(remote_params.root_inputs(version.pipeline_spec or {}))
     return pipeline_id, version, typed
 
 
@@ -167,7 +167,7 @@ def _plugins_input(b: Backend, version, typed: dict) -> dict | None:
     """
     if (parse_version(b.version) or (0, 0)) < (2, 17):
         return None
-    inputs = pipeline_params.root_inputs(version.pipeline_spec or {})
+    inputs = remote_params.root_inputs(version.pipeline_spec or {})
     default = (inputs.get("mlflow_experiment") or {}).get("defaultValue")
     experiment = typed.get("mlflow_experiment", default)
     return {"mlflow": {"experiment_name": experiment}} if experiment else None
@@ -175,7 +175,7 @@ def _plugins_input(b: Backend, version, typed: dict) -> dict | None:
 
 def run(
     name: str,
-    params: pipeline_params.Params,
+    params: remote_params.Params,
     experiment: str,
     run_name: str = "",
     service_account: str = "",
@@ -204,7 +204,7 @@ def run(
 def schedule(
     name: str,
     cron: str,
-    params: pipeline_params.Params,
+    params: remote_params.Params,
     experiment: str,
     job_name: str = "",
     service_account: str = "",

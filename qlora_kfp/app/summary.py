@@ -24,14 +24,14 @@ LOCAL_UI = "http://127.0.0.1:5000"  # make mlflow-ui
 def mlflow_link(result: dict, pipeline: str = "qlora_finetune") -> str | None:
     """The run's experiment in MLflow's runs table (model-training view); for a local store,
     on the UI ``make mlflow-ui`` serves."""
-    from qlora_kfp.tracking import runs
+    from qlora_kfp.tracking import parent_run
 
     uri = result["tracking_uri"]
     default = "qlora-sweep" if pipeline == "qlora_sweep" else "qlora-finetune"  # their defaults
     experiment = result.get("params", {}).get("mlflow_experiment") or default
     local = not uri.startswith(("http://", "https://"))
     try:
-        link = runs.experiment_link(experiment, LOCAL_UI if local else "")
+        link = parent_run.experiment_link(experiment, LOCAL_UI if local else "")
     except Exception:  # noqa: BLE001 - a link is a convenience; the run has finished
         return None
     return f"{link}   (after: make mlflow-ui)" if link and local else link

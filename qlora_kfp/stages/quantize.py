@@ -1,4 +1,4 @@
-"""Stage 2, quantize: load the base model in 4 bit (NF4/FP4) and save it as a checkpoint."""
+"""Stage 2, quantize: load the base model in 4 bit (NF4/FP4) and save its weights."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def check_finite(model_4bit, source: str) -> None:
 def dequant_error(model_4bit, files, dtype, source: str = "") -> dict:
     """Relative Frobenius error ||W - deq(Q(W))|| / ||W|| over every 4-bit Linear.
 
-    The originals ``W`` are read from the checkpoint's weight ``files`` one at a time (in
+    The originals ``W`` are read from the base model's weights ``files`` one at a time (in
     ``dtype``, as the 4-bit load cast them before quantizing), never as a 16-bit model.
 
     Raises:
@@ -84,8 +84,10 @@ def dequant_error(model_4bit, files, dtype, source: str = "") -> dict:
         num, den, layers = num + diff, den + norm, layers + 1
         worst = max(worst, (diff / max(norm, 1e-30)) ** 0.5)
         del w, dq
-    if mods:  # a checkpoint whose keys transformers renames on loading
-        log.warning("%d of %d 4-bit weights not found by name in the checkpoint", len(mods), total)
+    if mods:  # weights whose keys transformers renames on loading
+        log.warning(
+            "%d of %d 4-bit weights not found by name in the weights files", len(mods), total
+        )
     return {
         "quant_rel_error": round((num / max(den, 1e-30)) ** 0.5, 6),
         "quant_rel_error_worst_layer": round(worst, 6),
@@ -113,7 +115,7 @@ def run_quantize(
 
     Args:
         cfg: The stage configuration.
-        output_dir: Folder to create for the 4-bit checkpoint.
+        output_dir: Folder to create for the 4-bit model.
         dataset_dir: A prepared dataset; when given, the eval split's perplexity is measured
             for the 4-bit model, and for the 16-bit one where it fits in memory beside it.
 

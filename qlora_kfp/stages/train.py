@@ -25,11 +25,11 @@ from qlora_kfp.storage.writes import output_lock
 from qlora_kfp.training import (
     attention,
     autofit,
-    checkpoints,
     distributed,
     fsdp,
     modeling,
     parallelism,
+    resume,
 )
 
 __all__ = ["TrainResult", "run_train", "train_here"]
@@ -37,10 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def _made_from(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> dict:
-    """What this run's checkpoints and adapter are made from (checkpoints.made_from)."""
-    return checkpoints.made_from(
-        cfg, artifacts.dataset_digest(dataset_dir), artifact_digest(model_dir)
-    )
+    """What this run's checkpoints and adapter are made from (resume.made_from)."""
+    return resume.made_from(cfg, artifacts.dataset_digest(dataset_dir), artifact_digest(model_dir))
 
 
 def _check_tokenizer(model_dir: str, dataset_dir: str) -> None:
@@ -175,12 +173,12 @@ def _train(
     ckpt_root = Path(checkpoint_dir or f"{paths['output_dir']}.checkpoints")
     made_from = _made_from(cfg, model_dir, dataset_dir)
     # Here, in one process: every rank then resumes from this same sealed checkpoint.
-    resume = (
-        checkpoints.find_resume_point(ckpt_root, made_from, checkpoint_uri)
+    resume_from = (
+        resume.find_resume_point(ckpt_root, made_from, checkpoint_uri)
         if cfg.checkpoint_steps
         else None
     )
-    where = dict(ckpt_root=str(ckpt_root), checkpoint_uri=checkpoint_uri, resume=resume)
+    where = dict(ckpt_root=str(ckpt_root), checkpoint_uri=checkpoint_uri, resume_from=resume_from)
     if cfg.num_processes > 1:
         job = dict(config=asdict(cfg), made_from=made_from, **paths, **where)
         res = distributed.launch("qlora_kfp.stages.train_ranks", job, cfg.num_processes, on_log)

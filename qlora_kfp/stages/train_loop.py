@@ -25,10 +25,10 @@ from qlora_kfp.training import (
     attention,
     autofit,
     batching,
-    checkpoints,
     distributed,
     fsdp,
     modeling,
+    resume,
     trainer_hooks,
 )
 from qlora_kfp.training.peft_model import (
@@ -79,8 +79,8 @@ def memory_settings(
     return autofit.plan(model_cfg, cfg, seq, gpu_budget_gib, host, has_varlen=varlen)
 
 
-def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume, reset):
-    """``new_trainer().train(resume)`` under the first of the plan's settings that does not run
+def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume_from, reset):
+    """``new_trainer().train(resume_from)`` under the first of the plan's settings that does not run
     out of memory in its first steps; each retry starts from the very beginning (the initial
     adapter, a fresh Trainer and optimizer, ``reset()``). Each setting reaches the model here
     (``autofit.apply``), before its attempt.
@@ -105,7 +105,7 @@ def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume, re
 
     def start():
         box[:] = [new_trainer()]
-        return box[0].train(resume_from_checkpoint=resume)
+        return box[0].train(resume_from_checkpoint=resume_from)
 
     def restart():
         box.clear()
@@ -120,7 +120,7 @@ def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume, re
                 p.grad = None
         reset()
 
-    first = int(Path(resume).name.split("-")[1]) if resume else 0
+    first = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
 
     def steps_done() -> int:
         return box[0].state.global_step - first if box else 0
@@ -139,7 +139,7 @@ def train_here(
     made_from: dict,
     ckpt_root: str,
     checkpoint_uri: str,
-    resume: str | None,
+    resume_from: str | None,
     on_log: Callable[[dict], None] | None,
 ) -> TrainResult:
     """:func:`run_train`'s training in this process: the only one, or one rank of
@@ -258,7 +258,7 @@ def train_here(
                 data_collator=collate,
                 callbacks=[
                     trainer_hooks.recorder(history, tokens_seen, diverged, on_log, ranks),
-                    checkpoints.callback(ckpt_root, made_from, checkpoint_uri),
+                    resume.callback(ckpt_root, made_from, checkpoint_uri),
                 ],
             )
 
@@ -268,8 +268,8 @@ def train_here(
             diverged.clear()
             set_seed(cfg.seed)
 
-        with checkpoints.saving(ckpt_root):  # a checkpoint cut off by a failure is removed
-            trainer, out, setting = train_in_memory(model, plan, new_trainer, resume, reset)
+        with resume.saving(ckpt_root):  # a checkpoint cut off by a failure is removed
+            trainer, out, setting = train_in_memory(model, plan, new_trainer, resume_from, reset)
         if diverged or not math.isfinite(out.training_loss):
             raise TrainingDivergedError(
                 f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
@@ -289,13 +289,13 @@ def train_here(
             )
             loss_curve(history, tmp / "loss_curve.png")
     if main:
-        checkpoints.remove_all(ckpt_root)  # the adapter is complete: no resume needed
+        resume.remove_all(ckpt_root)  # the adapter is complete: no resume needed
     # Every rank's tokens (the logged rows count rank 0's times the ranks) and the largest
     # peak of any GPU.
     tokens = distributed.all_reduce([float(tokens_seen[0])])[0]
     losses = [h["loss"] for h in history if "loss" in h]
     metrics = {
-        "resumed_from_step": int(Path(resume).name.split("-")[1]) if resume else 0,
+        "resumed_from_step": int(Path(resume_from).name.split("-")[1]) if resume_from else 0,
         "train_loss": round(out.training_loss, 6),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

@@ -32,7 +32,7 @@ from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError
 from qlora_kfp.storage import s3, sources
 from qlora_kfp.storage.writes import output_lock
-from qlora_kfp.training import checkpoints, distributed
+from qlora_kfp.training import distributed, resume
 from qlora_kfp.training.trainjob_logs import ROW_MARK
 
 log = logging.getLogger("qlora_kfp.stages.train")
@@ -61,8 +61,8 @@ def train_node(job_uri: str, job: dict) -> None:
     digest = hashlib.sha256(job_uri.encode()).hexdigest()[:12]
     work = sources.cache_dir() / "train-nodes" / digest / f"node-{rank}"
     output_dir, ckpt_root = work / "adapter", work / "adapter.checkpoints"
-    resume = (
-        checkpoints.find_resume_point(ckpt_root, job["made_from"], job["checkpoint_uri"])
+    resume_from = (
+        resume.find_resume_point(ckpt_root, job["made_from"], job["checkpoint_uri"])
         if cfg.checkpoint_steps
         else None
     )
@@ -74,7 +74,7 @@ def train_node(job_uri: str, job: dict) -> None:
         output_dir=str(output_dir),
         ckpt_root=str(ckpt_root),
         checkpoint_uri=job["checkpoint_uri"],
-        resume=resume,
+        resume_from=resume_from,
     )
     # torchrun's static rendezvous: node 0's pod holds the store every rank meets at.
     rendezvous = [
@@ -84,7 +84,7 @@ def train_node(job_uri: str, job: dict) -> None:
         f"--master_port={env.integer('PET_MASTER_PORT')}",
     ]
     main = rank == 0
-    log.info("node %d of %d: %d process(es), resuming from %s", rank, nodes, procs, resume)
+    log.info("node %d of %d: %d process(es), resuming from %s", rank, nodes, procs, resume_from)
     with output_lock(output_dir):  # taken again by this node's ranks (their parent holds it)
         res = distributed.launch(
             "qlora_kfp.stages.train_ranks",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from qlora_kfp.tracking.runs import client, enabled
+from qlora_kfp.tracking.parent_run import client, enabled
 from qlora_kfp.tracking.stage_runs import StageRun
 
 log = logging.getLogger(__name__)

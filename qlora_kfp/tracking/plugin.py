@@ -12,7 +12,7 @@ server closes the parent when the run ends.
 Then the stages log into those runs and open no second tree beside them: ``start-tracking``
 adopts the backend's parent run (tags it as this pipeline's), each stage writes into its own
 task's run, and the exit handler tags the parent but leaves closing it to the backend. Without
-the plugin (older backends, ``kfp.local``) :mod:`qlora_kfp.tracking.runs` makes the tree.
+the plugin (older backends, ``kfp.local``) :mod:`qlora_kfp.tracking.parent_run` makes the tree.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 
 from qlora_kfp.configs import setting_changes
-from qlora_kfp.tracking import runs
+from qlora_kfp.tracking import parent_run
 
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
-# Version tag: what the model was made from (tasks/run.training_made_from), as JSON.
+# Version tag: what the model was made from (tasks/bookkeeping_tasks.training_made_from), as JSON.
 MADE_FROM_TAG = "training.made_from"
 # Version tags of the promotion decision made when the version was registered.
 DECISION_TAG = "promotion.decision"  # PROMOTED or NOT_PROMOTED
@@ -73,7 +73,7 @@ def champion(name: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return runs.client().get_model_version_by_alias(name, CHAMPION)
+        return parent_run.client().get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
 
@@ -95,7 +95,7 @@ def register(
     promotion decision (on a champion it replaces too)."""
     from mlflow.exceptions import MlflowException
 
-    c = runs.client()
+    c = parent_run.client()
     try:
         c.create_registered_model(name, description="QLoRA fine-tuned models (qlora-kfp)")
     except MlflowException as exc:
@@ -160,10 +160,10 @@ def made_from_changes(recorded: dict | None, wanted: dict) -> list[str]:
 def should_train(name: str, made_from: dict, force: bool) -> Decision:
     """Train unless the champion was made from exactly what this run would train on: the same
     prepared dataset, base model, code version and result-changing settings (``made_from``,
-    tasks/run.training_made_from). ``force`` always trains."""
+    tasks/bookkeeping_tasks.training_made_from). ``force`` always trains."""
     if force:
         return Decision(True, "forced (force_retrain)")
-    if not (name and runs.enabled()):
+    if not (name and parent_run.enabled()):
         return Decision(True, "no registry to compare with")
     mv = champion(name)
     if mv is None:

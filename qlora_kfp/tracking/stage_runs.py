@@ -16,7 +16,7 @@ from typing import Any
 
 from qlora_kfp.errors import TrackingError
 from qlora_kfp.tracking import plugin
-from qlora_kfp.tracking.runs import client, enabled, find_pipeline_run, provenance
+from qlora_kfp.tracking.parent_run import client, enabled, find_pipeline_run, provenance
 
 log = logging.getLogger(__name__)
 FAILURE_KIND_TAG = "failure_kind"  # "permanent": a retry of the task cannot succeed

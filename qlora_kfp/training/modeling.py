@@ -54,7 +54,7 @@ def load_model(
 ):
     """``AutoModelForCausalLM.from_pretrained`` on the right device, with a clear error.
 
-    With ``complete``, a checkpoint that lacks a tensor of the model is refused: transformers
+    With ``complete``, weights files that lack a tensor of the model are refused: transformers
     would initialize it at random and load the rest without an error.
     """
     import torch
@@ -62,7 +62,7 @@ def load_model(
 
     path = sources.model_source(source)
     sources.check_model_code(source, path, trust_remote_code)
-    check_checkpoint(source, path, trust_remote_code)
+    check_weights_files(source, path, trust_remote_code)
     dtype = dtype or resolve_dtype("auto")
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True)
     if quantization_config is not None:
@@ -82,23 +82,23 @@ def load_model(
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ArtifactError(
             f"{source}: tensor {missing[0]}{more} {'are' if more else 'is'} missing from the "
-            "checkpoint (transformers would initialize it at random); download or copy the "
+            "weights files (transformers would initialize it at random); download or copy the "
             "model again"
         )
     return model
 
 
-# safetensors' names of the float dtypes a 16-bit checkpoint's float tensors may be stored in
+# safetensors' names of the float dtypes 16-bit weights files' float tensors may be stored in
 # (transformers casts each to the dtype asked for).
 FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def check_checkpoint(source: str, path: str, trust_remote_code: bool = False) -> None:
-    """Refuse a 16-bit checkpoint whose tensors do not fit the model its config.json
+def check_weights_files(source: str, path: str, trust_remote_code: bool = False) -> None:
+    """Refuse 16-bit weights files whose tensors do not fit the model their config.json
     describes: a tensor of another shape, or of a non-float dtype where the model has a float
     weight. transformers loads such a file without an error: it initializes a tensor of
     another shape at random and casts integers to floats. Only the safetensors headers and
-    an empty (meta-device) model are read. Quantized checkpoints (a ``quantization_config``)
+    an empty (meta-device) model are read. Quantized weights (a ``quantization_config``)
     store packed tensors of other shapes and dtypes: they are not checked, nor are names the
     model does not have (transformers renames some of them on loading).
 

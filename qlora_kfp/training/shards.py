@@ -1,8 +1,8 @@
-"""A checkpoint's tensors one at a time, straight from its shard files.
+"""A model's weights one tensor at a time, straight from its shard files.
 
 The quantize stage compares every 4-bit weight with its 16-bit original. Building the 16-bit
 model for that would hold all of it in memory at once (141 GB for a 70B model); reading the
-originals from the checkpoint's files, one tensor at a time, holds one weight matrix.
+originals from the weights files, one tensor at a time, holds one weight matrix.
 ``safe_open`` maps a safetensors file and reads only the tensor asked for; a PyTorch
 ``.bin`` shard is memory-mapped (``torch.load(mmap=True)``), so only what is read is paged
 in.
@@ -21,7 +21,7 @@ from qlora_kfp.storage import sources
 # SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME): a repo may ship the same weights
 # in several forms (Llama-2: safetensors and .bin shards; Mistral: consolidated.safetensors),
 # and reading, or downloading, the others would count and fetch the weights twice.
-CHECKPOINTS = (
+WEIGHTS_FILES = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
@@ -32,7 +32,7 @@ def weight_files(source: str) -> list[Path]:
     local snapshot, which ``from_pretrained`` has already fetched)."""
     path = sources.model_source(source)
     folder = Path(path) if Path(path).exists() else _hub_snapshot(path, source)
-    for index, single in CHECKPOINTS:
+    for index, single in WEIGHTS_FILES:
         if (folder / index).is_file():
             # sources.model_source has checked every shard it names is there and whole.
             names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
@@ -56,7 +56,7 @@ def _hub_snapshot(repo_id: str, source: str) -> Path:
 
 
 def tensor_numel(files: Iterable[Path]) -> int:
-    """Elements stored in the checkpoint (a tied weight is stored, and counted, once)."""
+    """Elements stored in the weights files (a tied weight is stored, and counted, once)."""
     import math
 
     from safetensors import safe_open

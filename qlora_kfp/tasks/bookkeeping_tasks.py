@@ -14,7 +14,7 @@ from pathlib import Path
 from qlora_kfp import env
 from qlora_kfp.errors import ConfigError, QloraError
 from qlora_kfp.tasks.context import RunContext, fail, report, setup_logging
-from qlora_kfp.tracking import runs, stage_runs
+from qlora_kfp.tracking import parent_run, stage_runs
 
 log = logging.getLogger("qlora_kfp")
 
@@ -37,7 +37,7 @@ def start_tracking(args: dict) -> str:
     setup_logging()
     try:
         preflight.check_services()
-        return runs.start_pipeline_run(
+        return parent_run.start_pipeline_run(
             args["mlflow_experiment"],
             args["run_name"]
             or default_run_name(
@@ -123,10 +123,10 @@ def finish(args: dict) -> None:
     setup_logging()
     kfp_run_id = RunContext.from_args(args).kfp_run_id
     word, error = args["status"].state, args["status"].error_message or ""
-    run_id = runs.find_pipeline_run(args["mlflow_experiment"], kfp_run_id)
+    run_id = parent_run.find_pipeline_run(args["mlflow_experiment"], kfp_run_id)
     metrics, tags, png, exp_id = {}, {}, None, ""
     if run_id:
-        run = runs.client().get_run(run_id)  # read once: closing changes no metric
+        run = parent_run.client().get_run(run_id)  # read once: closing changes no metric
         metrics, tags, exp_id = run.data.metrics, run.data.tags, run.info.experiment_id
     stages = stage_runs.stage_statuses(run_id)
     state, how = outcome.resolve(
@@ -139,10 +139,10 @@ def finish(args: dict) -> None:
         # The backend sends no error message: the failed stage's own reason, else what was found.
         error = next((why for _, why in stages.values() if why), how)
     if run_id:
-        runs.close_pipeline_run(run_id, state, error, kfp_state=word)
+        parent_run.close_pipeline_run(run_id, state, error, kfp_state=word)
         try:
             png = Path(
-                runs.client().download_artifacts(run_id, "plots/loss_curve.png", "/tmp")
+                parent_run.client().download_artifacts(run_id, "plots/loss_curve.png", "/tmp")
             ).read_bytes()
         except Exception:  # noqa: BLE001 - a failed run may have no plot
             png = None
@@ -152,7 +152,7 @@ def finish(args: dict) -> None:
     if run_id:
         _describe(run_id, tags, report.build(state, error, kfp_run_id, metrics, tags, link_map))
         try:
-            report.log_comparison(runs.client(), run_id, metrics)
+            report.log_comparison(parent_run.client(), run_id, metrics)
         except Exception as exc:  # noqa: BLE001 - the run is closed; the report is written
             log.warning("base vs tuned not logged to MLflow: %s", exc)
     url = env.text(report.WEBHOOK_ENV)
@@ -172,7 +172,7 @@ def _describe(run_id: str, tags: dict, text: str) -> None:
     note = tags.get(report.DESCRIPTION_TAG, "")
     body = text if not note or note in text else f"{note}\n\n{text}"
     try:
-        runs.client().set_tag(run_id, report.DESCRIPTION_TAG, body[:5000])
+        parent_run.client().set_tag(run_id, report.DESCRIPTION_TAG, body[:5000])
     except Exception as exc:  # noqa: BLE001 - a description is a convenience
         log.warning("run description not set: %s", exc)
 
@@ -223,7 +223,7 @@ def _show_trials(run, names: list[str], losses: list[float], best: int, rows: li
 
         from qlora_kfp.tracking import plots
 
-        runs.client().log_table(run.parent_run_id, pd.DataFrame(rows), "sweep/trials.json")
+        parent_run.client().log_table(run.parent_run_id, pd.DataFrame(rows), "sweep/trials.json")
         png = plots.trial_bars(names, losses, best, "/tmp/sweep_trials.png")
         run.artifact(str(png), "plots", parent=True)
     except Exception as exc:  # noqa: BLE001

@@ -9,6 +9,11 @@ run*: the manifest records what the checkpoint was made from (the settings that 
 learned, the prepared dataset's digest, the quantized model's digest), and a checkpoint made
 from anything else is never resumed. A rerun with another learning rate, dataset or LoRA rank
 starts fresh, and says why.
+
+"Checkpoint" here means a resumable training state: Transformers' ``checkpoint-<step>`` folder.
+Elsewhere the word means gradient checkpointing (recomputing activations: ``modeling``,
+``memory``, ``autofit``, ``offload``) or, in Hugging Face usage, a base model's weights files
+(``shards``, the quantize stage), which the code calls weights.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ DEMO_PARAMS_FILE = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml
 
 def demo_params() -> dict:
     """The settings of ``examples/demo.yaml`` (a checkout's: the demo runs from one)."""
-    from qlora_kfp.app.pipeline_params import load
+    from qlora_kfp.app.remote_params import load
 
     return load(str(DEMO_PARAMS_FILE), []).from_file
 

@@ -1,8 +1,8 @@
 """What the stage components call: artifacts in, the library stage, artifacts out.
 
-Each stage component's body is one line, ``return stages.<stage>(locals())``. This module turns
-those locals into the stage's typed config (:func:`context.stage`), calls the plain library
-function, and reports: KFP ``Metrics``/``HTML`` artifacts, MLflow params, metrics and
+Each stage component's body is one line, ``return stage_tasks.<stage>(locals())``. This module
+turns those locals into the stage's typed config (:func:`context.stage`), calls the plain
+library function, and reports: KFP ``Metrics``/``HTML`` artifacts, MLflow params, metrics and
 artifacts, and an S3 copy of the artifact when ``QLORA_KFP_ARTIFACT_URI`` is set.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_kfp import configs
 from qlora_kfp.tasks.context import html_with_image, mark, report, stage
-from qlora_kfp.tracking import cached, live, runs, stage_runs
+from qlora_kfp.tracking import cached, live, parent_run, stage_runs
 
 log = logging.getLogger("qlora_kfp")
 
@@ -53,7 +53,7 @@ def _log_dataset_input(run: stage_runs.StageRun, folder: str, digest: str, sourc
     # Through the client: ``with mlflow.start_run(run_id=...)`` would end the run it resumes,
     # and the parent would read FINISHED while the pipeline is still training.
     for run_id in (run.run_id, run.parent_run_id):
-        runs.client().log_inputs(run_id, datasets=[entry])
+        parent_run.client().log_inputs(run_id, datasets=[entry])
 
 
 def quantize(args: dict) -> None:
@@ -161,7 +161,7 @@ def register(args: dict) -> str:
         source = args["merged_model_uri"]
         if Path(source).is_dir():  # a local run: the registry keeps its own copy
             run.artifacts(source, "merged_model")
-            source = f"{runs.client().get_run(run.run_id).info.artifact_uri}/merged_model"
+            source = f"{parent_run.client().get_run(run.run_id).info.artifact_uri}/merged_model"
         elif not ctx.artifact_uri(""):
             log.warning(
                 "registering %s, KFP's own copy of the merged model (QLORA_KFP_ARTIFACT_URI "
@@ -179,7 +179,7 @@ def register(args: dict) -> str:
         }
         # What the model was made from (decide-training put it on the parent): the next
         # run's retraining gate compares against it.
-        parent = runs.client().get_run(run.parent_run_id) if run.parent_run_id else None
+        parent = parent_run.client().get_run(run.parent_run_id) if run.parent_run_id else None
         if made_from := parent and parent.data.tags.get(registry.MADE_FROM_TAG):
             tags[registry.MADE_FROM_TAG] = made_from
         res = registry.register(
