@@ -12,10 +12,10 @@ import contextlib
 import json
 import logging
 import math
-import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
@@ -31,13 +31,8 @@ from qlora_kfp.training import (
     resume,
     trainer_hooks,
 )
-from qlora_kfp.training.peft_model import (
-    build_peft_model,
-    check_finite_adapter,
-    resolve_optimizer,
-    trainable_params,
-    use_fused_kernels,
-)
+from qlora_kfp.training.peft_model import build_peft_model, check_finite_adapter, trainable_params
+from qlora_kfp.training.trainer_args import training_arguments
 
 # The stage's logger, as before the stage was split in two: pod logs keep their names.
 log = logging.getLogger("qlora_kfp.stages.train")
@@ -131,6 +126,37 @@ def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume_fro
     return box[0], out, setting
 
 
+@dataclass
+class _Rows:
+    """What the Trainer reads: the training rows (bins with ``packing=bins``), the eval rows,
+    the tokenizer, a bin's capacity (0 without bins) and the collator."""
+
+    train: list
+    eval: list
+    tokenizer: Any
+    capacity: int
+    collate: Callable
+
+
+@dataclass
+class _Log:
+    """What training records as it goes: real tokens of the batches consumed (this rank),
+    logged rows, and why it diverged (empty while it has not)."""
+
+    tokens_seen: list = field(default_factory=lambda: [0])
+    history: list = field(default_factory=list)
+    diverged: list = field(default_factory=list)
+
+    def reset(self, seed: int) -> None:
+        """What a fresh start has: nothing counted or logged, the seed's RNG."""
+        from transformers import set_seed
+
+        self.tokens_seen[0] = 0
+        self.history.clear()
+        self.diverged.clear()
+        set_seed(seed)
+
+
 def train_here(
     cfg: TrainConfig,
     model_dir: str,
@@ -142,34 +168,73 @@ def train_here(
     resume_from: str | None,
     on_log: Callable[[dict], None] | None,
 ) -> TrainResult:
-    """:func:`run_train`'s training in this process: the only one, or one rank of
-    ``cfg.num_processes`` (:mod:`qlora_kfp.training.distributed`), where rank 0 alone writes
+    """:func:`run_train`'s training in this process: the only one, or one rank of the group
+    (:mod:`qlora_kfp.training.distributed`; a TrainJob's nodes too), where rank 0 alone writes
     the adapter and seals checkpoints. Arguments as :func:`run_train`'s, checked by it;
     ``cfg.parallelism`` resolved (DDP, or FSDP: :mod:`qlora_kfp.training.fsdp`)."""
-    import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
-
-    from qlora_kfp.tracking.plots import loss_curve
+    from transformers import set_seed
 
     expandable = modeling.prefer_expandable_segments()
     # Every process of the group, on this node and the others (a TrainJob's nodes).
-    ranks, main = distributed.current_world(), distributed.is_main()
-    if torch.cuda.is_available():  # this rank's GPU; the model loads onto the current one
-        torch.cuda.set_device(distributed.local_rank())
+    ranks = distributed.current_world()
+    _use_this_ranks_gpu()
     gpu_budget = autofit.budget_gib(cfg)  # before the model takes its share
-    train_ds = artifacts.token_rows(dataset_dir, "train")
-    eval_ds = artifacts.token_rows(dataset_dir, "eval")
-    tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
+    rows = _read_rows(cfg, dataset_dir)
     set_seed(cfg.seed)
-    dtype = modeling.resolve_dtype(cfg.compute_dtype)
     model = build_peft_model(cfg, model_dir)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before FSDP
     sharded = ranks > 1 and cfg.parallelism == "fsdp"
     if sharded:
         fsdp.keep_weight_layout(model)
+    # With several ranks the plan has no fallback: one rank starting over alone would leave
+    # the others waiting in a collective. The error names the settings to change.
+    plan = memory_settings(cfg, model_dir, rows.train, rows.capacity, gpu_budget)
+    ckpt = Path(ckpt_root)
+    main = distributed.is_main()
+    # Rank 0 alone writes the adapter; the others train and evaluate alongside it.
+    with atomic_folder(output_dir, "adapter") if main else contextlib.nullcontext() as tmp:
+        log_ = _Log()
+        new_trainer = _trainer_factory(
+            cfg, model, rows, ckpt, made_from, checkpoint_uri, log_, on_log, ranks, sharded
+        )
+        with resume.saving(ckpt):  # a checkpoint cut off by a failure is removed
+            trainer, out, setting = train_in_memory(
+                model, plan, new_trainer, resume_from, lambda: log_.reset(cfg.seed)
+            )
+        _refuse_divergence(out, log_.diverged)
+        final_eval = trainer.evaluate()  # the Recorder logs it into history too
+        # Under FSDP the adapter is sharded: gathered (by every rank) onto rank 0 to be saved.
+        adapter = fsdp.gathered_state(trainer.model) if sharded else None
+        check_finite_adapter(model, adapter)  # a NaN adapter must never be sealed as complete
+        if main:
+            _write_adapter(
+                tmp, model, adapter, rows.tokenizer, log_.history, cfg, made_from, model_dir
+            )
+    if main:
+        resume.remove_all(ckpt)  # the adapter is complete: no resume needed
+    metrics = _metrics(
+        ranks, trainable, out, final_eval, log_, setting, plan, resume_from, expandable
+    )
+    log.info("trained: %s", metrics)
+    return TrainResult(str(output_dir), metrics, log_.history)
 
-    tokens_seen = [0]  # real tokens of the batches training steps have consumed (this rank)
 
+def _use_this_ranks_gpu() -> None:
+    """The model loads onto the current GPU: make it this rank's."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(distributed.local_rank())
+
+
+def _read_rows(cfg: TrainConfig, dataset_dir: str) -> _Rows:
+    """The prepared dataset's rows, packed into bins with ``packing=bins``, and the collator
+    that makes batches of them."""
+    from transformers import AutoTokenizer
+
+    train_ds = artifacts.token_rows(dataset_dir, "train")
+    eval_ds = artifacts.token_rows(dataset_dir, "eval")
+    tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
     capacity = 0
     if cfg.packing == "bins":
         capacity = plan_length(cfg, train_ds)
@@ -182,118 +247,85 @@ def train_here(
     # The count rides with its batch: the data loader runs a batch ahead of training, so a
     # count taken at collation time would credit a step with its successor's tokens.
     collate = batching.make_collator(cfg.packing, tokenizer, width=capacity, count_tokens=True)
+    return _Rows(train_ds, eval_ds, tokenizer, capacity, collate)
 
-    # With several ranks the plan has no fallback: one rank starting over alone would leave
-    # the others waiting in a collective. The error names the settings to change.
-    plan = memory_settings(cfg, model_dir, train_ds, capacity, gpu_budget)
-    history: list[dict] = []
-    diverged: list[str] = []
-    ckpt_root = Path(ckpt_root)
+
+def _trainer_factory(
+    cfg: TrainConfig,
+    model,
+    rows: _Rows,
+    ckpt: Path,
+    made_from: dict,
+    checkpoint_uri: str,
+    log_: _Log,
+    on_log: Callable[[dict], None] | None,
+    ranks: int,
+    sharded: bool,
+) -> Callable[[], Any]:
+    """A function making a fresh Trainer (one per memory setting tried), with the callbacks
+    that record rows, guard against divergence and seal checkpoints."""
+    from transformers import Trainer
+
     cpu_ranks = ranks > 1 and modeling.device() != "cuda"
-    # Rank 0 alone writes the adapter; the others train and evaluate alongside it.
-    with atomic_folder(output_dir, "adapter") if main else contextlib.nullcontext() as tmp:
-        args = TrainingArguments(
-            output_dir=str(ckpt_root),
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate,
-            # transformers' constant ignores the warmup: warmup_ratio > 0 asks for one.
-            lr_scheduler_type=(
-                "constant_with_warmup"
-                if cfg.lr_scheduler == "constant" and cfg.warmup_ratio > 0
-                else cfg.lr_scheduler
-            ),
-            warmup_steps=cfg.warmup_ratio,
-            num_train_epochs=cfg.num_epochs,
-            max_steps=cfg.max_steps or -1,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            optim=resolve_optimizer(cfg.optimizer),
-            logging_steps=cfg.logging_steps,
-            logging_first_step=True,
-            eval_strategy="steps" if cfg.eval_steps else "no",
-            eval_steps=cfg.eval_steps or None,
-            save_strategy="steps" if cfg.checkpoint_steps else "no",
-            save_steps=cfg.checkpoint_steps or 500,
-            save_total_limit=2,
-            report_to="none",
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            bf16=dtype == torch.bfloat16 and modeling.device() == "cuda",
-            fp16=dtype == torch.float16 and modeling.device() == "cuda",
-            # autofit.apply sets checkpointing up layer by layer; the Trainer's own switch
-            # would turn it back on in every layer.
-            gradient_checkpointing=False,
-            remove_unused_columns=False,
-            # Bins are all about pack_length long: grouping them by length would do nothing.
-            train_sampling_strategy=(
-                "group_by_length" if cfg.length_grouping and cfg.packing != "bins" else "random"
-            ),
-            use_liger_kernel=use_fused_kernels(cfg.fused_kernels),
-            dataloader_num_workers=0,
-            # Every LoRA weight gets a gradient each step: DDP need not search the graph
-            # for unused ones (the Trainer would, as the peft model is no PreTrainedModel).
-            ddp_find_unused_parameters=False,
-            # Several CPU processes (the tests): accelerate forms a gloo group only when told
-            # the run is on the CPU. On GPUs the backend is NCCL.
-            use_cpu=cpu_ranks,
-            ddp_backend="gloo" if cpu_ranks else None,
-            # A pod log is no terminal: progress comes as one line per logging step instead.
-            disable_tqdm=not sys.stderr.isatty(),
-            **(fsdp.trainer_arguments() if sharded else {}),
+    args = training_arguments(cfg, ckpt, cpu_ranks, sharded)
+    if sharded and cpu_ranks:
+        fsdp.accelerate_on_cpu(args)
+    trainer_cls = trainer_hooks.counting_trainer(Trainer, log_.tokens_seen)
+    if sharded:
+        trainer_cls = fsdp.sharded_trainer(trainer_cls)
+
+    def new_trainer():
+        return trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=rows.train,
+            eval_dataset=rows.eval,
+            data_collator=rows.collate,
+            callbacks=[
+                trainer_hooks.recorder(
+                    log_.history, log_.tokens_seen, log_.diverged, on_log, ranks
+                ),
+                resume.callback(ckpt, made_from, checkpoint_uri),
+            ],
         )
-        if sharded and cpu_ranks:
-            fsdp.accelerate_on_cpu(args)
-        trainer_cls = trainer_hooks.counting_trainer(Trainer, tokens_seen)
-        if sharded:
-            trainer_cls = fsdp.sharded_trainer(trainer_cls)
 
-        def new_trainer():
-            return trainer_cls(
-                model=model,
-                args=args,
-                train_dataset=train_ds,
-                eval_dataset=eval_ds,
-                data_collator=collate,
-                callbacks=[
-                    trainer_hooks.recorder(history, tokens_seen, diverged, on_log, ranks),
-                    resume.callback(ckpt_root, made_from, checkpoint_uri),
-                ],
-            )
+    return new_trainer
 
-        def reset():  # what a fresh start has: nothing counted or logged, the seed's RNG
-            tokens_seen[0] = 0
-            history.clear()
-            diverged.clear()
-            set_seed(cfg.seed)
 
-        with resume.saving(ckpt_root):  # a checkpoint cut off by a failure is removed
-            trainer, out, setting = train_in_memory(model, plan, new_trainer, resume_from, reset)
-        if diverged or not math.isfinite(out.training_loss):
-            raise TrainingDivergedError(
-                f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
-                "no adapter was written. Lower learning_rate, keep max_grad_norm small, or "
-                "use compute_dtype=bfloat16 instead of float16"
-            )
-        final_eval = trainer.evaluate()  # the Recorder logs it into history too
-        # Under FSDP the adapter is sharded: gathered (by every rank) onto rank 0 to be saved.
-        adapter = fsdp.gathered_state(trainer.model) if sharded else None
-        check_finite_adapter(model, adapter)  # a NaN adapter must never be sealed as complete
-        if main:
-            model.save_pretrained(tmp, state_dict=adapter)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "history.json").write_text(json.dumps(history, indent=1))
-            artifacts.write_train_record(
-                tmp, asdict(cfg), made_from, artifacts.base_model_of(model_dir)
-            )
-            loss_curve(history, tmp / "loss_curve.png")
-    if main:
-        resume.remove_all(ckpt_root)  # the adapter is complete: no resume needed
-    # Every rank's tokens (the logged rows count rank 0's times the ranks) and the largest
-    # peak of any GPU.
-    tokens = distributed.all_reduce([float(tokens_seen[0])])[0]
-    losses = [h["loss"] for h in history if "loss" in h]
+def _refuse_divergence(out, diverged: list[str]) -> None:
+    """A run whose loss went NaN/Inf (or that the guard stopped) writes no adapter."""
+    if diverged or not math.isfinite(out.training_loss):
+        raise TrainingDivergedError(
+            f"training diverged ({diverged[0] if diverged else 'loss is not finite'}); "
+            "no adapter was written. Lower learning_rate, keep max_grad_norm small, or "
+            "use compute_dtype=bfloat16 instead of float16"
+        )
+
+
+def _write_adapter(
+    tmp: Path, model, adapter, tokenizer, history, cfg, made_from, model_dir
+) -> None:
+    """The adapter folder's files (into the atomic folder ``tmp``): weights and config, the
+    tokenizer, the logged rows, the train record and the loss curve."""
+    from qlora_kfp.tracking.plots import loss_curve
+
+    model.save_pretrained(tmp, state_dict=adapter)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "history.json").write_text(json.dumps(history, indent=1))
+    artifacts.write_train_record(tmp, asdict(cfg), made_from, artifacts.base_model_of(model_dir))
+    loss_curve(history, tmp / "loss_curve.png")
+
+
+def _metrics(
+    ranks, trainable, out, final_eval, log_: _Log, setting, plan, resume_from, expandable
+) -> dict:
+    """The run's figures: losses, steps, speed over every rank, the memory setting used and
+    the largest GPU peak of any rank."""
+    import torch
+
+    # Every rank's tokens (the logged rows count rank 0's times the ranks).
+    tokens = distributed.all_reduce([float(log_.tokens_seen[0])])[0]
+    losses = [h["loss"] for h in log_.history if "loss" in h]
     metrics = {
         "resumed_from_step": int(Path(resume_from).name.split("-")[1]) if resume_from else 0,
         "train_loss": round(out.training_loss, 6),
@@ -319,5 +351,4 @@ def train_here(
         peak = distributed.all_reduce([float(v) for v in peak], op="max")
         metrics["gpu_peak_gib"] = round(peak[0] / 2**30, 3)
         metrics["gpu_reserved_gib"] = round(peak[1] / 2**30, 3)
-    log.info("trained: %s", metrics)
-    return TrainResult(str(output_dir), metrics, history)
+    return metrics
