@@ -11,6 +11,11 @@ REGISTRY ?= ghcr.io/qlora-kfp
 TAG ?= 0.1.0
 OVERLAY ?= example
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one a core, at most 4 (each starts its own servers and trains
+# its own tiny model for the session fixtures); 1 runs the tests in pytest's own process.
+# Whole files go to a worker (--dist loadfile), the heaviest first (tests/conftest.py).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
+XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 # The real etcd, kube-apiserver and kube-controller-manager the manifest tests start
 # (backend/kube pins the release).
 BACKEND_BIN := .cache/backend/bin
@@ -94,10 +99,10 @@ $(TRAINER_OUT) &: $(addprefix backend/trainer/,go.mod go.sum tools.go)
 backend-trainer: $(TRAINER_OUT) ## Build Kubeflow Trainer's and JobSet's controller managers (backend/trainer; needs Go) into .cache/backend/bin, their manifests beside
 
 test: $(STAMP) $(KFP_RELEASES) install-browser backend backend-trainer ## Run every test the CPU can run (gpu tests skip)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) $(KFP_RELEASES) ## Run the tests not marked slow or integration
-	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not integration" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -49,6 +49,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
     if unmarked:
         raise pytest.UsageError("make test-fast would run these:\n" + "\n".join(unmarked))
+    _heavy_files_first(items)
+
+
+def _heavy_files_first(items) -> None:
+    """Files that run pipelines or train (marked slow and integration, then slow) first, each
+    file's tests in their order: ``make test`` hands whole files to 2 workers (``-n 2 --dist
+    loadfile``) in this order, and a long file handed out last would run alone at the end."""
+    rank: dict[str, int] = {}
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        heavy = 2 if {"slow", "integration"} <= marks else 1 if "slow" in marks else 0
+        path = item.nodeid.split("::")[0]
+        rank[path] = max(rank.get(path, 0), heavy)
+    items.sort(key=lambda item: -rank[item.nodeid.split("::")[0]])  # stable within a rank
 
 
 @pytest.hookimpl(wrapper=True)
