@@ -23,7 +23,9 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 PACKING_MODES = ("off", "padding_free", "bins")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen")
 AUTO_ON_OFF = ("auto", "on", "off")
-TRAIN_RUNNERS = ("pod", "trainjob")
+TRAIN_RUNNERS = ("pod", "trainjob", "pytorchjob")
+# The runners that train on num_nodes pods the task creates (through S3).
+JOB_RUNNERS = ("trainjob", "pytorchjob")
 # A ClusterTrainingRuntime's name: an object name (k8s.io/apimachinery validation
 # IsDNS1123Subdomain), at most 253 characters.
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -296,14 +298,16 @@ class TrainConfig:
         default=50,
     )
     train_runner: str = _help(
-        "Where training runs: pod (the train task's own pod trains) or trainjob (the train "
-        "task creates a Kubeflow Trainer TrainJob of num_nodes pods, each like its own pod, "
-        "relays its logs and status, and fetches the adapter; needs the Trainer installed, "
-        "the TrainJob role of manifests/components/trainjob and QLORA_KFP_ARTIFACT_URI).",
+        "Where training runs: pod (the train task's own pod trains: one node), trainjob (the "
+        "train task creates a Kubeflow Trainer v2 TrainJob of num_nodes pods, each like its "
+        "own pod, relays its logs and status, and fetches the adapter; needs the Trainer "
+        "installed, the role of manifests/components/trainjob and QLORA_KFP_ARTIFACT_URI), or "
+        "pytorchjob (the same as a Training Operator v1 PyTorchJob, for a cluster that has "
+        "the older operator and not the Trainer).",
         default="pod",
     )
     num_nodes: int = _help(
-        "Pods (nodes) training together with train_runner=trainjob, each with the train "
+        "Pods (nodes) training together with train_runner=trainjob or pytorchjob, each with the train "
         "task's GPUs and num_processes processes: one optimizer step sees batch_size x "
         "gradient_accumulation_steps x num_processes x num_nodes rows. 1 with "
         "train_runner=pod.",
@@ -411,10 +415,11 @@ class TrainConfig:
             "use a count of nodes from 1 to 64",
         )
         _check(
-            self.num_nodes == 1 or self.train_runner == "trainjob",
+            self.num_nodes == 1 or self.train_runner in JOB_RUNNERS,
             "num_nodes",
             self.num_nodes,
-            "several nodes train only as a TrainJob: set train_runner=trainjob, or num_nodes=1",
+            "several nodes train only as a TrainJob or PyTorchJob: set train_runner=trainjob "
+            "(or pytorchjob), or num_nodes=1",
         )
         _check(
             len(self.training_runtime) <= 253
@@ -448,7 +453,7 @@ class TrainConfig:
         )
 
     def check_runner(self, artifact_uri: str) -> None:
-        """Refuse ``train_runner=trainjob`` without an S3 artifact store: the TrainJob's
+        """Refuse ``train_runner=trainjob`` (or pytorchjob) without an S3 artifact store: the job's
         nodes read their inputs and write the adapter there. Checked where the store is
         known (the preflight and the train task), not here: a client compiling or starting
         a run has no ``QLORA_KFP_ARTIFACT_URI``.
@@ -457,10 +462,10 @@ class TrainConfig:
             ConfigError: naming the variable to set.
         """
         _check(
-            self.train_runner != "trainjob" or artifact_uri.startswith("s3://"),
+            self.train_runner not in JOB_RUNNERS or artifact_uri.startswith("s3://"),
             "train_runner",
             self.train_runner,
-            "a TrainJob's nodes read the inputs and write the adapter through S3: set "
+            f"a {self.train_runner}'s nodes read the inputs and write the adapter through S3: set "
             "QLORA_KFP_ARTIFACT_URI (e.g. s3://bucket/qlora) for the tasks, or use "
             "train_runner=pod",
         )

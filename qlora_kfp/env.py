@@ -321,6 +321,10 @@ _TABLE = [
             ("PET_MASTER_PORT", "port of the rendezvous on node 0"),
         )
     ],
+    # Set by the Training Operator on a PyTorchJob's pods beside the PET_* ones (v1.8.1
+    # pkg/controller.v1/pytorch/master.go); train_nodes.py reads them where PET_* are missing.
+    Var("MASTER_ADDR", "host name of node 0 (a PyTorchJob's Master)", owner="Training Operator"),
+    Var("MASTER_PORT", "port of the rendezvous on node 0", type=int, owner="Training Operator"),
     # Set by torchrun for each training process, and for the libraries under training.
     Var("RANK", "the process's rank in the training group", "0", int, owner="torchrun"),
     Var("LOCAL_RANK", "the process's rank on its node (its GPU)", "0", int, owner="torchrun"),

@@ -58,8 +58,8 @@ def test_several_nodes_need_a_trainjob():
     with pytest.raises(ConfigError) as caught:
         TrainConfig(num_nodes=2)
     assert str(caught.value) == (
-        "num_nodes=2 is invalid: several nodes train only as a TrainJob: set "
-        "train_runner=trainjob, or num_nodes=1"
+        "num_nodes=2 is invalid: several nodes train only as a TrainJob or PyTorchJob: set "
+        "train_runner=trainjob (or pytorchjob), or num_nodes=1"
     )
 
 

@@ -42,6 +42,8 @@ pytestmark = pytest.mark.integration
 TRAINJOB_GRANTED = {
     *((verb, "trainer.kubeflow.org", "trainjobs", "") for verb in ("create", "get", "list")),
     *((verb, "trainer.kubeflow.org", "trainjobs", "") for verb in ("watch", "delete")),
+    *((verb, "kubeflow.org", "pytorchjobs", "") for verb in ("create", "get", "list")),
+    *((verb, "kubeflow.org", "pytorchjobs", "") for verb in ("watch", "delete")),
     ("list", "", "pods", ""),
     ("watch", "", "pods", ""),
     ("get", "", "pods/log", ""),
@@ -160,10 +162,11 @@ class Spy:
         return getattr(self.api, name)
 
 
-def watched(kube, runner, namespace, name, act, watch_s=30, watches=1, **spy):
-    """``wait`` on a new TrainJob ``name`` in a thread; ``act`` once ``watches`` watches
-    have started. Returns (the outcome: the TrainJob or the exception, the spy)."""
-    assert kube.create(trainjob_body(namespace, name)).ok
+def watched(kube, runner, namespace, name, act, watch_s=30, watches=1, body=None, **spy):
+    """``wait`` on a new TrainJob ``name`` (or ``body``, of ``runner``'s kind) in a thread;
+    ``act`` once ``watches`` watches have started. Returns (the outcome: the object or the
+    exception, the spy)."""
+    assert kube.create(body or trainjob_body(namespace, name)).ok
     spy = Spy(runner.custom, **spy)
     cluster = dataclasses.replace(runner, custom=spy)
     with ThreadPoolExecutor(1) as pool:

@@ -17,6 +17,8 @@ and a stand-in for what cannot run here: the Trainer's controller and the kubele
 from __future__ import annotations
 
 import datetime
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from kube_apiserver import write_kubeconfig
 from servers import free_port
 from trainer_backend import MANIFESTS, pinned_version
 
-from qlora_kfp.training.trainjob_spec import GROUP, PLURAL, VERSION
+from qlora_kfp.training.trainjob_spec import GROUP, PLURAL, TRAINJOB, VERSION, JobKind
 
 SA = "qlora-kfp-runner"
 
@@ -46,6 +48,27 @@ def trainer_crds(*plurals: str) -> list[dict]:
             f"{MANIFESTS} is not {pinned_version()}: run `make backend-trainer`"
         )
     return [yaml.safe_load((MANIFESTS / f"crds/{GROUP}_{p}.yaml").read_text()) for p in plurals]
+
+
+TRAINING_OPERATOR = "github.com/kubeflow/training-operator@v1.8.1"
+
+
+@functools.cache
+def pytorchjob_crd() -> dict:
+    """The PyTorchJob CRD of Training Operator v1.8.1 (its manifests/base/crds), from the Go
+    module cache (``go mod download``: the module proxy, or the cache alone)."""
+    out = subprocess.run(
+        ["go", "mod", "download", "-json", TRAINING_OPERATOR],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={**os.environ, "GO111MODULE": "on", "GOFLAGS": "-mod=mod"},
+    )
+    assert out.returncode == 0, f"go mod download {TRAINING_OPERATOR}: {out.stderr[-2000:]}"
+    folder = Path(json.loads(out.stdout)["Dir"])
+    return yaml.safe_load(
+        (folder / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml").read_text()
+    )
 
 
 def profile_namespace(kube: Kube, name: str, work: Path, crd: bool = True) -> str:
@@ -65,12 +88,21 @@ def runner_kubeconfig(kube: Kube, namespace: str, path: Path) -> str:
     return str(write_kubeconfig(path, kube.url, kube.ca, token, namespace))
 
 
-def set_condition(kube: Kube, namespace: str, name: str, kind: str, reason: str, message: str):
-    """What the Trainer's controller writes: a condition on the status subresource."""
+def set_condition(
+    kube: Kube,
+    namespace: str,
+    name: str,
+    kind: str,
+    reason: str,
+    message: str,
+    job: JobKind = TRAINJOB,
+):
+    """What the Trainer's controller (or the Training Operator, for ``job``) writes: a
+    condition on the status subresource."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     cond = {"type": kind, "status": "True", "reason": reason, "message": message}
     patch = {"status": {"conditions": [{**cond, "lastTransitionTime": now}]}}
-    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+    path = f"/apis/{job.group}/{job.version}/namespaces/{namespace}/{job.plural}/{name}/status"
     kube.ok("PATCH", path, patch, headers={"Content-Type": "application/merge-patch+json"})
 
 

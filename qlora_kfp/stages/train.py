@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from qlora_kfp.configs import TrainConfig
+from qlora_kfp.configs import JOB_RUNNERS, TrainConfig
 from qlora_kfp.errors import ArtifactError, ConfigError
 from qlora_kfp.stages.train_loop import TrainResult, plan_length, train_here
 from qlora_kfp.storage import artifacts
@@ -156,10 +156,10 @@ def _train(
     verify(model_dir, "quantized-model")
     verify(dataset_dir, "dataset")
     _check_tokenizer(model_dir, dataset_dir)
-    if cfg.train_runner == "trainjob":
+    if cfg.train_runner in JOB_RUNNERS:
         from qlora_kfp.stages.train_job import TrainJobRunner
 
-        runner = TrainJobRunner(job_uri)
+        runner = TrainJobRunner(job_uri, kind=cfg.train_runner)
         # Per node; the checkpoints record it with num_nodes (the global batch).
         cfg = dataclasses.replace(cfg, num_processes=runner.processes(cfg))
         if cfg.world_size > 1:  # DDP or FSDP over every node's processes, decided here

@@ -18,6 +18,7 @@ curve, MLflow) is the same as after training in the task's pod.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -122,12 +123,23 @@ def raise_node_error(job: dict, what: str) -> None:
         distributed.raise_record(rec, f" (node {rank} of {what})")
 
 
-class TrainJobRunner:
-    """One train stage's TrainJob: where it goes (the cluster, the task's pod) and its name."""
+KINDS = {"trainjob": trainjob_spec.TRAINJOB, "pytorchjob": trainjob_spec.PYTORCHJOB}
 
-    def __init__(self, job_uri: str, cluster: trainjob_client.Cluster | None = None):
+
+class TrainJobRunner:
+    """One train stage's TrainJob (or, ``kind="pytorchjob"``, Training Operator v1
+    PyTorchJob): where it goes (the cluster, the task's pod) and its name."""
+
+    def __init__(
+        self,
+        job_uri: str,
+        cluster: trainjob_client.Cluster | None = None,
+        kind: str = "trainjob",
+    ):
         self.job_uri = job_uri.rstrip("/")
-        self.cluster = cluster or trainjob_client.connect()
+        self.kind = kind
+        cluster = cluster or trainjob_client.connect()
+        self.cluster = dataclasses.replace(cluster, job=KINDS[kind])
         raw = trainjob_client.own_pod(self.cluster)
         self.pod = TaskPod.from_pod(raw) if raw else TaskPod.outside(self.cluster.namespace)
         # One TrainJob per job folder, so per run and sweep trial; a retry replaces it.
@@ -139,9 +151,10 @@ class TrainJobRunner:
         return trainjob_spec.processes_per_node(cfg, self.pod)
 
     def body(self, cfg: TrainConfig, job_json: str) -> dict:
-        """The TrainJob of ``job_json``, tied to the task's KFP run."""
+        """The TrainJob (or PyTorchJob) of ``job_json``, tied to the task's KFP run."""
         run = trainjob_spec.labels(env.text("KFP_RUN_ID"))
-        return trainjob_spec.trainjob(self.name, self.pod, cfg, job_json, run)
+        make = trainjob_spec.pytorchjob if self.kind == "pytorchjob" else trainjob_spec.trainjob
+        return make(self.name, self.pod, cfg, job_json, run)
 
     def train(
         self,

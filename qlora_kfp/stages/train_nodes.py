@@ -7,7 +7,14 @@ Kubeflow Trainer's torch plugin gives each node's container ``PET_NNODES``,
 ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK`` (the pod's Job completion index),
 ``PET_MASTER_ADDR`` (node 0's pod, ``<trainjob>-node-0-0.<trainjob>``) and ``PET_MASTER_PORT``
 (29500): Trainer v2.0.0 pkg/runtime/framework/plugins/torch/torch.go, EnforceMLPolicy, with
-the names of pkg/constants/constants.go. Each node downloads the job and its inputs from S3
+the names of pkg/constants/constants.go. A PyTorchJob's (``train_runner=pytorchjob``) get
+them from the Training Operator (v1.8.1 pkg/controller.v1/pytorch/envvar.go setPodEnv,
+master.go): ``PET_NNODES`` (the replicas), ``PET_NPROC_PER_NODE`` (``nprocPerNode``),
+``PET_NODE_RANK`` (0 for the Master, 1 + index for a Worker), ``PET_MASTER_ADDR``
+(``<job>-master-0``) and ``PET_MASTER_PORT`` (the container's ``pytorchjob-port``), with
+``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` (the node's rank) and ``WORLD_SIZE`` (all
+processes) beside them, which older operators set alone: :func:`node_env` falls back on those
+where a ``PET_`` one is missing. Each node downloads the job and its inputs from S3
 (cached per node, as any ``s3://`` source), finds the checkpoint to resume from (the S3
 mirror: every node finds the same one, as nothing trains before they all start), and runs
 :mod:`qlora_kfp.stages.train_ranks` under torchrun with those values as its static
@@ -43,11 +50,27 @@ def print_row(row: dict) -> None:
     print(ROW_MARK + json.dumps(row), flush=True)
 
 
+def node_env() -> dict[str, str]:
+    """torchrun's ``PET_*`` values for this node (without the prefix), the Trainer's or the
+    Training Operator's; the rendezvous address and port from ``MASTER_ADDR`` and
+    ``MASTER_PORT`` where only those are set (operators before v1.7 set no ``PET_MASTER_*``),
+    the node's rank from ``RANK`` (the operator's: the node's, not a process's)."""
+    out = {
+        name: env.text(f"PET_{name}")
+        for name in ("NNODES", "NPROC_PER_NODE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    out["MASTER_ADDR"] = out["MASTER_ADDR"] or env.text("MASTER_ADDR")
+    out["MASTER_PORT"] = out["MASTER_PORT"] or env.text("MASTER_PORT")
+    out["NODE_RANK"] = out["NODE_RANK"] or env.text("RANK")
+    return out
+
+
 def train_node(job_uri: str, job: dict) -> None:
     """This node's part of the job ``job_uri`` holds (``job``)."""
     cfg = TrainConfig(**job["config"])
-    nodes, procs = env.integer("PET_NNODES"), env.integer("PET_NPROC_PER_NODE")
-    rank = env.integer("PET_NODE_RANK")
+    pet = node_env()
+    nodes, procs = int(pet["NNODES"] or 0), int(pet["NPROC_PER_NODE"] or 0)
+    rank = int(pet["NODE_RANK"] or 0)
     if (nodes, procs) != (cfg.num_nodes, cfg.num_processes):
         raise ConfigError(
             f"the training runtime gave this node PET_NNODES={nodes} and PET_NPROC_PER_NODE="
@@ -80,8 +103,8 @@ def train_node(job_uri: str, job: dict) -> None:
     rendezvous = [
         f"--nnodes={nodes}",
         f"--node_rank={rank}",
-        f"--master_addr={env.text('PET_MASTER_ADDR')}",
-        f"--master_port={env.integer('PET_MASTER_PORT')}",
+        f"--master_addr={pet['MASTER_ADDR']}",
+        f"--master_port={int(pet['MASTER_PORT'] or 0)}",
     ]
     main = rank == 0
     log.info("node %d of %d: %d process(es), resuming from %s", rank, nodes, procs, resume_from)
@@ -103,7 +126,7 @@ def train_node(job_uri: str, job: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     job_uri = (argv or sys.argv[1:])[0]
-    rank, job = env.text("PET_NODE_RANK") or "0", {}
+    rank, job = node_env()["NODE_RANK"] or "0", {}
     try:
         job = json.loads(s3.read_text(job_uri))
         train_node(job_uri, job)

@@ -19,7 +19,7 @@ from typing import Any
 
 from qlora_kfp import env
 from qlora_kfp.errors import ConfigError, TrainJobError
-from qlora_kfp.training.trainjob_spec import GROUP, PLURAL, VERSION
+from qlora_kfp.training.trainjob_spec import TRAINJOB, JobKind
 
 log = logging.getLogger(__name__)
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -27,15 +27,21 @@ SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 @dataclass(frozen=True)
 class Cluster:
-    """The Kubernetes API (the ``kubernetes`` client's) and the namespace to work in."""
+    """The Kubernetes API (the ``kubernetes`` client's), the namespace to work in, and the
+    kind of job object the task creates there (a TrainJob, or a PyTorchJob)."""
 
     custom: Any  # CustomObjectsApi
     core: Any  # CoreV1Api
     namespace: str
+    job: JobKind = TRAINJOB
 
     def what(self, name: str) -> str:
-        """How messages name the TrainJob ``name``."""
-        return f"TrainJob {self.namespace}/{name}"
+        """How messages name the job object ``name``."""
+        return f"{self.job.kind} {self.namespace}/{name}"
+
+    def coordinates(self) -> tuple[str, str, str, str]:
+        """The object's group, version, namespace and plural, as CustomObjectsApi takes them."""
+        return self.job.group, self.job.version, self.namespace, self.job.plural
 
 
 def connect(kubeconfig: str | None = None) -> Cluster:
@@ -110,9 +116,7 @@ def get(cluster: Cluster, name: str) -> dict | None:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        return cluster.custom.get_namespaced_custom_object(
-            GROUP, VERSION, cluster.namespace, PLURAL, name
-        )
+        return cluster.custom.get_namespaced_custom_object(*cluster.coordinates(), name)
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -124,7 +128,7 @@ def create(cluster: Cluster, body: dict) -> dict:
     from kubernetes.client.exceptions import ApiException
 
     name = body["metadata"]["name"]
-    args = (GROUP, VERSION, cluster.namespace, PLURAL)
+    args = cluster.coordinates()
     try:
         return cluster.custom.create_namespaced_custom_object(*args, body)
     except ApiException as exc:
@@ -144,9 +148,7 @@ def delete(cluster: Cluster, name: str) -> None:
 
     body = {"propagationPolicy": "Foreground"}
     try:
-        cluster.custom.delete_namespaced_custom_object(
-            GROUP, VERSION, cluster.namespace, PLURAL, name, body=body
-        )
+        cluster.custom.delete_namespaced_custom_object(*cluster.coordinates(), name, body=body)
     except ApiException as exc:
         if exc.status != 404:
             with explained(cluster.what(name)):

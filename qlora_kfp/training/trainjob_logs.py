@@ -13,15 +13,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from qlora_kfp.training.trainjob_spec import NODE
+from qlora_kfp.training.trainjob_spec import NODE, TRAINJOB
 
 log = logging.getLogger(__name__)
 ROW_MARK = "qlora-kfp-row: "
-# The node-0 pod: JobSet names each pod's JobSet (sigs.k8s.io/jobset api/jobset/v1alpha2/
-# jobset_types.go JobSetNameKey); the Job controller labels a pod of an Indexed Job with its
-# index (kubernetes pkg/apis/batch/types.go JobCompletionIndexAnnotation, a label too since
-# 1.28); the Trainer's node job is one Indexed Job of num_nodes pods.
-NODE0_SELECTOR = "jobset.sigs.k8s.io/jobset-name={},batch.kubernetes.io/job-completion-index=0"
+# A TrainJob's node-0 pods (trainjob_spec.TRAINJOB; a cluster's kind has its own).
+NODE0_SELECTOR = TRAINJOB.node0_selector
 
 
 def relay(lines: Iterable[str], on_row: Callable[[dict], None] | None, echo=print) -> None:
@@ -42,14 +39,15 @@ def relay(lines: Iterable[str], on_row: Callable[[dict], None] | None, echo=prin
 
 def _node0(cluster: Any, name: str) -> dict | None:
     """Node 0's newest pod whose container has started (a restarted JobSet makes new ones)."""
+    kind = getattr(cluster, "job", TRAINJOB)
     pods = cluster.core.list_namespaced_pod(
-        cluster.namespace, label_selector=NODE0_SELECTOR.format(name)
+        cluster.namespace, label_selector=kind.node0_selector.format(name)
     ).items
     started = [
         p
         for p in pods
         if any(
-            s.name == NODE and (s.state.running or s.state.terminated)
+            s.name == kind.container and (s.state.running or s.state.terminated)
             for s in p.status.container_statuses or []
         )
     ]
@@ -66,10 +64,11 @@ def follow_logs(cluster: Any, name: str, on_row, stop: threading.Event, poll_s: 
             if pod is None or pod.metadata.uid in followed:
                 stop.wait(poll_s)
                 continue
+            container = getattr(cluster, "job", TRAINJOB).container
             stream = cluster.core.read_namespaced_pod_log(
                 pod.metadata.name,
                 cluster.namespace,
-                container=NODE,
+                container=container,
                 follow=True,
                 _preload_content=False,
             )

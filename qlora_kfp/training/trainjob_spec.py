@@ -32,8 +32,11 @@ NODE = "node"
 MAIN_CONTAINER = "main"
 # The Trainer's torch plugin sets these itself and its webhook refuses a TrainJob that does
 # (pkg/constants/constants.go TorchRunReservedEnvNames); KFP_POD_* name the task's own pod.
+# The Training Operator sets them on a PyTorchJob's pods (pkg/controller.v1/pytorch/envvar.go,
+# master.go), after the template's own.
 DROPPED_ENV = frozenset(
     {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+    | {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"}
     | {"KFP_POD_NAME", "KFP_POD_UID"}
 )
 # The task's pod's own: KFP's launcher binary (argocompiler/container.go) and Argo's
@@ -41,6 +44,59 @@ DROPPED_ENV = frozenset(
 KFP_VOLUMES = frozenset({"kfp-launcher", "var-run-argo"})
 LABEL_PREFIX = "qlora-kfp"
 ENTRYPOINT = ["python", "-m", "qlora_kfp.stages.train_nodes"]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """The kind of object the train task creates, for its client, watch and log relay.
+
+    Attributes:
+        done, failed: The status condition types that end it (``status: "True"``).
+        container: The nodes' container; ``node0_selector`` (a ``str.format`` of the
+            object's name) selects node 0's pods.
+    """
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    done: str
+    failed: str
+    container: str
+    node0_selector: str
+
+
+# Node 0's pod of a TrainJob: JobSet names each pod's JobSet (sigs.k8s.io/jobset
+# api/jobset/v1alpha2/jobset_types.go JobSetNameKey); the Job controller labels a pod of an
+# Indexed Job with its index (kubernetes pkg/apis/batch/types.go JobCompletionIndexAnnotation,
+# a label too since 1.28); the Trainer's node job is one Indexed Job of num_nodes pods.
+TRAINJOB = JobKind(
+    GROUP,
+    VERSION,
+    PLURAL,
+    KIND,
+    done="Complete",
+    failed="Failed",
+    container=NODE,
+    node0_selector="jobset.sigs.k8s.io/jobset-name={},batch.kubernetes.io/job-completion-index=0",
+)
+# Training Operator v1.8.1 (github.com/kubeflow/training-operator, pkg/apis/kubeflow.org/v1):
+# conditions Created, Running, Restarting, Succeeded, Suspended, Failed (common_types.go); the
+# container must be "pytorch" and its port "pytorchjob-port" (pytorch_types.go); node 0 is the
+# Master replica, its pods labelled with the job, replica type and index (common_types.go
+# JobNameLabel, ReplicaTypeLabel, ReplicaIndexLabel).
+PYTORCHJOB = JobKind(
+    "kubeflow.org",
+    "v1",
+    "pytorchjobs",
+    "PyTorchJob",
+    done="Succeeded",
+    failed="Failed",
+    container="pytorch",
+    node0_selector="training.kubeflow.org/job-name={},training.kubeflow.org/replica-type=master,"
+    "training.kubeflow.org/replica-index=0",
+)
+PYTORCHJOB_PORT = {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}
 
 
 @dataclass(frozen=True)
@@ -208,3 +264,56 @@ def trainjob(
     if len(override) > 1:
         spec["podSpecOverrides"] = [override]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": meta, "spec": spec}
+
+
+def pytorchjob(
+    name: str, pod: TaskPod, cfg: TrainConfig, job_uri: str, run_labels: dict[str, str]
+) -> dict:
+    """The Training Operator v1 PyTorchJob (``train_runner=pytorchjob``) of the same nodes as
+    :func:`trainjob`: a ``Master`` (node 0) and ``num_nodes - 1`` ``Worker`` replicas, each
+    pod made like the task's; the operator gives each the ``PET_*`` variables of torchrun
+    from ``nprocPerNode`` and the replicas (pkg/controller.v1/pytorch/envvar.go)."""
+    body = trainjob(name, pod, cfg, job_uri, run_labels)
+    container: dict = {
+        "name": PYTORCHJOB.container,
+        "image": pod.image,
+        "command": [*ENTRYPOINT, job_uri],
+        "env": pod.env,
+        "ports": [PYTORCHJOB_PORT],
+    }
+    if pod.resources:
+        container["resources"] = pod.resources
+    if pod.volume_mounts:
+        container["volumeMounts"] = pod.volume_mounts
+    pod_spec: dict = {"containers": [container]}
+    for key, value in (
+        ("nodeSelector", pod.node_selector),
+        ("tolerations", pod.tolerations),
+        ("volumes", pod.volumes),
+        ("serviceAccountName", pod.service_account),
+    ):
+        if value:
+            pod_spec[key] = value
+
+    def replicas(n: int) -> dict:
+        # OnFailure would restart a node alone, which a static rendezvous cannot take in:
+        # the job fails, and the task's retry resumes from the checkpoints.
+        return {
+            "replicas": n,
+            "restartPolicy": "Never",
+            "template": {"metadata": {"labels": run_labels}, "spec": pod_spec},
+        }
+
+    specs = {"Master": replicas(1)}
+    if cfg.num_nodes > 1:
+        specs["Worker"] = replicas(cfg.num_nodes - 1)
+    return {
+        "apiVersion": f"{PYTORCHJOB.group}/{PYTORCHJOB.version}",
+        "kind": PYTORCHJOB.kind,
+        "metadata": body["metadata"],
+        "spec": {
+            "runPolicy": {"cleanPodPolicy": "Running"},
+            "nprocPerNode": str(processes_per_node(cfg, pod)),
+            "pytorchReplicaSpecs": specs,
+        },
+    }

@@ -12,7 +12,10 @@ The conditions are Trainer v2.0.0's (pkg/apis/trainer/v1alpha1/trainjob_types.go
 ``Complete`` and ``Failed``, copied from the JobSet's ``Completed``/``Failed`` with its reason
 and message (pkg/runtime/framework/plugins/jobset/jobset.go, TerminalCondition; JobSet's
 reasons: ``AllJobsCompleted``, ``FailedJobs``, ``ReachedMaxRestarts``...), or ``Failed`` with
-``TrainingRuntimeNotSupported``; ``Suspended`` (e.g. queued by Kueue) is only logged.
+``TrainingRuntimeNotSupported``; ``Suspended`` (e.g. queued by Kueue) is only logged. A
+PyTorchJob's (``train_runner=pytorchjob``; Training Operator v1.8.1, pkg/apis/kubeflow.org/v1/
+common_types.go): ``Succeeded`` and ``Failed``; ``Created``, ``Running``, ``Restarting`` and
+``Suspended`` are on the way. The kind's (``cluster.job``) says which end it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from collections.abc import Iterator
 from qlora_kfp.errors import TrainJobError, TrainJobFailed
 from qlora_kfp.training import trainjob_logs
 from qlora_kfp.training.trainjob_client import Cluster, create, delete, explained, get
-from qlora_kfp.training.trainjob_spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 WATCH_S = 300  # one watch's server-side timeout; then the watch starts again where it was
@@ -62,7 +64,8 @@ def cancel_on_sigterm() -> Iterator[None]:
 
 
 def _ended(cluster: Cluster, name: str, obj: dict | None) -> bool:
-    """Whether ``obj`` (the TrainJob, None when gone) is Complete.
+    """Whether ``obj`` (the job object, None when gone) is done (a TrainJob Complete, a
+    PyTorchJob Succeeded).
 
     Raises:
         TrainJobFailed: it is Failed, naming the condition's reason and message.
@@ -76,15 +79,16 @@ def _ended(cluster: Cluster, name: str, obj: dict | None) -> bool:
         )
     conditions = (obj.get("status") or {}).get("conditions") or []
     on = {c["type"]: c for c in conditions if c.get("status") == "True"}
-    if "Failed" in on:
-        reason, message = on["Failed"].get("reason", ""), on["Failed"].get("message", "")
+    if cluster.job.failed in on:
+        failed = on[cluster.job.failed]
+        reason, message = failed.get("reason", ""), failed.get("message", "")
         raise TrainJobFailed(
             f"{what} failed ({reason}: {message}); its nodes' logs say why",
             retryable=True,  # a node lost or preempted: a retry resumes from the checkpoints
         )
     if "Suspended" in on:
         log.info("%s is suspended (%s)", what, on["Suspended"].get("message"))
-    return "Complete" in on
+    return cluster.job.done in on
 
 
 def wait(cluster: Cluster, name: str, watch_s: int = WATCH_S) -> dict:
@@ -109,10 +113,7 @@ def wait(cluster: Cluster, name: str, watch_s: int = WATCH_S) -> dict:
                 version = obj["metadata"]["resourceVersion"]
             for event in watch.Watch().stream(
                 cluster.custom.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                cluster.namespace,
-                PLURAL,
+                *cluster.coordinates(),
                 field_selector=f"metadata.name={name}",
                 resource_version=version,
                 timeout_seconds=watch_s,
