@@ -6,13 +6,15 @@ tests/test_pytorchjob_kube.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from kfp_task_pod import task_pod
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError
 from qlora_kfp.stages import train_nodes
-from qlora_kfp.training import trainjob_spec
+from qlora_kfp.training import trainjob_client, trainjob_logs, trainjob_spec
 from qlora_kfp.training.trainjob_spec import TaskPod
 
 JOB_JSON = "s3://b/r/train-job/job.json"
@@ -131,3 +133,71 @@ def test_a_node_reads_the_training_operator_s_variables(monkeypatch, given, expe
     for name, value in given.items():
         monkeypatch.setenv(name, value)
     assert train_nodes.node_env() == expected
+
+
+def test_a_worker_meets_the_master_at_the_operator_s_address(monkeypatch, tmp_path):
+    """train_node hands torchrun the operator's values as its static rendezvous."""
+    for name in {*OPERATOR_ENV, *(f"PET_{k}" for k in PET)}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in OLDER.items():  # no PET_MASTER_*: MASTER_ADDR and MASTER_PORT serve
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("QLORA_KFP_CACHE", str(tmp_path))
+    monkeypatch.setattr(train_nodes.sources, "localize", lambda uri: str(tmp_path / "in"))
+    launched = {}
+
+    def launch(module, job, procs, on_row, rendezvous, expect_result):
+        launched.update(procs=procs, rendezvous=rendezvous, main=expect_result)
+        return {}
+
+    monkeypatch.setattr(train_nodes.distributed, "launch", launch)
+    cfg = TrainConfig(train_runner="pytorchjob", num_nodes=2, num_processes=4, checkpoint_steps=0)
+    job = {"config": dataclasses.asdict(cfg), "made_from": {}, "checkpoint_uri": ""}
+    train_nodes.train_node(JOB_JSON, {**job, "model_uri": "s3://b/m", "dataset_uri": "s3://b/d"})
+    assert launched == {
+        "procs": 4,
+        "rendezvous": [
+            "--nnodes=2",
+            "--node_rank=1",
+            "--master_addr=qlora-train-x-master-0",
+            "--master_port=23456",
+        ],
+        "main": False,  # a Worker: node 1 uploads nothing
+    }
+
+
+class FakeCore:
+    """CoreV1Api's pod calls, as the log relay makes them."""
+
+    def __init__(self, stop):
+        self.stop, self.selectors, self.containers = stop, [], []
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        from types import SimpleNamespace as O
+
+        self.selectors.append(label_selector)
+        status = O(name="pytorch", state=O(running=True, terminated=None))
+        meta = O(name="j-master-0", uid="u1", creation_timestamp=1)
+        return O(items=[O(metadata=meta, status=O(container_statuses=[status]))])
+
+    def read_namespaced_pod_log(self, name, namespace, container, **kwargs):
+        self.containers.append(container)
+        self.stop.set()
+        return iter([b'qlora-kfp-row: {"step": 1}\n'])
+
+
+def test_the_master_s_log_is_relayed(monkeypatch):
+    """Node 0 of a PyTorchJob is its Master's pod (the operator's labels), its container
+    ``pytorch``."""
+    import threading
+
+    stop = threading.Event()
+    core = FakeCore(stop)
+    cluster = trainjob_client.Cluster(None, core, "team-a", job=trainjob_spec.PYTORCHJOB)
+    rows = []
+    trainjob_logs.follow_logs(cluster, "j", rows.append, stop, poll_s=0)
+    assert core.selectors == [
+        "training.kubeflow.org/job-name=j,training.kubeflow.org/replica-type=master,"
+        "training.kubeflow.org/replica-index=0"
+    ]
+    assert core.containers == ["pytorch"]
+    assert rows == [{"step": 1}]
