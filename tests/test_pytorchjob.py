@@ -201,3 +201,32 @@ def test_the_master_s_log_is_relayed(monkeypatch):
     ]
     assert core.containers == ["pytorch"]
     assert rows == [{"step": 1}]
+
+
+@pytest.mark.parametrize(
+    "what,hint",
+    [
+        pytest.param(
+            "PyTorchJob team-a/j",
+            "is the Training Operator v1 installed (its PyTorchJob CRD) in this cluster?",
+            id="pytorchjob",
+        ),
+        pytest.param(
+            "TrainJob team-a/j",
+            "is Kubeflow Trainer v2 installed (its TrainJob CRD) in this cluster?",
+            id="trainjob",
+        ),
+    ],
+)
+def test_a_missing_crd_names_what_to_install(what, hint):
+    from kubernetes.client.exceptions import ApiException
+
+    from qlora_kfp.errors import TrainJobError
+
+    exc = ApiException(status=404, reason="Not Found")
+    exc.body = '{"message": "the server could not find the requested resource"}'
+    with pytest.raises(TrainJobError) as caught, trainjob_client.explained(what):
+        raise exc
+    assert str(caught.value) == (
+        f"{what}: 404 the server could not find the requested resource; {hint}"
+    )

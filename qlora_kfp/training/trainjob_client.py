@@ -19,7 +19,7 @@ from typing import Any
 
 from qlora_kfp import env
 from qlora_kfp.errors import ConfigError, TrainJobError
-from qlora_kfp.training.trainjob_spec import TRAINJOB, JobKind
+from qlora_kfp.training.trainjob_spec import PYTORCHJOB, TRAINJOB, JobKind
 
 log = logging.getLogger(__name__)
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -85,10 +85,15 @@ def explained(what: str) -> Iterator[None]:
             message = exc.reason
         # A webhook's denial is a 403 too (controller-runtime's admission.Denied), its
         # message its own: an RBAC refusal is the other 403.
+        installed = (
+            "the Training Operator v1 installed (its PyTorchJob CRD)"
+            if what.startswith(PYTORCHJOB.kind + " ")
+            else "Kubeflow Trainer v2 installed (its TrainJob CRD)"
+        )
         hint = {
             403: "; apply the TrainJob role to the run's service account "
             "(manifests/components/trainjob)",
-            404: "; is Kubeflow Trainer v2 installed (its TrainJob CRD) in this cluster?",
+            404: f"; is {installed} in this cluster?",
         }.get(exc.status, "")
         if "admission webhook" in message:
             hint = ""
