@@ -96,7 +96,18 @@ $(TRAINER_OUT) &: $(addprefix backend/trainer/,go.mod go.sum tools.go)
 	echo $(TRAINER_VERSION) > $(TRAINER_MANIFESTS)/VERSION
 	touch $(TRAINER_OUT)
 
-backend-trainer: $(TRAINER_OUT) ## Build Kubeflow Trainer's and JobSet's controller managers (backend/trainer; needs Go) into .cache/backend/bin, their manifests beside
+# Training Operator v1's PyTorchJob CRD (train_runner=pytorchjob; tests/test_pytorchjob_kube.py
+# installs it): the release's own file, from its Go module (no controller is built).
+TRAINING_OPERATOR_VERSION := v1.8.1
+PYTORCHJOB_CRD := .cache/backend/training-operator/$(TRAINING_OPERATOR_VERSION)/kubeflow.org_pytorchjobs.yaml
+$(PYTORCHJOB_CRD):
+	mkdir -p $(@D)
+	dir=$$(cd / && GO111MODULE=on GOFLAGS=-mod=mod go mod download -json \
+	  github.com/kubeflow/training-operator@$(TRAINING_OPERATOR_VERSION) | \
+	  $(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["Dir"])') && \
+	  cp "$$dir/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" $@.tmp && chmod u+w $@.tmp && mv $@.tmp $@
+
+backend-trainer: $(TRAINER_OUT) $(PYTORCHJOB_CRD) ## Build Kubeflow Trainer's and JobSet's controller managers (backend/trainer; needs Go) into .cache/backend/bin, their manifests beside, and fetch Training Operator v1.8.1's PyTorchJob CRD
 
 test: $(STAMP) $(KFP_RELEASES) install-browser backend backend-trainer ## Run every test the CPU can run (gpu tests skip)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
