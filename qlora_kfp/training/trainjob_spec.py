@@ -243,14 +243,7 @@ def trainjob(
     if pod.resources:
         trainer["resourcesPerNode"] = pod.resources
     override: dict = {"targetJobs": [{"name": NODE}]}
-    for key, value in (
-        ("nodeSelector", pod.node_selector),
-        ("tolerations", pod.tolerations),
-        ("volumes", pod.volumes),
-        ("serviceAccountName", pod.service_account),
-    ):
-        if value:
-            override[key] = value
+    override.update(_placement(pod))
     if pod.volume_mounts:
         override["containers"] = [{"name": NODE, "volumeMounts": pod.volume_mounts}]
     spec: dict = {
@@ -264,6 +257,17 @@ def trainjob(
     if len(override) > 1:
         spec["podSpecOverrides"] = [override]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": meta, "spec": spec}
+
+
+def _placement(pod: TaskPod) -> dict:
+    """Where and as whom the task's pod runs, and its volumes: what every node's pod keeps."""
+    placement = {
+        "nodeSelector": pod.node_selector,
+        "tolerations": pod.tolerations,
+        "volumes": pod.volumes,
+        "serviceAccountName": pod.service_account,
+    }
+    return {key: value for key, value in placement.items() if value}
 
 
 def pytorchjob(
@@ -285,15 +289,7 @@ def pytorchjob(
         container["resources"] = pod.resources
     if pod.volume_mounts:
         container["volumeMounts"] = pod.volume_mounts
-    pod_spec: dict = {"containers": [container]}
-    for key, value in (
-        ("nodeSelector", pod.node_selector),
-        ("tolerations", pod.tolerations),
-        ("volumes", pod.volumes),
-        ("serviceAccountName", pod.service_account),
-    ):
-        if value:
-            pod_spec[key] = value
+    pod_spec: dict = {"containers": [container], **_placement(pod)}
 
     def replicas(n: int) -> dict:
         # OnFailure would restart a node alone, which a static rendezvous cannot take in:
