@@ -72,7 +72,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "finish_tracking",
         "Exit handler: close the parent run, write the run report, post the webhook, clean up.",
-        "bookkeeping_tasks.finish",
+        "bookkeeping_tasks.finish_tracking",
         inputs=(
             ("mlflow_experiment", "str"),
             ("kfp_run_id", "str"),
@@ -84,7 +84,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "fingerprint_sources",
         "Digest of the data, the base model and the running code; never cached.",
-        "bookkeeping_tasks.fingerprint",
+        "bookkeeping_tasks.fingerprint_sources",
         inputs=(("data_source", "str"), ("base_model", "str")),
         returns="str",
         context=False,
@@ -188,7 +188,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "register_model",
         "New MLflow model version, alias challenger; champion when it beats the champion.",
-        "stage_tasks.register",
+        "stage_tasks.register_model",
         configs=("register",),
         inputs=(
             ("merged_model_uri", "str"),
@@ -201,7 +201,7 @@ COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
         "pick_best_trial",
         "The grid entry with the lowest tuned eval loss (logged to the parent MLflow run).",
-        "bookkeeping_tasks.pick_best",
+        "bookkeeping_tasks.pick_best_trial",
         inputs=(("lora_grid", "list"), ("eval_losses", "list"), ("metrics", "Output[Metrics]")),
         returns="dict",
     ),

@@ -114,3 +114,12 @@ def test_every_pipeline_parameter_has_a_description_in_the_compiled_yaml():
         params = spec["root"]["inputDefinitions"]["parameters"]
         missing = [k for k, v in params.items() if not v.get("description")]
         assert missing == [], f"{name}: {missing}"
+
+
+def test_each_component_calls_the_task_function_of_its_own_name():
+    """One name from the component to the function it calls (``finish_tracking`` called
+    ``bookkeeping_tasks.finish``), so a reader finds the task by the component's name."""
+    from qlora_kfp.components.spec import COMPONENTS
+
+    wrong = {s.name: s.call for s in COMPONENTS if s.call.rpartition(".")[2] != s.name}
+    assert not wrong, f"component -> the task function it calls: {wrong}"

@@ -76,7 +76,7 @@ def test_the_stages_log_into_the_backends_runs_and_open_no_second_tree(local_mlf
         assert run.run_id == train_run
         run.metrics({"loss": 0.5}, step=3)
     with plugin.task("finish-tracking", {}):
-        bookkeeping_tasks.finish(
+        bookkeeping_tasks.finish_tracking(
             {
                 **args,
                 "status": SimpleNamespace(state="COMPLETE", error_message=None),

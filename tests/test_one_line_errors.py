@@ -145,7 +145,7 @@ def test_the_cli_prints_one_line(demo_assets, tmp_path, capsys):
 
 def test_fingerprint_sources_fails_in_one_line(monkeypatch, capsys):
     """The fingerprint task lists s3:// sources: an unreachable endpoint is one line."""
-    from qlora_kfp.tasks.bookkeeping_tasks import fingerprint
+    from qlora_kfp.tasks.bookkeeping_tasks import fingerprint_sources
 
     for key, value in {
         "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens there
@@ -157,4 +157,4 @@ def test_fingerprint_sources_fails_in_one_line(monkeypatch, capsys):
     }.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit, match=r"^fingerprint-sources failed: s3://data/train.jsonl"):
-        fingerprint({"data_source": "s3://data/train.jsonl", "base_model": "m"})
+        fingerprint_sources({"data_source": "s3://data/train.jsonl", "base_model": "m"})

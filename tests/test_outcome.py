@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qlora_kfp.tasks.bookkeeping_tasks import finish
+from qlora_kfp.tasks.bookkeeping_tasks import finish_tracking
 from qlora_kfp.tracking import outcome, parent_run, stage_runs
 
 DONE = {"prepare-dataset": "FINISHED", "train": "FINISHED", "register": "FINISHED"}
@@ -65,7 +65,7 @@ def test_exit_handler_closes_the_parent_by_outcome(local_mlflow, state, failing,
     parent = _run_with_stages("run-7", failing)
     out = local_mlflow / "report.md"
     # The backend's final status carries no error message.
-    finish(
+    finish_tracking(
         {
             "mlflow_experiment": "exp",
             "kfp_run_id": "run-7",

@@ -212,7 +212,7 @@ def test_register_and_the_retraining_gate_use_the_derived_name(local_mlflow, tmp
 
     first = parent("first")
     assert bookkeeping_tasks.decide_training({**args, "mlflow_parent_run_id": first}) == "train"
-    version = stage_tasks.register(
+    version = stage_tasks.register_model(
         {
             **args,
             "mlflow_parent_run_id": first,

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qlora_kfp.tasks.bookkeeping_tasks import finish
+from qlora_kfp.tasks.bookkeeping_tasks import finish_tracking
 from qlora_kfp.tracking import parent_run, report
 
 
@@ -58,7 +58,7 @@ def test_exit_handler_reports_and_posts(state, error, local_mlflow, webhook, mon
     ]:
         parent_run.client().log_metric(parent, name, value)
     out = local_mlflow / "report.md"
-    finish(
+    finish_tracking(
         {
             "mlflow_experiment": "exp",
             "kfp_run_id": "run-42",
@@ -92,7 +92,7 @@ def test_unreachable_webhook_is_logged_not_fatal():
 
 def test_report_without_tracking(tmp_path):
     out = tmp_path / "r.md"
-    finish(
+    finish_tracking(
         {
             "mlflow_experiment": "e",
             "kfp_run_id": "k",

@@ -60,7 +60,7 @@ def champion(store):
         "merged_model_uri": str(merged),
         "tuned_eval_loss": 0.5,
     }
-    assert stage_tasks.register(args) == "1"
+    assert stage_tasks.register_model(args) == "1"
     return first["id"]
 
 

@@ -71,7 +71,7 @@ def test_registering_kfps_own_artifact_says_what_readers_need(local_mlflow, capl
     parent = parent_run.start_pipeline_run("exp", "r", {"kfp.run_id": "run-6"})
     uri = "s3://mlpipeline/v2/artifacts/qlora-finetune/run-6/merge/merged_model"
     with caplog.at_level("WARNING"):
-        version = stage_tasks.register(
+        version = stage_tasks.register_model(
             {
                 "base_model": "org/m",
                 "data_source": "s3://data/sets/support-v2/",

@@ -10,7 +10,7 @@ import pytest
 
 from qlora_kfp import configs
 from qlora_kfp.tasks import context
-from qlora_kfp.tasks.bookkeeping_tasks import pick_best, preflight
+from qlora_kfp.tasks.bookkeeping_tasks import pick_best_trial, preflight
 from qlora_kfp.tasks.context import RunContext, stage
 from qlora_kfp.tracking import parent_run
 
@@ -63,7 +63,7 @@ def test_a_trials_stage_run_is_named_after_it_and_keeps_to_itself(local_mlflow):
 
 def test_the_parent_shows_the_grid_and_the_winner(local_mlflow):
     parent = parent_run.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
-    best = pick_best(
+    best = pick_best_trial(
         {"lora_grid": [SMALL, LARGE], "eval_losses": [2.0, 1.25], "mlflow_parent_run_id": parent}
     )
     assert best["trial"] == 1 and best["trial_name"] == context.trial_label(LARGE)
@@ -134,7 +134,7 @@ def test_a_failing_chart_or_cleanup_does_not_fail_the_finished_sweep(
     monkeypatch.setattr(plots, "trial_bars", broken)
     monkeypatch.setattr(s3, "delete_prefix", broken)
     parent = parent_run.start_pipeline_run("sweep", "r", {"kfp.run_id": "run-9"})
-    best = pick_best(
+    best = pick_best_trial(
         {"lora_grid": [SMALL, LARGE], "eval_losses": [2.0, 1.25], "mlflow_parent_run_id": parent}
     )
     assert best["trial_name"] == context.trial_label(LARGE)

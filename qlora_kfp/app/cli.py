@@ -277,7 +277,7 @@ def _register(cfg, args: argparse.Namespace) -> dict:
     if not parent_run.enabled():
         raise TrackingError("register needs MLFLOW_TRACKING_URI")
     parent = parent_run.start_pipeline_run("qlora-finetune", "register", {"kfp.run_id": "cli"})
-    version = stage_tasks.register(
+    version = stage_tasks.register_model(
         {
             **vars(args),
             "merged_model_uri": args.merged_model,  # a folder, or where merge published it

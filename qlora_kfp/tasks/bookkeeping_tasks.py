@@ -116,7 +116,7 @@ def decide_training(args: dict) -> str:
     return word
 
 
-def finish(args: dict) -> None:
+def finish_tracking(args: dict) -> None:
     """Exit handler: close the parent run, write the report, post the webhook, clean up."""
     from qlora_kfp.tracking import outcome, report
 
@@ -177,7 +177,7 @@ def _describe(run_id: str, tags: dict, text: str) -> None:
         log.warning("run description not set: %s", exc)
 
 
-def pick_best(args: dict) -> dict:
+def pick_best_trial(args: dict) -> dict:
     """Choose the sweep trial with the lowest eval loss; ``dsl.Collected`` keeps grid order.
 
     The parent MLflow run shows the grid and the winner: every trial's name, settings and eval
@@ -295,7 +295,7 @@ def preflight(args: dict) -> str:
         fail("preflight", exc)
 
 
-def fingerprint(args: dict) -> str:
+def fingerprint_sources(args: dict) -> str:
     """Content digests of the data and the base model, and the code version (cache input)."""
     from qlora_kfp.storage.fingerprint import fingerprint as digest
 

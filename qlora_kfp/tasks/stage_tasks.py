@@ -150,7 +150,7 @@ def _readable_uri(artifact) -> str:
     return uri if "://" in uri else artifact.path
 
 
-def register(args: dict) -> str:
+def register_model(args: dict) -> str:
     """Register the merged model as a new version (alias challenger, champion if better)."""
     from qlora_kfp.tracking import registry
 
