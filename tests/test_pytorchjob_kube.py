@@ -12,16 +12,18 @@ replica(s) failed."; types in pkg/apis/kubeflow.org/v1/common_types.go). The run
 from __future__ import annotations
 
 import dataclasses
-import json
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 from kfp_task_pod import task_pod
 from test_trainjob_kube import watched
-from trainjob_cluster import profile_namespace, pytorchjob_crd, runner_kubeconfig, set_condition
+from trainjob_cluster import (
+    profile_namespace,
+    pytorchjob_crd,
+    runner_kubeconfig,
+    set_condition,
+    sigterm_while_watching,
+)
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import TrainJobError, TrainJobFailed
@@ -182,44 +184,6 @@ def test_the_watch_of_a_pytorchjob(kube, runner, namespace, act, outcome, reques
         assert str(got).startswith(f"{what}: {outcome}") and not got.retryable
 
 
-# The train task's process, reduced to the PyTorchJob: create it, watch it, end on SIGTERM.
-TASK = """
-import dataclasses, json, sys
-from qlora_kfp.errors import QloraError
-from qlora_kfp.training import trainjob_client, trainjob_spec, trainjob_watch
-cluster = trainjob_client.connect(sys.argv[1])
-cluster = dataclasses.replace(cluster, job=trainjob_spec.PYTORCHJOB)
-try:
-    trainjob_watch.run(cluster, json.loads(sys.argv[2]))
-except QloraError as exc:
-    sys.exit(f"train failed: {exc}")
-"""
-
-
 def test_sigterm_deletes_the_pytorchjob_and_fails_the_task(kube, runner_config, namespace):
-    name = "qlora-train-cancelled"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TASK, runner_config, json.dumps(pytorchjob_body(namespace, name))],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not kube.request("GET", path(namespace, name)).ok:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "the task never created its PyTorchJob"
-        time.sleep(0.1)
-    time.sleep(2)  # the task is in its watch
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, err[-3000:]
-    assert err.strip().splitlines()[-1] == (
-        f"train failed: PyTorchJob {namespace}/{name}: deleted, the train task was stopped "
-        "(SIGTERM: the run was terminated)"
-    )
-    resp = kube.request("GET", path(namespace, name))
-    if resp.ok:  # foreground deletion, no garbage collector here (test_trainjob_kube.py)
-        meta = resp.json()["metadata"]
-        assert meta["deletionTimestamp"] and meta["finalizers"] == ["foregroundDeletion"]
-    else:
-        assert resp.status_code == 404
+    body = pytorchjob_body(namespace, "qlora-train-cancelled")
+    sigterm_while_watching(kube, runner_config, body, trainjob_spec.PYTORCHJOB)

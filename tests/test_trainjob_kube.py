@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,7 +25,12 @@ import pytest
 import urllib3
 from kfp_task_pod import task_pod
 from test_manifests_rbac import GRANTED, rules
-from trainjob_cluster import profile_namespace, runner_kubeconfig, set_condition
+from trainjob_cluster import (
+    profile_namespace,
+    runner_kubeconfig,
+    set_condition,
+    sigterm_while_watching,
+)
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import TrainJobError, TrainJobFailed
@@ -257,49 +258,8 @@ def test_an_api_that_does_not_answer_for_a_while_is_asked_again(
     assert spy.reads == 3  # read again after each broken watch
 
 
-# The train task's process, reduced to the TrainJob: create it, watch it, end on SIGTERM.
-TASK = """
-import json, sys
-from qlora_kfp.errors import QloraError
-from qlora_kfp.training import trainjob_client, trainjob_watch
-cluster = trainjob_client.connect(sys.argv[1])
-try:
-    trainjob_watch.run(cluster, json.loads(sys.argv[2]))
-except QloraError as exc:
-    sys.exit(f"train failed: {exc}")
-"""
-
-
 def test_sigterm_deletes_the_trainjob_and_fails_the_task(kube, runner_config, namespace):
     """KFP terminating a run stops its pods (SIGTERM): the task deletes its TrainJob, with
     its JobSet and pods before it (foreground), and exits non-zero."""
-    name = "qlora-train-cancelled"
-    body = trainjob_body(namespace, name)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TASK, runner_config, json.dumps(body)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
-    deadline = time.monotonic() + 60
-    while not kube.request("GET", path).ok:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "the task never created its TrainJob"
-        time.sleep(0.1)
-    time.sleep(2)  # the task is in its watch
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1, err[-3000:]
-    assert err.strip().splitlines()[-1] == (
-        f"train failed: TrainJob {namespace}/{name}: deleted, the train task was stopped "
-        "(SIGTERM: the run was terminated)"
-    )
-    resp = kube.request("GET", path)
-    # Foreground: the garbage collector removes it once its dependents are gone (gone at once
-    # where it runs; here it has no dependents and may not run: marked for deletion).
-    if resp.ok:
-        meta = resp.json()["metadata"]
-        assert meta["deletionTimestamp"] and meta["finalizers"] == ["foregroundDeletion"]
-    else:
-        assert resp.status_code == 404
+    body = trainjob_body(namespace, "qlora-train-cancelled")
+    sigterm_while_watching(kube, runner_config, body, trainjob_spec.TRAINJOB)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -157,3 +159,53 @@ class LocalTrainer(threading.Thread):
         else:
             done = ("Failed", "FailedJobs", "jobset failed due to one or more job failures")
         set_condition(self.kube, self.namespace, name, *done)
+
+
+# The train task's process, reduced to its job: create it, watch it, end on SIGTERM
+# (argv: the runner's kubeconfig, the job, the job kind's name in trainjob_spec).
+WATCHING_TASK = """
+import dataclasses, json, sys
+from qlora_kfp.errors import QloraError
+from qlora_kfp.training import trainjob_client, trainjob_spec, trainjob_watch
+cluster = trainjob_client.connect(sys.argv[1])
+cluster = dataclasses.replace(cluster, job=getattr(trainjob_spec, sys.argv[3]))
+try:
+    trainjob_watch.run(cluster, json.loads(sys.argv[2]))
+except QloraError as exc:
+    sys.exit(f"train failed: {exc}")
+"""
+
+
+def sigterm_while_watching(kube: Kube, runner_config: str, body: dict, job: JobKind) -> None:
+    """Run the task on ``body``, SIGTERM it once it watches its job (as KFP stops a terminated
+    run's pods): it exits 1 with one line and the job is deleted (foreground: gone, or marked
+    for deletion where no garbage collector removes it)."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    path = f"/apis/{job.group}/{job.version}/namespaces/{namespace}/{job.plural}/{name}"
+    kind = "TRAINJOB" if job == TRAINJOB else "PYTORCHJOB"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHING_TASK, runner_config, json.dumps(body), kind],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not kube.request("GET", path).ok:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"the task never created its {job.kind}"
+        time.sleep(0.1)
+    time.sleep(2)  # the task is in its watch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"train failed: {job.kind} {namespace}/{name}: deleted, the train task was stopped "
+        "(SIGTERM: the run was terminated)"
+    )
+    resp = kube.request("GET", path)
+    if resp.ok:
+        got = resp.json()["metadata"]
+        assert got["deletionTimestamp"] and got["finalizers"] == ["foregroundDeletion"]
+    else:
+        assert resp.status_code == 404
