@@ -56,11 +56,11 @@ install-browser: ## Install Debian's chromium for the MLflow UI browser test (ro
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
 
 KFP_RELEASES := .cache/kfp-releases/.done
-$(KFP_RELEASES): tests/kfp_releases.py | $(STAMP)
-	$(BIN)/python tests/kfp_releases.py
+$(KFP_RELEASES): tests/support/kfp_releases.py | $(STAMP)
+	$(BIN)/python tests/support/kfp_releases.py
 	touch $@
 
-kfp-releases: $(KFP_RELEASES) ## Download each KFP release's protos (PyPI) for tests/test_kfp_releases.py
+kfp-releases: $(KFP_RELEASES) ## Download each KFP release's protos (PyPI) for tests/pipelines/test_kfp_releases.py
 
 BACKEND_BINS := $(addprefix $(BACKEND_BIN)/,etcd kube-apiserver kube-controller-manager)
 # One grouped target: a single `go build` links all three (one build at a time on 2 cores).
@@ -96,7 +96,7 @@ $(TRAINER_OUT) &: $(addprefix backend/trainer/,go.mod go.sum tools.go)
 	echo $(TRAINER_VERSION) > $(TRAINER_MANIFESTS)/VERSION
 	touch $(TRAINER_OUT)
 
-# Training Operator v1's PyTorchJob CRD (train_runner=pytorchjob; tests/test_pytorchjob_kube.py
+# Training Operator v1's PyTorchJob CRD (train_runner=pytorchjob; tests/training/test_pytorchjob_kube.py
 # installs it): the release's own file, from its Go module (no controller is built).
 TRAINING_OPERATOR_VERSION := v1.8.1
 PYTORCHJOB_CRD := .cache/backend/training-operator/$(TRAINING_OPERATOR_VERSION)/kubeflow.org_pytorchjobs.yaml

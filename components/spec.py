@@ -3,7 +3,7 @@
 The component modules beside this file are generated from this table and from the stage
 configs (``qlora_kfp/configs.py``) by ``make generate``: a config field becomes a typed
 parameter with the field's default, and its help text becomes the parameter's description in
-the KFP UI. ``tests/test_generated.py`` fails when a generated file is stale.
+the KFP UI. ``tests/components/test_generated.py`` fails when a generated file is stale.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONTEXT = ("mlflow_parent_run_id", "kfp_run_id")  # where the task reports (tasks.context)
-# The backend's cache key holds every input value (tests/kfp_backend.py), so a cached component
+# The backend's cache key holds every input value (tests/support/kfp_backend.py), so a cached component
 # takes only inputs that describe its work and finds its run from its pod (tasks.context).
 CACHED = ("prepare_dataset", "quantize")
 

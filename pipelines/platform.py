@@ -129,7 +129,7 @@ def gpu_task(
     # kfp 2.17 compiles the accelerator placeholder into the task's inputs but, inside a
     # dsl.If or ParallelFor, leaves it out of the enclosing DAG's inputs, where the driver
     # resolves it (it would fail: "parent DAG does not have input parameter"). Registering the
-    # channel makes the compiler carry it through (tests/test_platform.py checks the path).
+    # channel makes the compiler carry it through (tests/pipelines/test_platform.py checks the path).
     task.register_pipeline_channels([params["gpu_accelerator"]])
     kubernetes.add_node_selector_json(task, params["gpu_node_selector"])
     kubernetes.add_toleration_json(task, params["gpu_tolerations"])

@@ -1,7 +1,7 @@
 """Typed configuration, one dataclass per stage.
 
 A field name means the same thing everywhere: CLI flag (``--lora_r``), KFP component
-parameter, pipeline parameter and MLflow param. ``tests/test_configs.py`` checks that every
+parameter, pipeline parameter and MLflow param. ``tests/core/test_configs.py`` checks that every
 component parameter is a field of its stage's config with the same default.
 Checks live in ``__post_init__`` and say what to do, so bad values fail before any long work.
 """

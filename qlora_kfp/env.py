@@ -2,7 +2,7 @@
 
 ``VARS`` is the one table. The code reads a variable only through the accessors here
 (:func:`text`, :func:`integer`, :func:`path`, :func:`present`), which refuse a name that is
-not in the table; ``tests/test_env.py`` fails on any other read of the environment in
+not in the table; ``tests/core/test_env.py`` fails on any other read of the environment in
 ``qlora_kfp/``, ``components/`` and ``pipelines/``, and the README's environment table is
 generated from ``VARS`` (``make generate``).
 
@@ -347,7 +347,7 @@ _TABLE = [
         owner="PyTorch",
     ),
 ]
-VARS: dict[str, Var] = {v.name: v for v in _TABLE}  # tests/test_env.py: no name twice
+VARS: dict[str, Var] = {v.name: v for v in _TABLE}  # tests/core/test_env.py: no name twice
 
 
 def var(name: str) -> Var:

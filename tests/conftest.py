@@ -21,7 +21,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/servers.py
+sys.path.insert(0, os.path.dirname(__file__))  # `from support import servers` (tests/support/)
 
 try:
     import torch  # noqa: E402
@@ -83,9 +83,9 @@ MARK_OF_FIXTURE = {
     "services": "integration",
     "s3_only": "integration",
     "s3_env": "integration",
-    "gpu_assets": "slow",  # tests/test_gpu_training.py: builds and trains on a GPU
-    "two_processes": "slow",  # the train stage in two processes (tests/ranks.py)
-    "preempted_fsdp": "slow",  # tests/test_fsdp.py: the same, under FSDP, killed and resumed
+    "gpu_assets": "slow",  # tests/training/test_gpu_training.py: builds and trains on a GPU
+    "two_processes": "slow",  # the train stage in two processes (tests/support/ranks.py)
+    "preempted_fsdp": "slow",  # tests/training/test_fsdp.py: the same, under FSDP, killed and resumed
 }
 
 
@@ -212,17 +212,17 @@ def trained(quantized, prepared, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rank_site(tmp_path_factory):
-    """The test hooks of the train stage's processes (tests/ranks.py), on their PYTHONPATH."""
-    from ranks import write_site
+    """The test hooks of the train stage's processes (tests/support/ranks.py), on their PYTHONPATH."""
+    from support.ranks import write_site
 
     return write_site(tmp_path_factory.mktemp("site"))
 
 
 @pytest.fixture(scope="session")
 def two_processes(quantized, prepared, rank_site, tmp_path_factory):
-    """An uninterrupted DDP run of 2 processes x 2 rows a step (tests/ranks.py's CFG):
+    """An uninterrupted DDP run of 2 processes x 2 rows a step (tests/support/ranks.py's CFG):
     ``(adapter folder, result)``. Shared by the DDP and FSDP tests, which compare with it."""
-    from ranks import result, start
+    from support.ranks import result, start
 
     out = tmp_path_factory.mktemp("ddp") / "adapter"
     proc = start(quantized.path, prepared.path, out, rank_site, num_processes=2, batch_size=2)
@@ -260,7 +260,7 @@ def write_rows(tmp_path):
 def services(tmp_path_factory):
     """Real S3-compatible (moto) and MLflow servers on 127.0.0.1, with their buckets."""
     import boto3
-    from servers import AWS_ENV, Services, mlflow_server, s3_server
+    from support.servers import AWS_ENV, Services, mlflow_server, s3_server
 
     work = tmp_path_factory.mktemp("servers")
     with s3_server(work) as endpoint:
@@ -283,7 +283,7 @@ def services(tmp_path_factory):
 def s3_only(tmp_path_factory):
     """Just the S3-compatible server (fast), for transfer tests."""
     import boto3
-    from servers import Services, s3_server
+    from support.servers import Services, s3_server
 
     with s3_server(tmp_path_factory.mktemp("s3")) as endpoint:
         boto3.client(
@@ -306,10 +306,10 @@ def s3_env(s3_only, monkeypatch):
 @pytest.fixture(scope="session")
 def kube_cluster(tmp_path_factory):
     """A real etcd, kube-apiserver and kube-controller-manager on 127.0.0.1
-    (tests/kube_apiserver.py), with the CRDs of Istio's security policies and KServe's
+    (tests/support/kube_apiserver.py), with the CRDs of Istio's security policies and KServe's
     InferenceService installed."""
-    from kube_api import Kube
-    from kube_apiserver import kube_apiserver
+    from support.kube_api import Kube
+    from support.kube_apiserver import kube_apiserver
 
     with kube_apiserver(tmp_path_factory.mktemp("kube")) as cluster:
         admin = Kube(cluster.url, cluster.ca, cluster.admin_token)
@@ -321,8 +321,8 @@ def kube_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def kubeflow_trainer(tmp_path_factory):
     """Kubeflow Trainer's own controller manager and webhooks on a real API server of their own
-    (tests/trainer_backend.py), with the ``torch-distributed`` ClusterTrainingRuntime."""
-    from trainer_backend import trainer_backend
+    (tests/support/trainer_backend.py), with the ``torch-distributed`` ClusterTrainingRuntime."""
+    from support.trainer_backend import trainer_backend
 
     with trainer_backend(tmp_path_factory.mktemp("trainer")) as backend:
         yield backend
@@ -330,8 +330,8 @@ def kubeflow_trainer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def kube(kube_cluster):
-    """The real API server as cluster-admin (tests/kube_api.py)."""
-    from kube_api import Kube
+    """The real API server as cluster-admin (tests/support/kube_api.py)."""
+    from support.kube_api import Kube
 
     return Kube(kube_cluster.url, kube_cluster.ca, kube_cluster.admin_token)
 
@@ -340,7 +340,7 @@ def kube(kube_cluster):
 def example_namespace(kube):
     """The example overlay applied for real by cluster-admin, into its own namespace, once the
     controller manager has counted its quota. Returns the namespace."""
-    from kube import kustomize
+    from support.kube import kustomize
 
     docs = kustomize("manifests/overlays/example")
     (namespace,) = {d["metadata"]["namespace"] for d in docs}

@@ -1,5 +1,5 @@
 // Builds a real etcd, kube-apiserver and kube-controller-manager for the tests
-// (tests/kube_apiserver.py), pinned to Kubernetes v1.34.4 and the etcd it ships with (v3.6.4).
+// (tests/support/kube_apiserver.py), pinned to Kubernetes v1.34.4 and the etcd it ships with (v3.6.4).
 module qlora-kfp/backend/kube
 
 go 1.24.0

@@ -1,5 +1,5 @@
 // Builds the Kubeflow Trainer's controller manager (its TrainJob and runtime controllers and
-// validating webhooks) for the tests (tests/trainer_backend.py), pinned to Kubeflow Trainer v2.0.0,
+// validating webhooks) for the tests (tests/support/trainer_backend.py), pinned to Kubeflow Trainer v2.0.0,
 // and the JobSet controller manager of the sigs.k8s.io/jobset version it requires (v0.8.2). The
 // tests install the CRDs, RBAC, webhook configurations and runtimes of the same releases.
 module qlora-kfp/backend/trainer

@@ -6,7 +6,7 @@ name, type, default and help. ``make generate`` writes every component module fr
 ``components/spec.py`` and those fields, and the README table between its markers; the
 pipelines take their signatures from the same fields at import time (``pipelines/params.py``).
 The README's environment table comes the same way from ``qlora_kfp/env.py``.
-``tests/test_generated.py`` fails when a generated file is stale.
+``tests/components/test_generated.py`` fails when a generated file is stale.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from qlora_kfp.errors import ConfigError
 # 2.14's kubernetes_platform proto has no `optional` on secret/config-map env, and its
 # compiler unmarshals each task's Kubernetes config strictly at run creation
 # (backend/src/v2/compiler/argocompiler/container.go): it refuses every run of ours.
-# tests/test_kfp_releases.py parses the compiled YAML with each release's own protos.
+# tests/pipelines/test_kfp_releases.py parses the compiled YAML with each release's own protos.
 MIN_BACKEND = (2, 15)
 FULL_BACKEND = (2, 17)  # the exit handler's state under conditions/loops; KFP_RETRY_INDEX
 SHORTFALLS = {  # what a backend below FULL_BACKEND does differently, oldest first

@@ -7,7 +7,7 @@ all linear layers adapted, that is 70 of the 206 KB a token that a decoder layer
 (q, k and v each drop their shared input out on their own), measured on 8B shapes
 (BENCHMARKS.md). Here the forward saves ``x`` (shared by q, k and v, so kept once) and the
 RNG state the dropout drew from; the backward draws the same mask again from that state.
-Same masks, same values, same gradients as peft's path (``tests/test_lora_dropout.py``);
+Same masks, same values, same gradients as peft's path (``tests/training/test_lora_dropout.py``);
 one extra dropout kernel in backward, nothing stored.
 
 Only ``torch.nn.Dropout`` in training mode with ``0 < p < 1`` takes this path; anything else

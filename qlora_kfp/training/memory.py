@@ -30,7 +30,7 @@ settings. The parts:
 
 Fitted on one H100 (8B shapes, 4 bins of 2,048 tokens, varlen + Liger, LoRA r=64 on every
 Linear with peft's dropout; 0, 4, 12 and 32 of 32 layers checkpointed; BENCHMARKS.md) and
-checked against every setting benchmarked since (``tests/test_memory.py`` holds the points):
+checked against every setting benchmarked since (``tests/training/test_memory.py`` holds the points):
 the estimate must stay within 10% of ``max_memory_allocated`` and never below it.
 """
 

@@ -1,0 +1,16 @@
+"""Fixtures of the training tests."""
+
+from __future__ import annotations
+
+import pytest
+from support.kfp_task_pod import task_pod
+
+
+@pytest.fixture
+def pod(monkeypatch) -> dict:
+    """The train task's pod as the API server returns it (a uid added): the TrainJob's and the
+    PyTorchJob's nodes are made like it (test_trainjob.py, test_pytorchjob.py)."""
+    monkeypatch.setenv("KFP_RUN_ID", "run-1")
+    pod = task_pod("team-a")
+    pod["metadata"]["uid"] = "0a1b2c3d-0000-4000-8000-000000000001"
+    return pod
