@@ -517,6 +517,12 @@ class MergeConfig:
         "Largest allowed |merged - (base+adapter)| logit difference, computed in float32.",
         default=1e-3,
     )
+    merge_memory_gib: float = _help(
+        "Memory in GiB the logit check may fill with each model it compares, on each device "
+        "(each GPU, and the CPU); the layers beyond it are offloaded to disk beside the "
+        "output. 0: what is free on each device. The merge itself holds one weights shard.",
+        default=0.0,
+    )
     trust_remote_code: bool = PrepareConfig.__dataclass_fields__["trust_remote_code"].default
 
     def __post_init__(self) -> None:
@@ -528,6 +534,12 @@ class MergeConfig:
             "merge_tolerance",
             self.merge_tolerance,
             "use a finite value > 0, e.g. 1e-3",
+        )
+        _check(
+            math.isfinite(self.merge_memory_gib) and self.merge_memory_gib >= 0,
+            "merge_memory_gib",
+            self.merge_memory_gib,
+            "use 0 (what is free) or a finite number of GiB > 0, e.g. 40",
         )
 
 
@@ -743,6 +755,8 @@ RESULT_INDEPENDENT = frozenset(
         "gradient_checkpointing_layers",
         "gradient_checkpointing_offload",
         "gpu_memory_gib",
+        # How much of the model the merge's logit check holds in memory, not what it checks.
+        "merge_memory_gib",
         "fused_kernels",
         "fused_lora",
         "attn_implementation",

@@ -1,0 +1,137 @@
+"""The merge stage's logit check, with each model held within a memory budget.
+
+Three sets of float32 logits on the same probe inputs:
+
+* ``before``: base + adapter, unmerged (peft), the reference;
+* ``rounded``: the same model merged by peft (``merge_and_unload``), each weight cast to the
+  merged model's dtype and back, as the merge stage casts what it writes;
+* ``after``: the merged model as written, loaded back from its folder.
+
+``after`` must equal ``rounded`` within the tolerance: the written files are peft's merge,
+cast. ``rounded`` against ``before`` is what the cast alone changes (nothing in float32).
+
+Each model is loaded by transformers' big-model loading (``device_map="auto"``) within
+``max_memory``; its other layers are offloaded to a scratch folder on disk, which accelerate
+reads layer by layer during the forward pass. peft loads an adapter onto such a model itself
+(``PeftModel.from_pretrained`` re-dispatches it) and merges offloaded layers
+(``onload_layer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Mapping
+from pathlib import Path
+
+from qlora_kfp.errors import SourceError
+from qlora_kfp.storage import sources
+
+
+def max_memory(gib: float) -> dict:
+    """accelerate's ``max_memory`` for a budget of ``gib`` on each device (each GPU and the
+    CPU); 0: what is free on each (accelerate's own estimate)."""
+    import torch
+    from accelerate.utils import get_max_memory
+
+    if not gib:
+        return get_max_memory()
+    limit = int(gib * 2**30)
+    return {**dict.fromkeys(range(torch.cuda.device_count()), limit), "cpu": limit}
+
+
+def compare(
+    base: str, adapter_dir: str, written: Path, ids, dtype: str, budget: dict, scratch, trust=False
+):
+    """``(before, rounded, after)`` logits, float32, on the CPU (see the module's docstring).
+
+    Args:
+        base: The base model's local folder.
+        adapter_dir: The adapter.
+        written: The merged model's folder.
+        ids: Probe input ids.
+        dtype: The merged model's dtype.
+        budget: accelerate's ``max_memory`` for each model (:func:`max_memory`).
+        scratch: An empty folder for offloaded layers (removed by the caller).
+        trust: ``trust_remote_code`` for both models.
+    """
+    import torch
+    from peft import PeftModel
+
+    scratch = Path(scratch).resolve()
+    paths = [str(Path(p).resolve()) for p in (base, adapter_dir, written)]
+    # peft (0.21) copies each disk-offloaded base shard it re-dispatches, and each merged
+    # offloaded layer, to a path relative to the working folder: in the scratch folder, the
+    # copies never land beside the base or in the caller's folder.
+    with contextlib.chdir(scratch), torch.no_grad():
+        model = _load(paths[0], budget, scratch / "base", trust)
+        model = PeftModel.from_pretrained(
+            model, paths[1], max_memory=budget, offload_folder=str(scratch / "peft")
+        )
+        model.eval()
+        before = _logits(model, ids)
+        model = model.merge_and_unload()
+        _round(model, getattr(torch, dtype))
+        rounded = _logits(model, ids)
+        del model
+        gc.collect()  # one model at a time
+        model = _load(paths[2], budget, scratch / "merged", trust)
+        after = _logits(model, ids)
+        del model
+        gc.collect()
+    return before, rounded, after
+
+
+def _load(path: str, budget: dict, offload: Path, trust: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch.float32,
+            device_map="auto",
+            max_memory=budget,
+            offload_folder=str(offload),
+            low_cpu_mem_usage=True,
+            trust_remote_code=trust,
+        )
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot load the model ({sources._first_line(exc)})") from None
+
+
+def _logits(model, ids):
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
+def _round(model, dtype) -> None:
+    """Cast every float weight to ``dtype`` and back: those in memory now, offloaded ones as
+    accelerate loads them for the forward pass."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+            if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+                h.weights_map = _Rounded(h.weights_map, dtype)
+        for p in module.parameters(recurse=False):
+            if p.device.type != "meta" and p.is_floating_point():
+                p.data = p.data.to(dtype).to(p.dtype)
+
+
+class _Rounded(Mapping):
+    """An offloaded module's weights, each cast to ``dtype`` and back when read."""
+
+    def __init__(self, inner: Mapping, dtype) -> None:
+        self.inner, self.dtype = inner, dtype
+
+    def __getitem__(self, key: str):
+        value = self.inner[key]
+        return value.to(self.dtype).to(value.dtype) if value.is_floating_point() else value
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
