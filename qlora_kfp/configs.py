@@ -514,7 +514,8 @@ class MergeConfig:
         "Dtype of the saved merged model: bfloat16, float16 or float32.", default="bfloat16"
     )
     merge_tolerance: float = _help(
-        "Largest allowed |merged - (base+adapter)| logit difference, computed in float32.",
+        "Largest allowed |written - (base+adapter)| logit difference, computed in float32 "
+        "(base+adapter merged by peft and cast to merge_dtype, as the written weights are).",
         default=1e-3,
     )
     merge_memory_gib: float = _help(
