@@ -149,6 +149,33 @@ def test_fan_in_fan_out_and_biases_equal_peft_merge(tmp_path):
         assert torch.equal(tensor, expected[name]), name
 
 
+def test_a_pytorch_bin_base_merges_the_same(demo_assets, tmp_path):
+    """A base in ``pytorch_model.bin`` (memory-mapped, read tensor by tensor) gives the same
+    safetensors shards."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kfp.training.merge_shards import merge_to_folder
+
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copyfile(Path(demo_assets["base_model"]) / "config.json", base / "config.json")
+    model = AutoModelForCausalLM.from_pretrained(demo_assets["base_model"])
+    torch.save(model.state_dict(), base / "pytorch_model.bin")  # transformers 5 writes none
+    adapter, peft_model = _adapter(str(base), tmp_path / "adapter", **CASES["lora-all-linear"])
+    out = tmp_path / "out"
+    out.mkdir()
+    merge_to_folder(str(base), adapter, out, "bfloat16", SHARD)
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload().state_dict()
+    written = _written(out)
+    assert len(list(out.glob("model-*.safetensors"))) > 2 and len(written) == 21
+    for name, tensor in written.items():
+        assert torch.equal(tensor, expected[name].to(tensor.dtype)), name
+
+
 def _merge(base, adapter, out, **kw):
     from qlora_kfp.stages.merge import run_merge
 
