@@ -8,7 +8,8 @@ then runs, each in its own process so that each peak is its own:
 * ``stage``: the whole merge stage (``run_merge``: merge, then the logit check within
   ``--memory-gib``).
 
-Each prints one JSON line: seconds, peak RSS (GiB) and, on a GPU, peak allocated GPU memory.
+Each prints one JSON line: seconds, peak RSS and peak anonymous memory (GiB; see
+:class:`AnonPeak`) and, on a GPU, peak allocated GPU memory.
 
 Usage (GPU machine): python bench/merge_bench.py --size 8b --out /tmp/merge8b --memory-gib 20
 (``--size 1b --shard-size 500MB`` is a run a CPU machine can do.)
@@ -127,6 +128,28 @@ def build_adapter(base: Path, out: Path, r: int = 16, alpha: int = 32, seed: int
     return out
 
 
+class AnonPeak:
+    """The process's peak anonymous memory (``RssAnon``, sampled every 10 ms, GiB). Peak RSS
+    also counts the checkpoint pages the loaders memory-map: page cache the kernel can drop,
+    as large as the files read."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) << 10 for ln in f if ln.startswith("RssAnon:"))
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.01)
+
+
 def measure(
     phase: str, base: Path, adapter: Path, out: Path, memory_gib: float, shard_size: str = ""
 ) -> dict:
@@ -144,6 +167,7 @@ def measure(
 
     manifest.SHARD_SIZE = shard_size or manifest.SHARD_SIZE
     shutil.rmtree(out, ignore_errors=True)
+    anon = AnonPeak()
     start = time.perf_counter()
     if phase == "stream":
         out.mkdir(parents=True)
@@ -156,6 +180,7 @@ def measure(
         "seconds": round(time.perf_counter() - start, 2),
         # ru_maxrss is in KiB on Linux: the process's peak resident memory.
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_anon_gib": round(max(anon.peak, anon.now()) / 2**30, 3),
         "base_gib": round(sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**30, 3),
         "shard_size": manifest.SHARD_SIZE,
         "result": result,

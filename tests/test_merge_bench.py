@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds a checkpoint and trains a tokenizer: ~10 s on 2 busy cores
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
@@ -38,7 +40,8 @@ def test_each_phase_reports_time_and_peaks(built, phase):
 
     root, base, adapter = built
     row = measure(phase, base, adapter, root / phase, memory_gib=0.0002)
-    assert row["phase"] == phase and row["seconds"] > 0 and row["peak_rss_gib"] > 0
+    assert row["phase"] == phase and row["seconds"] > 0
+    assert 0 < row["peak_anon_gib"] <= row["peak_rss_gib"]
     if phase == "stream":
         assert row["result"] == {"merged_tensors": 14, "shards": 1}  # 2 layers x 7 linears
     else:
