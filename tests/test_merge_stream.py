@@ -261,6 +261,30 @@ def test_the_merge_holds_about_one_shard(demo_assets, tmp_path, monkeypatch):
     assert max(peaks) <= 200_000 + adapter_bytes + 50_000 < model_bytes / 2, (peaks, model_bytes)
 
 
+def test_the_check_holds_each_model_within_its_budget(demo_assets, tmp_path, monkeypatch):
+    """At each of the check's three forward passes the tensors alive (besides the offloaded
+    ones, on disk) fit merge_memory_gib (1 MiB): less than the float32 model (1.7 MB). peft's
+    merge_and_unload kept every merged disk-offloaded layer in memory."""
+    import torch
+
+    from qlora_kfp.training import merge_check
+
+    base = _base(demo_assets, tmp_path / "base")
+    adapter = _adapter(base, tmp_path / "adapter", **CASES["lora-all-linear"])[0]
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+    alive, logits = [], merge_check._logits
+
+    def spy(model, ids):
+        alive.append(_alive_tensor_bytes(before))
+        return logits(model, ids)
+
+    monkeypatch.setattr(merge_check, "_logits", spy)
+    _merge(base, adapter, tmp_path / "merged", merge_memory_gib=0.001)
+    model_bytes = 2 * sum(f.stat().st_size for f in Path(base).glob("*.safetensors"))
+    assert len(alive) == 3 and max(alive) <= 2**20 + 200_000 < model_bytes, (alive, model_bytes)
+
+
 def _rewrite_adapter(adapter: str, edit) -> None:
     from safetensors.torch import load_file, save_file
 
