@@ -3,8 +3,11 @@
 peft merges an adapter into a model built whole (``merge_and_unload``): 280 GB of float32 for
 a 70B base. The same arithmetic, done on each base tensor as it is read from its shard, needs
 only that tensor: :func:`read_edits` maps every tensor of the adapter to the base tensor it
-changes, and :func:`apply` computes the merged tensor exactly as peft's ``merge`` does
-(``peft/tuners/lora/layer.py`` and ``variants.py``), so the result is the same to the bit.
+changes, and :func:`apply` computes the merged tensor with the operations of peft's ``merge``
+(``peft/tuners/lora/layer.py`` and ``variants.py``), in the same order: on the same device
+the result is peft's to the bit. peft's own key mapping (``_peft_key_to_original_key``) walks
+a built model; here the names follow how peft saves an adapter (``base_model.model.`` before
+the module's name, ``lora_A.weight`` after it, the adapter's name removed).
 """
 
 from __future__ import annotations
