@@ -521,7 +521,8 @@ class MergeConfig:
     merge_memory_gib: float = _help(
         "Memory in GiB the logit check may fill with each model it compares, on each device "
         "(each GPU, and the CPU); the layers beyond it are offloaded to disk beside the "
-        "output. 0: what is free on each device. The merge itself holds one weights shard.",
+        "output. 0: what is free on each GPU and 80% of what the host (or the pod's memory "
+        "limit) can still give. The merge itself holds one weights shard.",
         default=0.0,
     )
     trust_remote_code: bool = PrepareConfig.__dataclass_fields__["trust_remote_code"].default

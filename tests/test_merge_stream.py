@@ -351,3 +351,16 @@ def test_an_adapter_kind_the_merge_cannot_fold_is_refused_in_one_line(
 def test_merge_memory_gib_must_be_finite_and_not_negative(value):
     with pytest.raises(ConfigError, match="merge_memory_gib"):
         MergeConfig(base_model="m", merge_memory_gib=value)
+
+
+def test_the_check_budget_counts_a_pods_memory_limit(monkeypatch):
+    """merge_memory_gib=0 takes 80% of what the host can still give, a pod's memory limit
+    counted (psutil, which accelerate asks, sees the node's memory)."""
+    import accelerate.utils
+
+    from qlora_kfp.training import autofit, merge_check
+
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {"cpu": 500 * 2**30})
+    monkeypatch.setattr(autofit, "host_available_gib", lambda: 10.0)
+    assert merge_check.max_memory(0) == {"cpu": 8 * 2**30}
+    assert merge_check.max_memory(1.5)["cpu"] == int(1.5 * 2**30)

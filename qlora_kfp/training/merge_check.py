@@ -30,16 +30,23 @@ from pathlib import Path
 
 from qlora_kfp.errors import SourceError
 from qlora_kfp.storage import sources
+from qlora_kfp.training import autofit
 
 
 def max_memory(gib: float) -> dict:
     """accelerate's ``max_memory`` for a budget of ``gib`` on each device (each GPU and the
-    CPU); 0: what is free on each (accelerate's own estimate)."""
+    CPU); 0: what is free on each GPU (accelerate's estimate) and 80% of what the host can
+    still give (its estimate, psutil's, does not see a pod's memory limit; the rest is room
+    for the float32 copies loading makes)."""
     import torch
     from accelerate.utils import get_max_memory
 
     if not gib:
-        return get_max_memory()
+        budget = get_max_memory()
+        host = autofit.host_available_gib()
+        if host:
+            budget["cpu"] = min(budget["cpu"], int(0.8 * host * 2**30))
+        return budget
     limit = int(gib * 2**30)
     return {**dict.fromkeys(range(torch.cuda.device_count()), limit), "cpu": limit}
 
