@@ -146,6 +146,10 @@ VARIANT_KEYS = {
     "fl": ("fused_lora", lambda v: v == "1"),
     "opt": ("optimizer", str),
     "np": ("num_processes", int),
+    "lr": ("learning_rate", float),
+    # TRL's SFTTrainer as the peer of the same variant (trl_peer.py); "stage" by default.
+    "trainer": ("trainer", str),
+    "lora32": ("lora_fp32", lambda v: v == "1"),  # trainer=trl only (trl_peer.py)
 }
 
 
@@ -189,15 +193,29 @@ def stage_config(kw: dict, steps: int) -> dict:
 
 
 def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int) -> dict:
-    """One train-stage run in a fresh process, so its peak memory is its own."""
-    cfg = stage_config(kw, steps)
-    code = (
-        "import json,sys; from qlora_kfp.configs import TrainConfig; "
-        "from qlora_kfp.stages.train import run_train; "
-        f"r = run_train(TrainConfig(**{cfg!r}), {str(model_dir)!r}, {str(data_dir)!r}, "
-        f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    """One train-stage run in a fresh process, so its peak memory is its own.
+
+    ``trainer=trl``: TRL's SFTTrainer on the same recipe and keys instead (trl_peer.py), also
+    in a fresh process, returning the same ``{"m": metrics, "h": logged rows}``.
+    """
+    trainer = kw.get("trainer", "stage")
+    own = {k: v for k, v in kw.items() if k not in ("trainer", "lora_fp32")}
+    if trainer == "trl":
+        arg = dict(kw=kw, cfg=stage_config(own, steps), model_dir=str(model_dir))
+        arg.update(data_dir=str(data_dir), out=str(out))
+        cmd = [sys.executable, str(HERE / "trl_peer.py"), json.dumps(arg)]
+    elif trainer == "stage":
+        cfg = stage_config(own, steps)
+        code = (
+            "import json,sys; from qlora_kfp.configs import TrainConfig; "
+            "from qlora_kfp.stages.train import run_train; "
+            f"r = run_train(TrainConfig(**{cfg!r}), {str(model_dir)!r}, {str(data_dir)!r}, "
+            f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
+        )
+        cmd = [sys.executable, "-c", code]
+    else:
+        return {"error": f"trainer={trainer}: stage (the default) or trl"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     result = last_json(proc.stdout, "RESULT ")
     if proc.returncode or result is None:
         return {"error": proc.stderr[-2000:]}
