@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): one a core, at most 4 (each starts its own servers and trains
 # its own tiny model for the session fixtures); 1 runs the tests in pytest's own process.
 # Whole files go to a worker (--dist loadfile), the heaviest first (tests/conftest.py).
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
+TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
 XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 # The real etcd, kube-apiserver and kube-controller-manager the manifest tests start
 # (backend/kube pins the release).
@@ -156,7 +156,12 @@ BENCH_MFU_ARGS = --size 8b --data fixed --bs 2 --steps 47 --warmup 3 --rows 272 
   "auto-80gb-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
   "lowmem-bs8-drop0.1:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=-1,off=on,steps=33" \
   "same-batches-offload:bs=2,group=0,pack=padding_free,fused=on,opt=auto,gcl=-1,off=on" \
-  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33"
+  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
+  "trl-lowmem-bs8:trainer=trl,bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33" \
+  "trl-80gb-bs6:trainer=trl,bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=0,off=off,steps=33"
+# The trl- variants: TRL's SFTTrainer (bench/trl_peer.py) as the measured peer of lowmem-bs8
+# (every layer checkpointed, offloaded) and of auto-80gb-bs6 (which resolves to no layer
+# checkpointed at 80 GB: TRL has no auto, so gcl=0,off=off are explicit).
 bench-mfu: ## On a GPU machine: fixed 2,048-token rows: MFU with auto at 80 GB, speed at <= 11 GiB
 	bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_MFU_ARGS))
 
