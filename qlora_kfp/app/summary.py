@@ -78,7 +78,7 @@ def _print_results(tasks: dict) -> None:
         # of before it was recorded compared with base+adapter directly).
         cast = mg.get("merge_rounding_diff")
         print(
-            f"\nmerge check: max |written - (base+adapter)| logit = "
+            f"\nmerge check: max |written - peft's merge of base+adapter, cast| logit = "
             f"{mg['merge_max_abs_diff']:.3g} (tolerance {mg['merge_tolerance']})"
             + (f"; the cast to the merged dtype alone: {cast:.3g}" if cast is not None else "")
         )
