@@ -177,6 +177,10 @@ MULTI_GPU_ARGS = --size 8b --data fixed --bs 6 --steps 33 --warmup 3 --rows 432 
 bench-multi-gpu: ## On a GPU machine: train stage on NPROC="1 2" GPUs side by side (DDP, same per-GPU batch), 8B, 2,048-token rows
 	bash bench/run_device.sh $(or $(BENCH_ARGS),$(MULTI_GPU_ARGS))
 
+BENCH_MERGE_ARGS = --size 8b --memory-gib 20
+bench-merge: ## On a GPU machine: the merge stage on a random 8B bf16 checkpoint (shard by shard, then the logit check)
+	BENCH=merge_bench.py bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_MERGE_ARGS))
+
 bench-stages: ## On a GPU machine: every stage once on 1B shapes, wall time + peak memory
 	bash bench/run_gpu_stages.sh $(BENCH_ARGS)
 
@@ -191,5 +195,5 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run generate compile backend backend-trainer test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
-	schedule images manifests install-browser bench bench-mfu bench-70b bench-multi-gpu bench-stages bench-pipeline \
+	schedule images manifests install-browser bench bench-mfu bench-70b bench-merge bench-multi-gpu bench-stages bench-pipeline \
 	device-wheels
