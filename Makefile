@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): one a core, at most 4 (each starts its own servers and trains
 # its own tiny model for the session fixtures); 1 runs the tests in pytest's own process.
 # Whole files go to a worker (--dist loadfile), the heaviest first (tests/conftest.py).
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
+TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
 XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 # The real etcd, kube-apiserver and kube-controller-manager the manifest tests start
 # (backend/kube pins the release).
@@ -156,7 +156,12 @@ BENCH_MFU_ARGS = --size 8b --data fixed --bs 2 --steps 47 --warmup 3 --rows 272 
   "auto-80gb-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
   "lowmem-bs8-drop0.1:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=-1,off=on,steps=33" \
   "same-batches-offload:bs=2,group=0,pack=padding_free,fused=on,opt=auto,gcl=-1,off=on" \
-  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33"
+  "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
+  "trl-lowmem-bs8:trainer=trl,bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33" \
+  "trl-80gb-bs6:trainer=trl,bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=0,off=off,steps=33"
+# The trl- variants: TRL's SFTTrainer (bench/trl_peer.py) as the measured peer of lowmem-bs8
+# (every layer checkpointed, offloaded) and of auto-80gb-bs6 (which resolves to no layer
+# checkpointed at 80 GB: TRL has no auto, so gcl=0,off=off are explicit).
 bench-mfu: ## On a GPU machine: fixed 2,048-token rows: MFU with auto at 80 GB, speed at <= 11 GiB
 	bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_MFU_ARGS))
 
@@ -172,6 +177,10 @@ MULTI_GPU_ARGS = --size 8b --data fixed --bs 6 --steps 33 --warmup 3 --rows 432 
 bench-multi-gpu: ## On a GPU machine: train stage on NPROC="1 2" GPUs side by side (DDP, same per-GPU batch), 8B, 2,048-token rows
 	bash bench/run_device.sh $(or $(BENCH_ARGS),$(MULTI_GPU_ARGS))
 
+BENCH_MERGE_ARGS = --size 8b --memory-gib 20
+bench-merge: ## On a GPU machine: the merge stage on a random 8B bf16 checkpoint (shard by shard, then the logit check)
+	BENCH=merge_bench.py bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_MERGE_ARGS))
+
 bench-stages: ## On a GPU machine: every stage once on 1B shapes, wall time + peak memory
 	bash bench/run_gpu_stages.sh $(BENCH_ARGS)
 
@@ -186,5 +195,5 @@ clean: ## Remove local runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
 
 .PHONY: help install run generate compile backend backend-trainer test test-fast kfp-releases lint format mlflow-ui clean upload run-remote \
-	schedule images manifests install-browser bench bench-mfu bench-70b bench-multi-gpu bench-stages bench-pipeline \
+	schedule images manifests install-browser bench bench-mfu bench-70b bench-merge bench-multi-gpu bench-stages bench-pipeline \
 	device-wheels

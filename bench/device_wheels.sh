@@ -2,6 +2,7 @@
 # Fills .whl/ (git-excluded) with the wheels a lent GPU machine lacks, for Python 3.12 on
 # x86-64: bitsandbytes (slimmed to its CPU and CUDA 13 libraries: the full wheel's 43 MB of
 # CUDA 11/12 and ROCm builds alone would use most of a call's 64 MiB), liger-kernel, datasets,
+# trl (bench/trl_peer.py; pure Python, its other needs are in the image or in this list),
 # pytest, and what running the pipeline through kfp.local needs (kfp, mlflow-skinny with its
 # SQLite store, and their needs that the machine's image does not hold; see the device tool's
 # KINDS.md for the image's list). Run here, in the repository root: bash bench/device_wheels.sh
@@ -17,7 +18,7 @@ PLAT+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # Training and evaluation (bench/run_device.sh, bench/gpu_stages.py).
 TRAIN=(bitsandbytes==0.50.2 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1
   multiprocess==0.70.19 nltk==3.10.4 defusedxml==0.7.1 pytest==9.2.0 pluggy==1.7.0
-  iniconfig==2.3.1 pygments==2.21.0)
+  iniconfig==2.3.1 pygments==2.21.0 trl==1.16.0)
 # The pipeline through kfp.local (bench/run_pipeline_gpu.sh).
 PIPELINE=(kfp==2.17.0 kfp-kubernetes==2.17.0 kfp-pipeline-spec==2.17.3 kubernetes==37.0.1
   google-cloud-storage==3.17.1 google-api-core==2.44.0 google-auth==2.62.2

@@ -146,6 +146,10 @@ VARIANT_KEYS = {
     "fl": ("fused_lora", lambda v: v == "1"),
     "opt": ("optimizer", str),
     "np": ("num_processes", int),
+    "lr": ("learning_rate", float),
+    # TRL's SFTTrainer as the peer of the same variant (trl_peer.py); "stage" by default.
+    "trainer": ("trainer", str),
+    "lora32": ("lora_fp32", lambda v: v == "1"),  # trainer=trl only (trl_peer.py)
 }
 
 
@@ -189,15 +193,29 @@ def stage_config(kw: dict, steps: int) -> dict:
 
 
 def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int) -> dict:
-    """One train-stage run in a fresh process, so its peak memory is its own."""
-    cfg = stage_config(kw, steps)
-    code = (
-        "import json,sys; from qlora_kfp.configs import TrainConfig; "
-        "from qlora_kfp.stages.train import run_train; "
-        f"r = run_train(TrainConfig(**{cfg!r}), {str(model_dir)!r}, {str(data_dir)!r}, "
-        f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    """One train-stage run in a fresh process, so its peak memory is its own.
+
+    ``trainer=trl``: TRL's SFTTrainer on the same recipe and keys instead (trl_peer.py), also
+    in a fresh process, returning the same ``{"m": metrics, "h": logged rows}``.
+    """
+    trainer = kw.get("trainer", "stage")
+    own = {k: v for k, v in kw.items() if k not in ("trainer", "lora_fp32")}
+    if trainer == "trl":
+        arg = dict(kw=kw, cfg=stage_config(own, steps), model_dir=str(model_dir))
+        arg.update(data_dir=str(data_dir), out=str(out))
+        cmd = [sys.executable, str(HERE / "trl_peer.py"), json.dumps(arg)]
+    elif trainer == "stage":
+        cfg = stage_config(own, steps)
+        code = (
+            "import json,sys; from qlora_kfp.configs import TrainConfig; "
+            "from qlora_kfp.stages.train import run_train; "
+            f"r = run_train(TrainConfig(**{cfg!r}), {str(model_dir)!r}, {str(data_dir)!r}, "
+            f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
+        )
+        cmd = [sys.executable, "-c", code]
+    else:
+        return {"error": f"trainer={trainer}: stage (the default) or trl"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     result = last_json(proc.stdout, "RESULT ")
     if proc.returncode or result is None:
         return {"error": proc.stderr[-2000:]}
@@ -268,6 +286,51 @@ def window_tokens_per_s(history: list[dict], warmup: int, windows: int = 3) -> l
 
 def steady_steps(history: list[dict], warmup: int) -> int:
     return sum(1 for h in history if "loss" in h and h["step"] > warmup)
+
+
+def variant_row(
+    name: str, kw: dict, r: dict, base: dict, base_bs: int, warmup: int, fpt: float
+) -> dict:
+    """A variant's row of the table and bench_results.json, from its run's ``{"m", "h"}``
+    (a train-stage run's or a TRL peer's: the same figures, computed the same way).
+
+    ``base``: the baseline's figures; ``base_bs``, ``warmup``: its batch size and warm-up
+    steps (a variant of another batch size skips as many rows); ``fpt``: model FLOPs a token.
+    """
+    bs = kw.get("batch_size", 4)
+    warm = max(warmup, warmup * base_bs // bs)
+    tok_s = steady_tokens_per_s(r["h"], warm)
+    m = r["m"]
+    est = m.get("estimated_peak_gib")
+    alloc_est = round(est - OVERHEAD_GIB, 2) if est else None
+    row = {
+        "variant": name,
+        **kw,
+        "tokens_per_s": round(tok_s, 1),
+        "window_tokens_per_s": window_tokens_per_s(r["h"], warm),
+        "steady_steps": steady_steps(r["h"], warm),
+        "ratio": round(tok_s / base["tokens_per_s"], 3) if "tokens_per_s" in base else None,
+        "peak_gib": m.get("gpu_peak_gib"),
+        "reserved_gib": m.get("gpu_reserved_gib"),
+        "checkpointed_layers": m.get("checkpointed_layers"),
+        "offload": m.get("checkpoint_offload"),
+        "estimate_alloc_gib": alloc_est,
+        "estimate_error": round(alloc_est / m["gpu_peak_gib"] - 1, 4)
+        if alloc_est and m.get("gpu_peak_gib")
+        else None,
+        # Per GPU: tokens/s counts every process's GPU.
+        "mfu_h100": round(fpt * tok_s / 989e12 / kw.get("num_processes", 1), 4),
+        "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
+        "step_times_s": step_times(r["h"]),
+    }
+    # A TRL peer's own settings: its version, the LoRA weights' dtype, the attention kernel.
+    row.update({k: m[k] for k in ("trl_version", "lora_dtype", "attn_implementation") if k in m})
+    if kw.get("batch_size", 4) == base_bs and not kw.get("length_grouping", True):
+        # Same rows in the same batches as the baseline: the losses must agree step by step.
+        ours = [h["loss"] for h in r["h"] if "loss" in h]
+        row["losses"] = ours
+        row["loss_agreement"] = loss_agreement(base.get("losses", []), ours)
+    return row
 
 
 def main() -> None:
@@ -363,36 +426,7 @@ def main() -> None:
             results[name] = r
             print(name, "FAILED", r["error"][-800:], flush=True)
             continue
-        warm = max(a.warmup, a.warmup * a.bs // bs)
-        tok_s = steady_tokens_per_s(r["h"], warm)
-        m = r["m"]
-        est = m.get("estimated_peak_gib")
-        alloc_est = round(est - OVERHEAD_GIB, 2) if est else None
-        row = {
-            "variant": name,
-            **kw,
-            "tokens_per_s": round(tok_s, 1),
-            "window_tokens_per_s": window_tokens_per_s(r["h"], warm),
-            "steady_steps": steady_steps(r["h"], warm),
-            "ratio": round(tok_s / base["tokens_per_s"], 3) if "tokens_per_s" in base else None,
-            "peak_gib": m.get("gpu_peak_gib"),
-            "reserved_gib": m.get("gpu_reserved_gib"),
-            "checkpointed_layers": m.get("checkpointed_layers"),
-            "offload": m.get("checkpoint_offload"),
-            "estimate_alloc_gib": alloc_est,
-            "estimate_error": round(alloc_est / m["gpu_peak_gib"] - 1, 4)
-            if alloc_est and m.get("gpu_peak_gib")
-            else None,
-            # Per GPU: tokens/s counts every process's GPU.
-            "mfu_h100": round(fpt * tok_s / 989e12 / kw.get("num_processes", 1), 4),
-            "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
-            "step_times_s": step_times(r["h"]),
-        }
-        if kw.get("batch_size", 4) == a.bs and not kw.get("length_grouping", True):
-            # Same rows in the same batches as the baseline: the losses must agree step by step.
-            ours = [h["loss"] for h in r["h"] if "loss" in h]
-            row["losses"] = ours
-            row["loss_agreement"] = loss_agreement(base.get("losses", []), ours)
+        row = variant_row(name, kw, r, base, a.bs, a.warmup, fpt)
         results[name] = row
         table.append(row)
         print(name, json.dumps(row), flush=True)

@@ -66,6 +66,7 @@ def decide_training(
     max_new_tokens: int = 64,
     merge_dtype: str = "bfloat16",
     merge_tolerance: float = 0.001,
+    merge_memory_gib: float = 0.0,
     registered_model_name: str = "",
     force_retrain: bool = False,
     mlflow_parent_run_id: str = "",
@@ -130,7 +131,8 @@ def decide_training(
         num_generations: Eval prompts to generate answers for.
         max_new_tokens: Longest generated answer in tokens.
         merge_dtype: Dtype of the saved merged model: bfloat16, float16 or float32.
-        merge_tolerance: Largest allowed |merged - (base+adapter)| logit difference, computed in float32.
+        merge_tolerance: Largest allowed |written - (base+adapter)| logit difference, computed in float32 (base+adapter merged by peft and cast to merge_dtype, as the written weights are).
+        merge_memory_gib: Memory in GiB the logit check may fill with each model it compares, on each device (each GPU, and the CPU); the layers beyond it are offloaded to disk beside the output. 0: what is free on each GPU and 80% of what the host (or the pod's memory limit) can still give. The merge itself holds one weights shard.
         registered_model_name: MLflow registered model the version is added to. Empty: <base model>-<dataset>, each the last part of its path, URI or hub id (a dataset's without data extensions) in lower-case letters, digits and '-', at most 63 characters, e.g. llama-3-1-8b-support-v2 for meta-llama/Llama-3.1-8B trained on s3://bucket/datasets/support-v2/. A name given: 1 to 63 letters, digits, '.', '_' or '-', beginning and ending with a letter or digit.
         force_retrain: Train even when the registered champion was made from exactly this dataset, base model, code version and result-changing settings (else such a run skips training and says so).
     """

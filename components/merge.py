@@ -14,6 +14,7 @@ def merge(
     base_model: str,
     merge_dtype: str = "bfloat16",
     merge_tolerance: float = 0.001,
+    merge_memory_gib: float = 0.0,
     trust_remote_code: bool = False,
     mlflow_parent_run_id: str = "",
     kfp_run_id: str = "",
@@ -23,7 +24,8 @@ def merge(
     Args:
         base_model: Base model in 16 or 32 bit (not the 4-bit copy).
         merge_dtype: Dtype of the saved merged model: bfloat16, float16 or float32.
-        merge_tolerance: Largest allowed |merged - (base+adapter)| logit difference, computed in float32.
+        merge_tolerance: Largest allowed |written - (base+adapter)| logit difference, computed in float32 (base+adapter merged by peft and cast to merge_dtype, as the written weights are).
+        merge_memory_gib: Memory in GiB the logit check may fill with each model it compares, on each device (each GPU, and the CPU); the layers beyond it are offloaded to disk beside the output. 0: what is free on each GPU and 80% of what the host (or the pod's memory limit) can still give. The merge itself holds one weights shard.
         trust_remote_code: Allow custom code from the model repo (off: safer).
     """
     from qlora_kfp.tasks import stage_tasks

@@ -514,8 +514,16 @@ class MergeConfig:
         "Dtype of the saved merged model: bfloat16, float16 or float32.", default="bfloat16"
     )
     merge_tolerance: float = _help(
-        "Largest allowed |merged - (base+adapter)| logit difference, computed in float32.",
+        "Largest allowed |written - (base+adapter)| logit difference, computed in float32 "
+        "(base+adapter merged by peft and cast to merge_dtype, as the written weights are).",
         default=1e-3,
+    )
+    merge_memory_gib: float = _help(
+        "Memory in GiB the logit check may fill with each model it compares, on each device "
+        "(each GPU, and the CPU); the layers beyond it are offloaded to disk beside the "
+        "output. 0: what is free on each GPU and 80% of what the host (or the pod's memory "
+        "limit) can still give. The merge itself holds one weights shard.",
+        default=0.0,
     )
     trust_remote_code: bool = PrepareConfig.__dataclass_fields__["trust_remote_code"].default
 
@@ -528,6 +536,12 @@ class MergeConfig:
             "merge_tolerance",
             self.merge_tolerance,
             "use a finite value > 0, e.g. 1e-3",
+        )
+        _check(
+            math.isfinite(self.merge_memory_gib) and self.merge_memory_gib >= 0,
+            "merge_memory_gib",
+            self.merge_memory_gib,
+            "use 0 (what is free) or a finite number of GiB > 0, e.g. 40",
         )
 
 
@@ -743,6 +757,8 @@ RESULT_INDEPENDENT = frozenset(
         "gradient_checkpointing_layers",
         "gradient_checkpointing_offload",
         "gpu_memory_gib",
+        # How much of the model the merge's logit check holds in memory, not what it checks.
+        "merge_memory_gib",
         "fused_kernels",
         "fused_lora",
         "attn_implementation",

@@ -11,6 +11,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a miss costs 25 s otherwise
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread a process. `make test` runs a worker a core, and each worker starts
+# training processes and pipeline tasks beside the other's: with torch's default (a thread a
+# core) every process's OpenMP team spin-waits for threads the other processes hold, and a
+# tiny model's steps, which two threads do not speed up, take several times longer.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests opt in to tracking explicitly
 for _name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):  # set by KFP's MLflow plugin in a pod
     os.environ.pop(_name, None)

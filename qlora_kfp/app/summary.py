@@ -74,9 +74,13 @@ def _print_results(tasks: dict) -> None:
                 print(f"{label:18s} {ev[b]:12.4f} {ev[t]:12.4f}")
     mg = task_metrics(tasks, "merge")
     if mg:
+        # merge_rounding_diff: what casting base+adapter to merge_dtype alone changes (runs
+        # of before it was recorded compared with base+adapter directly).
+        cast = mg.get("merge_rounding_diff")
         print(
-            f"\nmerge check: max |merged - (base+adapter)| logit = "
+            f"\nmerge check: max |written - peft's merge of base+adapter, cast| logit = "
             f"{mg['merge_max_abs_diff']:.3g} (tolerance {mg['merge_tolerance']})"
+            + (f"; the cast to the merged dtype alone: {cast:.3g}" if cast is not None else "")
         )
     usage = usage_rows({t: task_metrics(tasks, TASK_OF.get(t, t)) for t in STAGES})
     if usage:

@@ -45,6 +45,37 @@ def weight_files(source: str) -> list[Path]:
     return files
 
 
+# A hub model's files the merge stage needs beside its weights: config, generation config,
+# tokenizer, remote code. Its weights are fetched in transformers' preferred form only.
+HUB_FILES = ("*.json", "*.model", "*.txt", "*.py", "*.jinja", "*.tiktoken")
+HUB_WEIGHTS = (
+    ("model.safetensors", "model-*-of-*.safetensors"),
+    ("pytorch_model.bin", "pytorch_model-*-of-*.bin"),
+)
+
+
+def local_folder(source: str) -> Path:
+    """A model source as a local folder: a folder as it is, an ``s3://`` URI's cached copy, a
+    hub id's snapshot (downloaded unless cached; ``HF_HUB_OFFLINE=1`` takes the cache only).
+
+    Raises:
+        SourceError: naming the source, in one line.
+    """
+    path = sources.model_source(source)
+    if Path(path).exists():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        for weights in HUB_WEIGHTS:
+            folder = Path(snapshot_download(path, allow_patterns=[*HUB_FILES, *weights]))
+            if any(any(folder.glob(pattern)) for pattern in weights):
+                return folder
+    except Exception as exc:  # noqa: BLE001 - a library error is not a one-line message
+        raise SourceError(f"{source}: cannot download ({sources._first_line(exc)})") from None
+    raise SourceError(f"{source}: no model.safetensors or pytorch_model.bin weight files")
+
+
 def _hub_snapshot(repo_id: str, source: str) -> Path:
     """The local snapshot of a hub model: no download (the files are from_pretrained's)."""
     try:
@@ -67,7 +98,7 @@ def tensor_numel(files: Iterable[Path]) -> int:
             with safe_open(str(f), "pt") as st:
                 total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118 (not iterable)
         else:
-            total += sum(t.numel() for t in _load_bin(f).values())
+            total += sum(t.numel() for t in load_bin(f).values())
     return total
 
 
@@ -83,7 +114,7 @@ def tensors(files: Iterable[Path], names: set[str] | None = None) -> Iterator[tu
                     if names is None or key in names:
                         yield key, st.get_tensor(key)
         else:
-            state = _load_bin(f)
+            state = load_bin(f)
             for key in list(state):
                 tensor = state.pop(key)
                 if names is None or key in names:
@@ -104,7 +135,8 @@ def header_tensors(files: Iterable[Path]) -> Iterator[tuple[Path, str, str, list
                 yield f, name, entry["dtype"], list(entry["shape"])
 
 
-def _load_bin(path: Path) -> dict:
+def load_bin(path: Path) -> dict:
+    """A PyTorch weights file, memory-mapped (only what is read is paged in)."""
     import torch
 
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)

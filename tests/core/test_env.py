@@ -11,6 +11,7 @@ setting on to MLflow or a subprocess) are not reads.
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -248,3 +249,13 @@ def test_a_bad_number_names_the_variable(monkeypatch):
 def test_an_unlisted_name_is_refused():
     with pytest.raises(KeyError, match="QLORA_KFP_NOPE is not listed in qlora_kfp/env.py"):
         env.text("QLORA_KFP_NOPE")
+
+
+def test_the_test_processes_run_one_openmp_thread():
+    """`make test` runs a worker a core beside training processes and pipeline tasks; torch's
+    default, a thread a core, made each process's OpenMP team spin-wait for cores the others
+    held (a training test measured 4x slower under load). tests/conftest.py sets one."""
+    import torch
+
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert torch.get_num_threads() == 1
