@@ -75,8 +75,14 @@ def _arg_type(typ: type):
     return parse
 
 
+def _literal(text: str) -> str:
+    """A help text as argparse prints it: ``%`` starts a format there (``%(default)s``)."""
+    return text.replace("%", "%%")
+
+
 def _add_field(p: argparse.ArgumentParser, name: str, typ: type, default, help_: str) -> None:
     flag = f"--{name}"
+    help_ = _literal(help_)
     typ = _arg_type(typ)
     if typ is bool:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
@@ -136,7 +142,7 @@ def add_pipeline_flags(p: argparse.ArgumentParser, pipeline, *others) -> None:
         p.add_argument(
             f"--{name}",
             default=argparse.SUPPRESS,
-            help=helps.get(name, "pipeline parameter") + shown,
+            help=_literal(helps.get(name, "pipeline parameter") + shown),
             **kw,
         )
 

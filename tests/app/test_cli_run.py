@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from qlora_kfp.app import cli, local_runner
@@ -192,3 +194,20 @@ def test_the_last_lines_say_where_to_look_what_the_registry_holds_and_what_next(
     assert (
         last[4].startswith("next:") and "make mlflow-ui" in last[4] and "--data_source" in last[4]
     )
+
+
+def _commands() -> list[str]:
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_prints_its_help(command, capsys):
+    """A help text is printed as written: argparse reads ``%`` as a format, so a help saying
+    "80% of what the host can give" (merge_memory_gib) broke ``run --help`` and ``merge --help``."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--help"])
+    assert stop.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    if command in ("run", "merge"):
+        assert "80% of what the host" in out
