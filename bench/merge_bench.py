@@ -177,7 +177,7 @@ def measure(
         result = run_merge(cfg, str(adapter), str(out)).metrics
     row = {
         "phase": phase,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(time.perf_counter() - start, 3),
         # ru_maxrss is in KiB on Linux: the process's peak resident memory.
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "peak_anon_gib": round(max(anon.peak, anon.now()) / 2**30, 3),

@@ -40,7 +40,7 @@ def test_each_phase_reports_time_and_peaks(built, phase):
 
     root, base, adapter = built
     row = measure(phase, base, adapter, root / phase, memory_gib=0.0002)
-    assert row["phase"] == phase and row["seconds"] > 0
+    assert row["phase"] == phase and row["seconds"] >= 0.001
     assert 0 < row["peak_anon_gib"] <= row["peak_rss_gib"]
     if phase == "stream":
         assert row["result"] == {"merged_tensors": 14, "shards": 1}  # 2 layers x 7 linears
