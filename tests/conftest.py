@@ -36,6 +36,7 @@ except ImportError:  # compile-only environments
     HAS_CUDA = False
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups it adds (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     unmarked = []
@@ -55,12 +56,32 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         raise pytest.UsageError("make test-fast would run these:\n" + "\n".join(unmarked))
     _heavy_files_first(items)
+    _group_files(items)
+
+
+# Session fixtures dear enough (two training processes, ~25 s; the Trainer's and JobSet's
+# managers, ~10 s) that the files sharing one go to one worker, which builds it once: each
+# pytest-xdist worker builds its own session fixtures.
+SHARED_BY_FILES = ("two_processes", "kubeflow_trainer")
+
+
+def _group_files(items) -> None:
+    """``make test`` hands out whole groups (``--dist loadgroup``): a file is its own group,
+    unless a test of it uses a fixture of ``SHARED_BY_FILES``: then that fixture's files are
+    one group."""
+    group: dict[str, str] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        shared = [f for f in SHARED_BY_FILES if f in getattr(item, "fixturenames", ())]
+        group[path] = shared[0] if shared else group.get(path, path)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
 
 
 def _heavy_files_first(items) -> None:
     """Files that run pipelines or train (marked slow and integration, then slow) first, each
-    file's tests in their order: ``make test`` hands whole files to 2 workers (``-n 2 --dist
-    loadfile``) in this order, and a long file handed out last would run alone at the end."""
+    file's tests in their order: ``make test`` hands whole files (or groups of files,
+    :func:`_group_files`) to 2 workers (``-n 2 --dist loadgroup``) in this order, and a long file handed out last would run alone at the end."""
     rank: dict[str, int] = {}
     for item in items:
         marks = {m.name for m in item.iter_markers()}
@@ -311,15 +332,24 @@ def s3_env(s3_only, monkeypatch):
 @pytest.fixture(scope="session")
 def kube_cluster(tmp_path_factory):
     """A real etcd, kube-apiserver and kube-controller-manager on 127.0.0.1
-    (tests/support/kube_apiserver.py), with the CRDs of Istio's security policies and KServe's
-    InferenceService installed."""
+    (tests/support/kube_apiserver.py), with the CRDs of Istio's security policies, KServe's
+    InferenceService, the Trainer's TrainJob and Training Operator's PyTorchJob installed
+    before the controller manager starts: its garbage collector finds the kinds to watch at
+    start and then every 30 s, and a foreground deletion of a kind it does not watch yet
+    (the runner replacing an earlier attempt's PyTorchJob) waited for that, 28 s."""
     from support.kube_api import Kube
     from support.kube_apiserver import kube_apiserver
+    from support.trainjob_cluster import PLURAL, pytorchjob_crd, trainer_crds
 
-    with kube_apiserver(tmp_path_factory.mktemp("kube")) as cluster:
+    def install_crds(cluster) -> None:
         admin = Kube(cluster.url, cluster.ca, cluster.admin_token)
         for schemas in ("istio-security.json", "kserve-inferenceservice.json"):
             admin.install_crds(schemas)
+        admin.apply_crds([*trainer_crds(PLURAL), pytorchjob_crd()])
+
+    with kube_apiserver(
+        tmp_path_factory.mktemp("kube"), before_controllers=install_crds
+    ) as cluster:
         yield cluster
 
 

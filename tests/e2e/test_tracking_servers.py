@@ -7,6 +7,7 @@ registered versions and the challenger/champion aliases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,6 +82,10 @@ def _watch(proc: subprocess.Popen, watcher, deadline: float) -> None:
                 if r.info.status == "RUNNING":
                     points = len(watcher.get_metric_history(r.info.run_id, "loss"))
                     LIVE.append(points)
+        if LIVE and max(LIVE) >= 2:  # seen: the server's CPU is the run's from here on
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the caller stops it
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return
         time.sleep(0.5)
 
 
