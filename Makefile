@@ -13,10 +13,10 @@ OVERLAY ?= example
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): one a core, at most 4 (each starts its own servers and trains
 # its own tiny model for the session fixtures); 1 runs the tests in pytest's own process.
-# Whole files go to a worker (--dist loadgroup: a file, or the files sharing a costly session
-# fixture), the heaviest first (tests/conftest.py).
+# Whole files go to a worker (tests/conftest.py: a file, or the files sharing a costly session
+# fixture), the heaviest first.
 TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
-XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 # The real etcd, kube-apiserver and kube-controller-manager the manifest tests start
 # (backend/kube pins the release).
 BACKEND_BIN := .cache/backend/bin

@@ -36,7 +36,6 @@ except ImportError:  # compile-only environments
     HAS_CUDA = False
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups it adds (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     unmarked = []
@@ -56,32 +55,63 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         raise pytest.UsageError("make test-fast would run these:\n" + "\n".join(unmarked))
     _heavy_files_first(items)
-    _group_files(items)
+    _check_shared_files(items)
 
 
 # Session fixtures dear enough (two training processes, ~25 s; the Trainer's and JobSet's
 # managers, ~10 s) that the files sharing one go to one worker, which builds it once: each
-# pytest-xdist worker builds its own session fixtures.
-SHARED_BY_FILES = ("two_processes", "kubeflow_trainer")
+# pytest-xdist worker builds its own session fixtures. Listed by hand because xdist's
+# scheduler sees node ids only; the collection checks the list (_check_shared_files).
+FILES_SHARING = {
+    "two_processes": (
+        "tests/training/test_ddp.py",
+        "tests/training/test_fsdp.py",
+        "tests/stages/test_train_nodes.py",
+    ),
+    "kubeflow_trainer": (
+        "tests/backend/test_trainer_backend.py",
+        "tests/training/test_trainjob_trainer.py",
+    ),
+}
+GROUP_OF_FILE = {path: name for name, paths in FILES_SHARING.items() for path in paths}
 
 
-def _group_files(items) -> None:
-    """``make test`` hands out whole groups (``--dist loadgroup``): a file is its own group,
-    unless a test of it uses a fixture of ``SHARED_BY_FILES``: then that fixture's files are
-    one group."""
-    group: dict[str, str] = {}
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        shared = [f for f in SHARED_BY_FILES if f in getattr(item, "fixturenames", ())]
-        group[path] = shared[0] if shared else group.get(path, path)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
+def _check_shared_files(items) -> None:
+    """A test using a fixture of FILES_SHARING from a file not listed with it fails the
+    collection: its worker would build the fixture a second time."""
+    missing = {
+        f"{item.nodeid.split('::')[0]} uses {fixture}: list it in FILES_SHARING[{fixture!r}]"
+        for item in items
+        for fixture, paths in FILES_SHARING.items()
+        if fixture in getattr(item, "fixturenames", ()) and item.nodeid.split("::")[0] not in paths
+    }
+    if missing:
+        raise pytest.UsageError("tests/conftest.py:\n" + "\n".join(sorted(missing)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole files to a worker, as ``--dist loadfile``, the files of a FILES_SHARING entry as
+    one. (xdist's own ``--dist loadgroup`` renames node ids, which pytest 9.2's no longer
+    takes: every test became its own group, and module fixtures ran once a worker.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_scope(nodeid)
+
+    return FileGroupScheduling(config, log)
+
+
+def worker_scope(nodeid: str) -> str:
+    """What goes to one worker: the test's file, or its FILES_SHARING entry."""
+    path = nodeid.split("::")[0]
+    return GROUP_OF_FILE.get(path, path)
 
 
 def _heavy_files_first(items) -> None:
     """Files that run pipelines or train (marked slow and integration, then slow) first, each
     file's tests in their order: ``make test`` hands whole files (or groups of files,
-    :func:`_group_files`) to 2 workers (``-n 2 --dist loadgroup``) in this order, and a long file handed out last would run alone at the end."""
+    FILES_SHARING) to 2 workers (``-n 2``, :func:`pytest_xdist_make_scheduler`) in this order, and a long file handed out last would run alone at the end."""
     rank: dict[str, int] = {}
     for item in items:
         marks = {m.name for m in item.iter_markers()}

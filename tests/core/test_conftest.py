@@ -2,43 +2,67 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import conftest
+import pytest
 
 
-@dataclass
-class Item:
-    nodeid: str
-    fixturenames: list[str]
-    marks: list = field(default_factory=list)
-
-    def add_marker(self, mark) -> None:
-        self.marks.append(mark)
-
-
-def test_files_sharing_a_costly_session_fixture_are_one_group():
+@pytest.mark.parametrize(
+    "nodeid,scope",
+    [
+        ("tests/training/test_ddp.py::test_a", "two_processes"),
+        ("tests/training/test_fsdp.py::test_b[x-y]", "two_processes"),
+        ("tests/stages/test_train_nodes.py::test_c", "two_processes"),
+        ("tests/backend/test_trainer_backend.py::test_d", "kubeflow_trainer"),
+        ("tests/training/test_trainjob_trainer.py::test_e", "kubeflow_trainer"),
+        ("tests/core/test_env.py::test_f", "tests/core/test_env.py"),
+    ],
+    ids=["ddp", "fsdp", "nodes", "trainer-backend", "trainjob-trainer", "any-other-file"],
+)
+def test_files_sharing_a_costly_session_fixture_go_to_one_worker(nodeid, scope):
     """Each xdist worker builds its own session fixtures: the DDP run the DDP, FSDP and node
     tests compare with is built once only if their files go to one worker."""
-    items = [
-        Item("tests/training/test_ddp.py::a", ["two_processes"]),
-        Item("tests/training/test_ddp.py::b", ["quantized"]),
-        Item("tests/training/test_fsdp.py::c", []),
-        Item("tests/training/test_fsdp.py::d", ["quantized", "two_processes"]),
-        Item("tests/backend/test_trainer_backend.py::e", ["kubeflow_trainer"]),
-        Item("tests/core/test_env.py::f", []),
-    ]
-    conftest._group_files(items)
-    groups = {}
-    for item in items:
-        (mark,) = item.marks
-        assert mark.name == "xdist_group"
-        groups[item.nodeid.rsplit("::", 1)[1]] = mark.args[0]
-    assert groups == {
-        "a": "two_processes",
-        "b": "two_processes",
-        "c": "two_processes",
-        "d": "two_processes",
-        "e": "kubeflow_trainer",
-        "f": "tests/core/test_env.py",
-    }
+    assert conftest.worker_scope(nodeid) == scope
+
+
+def test_a_file_using_a_shared_fixture_must_be_listed():
+    items = [SimpleNamespace(nodeid="tests/new/test_x.py::t", fixturenames=["two_processes"])]
+    with pytest.raises(pytest.UsageError, match=r"test_x.py uses two_processes: list it"):
+        conftest._check_shared_files(items)
+
+
+@pytest.mark.slow
+def test_a_file_runs_on_one_worker_so_its_module_fixtures_are_built_once():
+    """Two workers, as `make test` runs them: every test of a file on the same worker.
+    (xdist's `--dist loadgroup` sent each test alone once pytest 9.2 took node ids as
+    immutable: the tracking suite's three pipeline runs, a module fixture, ran on both.)"""
+    root = Path(__file__).resolve().parents[2]
+    files = ["tests/core/test_layout.py", "tests/core/test_conftest.py"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-n",
+            "2",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not slow",
+            *files,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    ran = re.findall(r"^\[(gw\d)\] .*? PASSED (\S+?)::", proc.stdout, re.M)
+    workers = {path: {gw for gw, p in ran if p == path} for path in files}
+    assert all(len(w) == 1 for w in workers.values()) and len(ran) > 6, (workers, ran)
