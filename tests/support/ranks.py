@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,7 +156,10 @@ def start(
 def result(proc: subprocess.Popen) -> dict:
     """The stage's metrics, history and the rows it relayed, once it has succeeded."""
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    # A rank's own error (a C++ abort's "terminate called", a gloo failure) is far above
+    # torchrun's summary at the end: show those lines too.
+    causes = [ln for ln in err.splitlines() if re.search(r"terminate|what\(\)|[Ee]rror|gloo", ln)]
+    assert proc.returncode == 0, "\n".join(causes[-40:]) + "\n...\n" + err[-3000:]
     return json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
 
 
