@@ -201,7 +201,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except OSError as exc:
-        raise SourceError(f"{source}: cannot load a tokenizer ({_first_line(exc)})") from None
+        raise SourceError(f"{source}: cannot load a tokenizer ({first_line(exc)})") from None
     if tok.pad_token is None:
         # Labels are built before padding and padded with -100 (DataCollatorForSeq2Seq), so
         # reusing UNK/EOS as the pad id never masks the real EOS out of the labels. Adding a
@@ -297,5 +297,7 @@ def check_tokenizer_files(folder: Path) -> None:
             ) from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """A library error's first line (its type's name when it says nothing), for a one-line
+    message that does not quote the rest of a library's text."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

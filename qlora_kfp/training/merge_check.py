@@ -112,7 +112,7 @@ def _load(path: str, budget: dict, offload: Path, trust: bool):
             trust_remote_code=trust,
         )
     except OSError as exc:
-        raise SourceError(f"{path}: cannot load the model ({sources._first_line(exc)})") from None
+        raise SourceError(f"{path}: cannot load the model ({sources.first_line(exc)})") from None
 
 
 def _logits(model, ids):

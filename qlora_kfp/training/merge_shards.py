@@ -13,14 +13,12 @@ import json
 from pathlib import Path
 
 from qlora_kfp.errors import ArtifactError
-from qlora_kfp.training import lora_delta, shards
+from qlora_kfp.training import lora_delta, modeling, shards
 
-# safetensors' dtype names (its file header) -> torch's.
+# safetensors' dtype names (its file header) -> torch's: the float ones transformers loads
+# (modeling.FLOAT_DTYPES), and the integer and bool buffers a model may also store.
 DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
+    **modeling.FLOAT_DTYPES,
     "I64": "int64",
     "I32": "int32",
     "I16": "int16",

@@ -76,7 +76,7 @@ def load_model(
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs, output_loading_info=True)
     except OSError as exc:
-        raise SourceError(f"{source}: cannot load the model ({sources._first_line(exc)})") from None
+        raise SourceError(f"{source}: cannot load the model ({sources.first_line(exc)})") from None
     missing = sorted(info["missing_keys"])
     if complete and missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

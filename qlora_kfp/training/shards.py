@@ -72,7 +72,7 @@ def local_folder(source: str) -> Path:
             if any(any(folder.glob(pattern)) for pattern in weights):
                 return folder
     except Exception as exc:  # noqa: BLE001 - a library error is not a one-line message
-        raise SourceError(f"{source}: cannot download ({sources._first_line(exc)})") from None
+        raise SourceError(f"{source}: cannot download ({sources.first_line(exc)})") from None
     raise SourceError(f"{source}: no model.safetensors or pytorch_model.bin weight files")
 
 
