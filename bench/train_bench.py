@@ -301,6 +301,7 @@ def variant_row(
     warm = max(warmup, warmup * base_bs // bs)
     tok_s = steady_tokens_per_s(r["h"], warm)
     m = r["m"]
+    losses = [h["loss"] for h in r["h"] if "loss" in h]
     est = m.get("estimated_peak_gib")
     alloc_est = round(est - OVERHEAD_GIB, 2) if est else None
     row = {
@@ -320,16 +321,15 @@ def variant_row(
         else None,
         # Per GPU: tokens/s counts every process's GPU.
         "mfu_h100": round(fpt * tok_s / 989e12 / kw.get("num_processes", 1), 4),
-        "first_losses": [h["loss"] for h in r["h"] if "loss" in h][:5],
+        "first_losses": losses[:5],
         "step_times_s": step_times(r["h"]),
     }
     # A TRL peer's own settings: its version, the LoRA weights' dtype, the attention kernel.
     row.update({k: m[k] for k in ("trl_version", "lora_dtype", "attn_implementation") if k in m})
-    if kw.get("batch_size", 4) == base_bs and not kw.get("length_grouping", True):
+    if bs == base_bs and not kw.get("length_grouping", True):
         # Same rows in the same batches as the baseline: the losses must agree step by step.
-        ours = [h["loss"] for h in r["h"] if "loss" in h]
-        row["losses"] = ours
-        row["loss_agreement"] = loss_agreement(base.get("losses", []), ours)
+        row["losses"] = losses
+        row["loss_agreement"] = loss_agreement(base.get("losses", []), losses)
     return row
 
 
