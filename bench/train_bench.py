@@ -144,6 +144,7 @@ VARIANT_KEYS = {
     "attn": ("attn_implementation", str),
     "up": ("fp32_upcast", lambda v: v == "1"),
     "fl": ("fused_lora", lambda v: v == "1"),
+    "fp8": ("fp8_base", str),
     "opt": ("optimizer", str),
     "np": ("num_processes", int),
     "lr": ("learning_rate", float),

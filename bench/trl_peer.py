@@ -64,6 +64,7 @@ PACKING = {
 # Train-stage variant keys TRL has no flag for (set explicitly, they are refused).
 NO_TRL_FLAG = {
     "fused_lora": "peft's own LoRA forward only",
+    "fp8_base": "bitsandbytes' bf16 product of the 4-bit weights only",
     "fp32_upcast": "no upcast of the 16-bit weights",
     "num_processes": "one process (the bench runs no torchrun for it)",
     "gpu_memory_gib": "no memory planning (it only steers auto settings)",

@@ -286,6 +286,13 @@ class TrainConfig:
         "activations. Turn off only to compare with peft's own forward.",
         default=True,
     )
+    fp8_base: str = _help(
+        "Multiply the frozen 4-bit base weights in FP8 (e4m3, a scale per row; the LoRA "
+        "path, its gradients and the optimizer stay as they are): auto (on a GPU that "
+        "multiplies FP8: Ada, Hopper and later), on or off. Changes the numerics slightly "
+        "(BENCHMARKS.md gives the measured loss and gradient agreement).",
+        default="off",
+    )
     attn_implementation: str = _help(
         "Attention kernel: varlen (flash attention per document of a packed row; CUDA), sdpa, "
         "eager, or auto (varlen on a GPU when packing is on, else sdpa). Set sdpa or eager "
@@ -397,6 +404,7 @@ class TrainConfig:
         _check(self.logging_steps >= 1, "logging_steps", self.logging_steps, "use 1 or more")
         _one_of("compute_dtype", self.compute_dtype, DTYPES)
         _one_of("fused_kernels", self.fused_kernels, AUTO_ON_OFF)
+        _one_of("fp8_base", self.fp8_base, AUTO_ON_OFF)
         _one_of("packing", self.packing, PACKING_MODES)
         _check(self.pack_length >= 0, "pack_length", self.pack_length, "use 0 (auto) or more")
         _one_of("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)

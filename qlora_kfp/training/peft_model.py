@@ -11,7 +11,7 @@ import logging
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.errors import ConfigError, TrainingDivergedError
-from qlora_kfp.training import attention, lora_fused, modeling
+from qlora_kfp.training import attention, fp8_base, lora_fused, modeling
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ def build_peft_model(cfg: TrainConfig, model_dir: str):
     model = get_peft_model(prepare_model(model, cfg), lora_config(cfg))
     if cfg.fused_lora:
         log.info("fused LoRA updates in %d layers", lora_fused.fuse_lora_updates(model))
+    if fp8_base.resolve(cfg.fp8_base):
+        log.info("FP8 base products in %d Linears", fp8_base.use_fp8(model))
     log.info("attention: %s", attn)
     return model
 

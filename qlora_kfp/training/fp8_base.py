@@ -1,0 +1,148 @@
+"""FP8 products for the frozen 4-bit base weights; the adapter stays in 16/32 bits.
+
+bitsandbytes runs a 4-bit Linear as "dequantize the NF4 weight to bf16, then a bf16 GEMM",
+in the forward, in the recomputed forward of a checkpointed layer, and for the input
+gradient. The base weights are frozen and already quantized, so nothing trains through them:
+here the dequantized weight and the activation (or the output gradient) are cast to e4m3 with
+a scale per row and multiplied by ``torch._scaled_mm``, which Hopper and Ada run at twice the
+bf16 rate. The LoRA products, their gradients and the optimizer are untouched.
+
+Scales are row-wise: one per token of the activation, one per output feature of the weight
+in the forward, one per input feature in the input gradient (the weight's transpose is cast
+on its own, so each scale covers one row of the operand it multiplies). Every scale is an
+amax over 448, e4m3's largest finite value, and the casts clamp so that no value becomes NaN.
+
+Nothing is kept for the backward but the module: the weight is dequantized again there, as
+bitsandbytes does; the activation is not needed (the base weight gets no gradient).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+E4M3_MAX = 448.0
+TINY = 1.2e-38 * E4M3_MAX  # float32's smallest normal, times 448: the scale stays normal
+# _scaled_mm's operands must have both their dimensions a multiple of 16.
+ALIGN = 16
+
+
+def cast_rows(t):
+    """``t`` (2-D) in e4m3 with a float32 scale per row: ``t ≈ cast.float() * scale``."""
+    import torch
+
+    # The floor only keeps an all-zero row from dividing by zero: gradients can be far
+    # below 1e-12, and must keep their size.
+    amax = t.abs().amax(dim=1, keepdim=True).float().clamp(min=TINY)
+    scale = amax / E4M3_MAX
+    cast = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return cast.contiguous(), scale  # row-major, as _scaled_mm wants its first operand
+
+
+@functools.cache
+def _compiled_cast():
+    """``cast_rows`` as one fused kernel on a GPU (eager, it walks the tensor five times)."""
+    import torch
+
+    return torch.compile(cast_rows, dynamic=True)
+
+
+def _cast(t):
+    return _compiled_cast()(t) if t.is_cuda else cast_rows(t)
+
+
+def supported(device=None) -> bool:
+    """Whether the GPU multiplies e4m3 (compute capability 8.9: Ada, Hopper and later)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _matmul(a8, a_scale, b8_rows, b_scale, dtype):
+    """``a @ b.T`` from row-cast operands: ``a`` [m, k], ``b`` [n, k], both scaled per row."""
+    import torch
+
+    return torch._scaled_mm(a8, b8_rows.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=dtype)
+
+
+class _BaseMatmul:
+    """The autograd function, built on first use so that importing needs no torch."""
+
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            import torch
+
+            class BaseMatmulFp8(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x2d, dequantize):
+                    ctx.dequantize = dequantize
+                    w = dequantize()
+                    x8, xs = _cast(x2d)
+                    w8, ws = _cast(w)
+                    return _matmul(x8, xs, w8, ws, x2d.dtype)
+
+                @staticmethod
+                def backward(ctx, grad):
+                    w = ctx.dequantize()
+                    g8, gs = _cast(grad.contiguous())
+                    wt8, wts = _cast(w.t())  # a scale per input feature
+                    return _matmul(g8, gs, wt8, wts, grad.dtype), None
+
+            cls.fn = BaseMatmulFp8
+        return cls.fn
+
+
+def base_matmul(x2d, dequantize):
+    """``x2d @ W.T`` in e4m3, where ``dequantize()`` returns the base weight ``W`` [n, k]."""
+    return _BaseMatmul.get().apply(x2d, dequantize)
+
+
+def _forward(self, x):
+    """A ``bnb.nn.Linear4bit`` forward whose product runs in FP8 (``use_fp8``)."""
+    import bitsandbytes as bnb
+
+    weight = self.weight
+    state = weight.quant_state
+    dtype = state.dtype
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+
+    def dequantize():
+        return bnb.functional.dequantize_4bit(weight.data, state)
+
+    out = base_matmul(flat, dequantize)
+    if self.bias is not None:
+        out = out + self.bias.to(dtype)
+    return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+def use_fp8(model) -> int:
+    """Run the product of every 4-bit Linear of ``model`` whose shape allows it in FP8.
+
+    Returns:
+        How many Linears now multiply in FP8 (the others keep bitsandbytes' forward).
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if state is None or any(d % ALIGN for d in state.shape):
+            continue
+        module.forward = types.MethodType(_forward, module)
+        count += 1
+    return count
+
+
+def resolve(mode: str) -> bool:
+    """``fp8_base``: ``auto`` is on where the GPU multiplies e4m3; ``on`` also on the CPU
+    (torch's reference ``_scaled_mm``, for tests)."""
+    if mode == "auto":
+        return supported()
+    return mode == "on"
