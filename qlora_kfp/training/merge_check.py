@@ -28,9 +28,7 @@ import gc
 from collections.abc import Mapping
 from pathlib import Path
 
-from qlora_kfp.errors import SourceError
-from qlora_kfp.storage import sources
-from qlora_kfp.training import autofit
+from qlora_kfp.training import autofit, modeling
 
 
 def max_memory(gib: float) -> dict:
@@ -99,20 +97,11 @@ def compare(
 
 def _load(path: str, budget: dict, offload: Path, trust: bool):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch.float32,
-            device_map="auto",
-            max_memory=budget,
-            offload_folder=str(offload),
-            low_cpu_mem_usage=True,
-            trust_remote_code=trust,
-        )
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot load the model ({sources.first_line(exc)})") from None
+    placement = dict(device_map="auto", max_memory=budget, offload_folder=str(offload))
+    return modeling.load_model(
+        path, dtype=torch.float32, trust_remote_code=trust, complete=True, placement=placement
+    )
 
 
 def _logits(model, ids):

@@ -51,11 +51,14 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     complete: bool = False,
+    placement: dict | None = None,
 ):
     """``AutoModelForCausalLM.from_pretrained`` on the right device, with a clear error.
 
     With ``complete``, weights files that lack a tensor of the model are refused: transformers
-    would initialize it at random and load the rest without an error.
+    would initialize it at random and load the rest without an error. ``placement``: accelerate's
+    ``device_map`` (with ``max_memory``, ``offload_folder``) instead of the whole model on the
+    current device (the merge check holds each model within a budget).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -71,6 +74,7 @@ def load_model(
     kwargs["device_map"] = (
         {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     )
+    kwargs.update(placement or {})
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

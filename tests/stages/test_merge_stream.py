@@ -219,6 +219,26 @@ def test_a_wrong_merge_is_caught_and_nothing_is_left(demo_assets, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 
+def test_a_written_model_missing_a_tensor_is_refused(demo_assets, tmp_path, monkeypatch):
+    """A merge that loses the final norm's weight: transformers would load the written model
+    with that norm initialized to ones (what the random demo base holds, so the logits still
+    agree); the check loads it as the stages load models, refusing missing tensors."""
+    import safetensors.torch
+
+    save = safetensors.torch.save_file
+
+    def lose_the_norm(tensors, path, metadata=None):
+        tensors.pop("model.norm.weight", None)
+        save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", lose_the_norm)
+    base = _base(demo_assets, tmp_path / "base")
+    adapter, _ = _adapter(base, tmp_path / "adapter", **CASES["lora-all-linear"])
+    with pytest.raises(ArtifactError, match=r"tensor model\.norm\.weight is missing"):
+        _merge(base, adapter, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
 def _alive_tensor_bytes(before: set[int]) -> int:
     import torch
 
