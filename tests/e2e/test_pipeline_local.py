@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import NESTED_STAGE_RUNS
 
 from qlora_kfp.storage.manifest import verify
 
@@ -88,16 +89,7 @@ def test_mlflow_has_one_parent_run_with_nested_stage_runs(demo_run):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == {
-        "prepare-dataset",
-        "decide-training",
-        "preflight",
-        "quantize",
-        "train",
-        "evaluate",
-        "merge",
-        "register",
-    }
+    assert set(children) == NESTED_STAGE_RUNS
     assert parent.data.params["lora_r"] == "16" and parent.data.params["learning_rate"] == "0.005"
     assert parent.data.metrics["tuned_exact_match"] >= 0.5
     history = client.get_metric_history(children["train"].info.run_id, "loss")

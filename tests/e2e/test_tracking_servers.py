@@ -18,18 +18,9 @@ from pathlib import Path
 
 import boto3
 import pytest
+from support import NESTED_STAGE_RUNS
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-STAGES = {
-    "prepare-dataset",
-    "decide-training",
-    "preflight",
-    "quantize",
-    "train",
-    "evaluate",
-    "merge",
-    "register",
-}
 
 
 def cli_command(args: list[str], env: dict, workdir: Path) -> dict:
@@ -167,7 +158,7 @@ def test_one_parent_per_pipeline_run_with_a_nested_run_per_stage(two_runs, clien
     for p in tops[:2]:
         assert p.info.status == "FINISHED" and p.data.tags["kfp.status"] == "SUCCEEDED"
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
-        assert {k.data.tags["stage"] for k in kids} == STAGES
+        assert {k.data.tags["stage"] for k in kids} == NESTED_STAGE_RUNS
         assert all(k.info.status == "FINISHED" for k in kids)
         assert p.data.tags["git.commit"] and p.data.tags["kfp.run_id"]
 
