@@ -153,14 +153,14 @@ def _unmarked_tests_neither_train_nor_start_servers(request, monkeypatch):
         if fixture in request.fixturenames:
             pytest.fail(f"uses the {fixture} fixture: mark it {mark} (make test-fast skips it)")
     try:
-        from qlora_kfp.stages import train_loop
+        from qlora_kfp.training import memory_fit
     except ImportError:  # compile-only environments
         return
 
     def refuse(*args, **kwargs):
         raise AssertionError("this test trains: mark it slow (make test-fast skips it)")
 
-    monkeypatch.setattr(train_loop, "train_in_memory", refuse)
+    monkeypatch.setattr(memory_fit, "train_in_memory", refuse)
 
 
 @pytest.fixture(autouse=True)

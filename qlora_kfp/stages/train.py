@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qlora_kfp.configs import JOB_RUNNERS, TrainConfig
 from qlora_kfp.errors import ArtifactError, ConfigError
-from qlora_kfp.stages.train_loop import TrainResult, plan_length, train_here
+from qlora_kfp.stages.train_loop import TrainResult, train_here
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.fingerprint import artifact_digest
 from qlora_kfp.storage.manifest import check_output, verify
@@ -27,6 +27,7 @@ from qlora_kfp.training import (
     autofit,
     distributed,
     fsdp,
+    memory_fit,
     modeling,
     parallelism,
     resume,
@@ -71,7 +72,7 @@ def decide_parallelism(cfg: TrainConfig, model_dir: str, dataset_dir: str) -> Tr
     plan = parallelism.decide(
         AutoConfig.from_pretrained(model_dir),
         cfg,
-        plan_length(cfg, rows),
+        memory_fit.plan_length(cfg, rows),
         cfg.gpu_memory_gib,
         autofit.host_available_gib() / cfg.num_processes,
         has_varlen=attention.kernel() is not None,

@@ -22,16 +22,16 @@ from qlora_kfp.errors import ConfigError, TrainingDivergedError
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.manifest import atomic_folder
 from qlora_kfp.training import (
-    attention,
     autofit,
     batching,
     distributed,
     fsdp,
+    memory_fit,
     modeling,
     resume,
     trainer_hooks,
 )
-from qlora_kfp.training.peft_model import build_peft_model, check_finite_adapter, trainable_params
+from qlora_kfp.training.peft_model import build_peft_model, check_finite_adapter
 from qlora_kfp.training.trainer_args import training_arguments
 
 # The stage's logger, as before the stage was split in two: pod logs keep their names.
@@ -45,85 +45,6 @@ class TrainResult:
     path: str
     metrics: dict
     history: list[dict]
-
-
-def plan_length(cfg: TrainConfig, rows) -> int:
-    """The row length memory is planned for: a bin's capacity with ``packing=bins``
-    (``pack_length``, else the longest row), else the longest row."""
-    longest = max(len(r["input_ids"]) for r in rows)
-    return (cfg.pack_length or longest) if cfg.packing == "bins" else longest
-
-
-def memory_settings(
-    cfg: TrainConfig, model_dir: str, rows: list[dict], capacity: int, gpu_budget_gib: float
-) -> autofit.CheckpointPlan:
-    """The checkpointing to train with (``autofit.plan``, on this machine's figures).
-
-    ``rows``: the training rows (bins with ``packing=bins``); ``capacity``: a bin's tokens.
-    """
-    from transformers import AutoConfig
-
-    seq = capacity or max(len(r["input_ids"]) for r in rows)
-    # Several ranks share the pod's host memory (offloaded inputs are pinned there).
-    host = autofit.host_available_gib() / max(cfg.num_processes, 1)
-    if modeling.device() != "cuda":  # the CPU trains in host memory
-        gpu_budget_gib = min(gpu_budget_gib, host)
-    model_cfg = AutoConfig.from_pretrained(model_dir)
-    # The attention this machine trains with (build_peft_model resolves it the same way).
-    varlen = attention.kernel() is not None
-    return autofit.plan(model_cfg, cfg, seq, gpu_budget_gib, host, has_varlen=varlen)
-
-
-def train_in_memory(model, plan: autofit.CheckpointPlan, new_trainer, resume_from, reset):
-    """``new_trainer().train(resume_from)`` under the first of the plan's settings that does not run
-    out of memory in its first steps; each retry starts from the very beginning (the initial
-    adapter, a fresh Trainer and optimizer, ``reset()``). Each setting reaches the model here
-    (``autofit.apply``), before its attempt.
-
-    Returns:
-        (the Trainer, its ``train()`` output, the setting used).
-    """
-    import gc
-
-    import torch
-
-    # The initial adapter, for a restart (none is possible with one setting).
-    initial = (
-        {n: p.detach().to("cpu", copy=True) for n, p in trainable_params(model)}
-        if len(plan.settings) > 1
-        else {}
-    )
-    box: list = []
-
-    def apply(setting: autofit.Setting) -> None:  # no-op without gradient_checkpointing
-        autofit.apply(model, setting)
-
-    def start():
-        box[:] = [new_trainer()]
-        return box[0].train(resume_from_checkpoint=resume_from)
-
-    def restart():
-        box.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            # The run's reported peak is the attempt that fits, not the one that ran out.
-            torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            for n, p in trainable_params(model):
-                p.copy_(initial[n])
-                p.grad = None
-        reset()
-
-    first = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
-
-    def steps_done() -> int:
-        return box[0].state.global_step - first if box else 0
-
-    out, setting = autofit.train_fitting(
-        plan.settings, apply, start, restart, steps_done, plan.total_layers
-    )
-    return box[0], out, setting
 
 
 @dataclass
@@ -188,7 +109,7 @@ def train_here(
         fsdp.keep_weight_layout(model)
     # With several ranks the plan has no fallback: one rank starting over alone would leave
     # the others waiting in a collective. The error names the settings to change.
-    plan = memory_settings(cfg, model_dir, rows.train, rows.capacity, gpu_budget)
+    plan = memory_fit.memory_settings(cfg, model_dir, rows.train, rows.capacity, gpu_budget)
     ckpt = Path(ckpt_root)
     main = distributed.is_main()
     # Rank 0 alone writes the adapter; the others train and evaluate alongside it.
@@ -198,7 +119,7 @@ def train_here(
             cfg, model, rows, ckpt, made_from, checkpoint_uri, log_, on_log, ranks, sharded
         )
         with resume.saving(ckpt):  # a checkpoint cut off by a failure is removed
-            trainer, out, setting = train_in_memory(
+            trainer, out, setting = memory_fit.train_in_memory(
                 model, plan, new_trainer, resume_from, lambda: log_.reset(cfg.seed)
             )
         _refuse_divergence(out, log_.diverged)
@@ -237,7 +158,7 @@ def _read_rows(cfg: TrainConfig, dataset_dir: str) -> _Rows:
     tokenizer = AutoTokenizer.from_pretrained(Path(dataset_dir) / "tokenizer")
     capacity = 0
     if cfg.packing == "bins":
-        capacity = plan_length(cfg, train_ds)
+        capacity = memory_fit.plan_length(cfg, train_ds)
         try:
             bins = batching.packed_rows(train_ds, capacity)
         except ValueError as exc:

@@ -8,8 +8,16 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import conftest
 import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def conftest(request):
+    """tests/conftest.py as pytest loaded it. Not ``import conftest``: with another folder's
+    conftest.py loaded after it (tests/training/), that name is the other module."""
+    return request.config.pluginmanager.get_plugin(str(TESTS / "conftest.py"))
 
 
 @pytest.mark.parametrize(
@@ -24,13 +32,13 @@ import pytest
     ],
     ids=["ddp", "fsdp", "nodes", "trainer-backend", "trainjob-trainer", "any-other-file"],
 )
-def test_files_sharing_a_costly_session_fixture_go_to_one_worker(nodeid, scope):
+def test_files_sharing_a_costly_session_fixture_go_to_one_worker(conftest, nodeid, scope):
     """Each xdist worker builds its own session fixtures: the DDP run the DDP, FSDP and node
     tests compare with is built once only if their files go to one worker."""
     assert conftest.worker_scope(nodeid) == scope
 
 
-def test_a_file_using_a_shared_fixture_must_be_listed():
+def test_a_file_using_a_shared_fixture_must_be_listed(conftest):
     items = [SimpleNamespace(nodeid="tests/new/test_x.py::t", fixturenames=["two_processes"])]
     with pytest.raises(pytest.UsageError, match=r"test_x.py uses two_processes: list it"):
         conftest._check_shared_files(items)

@@ -175,15 +175,14 @@ def _pairs(settings) -> list[tuple[int, bool]]:
 
 def train_stage_plan(monkeypatch, cfg, model_dir, host) -> list[tuple[int, bool]]:
     """The train stage's settings on its GPU (varlen kernel), budget ``gpu_memory_gib``."""
-    from qlora_kfp.stages import train_loop
-    from qlora_kfp.training import attention, autofit, modeling
+    from qlora_kfp.training import attention, autofit, memory_fit, modeling
 
     monkeypatch.setattr(attention, "kernel", lambda: object())
     monkeypatch.setattr(modeling, "device", lambda: "cuda")
     monkeypatch.setattr(autofit, "host_available_gib", lambda: host * cfg.num_processes)
     rows = [{"input_ids": [1] * SEQ}]  # the longest row is max_seq_length long
     capacity = (cfg.pack_length or SEQ) if cfg.packing == "bins" else 0
-    plan = train_loop.memory_settings(cfg, model_dir, rows, capacity, cfg.gpu_memory_gib)
+    plan = memory_fit.memory_settings(cfg, model_dir, rows, capacity, cfg.gpu_memory_gib)
     return _pairs(plan.settings)
 
 
