@@ -19,12 +19,14 @@ bitsandbytes does; the activation is not needed (the base weight gets no gradien
 from __future__ import annotations
 
 import functools
+import logging
 import types
 
 E4M3_MAX = 448.0
 TINY = 1.2e-38 * E4M3_MAX  # float32's smallest normal, times 448: the scale stays normal
 # _scaled_mm's operands must have both their dimensions a multiple of 16.
 ALIGN = 16
+log = logging.getLogger(__name__)
 
 
 def cast_rows(t):
@@ -47,8 +49,18 @@ def _compiled_cast():
     return torch.compile(cast_rows, dynamic=True)
 
 
+_EAGER = []  # set once compiling failed: the casts run eagerly from then on
+
+
 def _cast(t):
-    return _compiled_cast()(t) if t.is_cuda else cast_rows(t)
+    if not t.is_cuda or _EAGER:
+        return cast_rows(t)
+    try:
+        return _compiled_cast()(t)
+    except Exception as exc:  # no compiler in the image, an inductor bug: same result, slower
+        log.warning("FP8 casts run eagerly (slower): torch.compile failed: %s", exc)
+        _EAGER.append(exc)
+        return cast_rows(t)
 
 
 def supported(device=None) -> bool:

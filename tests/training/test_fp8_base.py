@@ -188,3 +188,22 @@ def test_on_the_gpu_the_compiled_casts_and_fp8_product_match_the_reference():
         x.grad.flatten().float(), want_grad.flatten().float(), dim=0
     )
     assert cos > 0.99
+
+
+def test_a_cast_that_cannot_compile_runs_eagerly_and_says_so(monkeypatch, caplog):
+    class NoCompiler:
+        is_cuda = True  # as on a GPU, where the compiled cast is tried first
+
+    def broken():
+        def fail(t):
+            raise RuntimeError("no C compiler")
+
+        return fail
+
+    monkeypatch.setattr(fp8_base, "_compiled_cast", broken)
+    monkeypatch.setattr(fp8_base, "_EAGER", [])
+    eager = []
+    monkeypatch.setattr(fp8_base, "cast_rows", lambda t: eager.append(t) or "cast")
+    assert fp8_base._cast(NoCompiler()) == "cast" and fp8_base._cast(NoCompiler()) == "cast"
+    assert len(eager) == 2 and "no C compiler" in caplog.text
+    assert caplog.text.count("FP8 casts run eagerly") == 1
