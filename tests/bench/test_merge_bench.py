@@ -47,3 +47,22 @@ def test_each_phase_reports_time_and_peaks(built, phase):
     else:
         assert row["result"]["merge_max_abs_diff"] == 0.0
         assert json.loads((root / phase / "merge.json").read_text())["merged_tensors"] == 14
+
+
+def test_each_phase_runs_in_its_own_process_and_leaves_no_model_behind(built):
+    from merge_bench import main
+
+    root, _, _ = built
+    rows = main(
+        ["--size", "tiny", "--out", str(root), "--phases", "stream", "--shard-size", "40KB"]
+    )
+    assert [r["phase"] for r in rows] == ["stream"] and rows[0]["result"]["shards"] > 1
+    assert not (root / "stream").exists()  # the next phase has the disk the stream used
+
+
+def test_a_failed_phase_shows_its_own_error(built):
+    from merge_bench import main
+
+    root, _, _ = built
+    with pytest.raises(SystemExit, match=r"phase stage failed:(.|\n)*merge_memory_gib"):
+        main(["--size", "tiny", "--out", str(root), "--phases", "stage", "--memory-gib", "-1"])
