@@ -159,8 +159,11 @@ BENCH_MFU_ARGS = --size 8b --data fixed --bs 2 --steps 47 --warmup 3 --rows 272 
   "same-batches-offload:bs=2,group=0,pack=padding_free,fused=on,opt=auto,gcl=-1,off=on" \
   "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
   "trl-lowmem-bs8:trainer=trl,bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33" \
-  "trl-80gb-bs6:trainer=trl,bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=0,off=off,steps=33"
-# The trl- variants: TRL's SFTTrainer (bench/trl_peer.py) as the measured peer of lowmem-bs8
+  "trl-80gb-bs6:trainer=trl,bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=0,off=off,steps=33" \
+  "lowmem-bs8-bf16:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33,fp8=off" \
+  "auto-80gb-bs6-bf16:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33,fp8=off"
+# fp8_base is auto (on for Hopper); the -bf16 variants are the same settings with the base's
+# products in bf16, as bitsandbytes runs them. The trl- variants: TRL's SFTTrainer (bench/trl_peer.py) as the measured peer of lowmem-bs8
 # (every layer checkpointed, offloaded) and of auto-80gb-bs6 (which resolves to no layer
 # checkpointed at 80 GB: TRL has no auto, so gcl=0,off=off are explicit).
 bench-mfu: ## On a GPU machine: fixed 2,048-token rows: MFU with auto at 80 GB, speed at <= 11 GiB

@@ -117,7 +117,11 @@ def base_matmul(x2d, dequantize):
 def _forward(self, x):
     """A ``bnb.nn.Linear4bit`` forward whose product runs in FP8 (``use_fp8``)."""
     import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
+    # FSDP's flat parameters lose the weight's quant_state; bitsandbytes' own forward puts
+    # back the module's copy first, and so does this one.
+    fix_4bit_weight_quant_state_from_module(self)
     weight = self.weight
     state = weight.quant_state
     dtype = state.dtype

@@ -77,6 +77,22 @@ def test_a_4bit_linear_multiplies_the_cast_operands(quantized):
     assert cos > 0.99
 
 
+def test_a_weight_that_lost_its_quant_state_gets_the_module_s_back(quantized):
+    """As under FSDP, whose flat parameters drop the Params4bit's quant_state: the FP8 forward,
+    like bitsandbytes', restores it from the module and gives the same output."""
+    import bitsandbytes as bnb
+
+    model = build_peft_model(TrainConfig(lora_r=8), quantized.path)
+    fp8_base.use_fp8(model)
+    lin = _linear(model)
+    x = torch.randn(2, 3, lin.in_features, dtype=lin.weight.quant_state.dtype)
+    want = lin(x)
+    lin.quant_state = lin.weight.quant_state  # what bitsandbytes keeps on the module
+    lin.weight = torch.nn.Parameter(lin.weight.data, requires_grad=False)
+    assert not isinstance(lin.weight, bnb.nn.Params4bit)
+    torch.testing.assert_close(lin(x), want)
+
+
 def test_shapes_fp8_cannot_take_keep_bitsandbytes(quantized, monkeypatch):
     model = build_peft_model(TrainConfig(lora_r=8), quantized.path)
     monkeypatch.setattr(fp8_base, "ALIGN", 7)  # no dimension of the tiny model divides by 7
