@@ -171,7 +171,7 @@ bench-mfu: ## On a GPU machine: fixed 2,048-token rows: MFU with auto at 80 GB, 
 
 BENCH_70B_ARGS = --steps 33 --warmup 3 \
   --variants "auto-48gb:bs=1,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48"
-bench-70b: ## On a GPU machine: Llama-3.1-70B shapes, r=16, 2,048-token rows, auto for a 48 GB GPU
+bench-70b: ## On a GPU machine: Llama-3.1-70B shapes, r=16, 2,048-token rows, auto for a 48 GB GPU, then the evaluate stage
 	BENCH=bench_70b.py bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_70B_ARGS))
 
 # 6 bins a GPU, no layer checkpointed (64 GiB on one GPU, BENCHMARKS.md), 33 steady steps per process count.

@@ -5,8 +5,10 @@ not fit the lent machine's disk), writes fixed 2,048-token rows, and runs the tr
 (``qlora_kfp.stages.train.run_train``, each variant in a fresh process) with LoRA r=16 on
 every linear layer. Prints tokens/s over the steady steps, MFU (the baseline's formula:
 4N a token plus attention, over 989 TFLOP/s), peak allocated and reserved GPU memory, the
-memory setting the stage chose and its estimate against the measured peak. There is no
-recipe run here: the seeds' recipe loads a 16-bit checkpoint.
+memory setting the stage chose and its estimate against the measured peak; then the evaluate
+stage on the first variant's adapter (``--evaluate``: its time and peak GPU memory). There is
+no recipe run here (the seeds' recipe loads a 16-bit checkpoint), and no merge: the merge
+reads the 16-bit base, 140 GB at 70B, over the lent machine's 64 GB disk.
 
 Usage (GPU machine): python bench/bench_70b.py --steps 33 --warmup 3 \\
     --variants "auto-48gb:bs=1,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48"
@@ -36,6 +38,7 @@ def main() -> None:
         parse_variant,
         print_table,
         rows_like_seed,
+        run_evaluate_stage,
         run_variant,
         steady_steps,
         steady_tokens_per_s,
@@ -54,6 +57,13 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the 4-bit checkpoint afterwards")
     p.add_argument("--variants", nargs="*", required=True)
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a dry run on the CPU")
+    p.add_argument(
+        "--evaluate",
+        type=int,
+        default=4,
+        help="then the evaluate stage on the first variant's adapter, with this many "
+        "generations (0: skip): its time and peak GPU memory",
+    )
     a = p.parse_args()
     shape = dict(SIZE_70B)
     if a.tiny:
@@ -116,6 +126,14 @@ def main() -> None:
         results[name] = row
         table.append(row)
         print(name, json.dumps(row), flush=True)
+        _save(a.out, results)
+    if a.evaluate and table:
+        name = table[0]["variant"]
+        r = run_evaluate_stage(
+            model, work / f"adapter-{name}", work / "dataset", work / "evaluation", a.evaluate
+        )
+        results["evaluate"] = {"adapter": name, **r}
+        print("evaluate", json.dumps(results["evaluate"])[-2000:], flush=True)
         _save(a.out, results)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -223,6 +223,28 @@ def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int
     return result
 
 
+def run_evaluate_stage(
+    model_dir: Path, adapter_dir: Path, data_dir: Path, out: Path, generations: int = 4
+) -> dict:
+    """The evaluate stage on a benchmark's adapter, in a fresh process: its wall time, peak
+    GPU memory (allocated) and metrics, or ``{"error": ...}``."""
+    cfg = dict(num_generations=generations, max_new_tokens=16)
+    code = (
+        "import json, time, torch; from qlora_kfp.configs import EvaluateConfig; "
+        "from qlora_kfp.stages.evaluate import run_evaluate; t = time.perf_counter(); "
+        f"r = run_evaluate(EvaluateConfig(**{cfg!r}), {str(model_dir)!r}, {str(adapter_dir)!r}, "
+        f"{str(data_dir)!r}, {str(out)!r}); "
+        "peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None; "
+        "print('RESULT ' + json.dumps({'seconds': round(time.perf_counter() - t, 1), "
+        "'gpu_peak_gib': peak and round(peak, 2), 'metrics': r.metrics}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    result = last_json(proc.stdout, "RESULT ")
+    if proc.returncode or result is None:
+        return {"error": proc.stderr[-2000:]}
+    return result
+
+
 def last_json(stdout: str, tag: str, keep_tag: bool = False):
     """The JSON on the last line of ``stdout`` that starts with ``tag`` (or None).
 

@@ -119,6 +119,7 @@ def test_a_benchmark_variant_runs_the_train_stage_end_to_end(demo_assets, tmp_pa
     from train_bench import (
         parse_variant,
         quantize,
+        run_evaluate_stage,
         run_variant,
         steady_tokens_per_s,
         write_dataset,
@@ -134,6 +135,16 @@ def test_a_benchmark_variant_runs_the_train_stage_end_to_end(demo_assets, tmp_pa
     assert "error" not in got, got.get("error")
     assert got["m"]["steps"] == 3
     assert steady_tokens_per_s(got["h"], warmup=1) > 0
+    # bench_70b's evaluate phase: the evaluate stage on the variant's adapter, in its process
+    ev = run_evaluate_stage(
+        tmp_path / "model4",
+        tmp_path / "adapter",
+        tmp_path / "data",
+        tmp_path / "evaluation",
+        generations=2,
+    )
+    assert "error" not in ev, ev.get("error")
+    assert ev["seconds"] > 0 and ev["metrics"]["tuned_eval_loss"] > 0
 
 
 @pytest.mark.slow
