@@ -7,7 +7,8 @@ recomputed forward and the input gradient. This measures, per Linear shape of Ll
 eager and compiled) and a bitsandbytes NF4 Linear's forward and forward+input gradient as
 bitsandbytes runs it and through ``fp8_base`` (dequantization and casts counted). It prints
 a JSON record and the sum over a step of 32 checkpointed layers (forward, then forward and
-backward again). ``--dry``: tiny shapes on the CPU, to check the script itself.
+backward again), with the CPU time to enqueue a forward+backward (``*_issue``: above the GPU
+time, the loop is launch-bound) and the FP8 path's kernels by GPU time. ``--dry``: tiny shapes on the CPU, to check the script itself.
 
 Usage: python bench/fp8_gemm.py --out DIR [--tokens 16384]
 """
@@ -52,6 +53,47 @@ def timed(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
+PROFILES: dict = {}  # shape -> the FP8 path's kernels, GPU ms a forward+backward
+
+
+def issue_ms(fn, reps: int = 10) -> float:
+    """CPU milliseconds to enqueue one ``fn`` (no synchronisation inside the loop): above the
+    GPU time, a loop of ``fn`` is bound by Python and launches, not by the GPU."""
+    import time
+
+    import torch
+
+    if DEVICE == "cpu":
+        return 0.0
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    elapsed = (time.perf_counter() - start) * 1e3 / reps
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def kernel_ms(fn, reps: int = 3) -> dict:
+    """GPU milliseconds per call of each kernel ``fn`` launches (torch.profiler), largest
+    first: where the FP8 path's time goes beside the product."""
+    if DEVICE == "cpu":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+    rows = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if us:
+            rows[e.key[:80]] = round(us / 1e3 / reps, 4)
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1])[:12])
+
+
 def gemms(n: int, k: int, tokens: int) -> dict:
     """Milliseconds of the bare products: bf16 against e4m3 with row scales (casts excluded)."""
     import torch
@@ -94,10 +136,13 @@ def linear4bit(n: int, k: int, tokens: int) -> dict:
         lin(x).backward(dy)
 
     out = {"bnb_forward": timed(fwd), "bnb_forward_backward": timed(fwd_bwd)}
+    out["bnb_issue"] = issue_ms(fwd_bwd)
     ref = lin(x).float()
     fp8_base.use_fp8(lin)
     out["fp8_forward"] = timed(fwd)
     out["fp8_forward_backward"] = timed(fwd_bwd)
+    out["fp8_issue"] = issue_ms(fwd_bwd)
+    PROFILES[f"{n}x{k}"] = kernel_ms(fwd_bwd)
     got = lin(x).float()
     out["fp8_rel_err"] = ((got - ref).norm() / ref.norm()).item()
     return out
@@ -137,6 +182,7 @@ def main() -> None:
             step[way] += ms * count * args.layers
     record["step_ms"] = {k: round(v, 1) for k, v in step.items()}
     record["speedup"] = round(step["bnb"] / step["fp8"], 3)
+    record["fp8_kernels_ms"] = PROFILES
     print("base Linears per step (ms):", json.dumps(record["step_ms"]), "x", record["speedup"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fp8_gemm.json").write_text(json.dumps(record, indent=1))
