@@ -136,6 +136,18 @@ def _forward(self, x):
     return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
+def qualifies(shape, dtype, device_type: str) -> bool:
+    """Whether a 4-bit weight of ``shape`` computing in ``dtype`` can multiply in FP8 here:
+    both dimensions a multiple of 16, and on a GPU a bfloat16 model (row-scaled
+    ``_scaled_mm`` writes bfloat16 on every GPU that has it; float16 and float32 only on
+    Hopper with a recent cuBLAS). The CPU reference takes any float dtype."""
+    import torch
+
+    if any(d % ALIGN for d in shape):
+        return False
+    return device_type == "cpu" or dtype == torch.bfloat16
+
+
 def use_fp8(model) -> int:
     """Run the product of every 4-bit Linear of ``model`` whose shape allows it in FP8.
 
@@ -149,7 +161,7 @@ def use_fp8(model) -> int:
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
         state = getattr(module.weight, "quant_state", None)
-        if state is None or any(d % ALIGN for d in state.shape):
+        if state is None or not qualifies(state.shape, state.dtype, module.weight.device.type):
             continue
         module.forward = types.MethodType(_forward, module)
         count += 1

@@ -100,6 +100,23 @@ def test_shapes_fp8_cannot_take_keep_bitsandbytes(quantized, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "shape,dtype,device,want",
+    [
+        ((4096, 4096), torch.bfloat16, "cuda", True),
+        ((4096, 4096), torch.float16, "cuda", False),
+        ((4096, 4096), torch.float32, "cuda", False),
+        ((4096, 4096), torch.float32, "cpu", True),
+        ((4096, 4100), torch.bfloat16, "cuda", False),
+    ],
+    ids=["bf16 on a GPU", "fp16 on a GPU", "fp32 on a GPU", "fp32 on the CPU", "unaligned"],
+)
+def test_which_weights_multiply_in_fp8(shape, dtype, device, want):
+    """Row-scaled FP8 products write bfloat16 on every GPU that has them: a float16 model on
+    an Ada GPU keeps bitsandbytes' products rather than fail in its first step."""
+    assert fp8_base.qualifies(shape, dtype, device) is want
+
+
+@pytest.mark.parametrize(
     "mode,gpu,want",
     [("off", True, False), ("on", False, True), ("auto", False, False), ("auto", True, True)],
     ids=["off stays off", "on on the CPU", "auto without FP8 GPU", "auto on Hopper"],
