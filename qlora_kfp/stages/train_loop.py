@@ -3,7 +3,8 @@
 :func:`qlora_kfp.stages.train.run_train` checks the inputs and finds the checkpoint to resume
 from, then calls :func:`train_here` itself (one process) or starts one process per GPU that
 each call it (:mod:`qlora_kfp.stages.train_ranks`). Here: the model, the Trainer, the
-``auto`` memory settings and their fallback, the adapter and its record.
+adapter and its record; the ``auto`` memory settings and their fallback are
+:mod:`qlora_kfp.training.memory_fit`'s.
 """
 
 from __future__ import annotations
