@@ -83,7 +83,7 @@ def _check_shared_files(items) -> None:
         f"{item.nodeid.split('::')[0]} uses {fixture}: list it in FILES_SHARING[{fixture!r}]"
         for item in items
         for fixture, paths in FILES_SHARING.items()
-        if fixture in getattr(item, "fixturenames", ()) and item.nodeid.split("::")[0] not in paths
+        if fixture in getattr(item, "fixturenames", ()) and file_of(item.nodeid) not in paths
     }
     if missing:
         raise pytest.UsageError("tests/conftest.py:\n" + "\n".join(sorted(missing)))
@@ -104,8 +104,13 @@ def pytest_xdist_make_scheduler(config, log):
 
 def worker_scope(nodeid: str) -> str:
     """What goes to one worker: the test's file, or its FILES_SHARING entry."""
-    path = nodeid.split("::")[0]
+    path = file_of(nodeid)
     return GROUP_OF_FILE.get(path, path)
+
+
+def file_of(nodeid: str) -> str:
+    """The test file of a node id (``tests/x/test_y.py::test_z[a]`` -> ``tests/x/test_y.py``)."""
+    return nodeid.split("::")[0]
 
 
 def _heavy_files_first(items) -> None:
@@ -116,9 +121,9 @@ def _heavy_files_first(items) -> None:
     for item in items:
         marks = {m.name for m in item.iter_markers()}
         heavy = 2 if {"slow", "integration"} <= marks else 1 if "slow" in marks else 0
-        path = item.nodeid.split("::")[0]
+        path = file_of(item.nodeid)
         rank[path] = max(rank.get(path, 0), heavy)
-    items.sort(key=lambda item: -rank[item.nodeid.split("::")[0]])  # stable within a rank
+    items.sort(key=lambda item: -rank[file_of(item.nodeid)])  # stable within a rank
 
 
 @pytest.hookimpl(wrapper=True)
