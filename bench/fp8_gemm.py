@@ -8,7 +8,8 @@ eager and compiled) and a bitsandbytes NF4 Linear's forward and forward+input gr
 bitsandbytes runs it and through ``fp8_base`` (dequantization and casts counted). It prints
 a JSON record and the sum over a step of 32 checkpointed layers (forward, then forward and
 backward again), with the CPU time to enqueue a forward+backward (``*_issue``: above the GPU
-time, the loop is launch-bound) and the FP8 path's kernels by GPU time. ``--dry``: tiny shapes on the CPU, to check the script itself.
+time, the loop is launch-bound) and the FP8 path's kernels by GPU time. ``--dry``: tiny
+shapes on the CPU, to check the script itself.
 
 Usage: python bench/fp8_gemm.py --out DIR [--tokens 16384]
 """

@@ -79,39 +79,33 @@ def _matmul(a8, a_scale, b8_rows, b_scale, dtype):
     return torch._scaled_mm(a8, b8_rows.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=dtype)
 
 
-class _BaseMatmul:
+@functools.cache
+def _base_matmul_fn():
     """The autograd function, built on first use so that importing needs no torch."""
+    import torch
 
-    fn = None
+    class BaseMatmulFp8(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x2d, dequantize):
+            ctx.dequantize = dequantize
+            w = dequantize()
+            x8, xs = _cast(x2d)
+            w8, ws = _cast(w)
+            return _matmul(x8, xs, w8, ws, x2d.dtype)
 
-    @classmethod
-    def get(cls):
-        if cls.fn is None:
-            import torch
+        @staticmethod
+        def backward(ctx, grad):
+            w = ctx.dequantize()
+            g8, gs = _cast(grad.contiguous())
+            wt8, wts = _cast(w.t())  # a scale per input feature
+            return _matmul(g8, gs, wt8, wts, grad.dtype), None
 
-            class BaseMatmulFp8(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, x2d, dequantize):
-                    ctx.dequantize = dequantize
-                    w = dequantize()
-                    x8, xs = _cast(x2d)
-                    w8, ws = _cast(w)
-                    return _matmul(x8, xs, w8, ws, x2d.dtype)
-
-                @staticmethod
-                def backward(ctx, grad):
-                    w = ctx.dequantize()
-                    g8, gs = _cast(grad.contiguous())
-                    wt8, wts = _cast(w.t())  # a scale per input feature
-                    return _matmul(g8, gs, wt8, wts, grad.dtype), None
-
-            cls.fn = BaseMatmulFp8
-        return cls.fn
+    return BaseMatmulFp8
 
 
 def base_matmul(x2d, dequantize):
     """``x2d @ W.T`` in e4m3, where ``dequantize()`` returns the base weight ``W`` [n, k]."""
-    return _BaseMatmul.get().apply(x2d, dequantize)
+    return _base_matmul_fn().apply(x2d, dequantize)
 
 
 def _forward(self, x):
