@@ -5,7 +5,8 @@ bins with every layer recomputed), and those are the frozen base weights' produc
 recomputed forward and the input gradient. This measures, per Linear shape of Llama-3.1-8B at
 ``--tokens`` tokens, the bare products (bf16 against e4m3, ``training/fp8_base.py``'s casts
 eager and compiled) and a bitsandbytes NF4 Linear's forward and forward+input gradient as
-bitsandbytes runs it and through ``fp8_base`` (dequantization and casts counted). It prints
+bitsandbytes runs it and through ``fp8_base`` (dequantization and casts counted), and the
+weight's e4m3 cast through a bf16 copy against ``fp8_weights``' from the packed codes. It prints
 a JSON record and the sum over a step of 32 checkpointed layers (forward, then forward and
 backward again), with the CPU time to enqueue a forward+backward (``*_issue``: above the GPU
 time, the loop is launch-bound) and the FP8 path's kernels by GPU time. ``--dry``: tiny
@@ -119,7 +120,7 @@ def linear4bit(n: int, k: int, tokens: int) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from qlora_kfp.training import fp8_base
+    from qlora_kfp.training import fp8_base, fp8_weights
 
     torch.manual_seed(0)
     lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
@@ -137,6 +138,14 @@ def linear4bit(n: int, k: int, tokens: int) -> dict:
         lin(x).backward(dy)
 
     out = {"bnb_forward": timed(fwd), "bnb_forward_backward": timed(fwd_bwd)}
+    # The weight in e4m3: through a bf16 copy (as before), and from the packed codes.
+    data, state = lin.weight.data, lin.weight.quant_state
+    out["weight_via_bf16"] = timed(
+        lambda: fp8_base._cast(bnb.functional.dequantize_4bit(data, state))
+    )
+    gpu = DEVICE == "cuda"
+    out["weight_packed"] = timed(lambda: fp8_weights.e4m3(data, state, compiled=gpu))
+    out["weight_packed_t"] = timed(lambda: fp8_weights.e4m3(data, state, True, compiled=gpu))
     out["bnb_issue"] = issue_ms(fwd_bwd)
     ref = lin(x).float()
     fp8_base.use_fp8(lin)
@@ -166,7 +175,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.dry:
         global DEVICE, SHAPES
-        DEVICE, SHAPES, args.tokens = "cpu", {"tiny": (64, 32, 1)}, 48
+        DEVICE, SHAPES, args.tokens = "cpu", {"tiny": (64, 128, 1)}, 48
     record = {
         "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         "torch": torch.__version__,

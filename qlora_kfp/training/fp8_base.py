@@ -12,8 +12,10 @@ in the forward, one per input feature in the input gradient (the weight's transp
 on its own, so each scale covers one row of the operand it multiplies). Every scale is an
 amax over 448, e4m3's largest finite value, and the casts clamp so that no value becomes NaN.
 
-Nothing is kept for the backward but the module: the weight is dequantized again there, as
-bitsandbytes does; the activation is not needed (the base weight gets no gradient).
+The weight goes from its packed NF4 codes to e4m3 without a bf16 copy (``fp8_weights``),
+in the forward and, transposed, in the backward. Nothing is kept for the backward but the module; the activation
+is not needed (the base weight gets no gradient). q, k and v (and gate and up) read the
+same input: it is cast once and the cast reused while that tensor lives unchanged.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from __future__ import annotations
 import functools
 import logging
 import types
+import weakref
 
-E4M3_MAX = 448.0
-TINY = 1.2e-38 * E4M3_MAX  # float32's smallest normal, times 448: the scale stays normal
+from qlora_kfp.training import fp8_weights
+from qlora_kfp.training.fp8_weights import E4M3_MAX, TINY
+
 # _scaled_mm's operands must have both their dimensions a multiple of 16.
 ALIGN = 16
 log = logging.getLogger(__name__)
@@ -33,11 +37,12 @@ def cast_rows(t):
     """``t`` (2-D) in e4m3 with a float32 scale per row: ``t ≈ cast.float() * scale``."""
     import torch
 
+    t = t.float()
     # The floor only keeps an all-zero row from dividing by zero: gradients can be far
     # below 1e-12, and must keep their size.
-    amax = t.abs().amax(dim=1, keepdim=True).float().clamp(min=TINY)
+    amax = t.abs().amax(dim=1, keepdim=True).clamp(min=TINY)
     scale = amax / E4M3_MAX
-    cast = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    cast = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return cast.contiguous(), scale  # row-major, as _scaled_mm wants its first operand
 
 
@@ -52,15 +57,42 @@ def _compiled_cast():
 _EAGER = []  # set once compiling failed: the casts run eagerly from then on
 
 
-def _cast(t):
-    if not t.is_cuda or _EAGER:
-        return cast_rows(t)
+def _run(compiled, eager, *args, on_gpu: bool):
+    """``compiled(*args)`` on a GPU until compiling fails once, then ``eager(*args)``."""
+    if not on_gpu or _EAGER:
+        return eager(*args)
     try:
-        return _compiled_cast()(t)
+        return compiled()(*args)
     except Exception as exc:  # no compiler in the image, an inductor bug: same result, slower
         log.warning("FP8 casts run eagerly (slower): torch.compile failed: %s", exc)
         _EAGER.append(exc)
-        return cast_rows(t)
+        return eager(*args)
+
+
+def _cast(t):
+    return _run(_compiled_cast, cast_rows, t, on_gpu=t.is_cuda)
+
+
+_LAST_INPUT: dict = {}  # the last input cast: q, k and v (gate and up) share theirs
+
+
+def _forget(ref) -> None:
+    if _LAST_INPUT.get("ref") is ref:
+        _LAST_INPUT.clear()
+
+
+def _input_cast(x, flat):
+    """``_cast(flat)``, reused while ``x`` (the tensor a Linear was called with) is the same
+    object at the same version: the next Linear reading it gets the same e4m3 rows."""
+    if x.is_inference():  # no version counter to tell an in-place change
+        return _cast(flat)
+    hit = _LAST_INPUT.get("ref")
+    if hit is not None and hit() is x and _LAST_INPUT["key"] == (x._version, flat.dtype):
+        return _LAST_INPUT["cast"]
+    cast = _cast(flat)
+    _LAST_INPUT.clear()  # the entry dies with x, so a freed input's cast is not kept
+    _LAST_INPUT.update(ref=weakref.ref(x, _forget), key=(x._version, flat.dtype), cast=cast)
+    return cast
 
 
 def supported(device=None) -> bool:
@@ -86,31 +118,47 @@ def _base_matmul_fn():
 
     class BaseMatmulFp8(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x2d, dequantize):
-            ctx.dequantize = dequantize
-            w = dequantize()
-            x8, xs = _cast(x2d)
-            w8, ws = _cast(w)
+        def forward(ctx, x2d, x_cast, weight):
+            ctx.weight = weight
+            x8, xs = x_cast()
+            w8, ws = weight(False)
             return _matmul(x8, xs, w8, ws, x2d.dtype)
 
         @staticmethod
         def backward(ctx, grad):
-            w = ctx.dequantize()
             g8, gs = _cast(grad.contiguous())
-            wt8, wts = _cast(w.t())  # a scale per input feature
-            return _matmul(g8, gs, wt8, wts, grad.dtype), None
+            wt8, wts = ctx.weight(True)  # a scale per input feature
+            return _matmul(g8, gs, wt8, wts, grad.dtype), None, None
 
     return BaseMatmulFp8
 
 
-def base_matmul(x2d, dequantize):
-    """``x2d @ W.T`` in e4m3, where ``dequantize()`` returns the base weight ``W`` [n, k]."""
-    return _base_matmul_fn().apply(x2d, dequantize)
+def base_matmul(x2d, x_cast, weight):
+    """``x2d @ W.T`` in e4m3: ``x_cast()`` gives ``x2d``'s rows cast, ``weight(transposed)``
+    the base weight ``W`` [n, k] (or ``W.T``) in e4m3 with a scale per row."""
+    return _base_matmul_fn().apply(x2d, x_cast, weight)
+
+
+def _weight_fn(weight, state):
+    """``weight(transposed)`` for ``base_matmul``: from the packed codes where the layout
+    allows (``fp8_weights``), else bitsandbytes' dequantization and a row cast."""
+    import bitsandbytes as bnb
+
+    def from_bnb(transposed):
+        w = bnb.functional.dequantize_4bit(weight, state)
+        return _cast(w.t() if transposed else w)
+
+    def packed(transposed):
+        compiled = functools.partial(fp8_weights.e4m3, compiled=True)
+        return _run(
+            lambda: compiled, fp8_weights.e4m3, weight, state, transposed, on_gpu=weight.is_cuda
+        )
+
+    return packed if fp8_weights.fits(state) else from_bnb
 
 
 def _forward(self, x):
     """A ``bnb.nn.Linear4bit`` forward whose product runs in FP8 (``use_fp8``)."""
-    import bitsandbytes as bnb
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     # FSDP's flat parameters lose the weight's quant_state; bitsandbytes' own forward puts
@@ -120,11 +168,7 @@ def _forward(self, x):
     state = weight.quant_state
     dtype = state.dtype
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
-
-    def dequantize():
-        return bnb.functional.dequantize_4bit(weight.data, state)
-
-    out = base_matmul(flat, dequantize)
+    out = base_matmul(flat, lambda: _input_cast(x, flat), _weight_fn(weight.data, state))
     if self.bias is not None:
         out = out + self.bias.to(dtype)
     return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)

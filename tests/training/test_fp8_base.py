@@ -240,3 +240,43 @@ def test_a_cast_that_cannot_compile_runs_eagerly_and_says_so(monkeypatch, caplog
     assert fp8_base._cast(NoCompiler()) == "cast" and fp8_base._cast(NoCompiler()) == "cast"
     assert len(eager) == 2 and "no C compiler" in caplog.text
     assert caplog.text.count("FP8 casts run eagerly") == 1
+
+
+def test_linears_reading_one_input_share_its_cast(monkeypatch):
+    """q, k and v (gate and up) are called with the same tensor: it is cast once while it
+    lives unchanged; an in-place change, another tensor or its death ends the reuse."""
+    casts = []
+    monkeypatch.setattr(fp8_base, "_cast", lambda t: casts.append(t.shape) or ("cast", len(casts)))
+    monkeypatch.setattr(fp8_base, "_LAST_INPUT", {})
+    x = torch.randn(2, 3, 16)
+    flat = x.reshape(-1, 16)
+    first = fp8_base._input_cast(x, flat)
+    assert fp8_base._input_cast(x, x.reshape(-1, 16)) is first and len(casts) == 1
+    x.add_(1)  # a new version of the same tensor
+    assert fp8_base._input_cast(x, flat) != first and len(casts) == 2
+    other = x.clone()
+    fp8_base._input_cast(other, other.reshape(-1, 16))
+    assert len(casts) == 3
+    del other  # the entry dies with its tensor: no cast kept for a freed input
+    assert fp8_base._LAST_INPUT == {}
+    with torch.inference_mode():
+        y = torch.randn(2, 16)
+        fp8_base._input_cast(y, y)
+        fp8_base._input_cast(y, y)
+    assert len(casts) == 5  # no version counter: never reused
+
+
+def test_the_shared_input_cast_changes_no_output(quantized, monkeypatch):
+    """A model's adapter gradients with the reuse are the ones without it, and a Llama layer
+    casts 4 inputs for its 7 Linears instead of 7."""
+    batch = {"input_ids": torch.randint(0, 100, (2, 12))}
+    batch["labels"] = batch["input_ids"]
+    cast, casts = fp8_base._cast, []
+    monkeypatch.setattr(fp8_base, "_cast", lambda t: casts.append(t.shape) or cast(t))
+    shared = _adapter_grad(_model(quantized, "on"), batch)
+    n_shared, casts[:] = len(casts), []
+    monkeypatch.setattr(fp8_base, "_input_cast", lambda x, flat: fp8_base._cast(flat))
+    alone = _adapter_grad(_model(quantized, "on"), batch)
+    assert torch.equal(shared, alone)
+    # Two checkpointed layers, each run forward twice (the forward, then its recompute).
+    assert len(casts) - n_shared == 2 * 2 * (7 - 4)

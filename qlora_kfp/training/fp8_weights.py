@@ -1,0 +1,99 @@
+"""A frozen 4-bit weight straight to e4m3, a scale per row, in one pass over the packed bytes.
+
+The FP8 product (``fp8_base``) needs the base weight in e4m3 with a float32 scale per
+output feature. Through bitsandbytes that is two walks and a bf16 copy: dequantize the NF4
+codes to bfloat16 (reads 0.5 byte a weight, writes 2), then find each row's largest value and
+cast (reads the 2 bytes twice, writes 1): 7.5 bytes of memory traffic a weight, in the
+forward, the recomputed forward and the backward of every step, about 150 GB a step for
+Llama-8B. Here the scale comes from the block maxima (bitsandbytes normalizes every block of
+``blocksize`` weights by its largest magnitude, which the codebook's ±1 then holds exactly,
+so a row's largest value is its largest block maximum times the codebook's largest
+magnitude; an upper bound for any codebook) and each weight is ``code[q] * absmax / scale``
+cast once: 1.5 bytes a weight, one compiled kernel on a GPU, no bf16 copy.
+
+The backward multiplies by the weight's transpose: ``transposed=True`` casts it with a scale
+per input feature (each column's largest magnitude, a reduction over the codes), written
+row-major as ``_scaled_mm`` wants it, again without a bf16 copy: 2 bytes a weight.
+
+Only what bitsandbytes' own layout guarantees is taken: blocks that do not straddle rows
+(``in_features`` a multiple of the block size); anything else returns ``None`` and the
+caller dequantizes through bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+E4M3_MAX = 448.0
+TINY = 1.2e-38 * E4M3_MAX  # float32's smallest normal, times 448: the scale stays normal
+
+
+def from_codes(packed, absmax, code, blocksize: int, n: int, k: int, transposed: bool):
+    """``(w8, scale)`` from bitsandbytes' packed 4-bit codes: ``W ≈ w8.float() * scale``.
+
+    Args:
+        packed: uint8, two codes a byte, the first in the high nibble (bitsandbytes' order).
+        absmax: float32, one maximum a block of ``blocksize`` weights, in row-major order.
+        code: the 16-value codebook (``quant_state.code``).
+        blocksize: weights a block; divides ``k``.
+        n, k: the weight's shape (out_features, in_features).
+        transposed: return ``w8`` as [k, n] row-major (the weight's transpose) instead.
+
+    Returns:
+        ``w8`` (float8_e4m3fn) and ``scale`` (float32, one per row of ``w8``): [n, k] and
+        [n, 1], or with ``transposed`` [k, n] and [k, 1].
+    """
+    import torch
+
+    pairs = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], dim=-1)
+    q = pairs.reshape(n, k // blocksize, blocksize).long()
+    blocks = absmax.reshape(n, k // blocksize).float()
+    if transposed:  # a scale per column: its largest magnitude, found over the codes
+        w = (code[q].float() * blocks.unsqueeze(-1)).reshape(n, k)
+        scale = w.abs().amax(dim=0).clamp(min=TINY).unsqueeze(1) / E4M3_MAX
+        w8 = (w / scale.t()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return w8.t().contiguous(), scale
+    rows = blocks.amax(dim=1, keepdim=True) * code.abs().max()
+    scale = rows.clamp(min=TINY) / E4M3_MAX
+    w = code[q].float() * (blocks / scale).unsqueeze(-1)
+    return w.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).reshape(n, k), scale
+
+
+@functools.cache
+def _compiled():
+    """``from_codes`` as one kernel on a GPU (eager, it walks the weight five times)."""
+    import torch
+
+    return torch.compile(from_codes, dynamic=True)
+
+
+def absmax_of(state):
+    """The block maxima in float32, undoing bitsandbytes' double quantization if any."""
+    import bitsandbytes as bnb
+
+    if not state.nested:
+        return state.absmax
+    return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+
+
+def fits(state) -> bool:
+    """Whether ``state``'s layout is one :func:`from_codes` reads: 16 codes, 2-D, blocks
+    that do not straddle rows."""
+    shape = tuple(state.shape)
+    return (
+        len(shape) == 2
+        and state.code is not None
+        and state.code.numel() == 16
+        and shape[1] % state.blocksize == 0
+    )
+
+
+def e4m3(weight, state, transposed: bool = False, compiled: bool = False):
+    """The 4-bit ``weight`` (a Params4bit's data) in e4m3 with row scales (module doc);
+    ``compiled``: through ``torch.compile`` (the caller falls back to eager on failure)."""
+    import torch
+
+    packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)
+    n, k = (int(d) for d in state.shape)
+    fn = _compiled() if compiled else from_codes
+    return fn(packed, absmax_of(state), state.code, state.blocksize, n, k, transposed)
