@@ -70,7 +70,8 @@ def _run(compiled, eager, *args, on_gpu: bool):
 
 
 def _cast(t):
-    return _run(_compiled_cast, cast_rows, t, on_gpu=t.is_cuda)
+    # detached: an input that requires grad would compile a second graph, with autograd
+    return _run(_compiled_cast, cast_rows, t.detach(), on_gpu=t.is_cuda)
 
 
 _LAST_INPUT: dict = {}  # the last input cast: q, k and v (gate and up) share theirs

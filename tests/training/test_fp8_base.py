@@ -227,6 +227,9 @@ def test_a_cast_that_cannot_compile_runs_eagerly_and_says_so(monkeypatch, caplog
     class NoCompiler:
         is_cuda = True  # as on a GPU, where the compiled cast is tried first
 
+        def detach(self):
+            return self
+
     def broken():
         def fail(t):
             raise RuntimeError("no C compiler")
