@@ -18,7 +18,8 @@ PLAT+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # Training and evaluation (bench/run_device.sh, bench/gpu_stages.py).
 TRAIN=(bitsandbytes==0.50.2 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1
   multiprocess==0.70.19 nltk==3.10.4 defusedxml==0.7.1 pytest==9.2.0 pluggy==1.7.0
-  iniconfig==2.3.1 pygments==2.21.0 trl==1.16.0)
+  iniconfig==2.3.1 pygments==2.21.0 trl==1.16.0
+  transformers==5.23.0)  # the image has 5.17: prepare uses 5.23's chat-template helpers
 # The pipeline through kfp.local (bench/run_pipeline_gpu.sh).
 PIPELINE=(kfp==2.17.0 kfp-kubernetes==2.17.0 kfp-pipeline-spec==2.17.3 kubernetes==37.0.1
   google-cloud-storage==3.17.1 google-api-core==2.44.0 google-auth==2.62.2

@@ -4,9 +4,9 @@ The train stage's step is bound by its matrix multiplies (BENCHMARKS.md: 1.16 of
 bins with every layer recomputed), and those are the frozen base weights' products: forward,
 recomputed forward and the input gradient. This measures, per Linear shape of Llama-3.1-8B at
 ``--tokens`` tokens, the bare products (bf16 against e4m3, ``training/fp8_base.py``'s casts
-eager and compiled) and a bitsandbytes NF4 Linear's forward and forward+input gradient as
+eager, compiled and ``fp8_kernels``' Triton kernel) and a bitsandbytes NF4 Linear's forward and forward+input gradient as
 bitsandbytes runs it and through ``fp8_base`` (dequantization and casts counted), and the
-weight's e4m3 cast through a bf16 copy against ``fp8_weights``' from the packed codes. It prints
+weight's e4m3 cast through a bf16 copy against ``fp8_kernels``' from the packed codes. It prints
 a JSON record and the sum over a step of 32 checkpointed layers (forward, then forward and
 backward again), with the CPU time to enqueue a forward+backward (``*_issue``: above the GPU
 time, the loop is launch-bound) and the FP8 path's kernels by GPU time. ``--dry``: tiny
@@ -110,7 +110,8 @@ def gemms(n: int, k: int, tokens: int) -> dict:
         "gemm_bf16": timed(lambda: torch.nn.functional.linear(x, w)),
         "gemm_fp8": timed(lambda: fp8_base._matmul(x8, xs, w8, ws, torch.bfloat16)),
         "cast_eager": timed(lambda: fp8_base.cast_rows(x)),
-        "cast_compiled": timed(lambda: fp8_base._cast(x)),
+        "cast_compiled": timed(lambda: fp8_base._compiled_cast()(x)),
+        "cast_kernel": timed(lambda: fp8_base._cast(x)),
     }
 
 
@@ -124,8 +125,10 @@ def linear4bit(n: int, k: int, tokens: int) -> dict:
 
     torch.manual_seed(0)
     lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    # A bfloat16 weight, as a model's: on a GPU only those multiply in FP8 (fp8_base.qualifies)
+    w = (torch.randn(n, k) * 0.02).bfloat16()
     lin.weight = bnb.nn.Params4bit(
-        torch.randn(n, k) * 0.02, requires_grad=False, quant_type="nf4", compress_statistics=True
+        w, requires_grad=False, quant_type="nf4", compress_statistics=True
     )
     lin = lin.to(DEVICE)
     x = torch.randn(tokens, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -143,12 +146,10 @@ def linear4bit(n: int, k: int, tokens: int) -> dict:
     out["weight_via_bf16"] = timed(
         lambda: fp8_base._cast(bnb.functional.dequantize_4bit(data, state))
     )
-    gpu = DEVICE == "cuda"
-    out["weight_packed"] = timed(lambda: fp8_weights.e4m3(data, state, compiled=gpu))
-    out["weight_packed_t"] = timed(lambda: fp8_weights.e4m3(data, state, True, compiled=gpu))
+    out["weight_packed"] = timed(lambda: fp8_weights.e4m3(data, state, kernel=DEVICE == "cuda"))
     out["bnb_issue"] = issue_ms(fwd_bwd)
     ref = lin(x).float()
-    fp8_base.use_fp8(lin)
+    assert fp8_base.use_fp8(lin) == 1, "this Linear does not qualify for FP8 here"
     out["fp8_forward"] = timed(fwd)
     out["fp8_forward_backward"] = timed(fwd_bwd)
     out["fp8_issue"] = issue_ms(fwd_bwd)

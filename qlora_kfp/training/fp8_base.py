@@ -48,30 +48,38 @@ def cast_rows(t):
 
 @functools.cache
 def _compiled_cast():
-    """``cast_rows`` as one fused kernel on a GPU (eager, it walks the tensor five times)."""
+    """``cast_rows`` as one fused kernel on a GPU, for a transpose (a row-major tensor's
+    rows go to ``fp8_kernels.row_cast``)."""
     import torch
 
     return torch.compile(cast_rows, dynamic=True)
 
 
-_EAGER = []  # set once compiling failed: the casts run eagerly from then on
+_EAGER = []  # set once a kernel failed: the casts run eagerly from then on
 
 
-def _run(compiled, eager, *args, on_gpu: bool):
-    """``compiled(*args)`` on a GPU until compiling fails once, then ``eager(*args)``."""
+def _run(fast, eager, *args, on_gpu: bool):
+    """``fast(*args)`` on a GPU until it fails once, then ``eager(*args)``."""
     if not on_gpu or _EAGER:
         return eager(*args)
     try:
-        return compiled()(*args)
-    except Exception as exc:  # no compiler in the image, an inductor bug: same result, slower
-        log.warning("FP8 casts run eagerly (slower): torch.compile failed: %s", exc)
+        return fast(*args)
+    except Exception as exc:  # no compiler in the image, a Triton or inductor bug: slower
+        log.warning("FP8 casts run eagerly (slower): a kernel failed: %s", exc)
         _EAGER.append(exc)
         return eager(*args)
 
 
+def _fast_cast(t):
+    from qlora_kfp.training import fp8_kernels
+
+    if t.stride(1) == 1:
+        return fp8_kernels.row_cast(t)
+    return _compiled_cast()(t)
+
+
 def _cast(t):
-    # detached: an input that requires grad would compile a second graph, with autograd
-    return _run(_compiled_cast, cast_rows, t.detach(), on_gpu=t.is_cuda)
+    return _run(_fast_cast, cast_rows, t.detach(), on_gpu=t.is_cuda)
 
 
 _LAST_INPUT: dict = {}  # the last input cast: q, k and v (gate and up) share theirs
@@ -141,8 +149,9 @@ def base_matmul(x2d, x_cast, weight):
 
 
 def _weight_fn(weight, state):
-    """``weight(transposed)`` for ``base_matmul``: from the packed codes where the layout
-    allows (``fp8_weights``), else bitsandbytes' dequantization and a row cast."""
+    """``weight(transposed)`` for ``base_matmul``. The forward's from the packed codes where
+    the layout allows (``fp8_weights``); the transpose, and any other layout, through
+    bitsandbytes' dequantization and a row cast."""
     import bitsandbytes as bnb
 
     def from_bnb(transposed):
@@ -150,10 +159,10 @@ def _weight_fn(weight, state):
         return _cast(w.t() if transposed else w)
 
     def packed(transposed):
-        compiled = functools.partial(fp8_weights.e4m3, compiled=True)
-        return _run(
-            lambda: compiled, fp8_weights.e4m3, weight, state, transposed, on_gpu=weight.is_cuda
-        )
+        if transposed:
+            return from_bnb(True)
+        fast = functools.partial(fp8_weights.e4m3, kernel=True)
+        return _run(fast, fp8_weights.e4m3, weight, state, on_gpu=weight.is_cuda)
 
     return packed if fp8_weights.fits(state) else from_bnb
 

@@ -9,11 +9,10 @@ Llama-8B. Here the scale comes from the block maxima (bitsandbytes normalizes ev
 ``blocksize`` weights by its largest magnitude, which the codebook's ±1 then holds exactly,
 so a row's largest value is its largest block maximum times the codebook's largest
 magnitude; an upper bound for any codebook) and each weight is ``code[q] * absmax / scale``
-cast once: 1.5 bytes a weight, one compiled kernel on a GPU, no bf16 copy.
+cast once: 1.5 bytes a weight, one Triton kernel on a GPU (``fp8_kernels``), no bf16 copy.
 
-The backward multiplies by the weight's transpose: ``transposed=True`` casts it with a scale
-per input feature (each column's largest magnitude, a reduction over the codes), written
-row-major as ``_scaled_mm`` wants it, again without a bf16 copy: 2 bytes a weight.
+The backward multiplies by the weight's transpose, cast with a scale per input feature:
+that stays bitsandbytes' dequantization and a cast of the transpose (``fp8_base``).
 
 Only what bitsandbytes' own layout guarantees is taken: blocks that do not straddle rows
 (``in_features`` a multiple of the block size); anything else returns ``None`` and the
@@ -22,13 +21,11 @@ caller dequantizes through bitsandbytes.
 
 from __future__ import annotations
 
-import functools
-
 E4M3_MAX = 448.0
 TINY = 1.2e-38 * E4M3_MAX  # float32's smallest normal, times 448: the scale stays normal
 
 
-def from_codes(packed, absmax, code, blocksize: int, n: int, k: int, transposed: bool):
+def from_codes(packed, absmax, code, blocksize: int, n: int, k: int):
     """``(w8, scale)`` from bitsandbytes' packed 4-bit codes: ``W ≈ w8.float() * scale``.
 
     Args:
@@ -37,34 +34,19 @@ def from_codes(packed, absmax, code, blocksize: int, n: int, k: int, transposed:
         code: the 16-value codebook (``quant_state.code``).
         blocksize: weights a block; divides ``k``.
         n, k: the weight's shape (out_features, in_features).
-        transposed: return ``w8`` as [k, n] row-major (the weight's transpose) instead.
 
     Returns:
-        ``w8`` (float8_e4m3fn) and ``scale`` (float32, one per row of ``w8``): [n, k] and
-        [n, 1], or with ``transposed`` [k, n] and [k, 1].
+        ``w8`` (float8_e4m3fn, [n, k]) and ``scale`` (float32, [n, 1]: one per output feature).
     """
     import torch
 
     pairs = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], dim=-1)
     q = pairs.reshape(n, k // blocksize, blocksize).long()
     blocks = absmax.reshape(n, k // blocksize).float()
-    if transposed:  # a scale per column: its largest magnitude, found over the codes
-        w = (code[q].float() * blocks.unsqueeze(-1)).reshape(n, k)
-        scale = w.abs().amax(dim=0).clamp(min=TINY).unsqueeze(1) / E4M3_MAX
-        w8 = (w / scale.t()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        return w8.t().contiguous(), scale
     rows = blocks.amax(dim=1, keepdim=True) * code.abs().max()
     scale = rows.clamp(min=TINY) / E4M3_MAX
     w = code[q].float() * (blocks / scale).unsqueeze(-1)
     return w.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).reshape(n, k), scale
-
-
-@functools.cache
-def _compiled():
-    """``from_codes`` as one kernel on a GPU (eager, it walks the weight five times)."""
-    import torch
-
-    return torch.compile(from_codes, dynamic=True)
 
 
 def absmax_of(state):
@@ -88,12 +70,15 @@ def fits(state) -> bool:
     )
 
 
-def e4m3(weight, state, transposed: bool = False, compiled: bool = False):
+def e4m3(weight, state, kernel: bool = False):
     """The 4-bit ``weight`` (a Params4bit's data) in e4m3 with row scales (module doc);
-    ``compiled``: through ``torch.compile`` (the caller falls back to eager on failure)."""
+    ``kernel``: through the Triton kernel (a GPU), else the torch reference."""
     import torch
 
     packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)
     n, k = (int(d) for d in state.shape)
-    fn = _compiled() if compiled else from_codes
-    return fn(packed, absmax_of(state), state.code, state.blocksize, n, k, transposed)
+    if kernel:
+        from qlora_kfp.training import fp8_kernels
+
+        return fp8_kernels.nf4_rows(packed, absmax_of(state), state.code, state.blocksize, n, k)
+    return from_codes(packed, absmax_of(state), state.code, state.blocksize, n, k)
