@@ -3,7 +3,7 @@
 On the CPU through Triton's interpreter, writing float32 (its float8 conversion is not the
 GPU's: -1.9562 became -1.0), then cast by torch; on a GPU (``gpu``), e4m3 end to end. The
 interpreter must be chosen before Triton is imported (its own library functions are
-decorated then), so the CPU cases (``fp8_kernel_cases.py``) run in a pytest of their own
+decorated then), so the CPU cases (``tests/support/fp8_kernel_cases.py``) run in a pytest of their own
 with ``TRITON_INTERPRET=1``.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from qlora_kfp.training import fp8_base, fp8_kernels, fp8_weights
 
-CASES = Path(__file__).with_name("fp8_kernel_cases.py")
+CASES = Path(__file__).parents[1] / "support" / "fp8_kernel_cases.py"
 
 
 def test_the_kernels_under_triton_s_interpreter():
