@@ -149,9 +149,8 @@ def base_matmul(x2d, x_cast, weight):
 
 
 def _weight_fn(weight, state):
-    """``weight(transposed)`` for ``base_matmul``. The forward's from the packed codes where
-    the layout allows (``fp8_weights``); the transpose, and any other layout, through
-    bitsandbytes' dequantization and a row cast."""
+    """``weight(transposed)`` for ``base_matmul``: from the packed codes where the layout
+    allows (``fp8_weights``), else bitsandbytes' dequantization and a row cast."""
     import bitsandbytes as bnb
 
     def from_bnb(transposed):
@@ -159,10 +158,8 @@ def _weight_fn(weight, state):
         return _cast(w.t() if transposed else w)
 
     def packed(transposed):
-        if transposed:
-            return from_bnb(True)
         fast = functools.partial(fp8_weights.e4m3, kernel=True)
-        return _run(fast, fp8_weights.e4m3, weight, state, on_gpu=weight.is_cuda)
+        return _run(fast, fp8_weights.e4m3, weight, state, transposed, on_gpu=weight.is_cuda)
 
     return packed if fp8_weights.fits(state) else from_bnb
 

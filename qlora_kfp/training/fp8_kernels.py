@@ -1,4 +1,5 @@
-"""Triton kernels for the FP8 path's casts: a tensor's rows, and NF4 codes, to e4m3.
+"""Triton kernels for the FP8 path's casts: a tensor's rows, and NF4 codes (or their
+transpose), to e4m3.
 
 Both are single passes over memory, where ``torch.compile`` of the same arithmetic measured
 2.5x (row casts) and 20x (NF4 codes: it materialized the int64 code indices) above what the
@@ -7,9 +8,10 @@ torch references compute, in the same float32 order: ``fp8_base.cast_rows`` (``t
 with ``scale = max(amax, TINY) / 448``) and ``fp8_weights.from_codes`` (``code[q] *
 (absmax / scale)``), so the GPU tests compare them for equality.
 
-The kernels are defined on first use: importing this module needs no Triton, and setting
-``TRITON_INTERPRET=1`` before the first use runs them on the CPU (the tests do, writing
-float32 where a GPU writes e4m3: the interpreter's float8 conversion is not the GPU's).
+The kernels (``fp8_triton``) are imported on first use: importing this module needs no
+Triton, and ``TRITON_INTERPRET=1`` set before Triton is imported runs them on the CPU (the
+tests do, writing float32 where a GPU writes e4m3: the interpreter's float8 conversion is
+not the GPU's).
 """
 
 from __future__ import annotations
@@ -23,47 +25,10 @@ BLOCK = 1024  # elements a program handles at once (a row is walked in such chun
 
 @functools.cache
 def kernels():
-    """``(row_cast, nf4_rows)``, the jitted kernels."""
-    import triton
-    import triton.language as tl
+    """``(row_cast, nf4_rows, nf4_col_amax, nf4_cast_t)``, the jitted kernels."""
+    from qlora_kfp.training import fp8_triton as k
 
-    @triton.jit
-    def row_cast(x_ptr, out_ptr, scale_ptr, k, stride, tiny, limit, BLOCK: tl.constexpr):
-        # One row a program: its largest magnitude, then every value over its scale.
-        row = tl.program_id(0).to(tl.int64)
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, k, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            v = tl.load(x_ptr + row * stride + cols, mask=cols < k, other=0.0)
-            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, axis=0), tiny) / limit
-        tl.store(scale_ptr + row, scale)
-        for start in range(0, k, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            v = tl.load(x_ptr + row * stride + cols, mask=cols < k, other=0.0)
-            q = tl.minimum(tl.maximum(v.to(tl.float32) / scale, -limit), limit)
-            tl.store(out_ptr + row * k + cols, q.to(out_ptr.dtype.element_ty), mask=cols < k)
-
-    @triton.jit
-    def nf4_rows(packed_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, half_k, blocksize,
-                 limit, BLOCK: tl.constexpr):  # fmt: skip
-        # Program (row, chunk): BLOCK packed bytes of one row, two weights a byte (the first
-        # in the high nibble), both in the same block of the row.
-        row = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = j < half_k
-        byte = tl.load(packed_ptr + row * half_k + j, mask=inside, other=0).to(tl.int32)
-        block = (row * half_k + j) * 2 // blocksize
-        f = tl.load(absmax_ptr + block, mask=inside, other=0.0) / tl.load(scale_ptr + row)
-        hi = tl.load(code_ptr + ((byte >> 4) & 15)) * f
-        lo = tl.load(code_ptr + (byte & 15)) * f
-        both = tl.interleave(tl.minimum(tl.maximum(hi, -limit), limit),
-                             tl.minimum(tl.maximum(lo, -limit), limit))  # fmt: skip
-        cols = tl.program_id(1) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + row * 2 * half_k + cols, both.to(out_ptr.dtype.element_ty),
-                 mask=cols < 2 * half_k)  # fmt: skip
-
-    return row_cast, nf4_rows
+    return k.row_cast, k.nf4_rows, k.nf4_col_amax, k.nf4_cast_t
 
 
 def row_cast(t, out_dtype=None):
@@ -93,3 +58,25 @@ def nf4_rows(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=Non
         BLOCK=BLOCK,
     )  # fmt: skip
     return out, scale
+
+
+TILE = (64, 32)  # rows, packed bytes (64 columns) of the weight a program of the transpose
+
+
+def nf4_cols_t(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=None):
+    """``fp8_weights.from_codes(..., transposed=True)``: ``W.T`` [k, n] in e4m3, a scale per
+    input feature; two kernels (the column maxima, then the cast and transposed write), both
+    reading only the packed codes."""
+    import torch
+
+    _, _, col_amax, cast_t = kernels()
+    blocks = absmax.reshape(-1).float()
+    code = code.float()
+    colmax = torch.zeros(k, device=packed.device, dtype=torch.float32)
+    grid = (-(-n // TILE[0]), -(-(k // 2) // TILE[1]))
+    args = (packed.reshape(-1), blocks, code)
+    col_amax[grid](*args, colmax, n, k // 2, blocksize, BN=TILE[0], BK2=TILE[1])
+    scale = colmax.clamp(min=TINY) / E4M3_MAX
+    out = torch.empty(k, n, device=packed.device, dtype=out_dtype or torch.float8_e4m3fn)
+    cast_t[grid](*args, scale, out, n, k // 2, blocksize, E4M3_MAX, BN=TILE[0], BK2=TILE[1])
+    return out, scale.unsqueeze(1)

@@ -11,8 +11,9 @@ so a row's largest value is its largest block maximum times the codebook's large
 magnitude; an upper bound for any codebook) and each weight is ``code[q] * absmax / scale``
 cast once: 1.5 bytes a weight, one Triton kernel on a GPU (``fp8_kernels``), no bf16 copy.
 
-The backward multiplies by the weight's transpose, cast with a scale per input feature:
-that stays bitsandbytes' dequantization and a cast of the transpose (``fp8_base``).
+The backward multiplies by the weight's transpose, cast with a scale per input feature (a
+column's largest magnitude, found over the codes): ``transposed=True``, 2 bytes a weight
+(the codes read twice, e4m3 written once), again without a bf16 copy.
 
 Only what bitsandbytes' own layout guarantees is taken: blocks that do not straddle rows
 (``in_features`` a multiple of the block size); anything else returns ``None`` and the
@@ -25,7 +26,7 @@ E4M3_MAX = 448.0
 TINY = 1.2e-38 * E4M3_MAX  # float32's smallest normal, times 448: the scale stays normal
 
 
-def from_codes(packed, absmax, code, blocksize: int, n: int, k: int):
+def from_codes(packed, absmax, code, blocksize: int, n: int, k: int, transposed: bool = False):
     """``(w8, scale)`` from bitsandbytes' packed 4-bit codes: ``W ≈ w8.float() * scale``.
 
     Args:
@@ -34,15 +35,22 @@ def from_codes(packed, absmax, code, blocksize: int, n: int, k: int):
         code: the 16-value codebook (``quant_state.code``).
         blocksize: weights a block; divides ``k``.
         n, k: the weight's shape (out_features, in_features).
+        transposed: ``W.T`` instead, with a scale per input feature.
 
     Returns:
-        ``w8`` (float8_e4m3fn, [n, k]) and ``scale`` (float32, [n, 1]: one per output feature).
+        ``w8`` (float8_e4m3fn) and ``scale`` (float32, one per row of ``w8``): [n, k] and
+        [n, 1], or with ``transposed`` [k, n] and [k, 1].
     """
     import torch
 
     pairs = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], dim=-1)
     q = pairs.reshape(n, k // blocksize, blocksize).long()
     blocks = absmax.reshape(n, k // blocksize).float()
+    if transposed:  # as fp8_base.cast_rows(W.T) computes it
+        w = (code[q].float() * blocks.unsqueeze(-1)).reshape(n, k)
+        scale = (w.abs().amax(dim=0).clamp(min=TINY) / E4M3_MAX).unsqueeze(1)
+        w8 = (w.t() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return w8.contiguous(), scale
     rows = blocks.amax(dim=1, keepdim=True) * code.abs().max()
     scale = rows.clamp(min=TINY) / E4M3_MAX
     w = code[q].float() * (blocks / scale).unsqueeze(-1)
@@ -70,15 +78,16 @@ def fits(state) -> bool:
     )
 
 
-def e4m3(weight, state, kernel: bool = False):
-    """The 4-bit ``weight`` (a Params4bit's data) in e4m3 with row scales (module doc);
-    ``kernel``: through the Triton kernel (a GPU), else the torch reference."""
+def e4m3(weight, state, transposed: bool = False, kernel: bool = False):
+    """The 4-bit ``weight`` (a Params4bit's data), or its transpose, in e4m3 with a scale a
+    row (module doc); ``kernel``: through the Triton kernels (a GPU), else the torch reference."""
     import torch
 
     packed = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8)
     n, k = (int(d) for d in state.shape)
-    if kernel:
-        from qlora_kfp.training import fp8_kernels
+    args = (packed, absmax_of(state), state.code, state.blocksize, n, k)
+    if not kernel:
+        return from_codes(*args, transposed)
+    from qlora_kfp.training import fp8_kernels
 
-        return fp8_kernels.nf4_rows(packed, absmax_of(state), state.code, state.blocksize, n, k)
-    return from_codes(packed, absmax_of(state), state.code, state.blocksize, n, k)
+    return fp8_kernels.nf4_cols_t(*args) if transposed else fp8_kernels.nf4_rows(*args)

@@ -52,8 +52,8 @@ def test_row_cast_reads_rows_by_their_stride(interpreted):
 
 @pytest.mark.parametrize(
     "shape,blocksize,nested",
-    [((48, 256), 64, True), ((16, 4096), 64, False), ((24, 384), 128, True)],
-    ids=["double quantization", "rows of many program blocks", "blocks of 128"],
+    [((48, 256), 64, True), ((16, 4096), 64, False), ((100, 384), 128, True)],
+    ids=["double quantization", "rows of many program blocks", "blocks of 128, ragged tiles"],
 )
 def test_nf4_rows_is_from_codes(shape, blocksize, nested, interpreted):
     import bitsandbytes as bnb
@@ -72,3 +72,19 @@ def test_nf4_rows_is_from_codes(shape, blocksize, nested, interpreted):
     want, want_scale = fp8_weights.from_codes(packed, absmax, state.code, blocksize, n, k)
     assert torch.equal(scale, want_scale)
     assert torch.equal(got.to(E4M3).float(), want.float())
+    got_t, scale_t = fp8_kernels.nf4_cols_t(
+        packed, absmax, state.code, blocksize, n, k, out_dtype=torch.float32
+    )
+    want_t, want_scale_t = fp8_weights.from_codes(
+        packed, absmax, state.code, blocksize, n, k, transposed=True
+    )
+    assert got_t.shape == (k, n) and torch.equal(scale_t, want_scale_t)
+    assert torch.equal(got_t.to(E4M3).float(), want_t.float())
+    got_t, scale_t = fp8_kernels.nf4_cols_t(
+        packed, absmax, state.code, blocksize, n, k, out_dtype=torch.float32
+    )
+    want_t, want_scale_t = fp8_weights.from_codes(
+        packed, absmax, state.code, blocksize, n, k, transposed=True
+    )
+    assert got_t.shape == (k, n) and torch.equal(scale_t, want_scale_t)
+    assert torch.equal(got_t.to(E4M3).float(), want_t.float())

@@ -52,6 +52,13 @@ def test_codes_to_e4m3_match_dequantize_then_cast(case):
     assert torch.isfinite(back).all() and (back[3] == 0).all()
     err = (back - ref).norm() / ref.norm()
     assert err < 0.05, err  # e4m3's 3 mantissa bits
+    # The transpose: a scale per input feature, as a row cast of the dequantized W.T gives.
+    w8t, scale_t = fp8_weights.e4m3(packed, state, transposed=True)
+    ref8t, ref_scale_t = fp8_base.cast_rows(ref.t())
+    assert w8t.shape == ref8t.shape and w8t.is_contiguous()
+    torch.testing.assert_close(scale_t, ref_scale_t, rtol=2**-8, atol=0)
+    assert (w8t.float() != ref8t.float()).float().mean() < 0.03
+    assert (w8t.float() * scale_t - ref.t()).norm() / ref.norm() < 0.05
 
 
 def test_blocks_that_straddle_rows_are_left_to_bitsandbytes():
