@@ -48,38 +48,44 @@ def cast_rows(t):
 
 @functools.cache
 def _compiled_cast():
-    """``cast_rows`` as one fused kernel on a GPU, for a transpose (a row-major tensor's
-    rows go to ``fp8_kernels.row_cast``)."""
+    """``cast_rows`` as one fused kernel (inductor): a transpose's rows on a GPU, and the
+    casts where the Triton kernels failed."""
     import torch
 
     return torch.compile(cast_rows, dynamic=True)
 
 
-_EAGER = []  # set once a kernel failed: the casts run eagerly from then on
+_BROKEN: dict = {}  # "Triton kernels" / "torch.compile": its first failure; not tried again
 
 
-def _run(fast, eager, *args, on_gpu: bool):
-    """``fast(*args)`` on a GPU until it fails once, then ``eager(*args)``."""
-    if not on_gpu or _EAGER:
-        return eager(*args)
+def _attempt(way: str, fn, *args):
+    """``fn(*args)``, or None where ``way`` failed (now or before; said once): the caller
+    then takes the next way down (Triton, then torch.compile, then eager torch)."""
+    if way in _BROKEN:
+        return None
     try:
-        return fast(*args)
+        return fn(*args)
     except Exception as exc:  # no compiler in the image, a Triton or inductor bug: slower
-        log.warning("FP8 casts run eagerly (slower): a kernel failed: %s", exc)
-        _EAGER.append(exc)
-        return eager(*args)
+        log.warning("FP8 casts: %s failed, using a slower way from now on: %s", way, exc)
+        _BROKEN[way] = exc
+        return None
 
 
-def _fast_cast(t):
+def _triton_cast(t):
     from qlora_kfp.training import fp8_kernels
 
-    if t.stride(1) == 1:
-        return fp8_kernels.row_cast(t)
-    return _compiled_cast()(t)
+    return fp8_kernels.row_cast(t)
 
 
 def _cast(t):
-    return _run(_fast_cast, cast_rows, t.detach(), on_gpu=t.is_cuda)
+    """``cast_rows(t)`` by the fastest way that works here."""
+    t = t.detach()  # one that requires grad would compile a second graph, with autograd
+    if t.is_cuda:
+        out = _attempt("Triton kernels", _triton_cast, t) if t.stride(1) == 1 else None
+        out = out or _attempt("torch.compile", lambda t: _compiled_cast()(t), t)
+        if out is not None:
+            return out
+    return cast_rows(t)
 
 
 _LAST_INPUT: dict = {}  # the last input cast: q, k and v (gate and up) share theirs
@@ -148,6 +154,10 @@ def base_matmul(x2d, x_cast, weight):
     return _base_matmul_fn().apply(x2d, x_cast, weight)
 
 
+def _on_gpu(t) -> bool:
+    return t.is_cuda
+
+
 def _weight_fn(weight, state):
     """``weight(transposed)`` for ``base_matmul``: from the packed codes where the layout
     allows (``fp8_weights``), else bitsandbytes' dequantization and a row cast."""
@@ -158,8 +168,10 @@ def _weight_fn(weight, state):
         return _cast(w.t() if transposed else w)
 
     def packed(transposed):
-        fast = functools.partial(fp8_weights.e4m3, kernel=True)
-        return _run(fast, fp8_weights.e4m3, weight, state, transposed, on_gpu=weight.is_cuda)
+        if not _on_gpu(weight):
+            return fp8_weights.e4m3(weight, state, transposed)
+        out = _attempt("Triton kernels", fp8_weights.e4m3, weight, state, transposed, True)
+        return out or from_bnb(transposed)
 
     return packed if fp8_weights.fits(state) else from_bnb
 

@@ -247,23 +247,58 @@ def test_on_the_gpu_the_compiled_casts_and_fp8_product_match_the_reference():
     assert cos > 0.99
 
 
-def test_a_kernel_that_fails_runs_eagerly_and_says_so(monkeypatch, caplog):
+FALLBACKS = {  # what fails: the way that casts
+    "nothing": ([], "triton"),
+    "the Triton kernel": (["triton"], "compiled"),
+    "Triton and torch.compile": (["triton", "compiled"], "eager"),
+}
+
+
+@pytest.mark.parametrize("broken,way", FALLBACKS.values(), ids=FALLBACKS.keys())
+def test_a_cast_that_fails_takes_the_next_way_and_says_so_once(broken, way, monkeypatch, caplog):
+    """On a GPU: Triton, then torch.compile, then eager torch; a way that failed once is
+    not tried again (no warning per Linear per step)."""
+
     class OnGpu:
-        is_cuda = True  # as on a GPU, where the kernels are tried first
+        is_cuda = True
 
         def detach(self):
             return self
 
-    def broken(t):
-        raise RuntimeError("no C compiler")
+        def stride(self, dim):
+            return 1
 
-    monkeypatch.setattr(fp8_base, "_fast_cast", broken)
-    monkeypatch.setattr(fp8_base, "_EAGER", [])
-    eager = []
-    monkeypatch.setattr(fp8_base, "cast_rows", lambda t: eager.append(t) or "cast")
-    assert fp8_base._cast(OnGpu()) == "cast" and fp8_base._cast(OnGpu()) == "cast"
-    assert len(eager) == 2 and "no C compiler" in caplog.text
-    assert caplog.text.count("FP8 casts run eagerly") == 1
+    def make(name):
+        def cast(t):
+            if name in broken:
+                raise RuntimeError(f"no {name}")
+            return name
+
+        return cast
+
+    monkeypatch.setattr(fp8_base, "_BROKEN", {})
+    monkeypatch.setattr(fp8_base, "_triton_cast", make("triton"))
+    monkeypatch.setattr(fp8_base, "_compiled_cast", lambda: make("compiled"))
+    monkeypatch.setattr(fp8_base, "cast_rows", make("eager"))
+    assert fp8_base._cast(OnGpu()) == way and fp8_base._cast(OnGpu()) == way
+    for name in broken:
+        assert caplog.text.count(f"no {name}") == 1
+    assert caplog.text.count("using a slower way") == len(broken)
+
+
+def test_without_triton_the_forward_weight_comes_through_bitsandbytes(monkeypatch):
+    """A Triton failure in the weight's kernel: bitsandbytes' dequantization and a cast."""
+    calls = []
+    monkeypatch.setattr(fp8_base, "_BROKEN", {"Triton kernels": RuntimeError("no Triton")})
+    monkeypatch.setattr(fp8_base, "_cast", lambda t: calls.append(t.shape) or "cast")
+    import bitsandbytes as bnb
+
+    w = (torch.randn(32, 64) * 0.02).bfloat16()
+    packed, state = bnb.functional.quantize_4bit(w, compress_statistics=True, quant_type="nf4")
+
+    # As on a GPU (bitsandbytes' CPU kernel stands in for its CUDA one).
+    monkeypatch.setattr(fp8_base, "_on_gpu", lambda t: True)
+    assert fp8_base._weight_fn(packed, state)(False) == "cast" and calls == [(32, 64)]
 
 
 def test_linears_reading_one_input_share_its_cast(monkeypatch):
