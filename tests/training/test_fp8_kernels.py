@@ -33,6 +33,17 @@ def test_the_kernels_under_triton_s_interpreter():
     assert "11 passed in" in run.stdout, run.stdout[-500:]
 
 
+def _equal_but_for_division(got, want):
+    """Triton's fp32 ``/`` is ``div.full.f32`` (within 2 ulp, not correctly rounded: triton-lang/
+    triton#10661), where torch divides exactly: a quotient next to an e4m3 rounding point may
+    land one e4m3 step away. Measured on an H100 (session 12): not every value equal."""
+    got, want = got.float(), want.float()
+    differ = got != want
+    assert differ.float().mean() < 1e-4, differ.float().mean()
+    step = (want.abs() / 8).clamp(min=2**-9)  # one e4m3 step at that size
+    assert ((got - want).abs() <= step)[differ].all()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not fp8_base.supported(), reason="needs a GPU that writes e4m3")
 def test_on_the_gpu_the_kernels_write_the_references_e4m3():
@@ -42,14 +53,15 @@ def test_on_the_gpu_the_kernels_write_the_references_e4m3():
     x = torch.randn(300, 5000, device="cuda", dtype=torch.bfloat16)
     got, scale = fp8_kernels.row_cast(x)
     want, want_scale = fp8_base.cast_rows(x)
-    assert torch.equal(scale, want_scale) and torch.equal(got.float(), want.float())
+    assert torch.equal(scale, want_scale)
+    _equal_but_for_division(got, want)
     w = (torch.randn(1024, 4096, device="cuda") * 0.02).bfloat16()
     packed, state = bnb.functional.quantize_4bit(w, compress_statistics=True, quant_type="nf4")
     absmax = fp8_weights.absmax_of(state)
     args = (packed, absmax, state.code, 64, 1024, 4096)
-    got, scale = fp8_kernels.nf4_rows(*args)
-    want, want_scale = fp8_weights.from_codes(*args)
-    assert torch.equal(scale, want_scale) and torch.equal(got.float(), want.float())
-    got, scale = fp8_kernels.nf4_cols_t(*args)
-    want, want_scale = fp8_weights.from_codes(*args, transposed=True)
-    assert torch.equal(scale, want_scale) and torch.equal(got.float(), want.float())
+    for transposed in (False, True):
+        kernel = fp8_kernels.nf4_cols_t if transposed else fp8_kernels.nf4_rows
+        got, scale = kernel(*args)
+        want, want_scale = fp8_weights.from_codes(*args, transposed=transposed)
+        assert torch.equal(scale, want_scale)
+        _equal_but_for_division(got, want)
