@@ -56,8 +56,8 @@ def nf4_rows(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=Non
     out = torch.empty(n, k, device=packed.device, dtype=out_dtype or torch.float8_e4m3fn)
     grid = (n, -(-(k // 2) // BLOCK))
     kernels()[1][grid](
-        packed.reshape(-1), blocks, code.float(), scale, out, k // 2, blocksize, E4M3_MAX,
-        BLOCK=BLOCK,
+        packed.reshape(-1), blocks, code.float(), scale, out, k // 2, E4M3_MAX,
+        BLOCKSIZE=blocksize, BLOCK=BLOCK,
     )  # fmt: skip
     return out, scale
 
@@ -77,8 +77,9 @@ def nf4_cols_t(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=N
     colmax = torch.zeros(k, device=packed.device, dtype=torch.float32)
     grid = (-(-n // TILE[0]), -(-(k // 2) // TILE[1]))
     args = (packed.reshape(-1), blocks, code)
-    col_amax[grid](*args, colmax, n, k // 2, blocksize, BN=TILE[0], BK2=TILE[1])
+    tile = {"BN": TILE[0], "BK2": TILE[1]}
+    col_amax[grid](*args, colmax, n, k // 2, BLOCKSIZE=blocksize, **tile)
     scale = colmax.clamp(min=TINY) / E4M3_MAX
     out = torch.empty(k, n, device=packed.device, dtype=out_dtype or torch.float8_e4m3fn)
-    cast_t[grid](*args, scale, out, n, k // 2, blocksize, E4M3_MAX, BN=TILE[0], BK2=TILE[1])
+    cast_t[grid](*args, scale, out, n, k // 2, E4M3_MAX, BLOCKSIZE=blocksize, **tile)
     return out, scale.unsqueeze(1)

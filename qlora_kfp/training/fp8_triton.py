@@ -27,15 +27,16 @@ def row_cast(x_ptr, out_ptr, scale_ptr, k, stride, tiny, limit, BLOCK: tl.conste
 
 
 @triton.jit
-def nf4_rows(packed_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, half_k, blocksize,
-             limit, BLOCK: tl.constexpr):  # fmt: skip
+def nf4_rows(packed_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, half_k, limit,
+             BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # Program (row, chunk): BLOCK packed bytes of one row, two weights a byte (the first
     # in the high nibble), both in the same block of the row.
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = j < half_k
     byte = tl.load(packed_ptr + row * half_k + j, mask=inside, other=0).to(tl.int32)
-    block = (row * half_k + j) * 2 // blocksize
+    # BLOCKSIZE is a compile-time power of two: a shift, not an int64 division per weight
+    block = (row * half_k + j) * 2 // BLOCKSIZE
     f = tl.load(absmax_ptr + block, mask=inside, other=0.0) / tl.load(scale_ptr + row)
     hi = tl.load(code_ptr + ((byte >> 4) & 15)) * f
     lo = tl.load(code_ptr + (byte & 15)) * f
@@ -48,7 +49,14 @@ def nf4_rows(packed_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, half_k, block
 
 @triton.jit
 def _codes_tile(
-    packed_ptr, absmax_ptr, code_ptr, n, half_k, blocksize, BN: tl.constexpr, BK2: tl.constexpr
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    n,
+    half_k,
+    BLOCKSIZE: tl.constexpr,
+    BN: tl.constexpr,
+    BK2: tl.constexpr,
 ):
     # A tile of BN rows and 2*BK2 columns of the weight, dequantized in float32.
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -56,24 +64,24 @@ def _codes_tile(
     inside = (rows[:, None] < n) & (j[None, :] < half_k)
     at = rows[:, None].to(tl.int64) * half_k + j[None, :]
     byte = tl.load(packed_ptr + at, mask=inside, other=0).to(tl.int32)
-    a = tl.load(absmax_ptr + at * 2 // blocksize, mask=inside, other=0.0)
+    a = tl.load(absmax_ptr + at * 2 // BLOCKSIZE, mask=inside, other=0.0)
     hi = tl.load(code_ptr + ((byte >> 4) & 15)) * a
     lo = tl.load(code_ptr + (byte & 15)) * a
     return tl.interleave(hi, lo), rows
 
 
 @triton.jit
-def nf4_col_amax(packed_ptr, absmax_ptr, code_ptr, colmax_ptr, n, half_k, blocksize,
-                 BN: tl.constexpr, BK2: tl.constexpr):  # fmt: skip
-    w, _ = _codes_tile(packed_ptr, absmax_ptr, code_ptr, n, half_k, blocksize, BN, BK2)
+def nf4_col_amax(packed_ptr, absmax_ptr, code_ptr, colmax_ptr, n, half_k,
+                 BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr):  # fmt: skip
+    w, _ = _codes_tile(packed_ptr, absmax_ptr, code_ptr, n, half_k, BLOCKSIZE, BN, BK2)
     cols = tl.program_id(1) * 2 * BK2 + tl.arange(0, 2 * BK2)
     tl.atomic_max(colmax_ptr + cols, tl.max(tl.abs(w), axis=0), mask=cols < 2 * half_k)
 
 
 @triton.jit
-def nf4_cast_t(packed_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, n, half_k, blocksize,
-               limit, BN: tl.constexpr, BK2: tl.constexpr):  # fmt: skip
-    w, rows = _codes_tile(packed_ptr, absmax_ptr, code_ptr, n, half_k, blocksize, BN, BK2)
+def nf4_cast_t(packed_ptr, absmax_ptr, code_ptr, scale_ptr, out_ptr, n, half_k, limit,
+               BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK2: tl.constexpr):  # fmt: skip
+    w, rows = _codes_tile(packed_ptr, absmax_ptr, code_ptr, n, half_k, BLOCKSIZE, BN, BK2)
     cols = tl.program_id(1) * 2 * BK2 + tl.arange(0, 2 * BK2)
     s = tl.load(scale_ptr + cols, mask=cols < 2 * half_k, other=1.0)
     q = tl.minimum(tl.maximum(w / s[None, :], -limit), limit)
