@@ -289,10 +289,10 @@ class TrainConfig:
     fp8_base: str = _help(
         "Multiply the frozen 4-bit base weights in FP8 (e4m3, a scale per row; the LoRA "
         "path, its gradients and the optimizer stay as they are): auto (on a GPU that "
-        "multiplies FP8: Ada, Hopper and later), on or off. 7-11% faster steps on an H100 at "
-        "the same memory; the numerics move slightly (adapter gradients' cosine 0.99 to the "
-        "bf16 path, losses within 0.5% over 200 steps: BENCHMARKS.md). Set off to reproduce "
-        "bf16 runs exactly.",
+        "multiplies FP8: Ada, Hopper and later), on or off. 7-17% faster steps on an H100 at "
+        "the same peak memory; the numerics move slightly (adapter gradients' cosine 0.99 to "
+        "the bf16 path, 20-step loss windows within 2% over 200 steps on the GPU: "
+        "BENCHMARKS.md). Set off to reproduce bf16 runs exactly.",
         default="auto",
     )
     attn_implementation: str = _help(
