@@ -336,6 +336,8 @@ def variant_row(
         "ratio": round(tok_s / base["tokens_per_s"], 3) if "tokens_per_s" in base else None,
         "peak_gib": m.get("gpu_peak_gib"),
         "reserved_gib": m.get("gpu_reserved_gib"),
+        # whether the allocator grew segments in place (the gap between reserved and peak)
+        "expandable_segments": m.get("expandable_segments"),
         "checkpointed_layers": m.get("checkpointed_layers"),
         "offload": m.get("checkpoint_offload"),
         "estimate_alloc_gib": alloc_est,

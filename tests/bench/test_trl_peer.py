@@ -151,7 +151,14 @@ def test_the_trl_peer_and_the_train_stage_train_the_same_model_on_the_same_token
       LoRA weights), asserted below 2e-2.
     """
     common = f"bs=2,group=0,pack=padding_free,gcl=0,{CPU}"
-    _, stage = _run(f"stage:fl=0,{common}", bench_inputs, steps=4)
+    from train_bench import variant_row
+
+    kw, stage = _run(f"stage:fl=0,{common}", bench_inputs, steps=4)
+    base = {"tokens_per_s": 10.0, "peak_gib": 1.0, "reserved_gib": 1.0, "mfu_h100": 0.1}
+    row = variant_row("stage", kw, stage, base, base_bs=2, warmup=1, fpt=1e9)
+    # The stage's row says whether the allocator grew segments in place: the reading of a
+    # gap between reserved and peak memory (the stage sets it before CUDA starts).
+    assert row["expandable_segments"] == stage["m"]["expandable_segments"] in (0, 1)
     _, stock = _run(f"trl:trainer=trl,{common}", bench_inputs, steps=4)
     _, fp32 = _run(f"trl32:trainer=trl,lora32=1,{common}", bench_inputs, steps=4)
     assert stock["m"]["lora_dtype"] == "bfloat16" and fp32["m"]["lora_dtype"] == "float32"
