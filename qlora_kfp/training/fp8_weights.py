@@ -16,8 +16,8 @@ column's largest magnitude, found over the codes): ``transposed=True``, 2 bytes 
 (the codes read twice, e4m3 written once), again without a bf16 copy.
 
 Only what bitsandbytes' own layout guarantees is taken: blocks that do not straddle rows
-(``in_features`` a multiple of the block size); anything else returns ``None`` and the
-caller dequantizes through bitsandbytes.
+(``in_features`` a multiple of the block size, :func:`fits`); for anything else the caller
+dequantizes through bitsandbytes.
 """
 
 from __future__ import annotations
