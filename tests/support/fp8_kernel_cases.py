@@ -66,25 +66,11 @@ def test_nf4_rows_is_from_codes(shape, blocksize, nested, interpreted):
     )
     n, k = shape
     absmax = fp8_weights.absmax_of(state)
-    got, scale = fp8_kernels.nf4_rows(
-        packed, absmax, state.code, blocksize, n, k, out_dtype=torch.float32
-    )
-    want, want_scale = fp8_weights.from_codes(packed, absmax, state.code, blocksize, n, k)
-    assert torch.equal(scale, want_scale)
-    assert torch.equal(got.to(E4M3).float(), want.float())
-    got_t, scale_t = fp8_kernels.nf4_cols_t(
-        packed, absmax, state.code, blocksize, n, k, out_dtype=torch.float32
-    )
-    want_t, want_scale_t = fp8_weights.from_codes(
-        packed, absmax, state.code, blocksize, n, k, transposed=True
-    )
-    assert got_t.shape == (k, n) and torch.equal(scale_t, want_scale_t)
-    assert torch.equal(got_t.to(E4M3).float(), want_t.float())
-    got_t, scale_t = fp8_kernels.nf4_cols_t(
-        packed, absmax, state.code, blocksize, n, k, out_dtype=torch.float32
-    )
-    want_t, want_scale_t = fp8_weights.from_codes(
-        packed, absmax, state.code, blocksize, n, k, transposed=True
-    )
-    assert got_t.shape == (k, n) and torch.equal(scale_t, want_scale_t)
-    assert torch.equal(got_t.to(E4M3).float(), want_t.float())
+    args = (packed, absmax, state.code, blocksize, n, k)
+    for transposed in (False, True):
+        kernel = fp8_kernels.nf4_cols_t if transposed else fp8_kernels.nf4_rows
+        got, scale = kernel(*args, out_dtype=torch.float32)
+        want, want_scale = fp8_weights.from_codes(*args, transposed=transposed)
+        assert got.shape == ((k, n) if transposed else (n, k))
+        assert torch.equal(scale, want_scale)
+        assert torch.equal(got.to(E4M3).float(), want.float())
