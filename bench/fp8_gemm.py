@@ -4,9 +4,10 @@ The train stage's step is bound by its matrix multiplies (BENCHMARKS.md: 1.16 of
 bins with every layer recomputed), and those are the frozen base weights' products: forward,
 recomputed forward and the input gradient. This measures, per Linear shape of Llama-3.1-8B at
 ``--tokens`` tokens, the bare products (bf16 against e4m3, ``training/fp8_base.py``'s casts
-eager, compiled and ``fp8_kernels``' Triton kernel) and a bitsandbytes NF4 Linear's forward and forward+input gradient as
-bitsandbytes runs it and through ``fp8_base`` (dequantization and casts counted), and the
-weight's e4m3 cast through a bf16 copy against ``fp8_kernels``' from the packed codes. It prints
+eager, compiled and ``fp8_kernels``' Triton kernel) and a bitsandbytes NF4 Linear's forward
+and forward+input gradient as bitsandbytes runs it and through ``fp8_base`` (dequantization
+and casts counted), and the weight's e4m3 cast through a bf16 copy against ``fp8_kernels``'
+from the packed codes. It prints
 a JSON record and the sum over a step of 32 checkpointed layers (forward, then forward and
 backward again), with the CPU time to enqueue a forward+backward (``*_issue``: above the GPU
 time, the loop is launch-bound) and the FP8 path's kernels by GPU time. ``--dry``: tiny

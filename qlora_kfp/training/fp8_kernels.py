@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 
+from qlora_kfp.training import fp8_weights
 from qlora_kfp.training.fp8_weights import E4M3_MAX, TINY
 
 BLOCK = 1024  # elements a program handles at once (a row is walked in such chunks)
@@ -53,8 +54,7 @@ def nf4_rows(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=Non
     import torch
 
     blocks = absmax.reshape(n, k // blocksize).float()
-    rows = blocks.amax(dim=1, keepdim=True) * code.abs().max()
-    scale = rows.clamp(min=TINY) / E4M3_MAX
+    scale = fp8_weights.row_scales(blocks, code)
     out = torch.empty(n, k, device=packed.device, dtype=out_dtype or torch.float8_e4m3fn)
     grid = (n, -(-(k // 2) // BLOCK))
     kernels()[1][grid](

@@ -51,10 +51,16 @@ def from_codes(packed, absmax, code, blocksize: int, n: int, k: int, transposed:
         scale = (w.abs().amax(dim=0).clamp(min=TINY) / E4M3_MAX).unsqueeze(1)
         w8 = (w.t() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         return w8.contiguous(), scale
-    rows = blocks.amax(dim=1, keepdim=True) * code.abs().max()
-    scale = rows.clamp(min=TINY) / E4M3_MAX
+    scale = row_scales(blocks, code)
     w = code[q].float() * (blocks / scale).unsqueeze(-1)
     return w.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).reshape(n, k), scale
+
+
+def row_scales(blocks, code):
+    """Each row's scale from its block maxima ``blocks`` [n, blocks a row]: the largest block
+    maximum times the codebook's largest magnitude, over 448 (the kernels use it too)."""
+    rows = blocks.amax(dim=1, keepdim=True) * code.abs().max()
+    return rows.clamp(min=TINY) / E4M3_MAX
 
 
 def absmax_of(state):
