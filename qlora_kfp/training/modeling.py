@@ -194,8 +194,10 @@ def prefer_expandable_segments() -> bool:
     the environment sets the allocator up already.
 
     Training allocates activations of a few fixed sizes step after step; with fixed-size
-    segments the cache fragments and reserves more than it allocates. Read when the
-    process first allocates on the GPU, so call it before (the train task does).
+    segments the cache fragments and reserves more than it allocates. The setting is read
+    when CUDA starts; where something started it already (importing bitsandbytes asks for
+    the GPU's compute capability), it is set on the running allocator, which applies it to
+    the segments it reserves from then on, so call this before the model is loaded.
 
     Returns:
         Whether the allocator grows segments in place in this process.
@@ -207,11 +209,20 @@ def prefer_expandable_segments() -> bool:
     from qlora_kfp import env
 
     names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9; any torch
-    if not any(env.text(k) for k in names) and not torch.cuda.is_initialized():
-        for k in names:
+    if not any(env.text(k) for k in names):
+        for k in names:  # for this process, and the rank processes it starts
             os.environ[k] = "expandable_segments:True"
+        if torch.cuda.is_initialized():
+            _set_allocator_settings(torch, "expandable_segments:True")
     conf = env.text(names[0]) or env.text(names[1]) or ""
     return "expandable_segments:true" in conf.replace(" ", "").lower()
+
+
+def _set_allocator_settings(torch, settings: str) -> None:
+    """The running CUDA allocator's settings (torch >= 2.9 names the call for every
+    accelerator; torch.cuda's older name is deprecated there)."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    (setter or torch.cuda.memory._set_allocator_settings)(settings)
 
 
 def decoder_layers(model) -> list:

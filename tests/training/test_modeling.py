@@ -1,0 +1,42 @@
+"""training/modeling.py: the allocator setting the train stage asks for."""
+
+import os
+
+import pytest
+import torch
+
+from qlora_kfp.training import modeling
+
+ALLOC = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+@pytest.fixture
+def allocator(monkeypatch):
+    """CUDA as the train stage finds it on a GPU node: started (bitsandbytes' import asks
+    for the compute capability) before the stage asks for expandable segments; records
+    what is set on the running allocator."""
+    for k in ALLOC:
+        monkeypatch.delenv(k, raising=False)
+    settings: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", settings.append)
+    return settings
+
+
+def test_started_cuda_gets_expandable_segments_on_the_running_allocator(allocator):
+    # Before: only the environment was set, which a started allocator no longer reads, and
+    # every 8B benchmark row said expandable_segments 0.
+    assert modeling.prefer_expandable_segments()
+    assert allocator == ["expandable_segments:True"]
+
+
+def test_the_environments_allocator_settings_are_kept(allocator, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert not modeling.prefer_expandable_segments()
+    assert allocator == []
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+def test_rank_processes_inherit_the_setting(allocator):
+    modeling.prefer_expandable_segments()
+    assert {os.environ[k] for k in ALLOC} == {"expandable_segments:True"}
