@@ -12,6 +12,11 @@ the e4m3 values are equal but where Triton's fp32 division (``div.full.f32``, wi
 torch divides exactly) puts a quotient on the other side of a rounding point, one e4m3 step
 (a few values in millions; the GPU test bounds it).
 
+The NF4 kernels take the block maxima as bitsandbytes stores them (float32, or the 8-bit
+codes of double quantization, undone in the kernel as bitsandbytes undoes it: launched
+without FMA contraction) and the scales where known (``fp8_weights.e4m3`` keeps a frozen
+weight's); the column maxima are their own kernel (:func:`col_scales`).
+
 The kernels (``fp8_triton``) are imported on first use: importing this module needs no
 Triton, and ``TRITON_INTERPRET=1`` set before Triton is imported runs them on the CPU (the
 tests do, writing float32 where a GPU writes e4m3: the interpreter's float8 conversion is
@@ -48,18 +53,35 @@ def row_cast(t, out_dtype=None):
     return out, scale
 
 
-def nf4_rows(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=None):
-    """``fp8_weights.from_codes(..., transposed=False)`` in one kernel (and a few small ops
-    for the row scales)."""
+def _maxima(absmax):
+    """The kernels' block-maxima arguments: float32 maxima, or an ``fp8_weights.Nested``
+    (bitsandbytes' double quantization, undone in the kernel)."""
+    if isinstance(absmax, fp8_weights.Nested):
+        args = (absmax.codes, absmax.absmax2, absmax.code2, absmax.offset)
+        return args, {"NESTED": True, "BLOCKSIZE2": absmax.blocksize2}
+    flat = absmax.reshape(-1).float()
+    return (flat, flat, flat, flat), {"NESTED": False, "BLOCKSIZE2": 1}
+
+
+# The nested maxima are a product and a sum: FMA contraction would round them once, not
+# twice as bitsandbytes does (the interpreter ignores the option).
+EXACT = {"enable_fp_fusion": False}
+
+
+def nf4_rows(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=None, scale=None):
+    """``fp8_weights.from_codes(..., transposed=False)`` in one kernel. ``scale`` [n, 1]: the
+    rows' scales where known (a frozen weight's are: ``fp8_weights.e4m3`` keeps them); else
+    found from ``absmax``, which must then be float32 maxima."""
     import torch
 
-    blocks = absmax.reshape(n, k // blocksize).float()
-    scale = fp8_weights.row_scales(blocks, code)
+    if scale is None:
+        scale = fp8_weights.row_scales(absmax.reshape(n, k // blocksize).float(), code)
     out = torch.empty(n, k, device=packed.device, dtype=out_dtype or torch.float8_e4m3fn)
+    maxima, nested = _maxima(absmax)
     grid = (n, -(-(k // 2) // BLOCK))
     kernels()[1][grid](
-        packed.reshape(-1), blocks, code.float(), scale, out, k // 2, E4M3_MAX,
-        BLOCKSIZE=blocksize, BLOCK=BLOCK,
+        packed.reshape(-1), *maxima, code.float(), scale, out, k // 2, E4M3_MAX,
+        BLOCKSIZE=blocksize, BLOCK=BLOCK, **nested, **EXACT,
     )  # fmt: skip
     return out, scale
 
@@ -67,21 +89,34 @@ def nf4_rows(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=Non
 TILE = (64, 32)  # rows, packed bytes (64 columns) of the weight a program of the transpose
 
 
-def nf4_cols_t(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=None):
-    """``fp8_weights.from_codes(..., transposed=True)``: ``W.T`` [k, n] in e4m3, a scale per
-    input feature; two kernels (the column maxima, then the cast and transposed write), both
-    reading only the packed codes."""
+def col_scales(packed, absmax, code, blocksize: int, n: int, k: int):
+    """The scale of each input feature [k, 1]: its column's largest magnitude over 448, found
+    over the codes (one kernel)."""
     import torch
 
-    _, _, col_amax, cast_t = kernels()
-    blocks = absmax.reshape(-1).float()
-    code = code.float()
     colmax = torch.zeros(k, device=packed.device, dtype=torch.float32)
+    maxima, nested = _maxima(absmax)
     grid = (-(-n // TILE[0]), -(-(k // 2) // TILE[1]))
-    args = (packed.reshape(-1), blocks, code)
-    tile = {"BN": TILE[0], "BK2": TILE[1]}
-    col_amax[grid](*args, colmax, n, k // 2, BLOCKSIZE=blocksize, **tile)
-    scale = colmax.clamp(min=TINY) / E4M3_MAX
+    kernels()[2][grid](
+        packed.reshape(-1), *maxima, code.float(), colmax, n, k // 2, BLOCKSIZE=blocksize,
+        BN=TILE[0], BK2=TILE[1], **nested, **EXACT,
+    )  # fmt: skip
+    return (colmax.clamp(min=TINY) / E4M3_MAX).unsqueeze(1)
+
+
+def nf4_cols_t(packed, absmax, code, blocksize: int, n: int, k: int, out_dtype=None, scale=None):
+    """``fp8_weights.from_codes(..., transposed=True)``: ``W.T`` [k, n] in e4m3, a scale per
+    input feature (``scale`` [k, 1] where known, else :func:`col_scales`); both kernels read
+    only the packed codes and the block maxima."""
+    import torch
+
+    if scale is None:
+        scale = col_scales(packed, absmax, code, blocksize, n, k)
     out = torch.empty(k, n, device=packed.device, dtype=out_dtype or torch.float8_e4m3fn)
-    cast_t[grid](*args, scale, out, n, k // 2, E4M3_MAX, BLOCKSIZE=blocksize, **tile)
-    return out, scale.unsqueeze(1)
+    maxima, nested = _maxima(absmax)
+    grid = (-(-n // TILE[0]), -(-(k // 2) // TILE[1]))
+    kernels()[3][grid](
+        packed.reshape(-1), *maxima, code.float(), scale, out, n, k // 2, E4M3_MAX,
+        BLOCKSIZE=blocksize, BN=TILE[0], BK2=TILE[1], **nested, **EXACT,
+    )  # fmt: skip
+    return out, scale

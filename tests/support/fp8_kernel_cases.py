@@ -67,6 +67,8 @@ def test_nf4_rows_is_from_codes(shape, blocksize, nested, interpreted):
     n, k = shape
     absmax = fp8_weights.absmax_of(state)
     args = (packed, absmax, state.code, blocksize, n, k)
+    # As bitsandbytes stores them: under double quantization 8-bit codes the kernels undo.
+    stored = (packed, fp8_weights.maxima_of(state), state.code, blocksize, n, k)
     for transposed in (False, True):
         kernel = fp8_kernels.nf4_cols_t if transposed else fp8_kernels.nf4_rows
         got, scale = kernel(*args, out_dtype=torch.float32)
@@ -74,3 +76,35 @@ def test_nf4_rows_is_from_codes(shape, blocksize, nested, interpreted):
         assert got.shape == ((k, n) if transposed else (n, k))
         assert torch.equal(scale, want_scale)
         assert torch.equal(got.to(E4M3).float(), want.float())
+        got, _ = kernel(*stored, out_dtype=torch.float32, scale=want_scale)
+        assert torch.equal(got.to(E4M3).float(), want.float())
+        if transposed:
+            assert torch.equal(fp8_kernels.col_scales(*stored), want_scale)
+
+
+def test_a_weight_s_scales_are_found_once(interpreted, monkeypatch):
+    """``fp8_weights.e4m3(kernel=True)``: the reference's values; the column maxima (a kernel
+    pass over the codes) and row scales found on the first call only."""
+    import functools
+
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    w = (torch.randn(32, 256) * 0.02).bfloat16()
+    packed, state = bnb.functional.quantize_4bit(w, compress_statistics=True, quant_type="nf4")
+    passes = []
+    col_scales = fp8_kernels.col_scales
+    monkeypatch.setattr(fp8_kernels, "col_scales", lambda *a: passes.append(1) or col_scales(*a))
+    for name in ("nf4_rows", "nf4_cols_t"):  # float32 out: the interpreter's e4m3 is not a GPU's
+        f = getattr(fp8_kernels, name)
+        monkeypatch.setattr(fp8_kernels, name, functools.partial(f, out_dtype=torch.float32))
+    for transposed in (False, True):
+        want, want_scale = fp8_weights.e4m3(packed, state, transposed)
+        for _ in range(3):
+            got, scale = fp8_weights.e4m3(packed, state, transposed, kernel=True)
+            assert torch.equal(scale, want_scale)
+            assert torch.equal(got.to(E4M3).float(), want.float())
+    assert passes == [1]
+    kept = id(state)
+    del state
+    assert kept not in fp8_weights._SCALES  # they go with the weight's quantization state

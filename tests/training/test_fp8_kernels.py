@@ -30,7 +30,7 @@ def test_the_kernels_under_triton_s_interpreter():
         cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parents[2]
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "11 passed in" in run.stdout, run.stdout[-500:]
+    assert "12 passed in" in run.stdout, run.stdout[-500:]
 
 
 def _equal_but_for_division(got, want):
@@ -65,3 +65,10 @@ def test_on_the_gpu_the_kernels_write_the_references_e4m3():
         want, want_scale = fp8_weights.from_codes(*args, transposed=transposed)
         assert torch.equal(scale, want_scale)
         _equal_but_for_division(got, want)
+    # As the FP8 path calls them: the scales kept, the double quantization undone in the kernel.
+    for transposed in (False, True):
+        want, want_scale = fp8_weights.e4m3(packed, state, transposed)
+        for _ in range(2):
+            got, scale = fp8_weights.e4m3(packed, state, transposed, kernel=True)
+            assert torch.equal(scale, want_scale)
+            _equal_but_for_division(got, want)
