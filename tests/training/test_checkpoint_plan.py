@@ -104,41 +104,48 @@ CASES = [
     case("three-of-8", [(3, False)], layers=8, gradient_checkpointing_layers="3"),
     # auto: the fewest that fit, then fallbacks.
     case("auto-default-80-gib", [(0, False), (16, True), (32, True)]),
-    case("auto-40-gib", [(8, False), (20, True), (32, True)], gpu_memory_gib=40.0),
-    case("auto-24-gib", [(21, True), (27, True), (32, True)], gpu_memory_gib=24.0),
+    case("auto-40-gib", [(7, False), (20, True), (32, True)], gpu_memory_gib=40.0),
+    case("auto-24-gib", [(20, True), (26, True), (32, True)], gpu_memory_gib=24.0),
     case(
         "auto-24-gib-offload-on",
-        [(21, True), (27, True), (32, True)],
+        [(20, True), (26, True), (32, True)],
         gpu_memory_gib=24.0,
         gradient_checkpointing_offload="on",
     ),
     case(
         "auto-24-gib-offload-off",
-        [(22, False), (27, False), (32, False)],
+        [(21, False), (27, False), (32, False)],
         gpu_memory_gib=24.0,
         gradient_checkpointing_offload="off",
     ),
     case(
         "auto-24-gib-host-lacks-room",
-        [(22, False), (27, False), (32, False)],
+        [(21, False), (27, False), (32, False)],
         host=1.0,
         gpu_memory_gib=24.0,
     ),
-    case("auto-12-gib-31-of-32-offloaded", [(31, True), (32, True)], gpu_memory_gib=12.0),
     case(
-        "auto-12-gib-offload-off-every-layer",
-        [(32, False)],
+        "auto-12-gib-30-of-32-offloaded",
+        [(30, True), (31, True), (32, True)],
+        gpu_memory_gib=12.0,
+    ),
+    case(
+        "auto-12-gib-offload-off-31-of-32",
+        [(31, False), (32, False)],
         gpu_memory_gib=12.0,
         gradient_checkpointing_offload="off",
     ),
     case("auto-8-gib-nothing-fits-every-layer-offloaded", [(32, True)], gpu_memory_gib=8.0),
-    case("auto-two-processes-no-fallback", [(21, True)], gpu_memory_gib=24.0, num_processes=2),
-    case("auto-8-layers-12-gib", [(4, False), (6, True), (8, True)], layers=8, gpu_memory_gib=12.0),
+    case("auto-two-processes-no-fallback", [(20, True)], gpu_memory_gib=24.0, num_processes=2),
+    case("auto-8-layers-12-gib", [(3, False), (6, True), (8, True)], layers=8, gpu_memory_gib=12.0),
+    case("auto-8-layers-7-gib", [(7, True), (8, True)], layers=8, gpu_memory_gib=7.0),
+    # Every layer fits without offloading, and offloading fits no fewer (one layer not
+    # checkpointed keeps more than the inputs offloading moves, which few layers allow).
     case(
-        "auto-8-layers-7-gib-every-layer-then-offloaded",
-        [(8, False), (8, True)],
-        layers=8,
-        gpu_memory_gib=7.0,
+        "auto-3-layers-6-gib-every-layer-then-offloaded",
+        [(3, False), (3, True)],
+        layers=3,
+        gpu_memory_gib=6.0,
     ),
     # The preflight (no GPU, so no varlen kernel) planned with sdpa's attention mask: 20
     # layers kept on the GPU where the train stage checkpoints 19 and offloads them.
@@ -149,7 +156,7 @@ CASES = [
     ),
     case(
         "auto-padded-rows-20-gib",
-        [(24, True), (28, True), (32, True)],
+        [(23, True), (28, True), (32, True)],
         gpu_memory_gib=20.0,
         packing="padding_free",
     ),
@@ -158,11 +165,11 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    """Folders holding only an 8B-shaped ``config.json`` with 32 or 8 layers."""
+    """Folders holding only an 8B-shaped ``config.json`` with 32, 8 or 3 layers."""
     root = tmp_path_factory.mktemp("configs")
-    for n in (32, 8):
+    for n in (32, 8, 3):
         LlamaConfig(**SHAPE_8B, num_hidden_layers=n).save_pretrained(root / str(n))
-    return {n: str(root / str(n)) for n in (32, 8)}
+    return {n: str(root / str(n)) for n in (32, 8, 3)}
 
 
 def _cfg(kw: dict) -> TrainConfig:

@@ -145,6 +145,14 @@ MEASURED = {
         69.697,
         False,
     ),
+    "h100-8b-6-bins-auto-54gb-10-checkpointed": (
+        LLAMA_8B,
+        6,
+        64,
+        {**BINS, "gradient_checkpointing_layers": 10},
+        47.58,
+        False,
+    ),
     "h200-70b-auto-48gb-74-offloaded": (
         LLAMA_70B,
         1,
@@ -161,6 +169,20 @@ def test_estimate_is_never_below_the_measured_peak_and_at_most_10_percent_above(
     shape, batch, rank, kw, measured, paged = MEASURED[name]
     est = memory.estimate(LlamaConfig(**shape), 2048, batch, rank, **kw)
     assert measured <= allocated(est, paged) <= measured * 1.10
+
+
+# The train stage as it is now (its own dropout, bins, varlen): the s3/s4 points ran peft's.
+CURRENT = [name for name in MEASURED if name.startswith(("h200-", "h100-"))]
+
+
+@pytest.mark.parametrize("name", CURRENT, ids=CURRENT)
+def test_the_train_stage_s_peaks_are_estimated_within_4_percent(name):
+    """With some layers checkpointed the estimate once counted a recompute on top of every
+    kept activation, though the layers not checkpointed finish their backward first: 4.4-5.7%
+    over the peak there, where every other setting read under 2%."""
+    shape, batch, rank, kw, measured, paged = MEASURED[name]
+    est = memory.estimate(LlamaConfig(**shape), 2048, batch, rank, **kw)
+    assert allocated(est, paged) <= measured * 1.04
 
 
 @pytest.mark.parametrize(
