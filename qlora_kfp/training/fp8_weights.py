@@ -16,7 +16,7 @@ column's largest magnitude, found over the codes): ``transposed=True``, 2 bytes 
 (the codes read twice, e4m3 written once), again without a bf16 copy.
 
 On a GPU (``e4m3(..., kernel=True)``) a weight's row and column scales are found on its
-first use and kept (4 bytes an input and an output feature: 18 MB for Llama-8B), and the
+first use and kept (4 bytes an input and an output feature: 10.5 MB for Llama-8B), and the
 double-quantized block maxima are undone inside the kernels: each call is one kernel launch
 and an empty output, where the scales, bitsandbytes' dequantization of the maxima and the
 column-maxima pass took a dozen small operations and one more pass over the codes.

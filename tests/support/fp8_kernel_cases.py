@@ -90,7 +90,7 @@ def test_a_weight_s_scales_are_found_once(interpreted, monkeypatch):
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
-    w = (torch.randn(32, 256) * 0.02).bfloat16()
+    w = (torch.randn(64, 1024) * 0.02).bfloat16()  # 1,024 blocks: 4 groups of nested maxima
     packed, state = bnb.functional.quantize_4bit(w, compress_statistics=True, quant_type="nf4")
     passes = []
     col_scales = fp8_kernels.col_scales
@@ -100,10 +100,13 @@ def test_a_weight_s_scales_are_found_once(interpreted, monkeypatch):
         monkeypatch.setattr(fp8_kernels, name, functools.partial(f, out_dtype=torch.float32))
     for transposed in (False, True):
         want, want_scale = fp8_weights.e4m3(packed, state, transposed)
+        kept = set()
         for _ in range(3):
             got, scale = fp8_weights.e4m3(packed, state, transposed, kernel=True)
             assert torch.equal(scale, want_scale)
             assert torch.equal(got.to(E4M3).float(), want.float())
+            kept.add(id(scale))
+        assert len(kept) == 1  # the same scale tensor each call: found once
     assert passes == [1]
     kept = id(state)
     del state

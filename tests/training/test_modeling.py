@@ -15,8 +15,9 @@ def allocator(monkeypatch):
     """CUDA as the train stage finds it on a GPU node: started (bitsandbytes' import asks
     for the compute capability) before the stage asks for expandable segments; records
     what is set on the running allocator."""
-    for k in ALLOC:
-        monkeypatch.delenv(k, raising=False)
+    for k in ALLOC:  # set first, so that monkeypatch restores what the function writes
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     settings: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", settings.append)
