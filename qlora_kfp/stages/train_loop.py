@@ -265,7 +265,7 @@ def _metrics(
         checkpoint_offload=int(setting.offload),
         estimated_peak_gib=setting.estimate_gib,
         memory_settings_tried=plan.settings.index(setting) + 1,
-        expandable_segments=int(expandable),
+        expandable_segments=int(modeling.allocator_expands() or expandable),
     )
     metrics["processes"] = ranks
     if torch.cuda.is_available():

@@ -218,6 +218,16 @@ def prefer_expandable_segments() -> bool:
     return "expandable_segments:true" in conf.replace(" ", "").lower()
 
 
+def allocator_expands() -> bool | None:
+    """Whether the CUDA allocator's segments grow in place, as its own snapshot says (None
+    where CUDA is not in use): what a run reports, rather than what it asked for."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())
+
+
 def _set_allocator_settings(torch, settings: str) -> None:
     """The running CUDA allocator's settings (torch >= 2.9 names the call for every
     accelerator; torch.cuda's older name is deprecated there)."""

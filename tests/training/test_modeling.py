@@ -41,3 +41,21 @@ def test_the_environments_allocator_settings_are_kept(allocator, monkeypatch):
 def test_rank_processes_inherit_the_setting(allocator):
     modeling.prefer_expandable_segments()
     assert {os.environ[k] for k in ALLOC} == {"expandable_segments:True"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's answer")
+def test_without_cuda_no_allocator_is_reported():
+    assert modeling.allocator_expands() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_started_gpu_new_segments_grow_in_place(monkeypatch):
+    for k in ALLOC:
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    torch.zeros(1, device="cuda")  # CUDA started, as after bitsandbytes' import
+    assert modeling.prefer_expandable_segments()
+    block = torch.empty(3 * 2**30, dtype=torch.uint8, device="cuda")  # a segment of its own
+    assert modeling.allocator_expands()
+    del block
