@@ -260,12 +260,13 @@ def _metrics(
         # Evaluation batches are not counted (CountingTrainer.prediction_step).
         "tokens_per_s": round(tokens / max(out.metrics["train_runtime"], 1e-9), 2),
     }
+    expands = modeling.allocator_expands()  # None without CUDA: what was asked for, then
     metrics.update(
         checkpointed_layers=setting.layers,
         checkpoint_offload=int(setting.offload),
         estimated_peak_gib=setting.estimate_gib,
         memory_settings_tried=plan.settings.index(setting) + 1,
-        expandable_segments=int(modeling.allocator_expands() or expandable),
+        expandable_segments=int(expandable if expands is None else expands),
     )
     metrics["processes"] = ranks
     if torch.cuda.is_available():
