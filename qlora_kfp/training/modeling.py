@@ -214,6 +214,7 @@ def prefer_expandable_segments() -> bool:
             os.environ[k] = "expandable_segments:True"
         if torch.cuda.is_initialized():
             _set_allocator_settings(torch, "expandable_segments:True")
+            torch.cuda.empty_cache()  # cached fixed-size segments would be reused first
     conf = env.text(names[0]) or env.text(names[1]) or ""
     return "expandable_segments:true" in conf.replace(" ", "").lower()
 

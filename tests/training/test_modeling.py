@@ -21,6 +21,7 @@ def allocator(monkeypatch):
     settings: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", settings.append)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: settings.append("cache emptied"))
     return settings
 
 
@@ -28,7 +29,7 @@ def test_started_cuda_gets_expandable_segments_on_the_running_allocator(allocato
     # Before: only the environment was set, which a started allocator no longer reads, and
     # every 8B benchmark row said expandable_segments 0.
     assert modeling.prefer_expandable_segments()
-    assert allocator == ["expandable_segments:True"]
+    assert allocator == ["expandable_segments:True", "cache emptied"]
 
 
 def test_the_environments_allocator_settings_are_kept(allocator, monkeypatch):
