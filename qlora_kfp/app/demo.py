@@ -142,11 +142,10 @@ def make_demo_assets(root: str | Path, seed: int = 0) -> dict[str, str]:
     Returns:
         ``{"base_model": ..., "data_source": ...}``, ready to pass to the pipeline.
     """
-    import torch
-
     root = Path(root)
     model_dir, data = root / "tiny-llama", root / "data" / "antonyms.jsonl"
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / "config.json").is_file():  # torch only then: a reused demo starts at once
+        import torch
         from transformers.utils import logging as hf_logging
 
         from qlora_kfp.storage.manifest import atomic_folder

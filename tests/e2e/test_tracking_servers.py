@@ -117,7 +117,9 @@ def two_runs(services, tmp_path_factory):
     out = []
     # Same data three times: the 2nd run forces retraining with another rank; the 3rd, not
     # forced, with the champion's own settings, must skip training because the champion was
-    # made from exactly this dataset, base model, code and settings.
+    # made from exactly this dataset, base model, code and settings. One folder, as `make run`
+    # run again uses: the 2nd and 3rd reuse the demo model and data the 1st made.
+    workdir = tmp_path_factory.mktemp("runs")
     for name, extra in (
         ("rank-16", ["--lora_r", "16"]),
         ("rank-4", ["--lora_r", "4", "--force_retrain"]),
@@ -125,7 +127,6 @@ def two_runs(services, tmp_path_factory):
     ):
         if extra is None:
             extra = ["--lora_r", str(champion_setting(services, "lora_r"))]
-        workdir = tmp_path_factory.mktemp(name)
         args = ["--run_name", name, "--mlflow_experiment", "compare", *SHORT, *extra]
         if name == "rank-16":
             proc = run_cli_watching_training(args, env, workdir, services.tracking_uri)
