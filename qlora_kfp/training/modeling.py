@@ -226,7 +226,11 @@ def allocator_expands() -> bool | None:
 
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
-    return any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except RuntimeError:  # an allocator without snapshots (backend:cudaMallocAsync)
+        return None
+    return any(seg.get("is_expandable") for seg in segments)
 
 
 def _set_allocator_settings(torch, settings: str) -> None:
