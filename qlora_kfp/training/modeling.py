@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 
 from qlora_kfp.errors import ArtifactError, SourceError
 from qlora_kfp.storage import sources
+
+log = logging.getLogger(__name__)
 
 
 def device() -> str:
@@ -213,7 +216,10 @@ def prefer_expandable_segments() -> bool:
         for k in names:  # for this process, and the rank processes it starts
             os.environ[k] = "expandable_segments:True"
         if torch.cuda.is_initialized():
-            _set_allocator_settings(torch, "expandable_segments:True")
+            try:
+                _set_allocator_settings(torch, "expandable_segments:True")
+            except RuntimeError as exc:  # a torch that takes it only at start: train anyway
+                log.warning("CUDA allocator: expandable segments not set (%s)", exc)
             torch.cuda.empty_cache()  # cached fixed-size segments would be reused first
     conf = env.text(names[0]) or env.text(names[1]) or ""
     return "expandable_segments:true" in conf.replace(" ", "").lower()

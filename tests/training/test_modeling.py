@@ -32,6 +32,15 @@ def test_started_cuda_gets_expandable_segments_on_the_running_allocator(allocato
     assert allocator == ["expandable_segments:True", "cache emptied"]
 
 
+def test_a_running_allocator_that_refuses_the_setting_still_trains(allocator, monkeypatch, caplog):
+    def refuse(settings):
+        raise RuntimeError("expandable_segments cannot be changed now")
+
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse)
+    modeling.prefer_expandable_segments()  # no error: the run reports what the allocator does
+    assert "expandable segments not set" in caplog.text
+
+
 def test_the_environments_allocator_settings_are_kept(allocator, monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     assert not modeling.prefer_expandable_segments()
