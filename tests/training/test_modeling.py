@@ -11,13 +11,18 @@ ALLOC = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 @pytest.fixture
-def allocator(monkeypatch):
-    """CUDA as the train stage finds it on a GPU node: started (bitsandbytes' import asks
-    for the compute capability) before the stage asks for expandable segments; records
-    what is set on the running allocator."""
+def no_allocator_env(monkeypatch):
+    """No allocator variable set; afterwards, those the function wrote are removed."""
     for k in ALLOC:  # set first, so that monkeypatch restores what the function writes
         monkeypatch.setenv(k, "")
         monkeypatch.delenv(k)
+
+
+@pytest.fixture
+def allocator(monkeypatch, no_allocator_env):
+    """CUDA as the train stage finds it on a GPU node: started (bitsandbytes' import asks
+    for the compute capability) before the stage asks for expandable segments; records
+    what is set on the running allocator."""
     settings: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", settings.append)
@@ -73,10 +78,7 @@ def test_an_allocator_without_snapshots_is_no_error_at_the_end_of_training(monke
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_started_gpu_new_segments_grow_in_place(monkeypatch):
-    for k in ALLOC:
-        monkeypatch.setenv(k, "")
-        monkeypatch.delenv(k)
+def test_on_a_started_gpu_new_segments_grow_in_place(no_allocator_env):
     torch.zeros(1, device="cuda")  # CUDA started, as after bitsandbytes' import
     assert modeling.prefer_expandable_segments()
     block = torch.empty(3 * 2**30, dtype=torch.uint8, device="cuda")  # a segment of its own
