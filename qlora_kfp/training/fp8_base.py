@@ -14,9 +14,10 @@ amax over 448, e4m3's largest finite value, and the casts clamp so that no value
 
 The weight goes from its packed NF4 codes to e4m3 without a bf16 copy (``fp8_weights``;
 on a GPU Triton kernels, ``fp8_kernels``, with each weight's scales found once), in the
-forward and, transposed, in the backward. Nothing is kept for the backward but the module; the activation is not needed (the base
-weight gets no gradient). q, k and v (and gate and up) read the same input: it is cast once
-and the cast reused while that tensor lives unchanged.
+forward and, transposed, in the backward. Nothing is kept for the backward but the module;
+the activation is not needed (the base weight gets no gradient). q, k and v (and gate and
+up) read the same input: it is cast once and the cast reused while that tensor lives
+unchanged.
 """
 
 from __future__ import annotations

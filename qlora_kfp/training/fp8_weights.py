@@ -119,22 +119,12 @@ def fits(state) -> bool:
 _SCALES: dict[int, dict] = {}
 
 
-def _kept_scale(packed, state, n: int, k: int, transposed: bool):
+def _kept(state) -> dict:
     kept = _SCALES.get(id(state))
     if kept is None:
         kept = _SCALES[id(state)] = {}
         weakref.finalize(state, _SCALES.pop, id(state), None)
-    scale = kept.get(transposed)
-    if scale is None or scale.device != packed.device:
-        from qlora_kfp.training import fp8_kernels
-
-        absmax = absmax_of(state)
-        if transposed:
-            scale = fp8_kernels.col_scales(packed, absmax, state.code, state.blocksize, n, k)
-        else:
-            scale = row_scales(absmax.reshape(n, k // state.blocksize).float(), state.code)
-        kept[transposed] = scale
-    return scale
+    return kept
 
 
 def e4m3(weight, state, transposed: bool = False, kernel: bool = False):
@@ -150,6 +140,11 @@ def e4m3(weight, state, transposed: bool = False, kernel: bool = False):
         return from_codes(packed, absmax_of(state), state.code, state.blocksize, n, k, transposed)
     from qlora_kfp.training import fp8_kernels
 
-    scale = _kept_scale(packed, state, n, k, transposed)
     cast = fp8_kernels.nf4_cols_t if transposed else fp8_kernels.nf4_rows
-    return cast(packed, maxima_of(state), state.code, state.blocksize, n, k, scale=scale)
+    kept = _kept(state)
+    scale = kept.get(transposed)
+    if scale is not None and scale.device == packed.device:
+        return cast(packed, maxima_of(state), state.code, state.blocksize, n, k, scale=scale)
+    # The first call: the kernels find the scales from the float32 maxima, and they are kept.
+    w8, kept[transposed] = cast(packed, absmax_of(state), state.code, state.blocksize, n, k)
+    return w8, kept[transposed]
