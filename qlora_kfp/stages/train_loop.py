@@ -27,12 +27,17 @@ from qlora_kfp.training import (
     batching,
     distributed,
     fsdp,
+    lora_inputs,
     memory_fit,
     modeling,
     resume,
     trainer_hooks,
 )
-from qlora_kfp.training.peft_model import build_peft_model, check_finite_adapter
+from qlora_kfp.training.peft_model import (
+    build_peft_model,
+    check_finite_adapter,
+    use_fused_kernels,
+)
 from qlora_kfp.training.trainer_args import training_arguments
 
 # The stage's logger, as before the stage was split in two: pod logs keep their names.
@@ -197,7 +202,7 @@ def _trainer_factory(
         trainer_cls = fsdp.sharded_trainer(trainer_cls)
 
     def new_trainer():
-        return trainer_cls(
+        trainer = trainer_cls(
             model=model,
             args=args,
             train_dataset=rows.train,
@@ -210,6 +215,10 @@ def _trainer_factory(
                 resume.callback(ckpt, made_from, checkpoint_uri),
             ],
         )
+        if autofit.recomputes_lora_inputs(cfg):  # after the Trainer's Liger patching
+            n = lora_inputs.install(model, use_fused_kernels(cfg.fused_kernels))
+            log.info("LoRA inputs made again in backward: %d norms and MLPs mark them", n)
+        return trainer
 
     return new_trainer
 

@@ -87,7 +87,14 @@ def estimate_kwargs(
         dropout=dropout_mode(cfg),
         world_size=world_size or cfg.world_size,
         sharded=cfg.parallelism == "fsdp",
+        recomputed=recomputes_lora_inputs(cfg),
     )
+
+
+def recomputes_lora_inputs(cfg: TrainConfig) -> bool:
+    """Whether the train stage makes the LoRA A products' inputs again in backward
+    (:mod:`qlora_kfp.training.lora_inputs`): on the fused LoRA path, not under FSDP."""
+    return cfg.fused_lora and not cfg.use_dora and cfg.parallelism != "fsdp"
 
 
 def dropout_mode(cfg: TrainConfig) -> str:

@@ -95,7 +95,9 @@ def linear_shapes(cfg) -> list[tuple[int, int]]:
 DROPOUT_MODES = ("none", "regenerated", "peft")
 
 
-def kept_layer_bytes(cfg, dropout: str = "none", fp32_upcast: bool = False) -> float:
+def kept_layer_bytes(
+    cfg, dropout: str = "none", fp32_upcast: bool = False, recomputed: bool = False
+) -> float:
     """Bytes a token that autograd keeps of one Llama-style decoder layer for its backward.
 
     In the compute dtype (2 bytes): the layer input and the attention block's midpoint (the
@@ -105,7 +107,9 @@ def kept_layer_bytes(cfg, dropout: str = "none", fp32_upcast: bool = False) -> f
     each adapted Linear keeps its dropped-out input (2 bytes) and mask (1 byte) instead of
     sharing the plain input; the train stage's LoRA path (``"regenerated"``) draws the masks
     again in backward and keeps what ``"none"`` keeps (``lora_dropout``). With ``fp32_upcast``
-    the residual stream and the norms run in float32.
+    the residual stream and the norms run in float32. With ``recomputed`` the LoRA A products
+    keep no input of their own: the norms' outputs and the SwiGLU product are made again in
+    their backward from what the norms and the SwiGLU keep (:mod:`qlora_kfp.training.lora_inputs`).
     """
     h, q, kv, _ = _dims(cfg)
     inter = cfg.intermediate_size
@@ -117,6 +121,8 @@ def kept_layer_bytes(cfg, dropout: str = "none", fp32_upcast: bool = False) -> f
         lora_inputs = 5 * h * (7 if fp32_upcast else 3) + (q + inter) * 3
     else:  # shared inputs: the norms' outputs once, the attention output with attention
         lora_inputs = (2 * h * 4 + 5 * h * 2 if fp32_upcast else 2 * h * 2) + inter * 2
+    if recomputed and dropout != "peft":  # o's input is the attention output, kept below
+        lora_inputs = 0
     attention = (2 * q + 2 * kv) * 2  # q, k, v and the output
     mlp = 2 * inter * 2  # gate, up
     return (stream + lora_inputs + attention + mlp) * KEPT_FIT
@@ -137,6 +143,7 @@ def estimate(
     dropout: str = "none",
     world_size: int = 1,
     sharded: bool = False,
+    recomputed: bool = False,
 ) -> MemoryEstimate:
     """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
 
@@ -149,6 +156,9 @@ def estimate(
     through peft's own module (``peft``; see :func:`kept_layer_bytes`). ``world_size``:
     training processes; the estimate is one GPU's, at ``batch_size`` per GPU, under DDP, or
     under FSDP with ``sharded`` (weights, LoRA and optimizer state split ``world_size`` ways).
+    ``recomputed``: the LoRA A products' inputs are made again in backward (see
+    :func:`kept_layer_bytes`); the backward's temporaries stay as without it, plus the
+    widest input made again.
     """
     shapes = linear_shapes(cfg)
     h, vocab, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
@@ -170,7 +180,9 @@ def estimate(
         parts["DDP gradient buckets"] = lora * 4
     n = gradient_checkpointing_layers
     ckpt = 0 if not gradient_checkpointing else layers if n < 0 else min(n, layers)
-    kept = tokens * kept_layer_bytes(cfg, dropout, fp32_upcast)
+    kept = tokens * kept_layer_bytes(cfg, dropout, fp32_upcast, recomputed)
+    # The backward's temporaries (the fits below) do not shrink with what the layer keeps.
+    scale = tokens * kept_layer_bytes(cfg, dropout, fp32_upcast)
     stream = tokens * h * (4 if fp32_upcast else 2)
     if ckpt:
         on_gpu = min(ckpt, OFFLOAD_IN_FLIGHT) if offload else ckpt
@@ -181,11 +193,13 @@ def estimate(
     # go first, each while every kept activation is held, plus its backward's temporaries;
     # they are freed by the time a checkpointed layer is recomputed. Counting the recompute
     # on top of every kept activation put the estimate 4-8% over the measured peak there.
-    work = kept * (RECOMPUTE_WORK[dropout] if ckpt == layers else BACKWARD_WORK)
+    work = scale * (RECOMPUTE_WORK[dropout] if ckpt == layers else BACKWARD_WORK)
     if 0 < ckpt < layers:  # whichever peak is higher (the first, for every fit so far)
-        work = max(work, kept * RECOMPUTE_WORK[dropout] - parts["kept activations"])
+        work = max(work, scale * RECOMPUTE_WORK[dropout] - parts["kept activations"])
     if dropout == "regenerated":
         work += tokens * max(h, cfg.intermediate_size) * REGENERATED_DROPOUT_BYTES
+    if recomputed:
+        work += tokens * max(h, cfg.intermediate_size) * 2
     parts["backward working set"] = work
     if fused_loss:  # Liger: the input's gradient (kept from the forward) and two chunks
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / h)))))

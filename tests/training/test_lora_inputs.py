@@ -1,0 +1,176 @@
+"""LoRA A inputs made again in backward: the same loss and gradients, less kept."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from qlora_kfp.configs import TrainConfig
+from qlora_kfp.training import autofit, lora_dropout, lora_inputs, modeling
+from qlora_kfp.training.peft_model import build_peft_model
+
+
+def _model(quantized, dropout: float, checkpointed: int, marked: bool):
+    cfg = TrainConfig(lora_r=8, lora_dropout=dropout, fused_lora=True)
+    assert autofit.recomputes_lora_inputs(cfg)
+    torch.manual_seed(0)
+    model = build_peft_model(cfg, quantized.path)
+    torch.manual_seed(1)  # lora_B starts at zero: give it values so every gradient flows
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    modeling.checkpoint_first_layers(model, checkpointed)
+    if marked:
+        assert lora_inputs.install(model, fused_kernels=False) == 3 * 2  # 2 norms + MLP a layer
+    return model.train()
+
+
+@pytest.fixture(scope="module")
+def batch(prepared):
+    from transformers import AutoTokenizer
+
+    from qlora_kfp.storage.artifacts import token_rows
+    from qlora_kfp.training import batching
+
+    tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")
+    return batching.make_collator("padding_free", tok)(token_rows(prepared.path, "train")[:4])
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while ``fn`` runs (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    "dropout, checkpointed",
+    [
+        pytest.param(0.0, 0, id="no-dropout-kept"),
+        pytest.param(0.1, 0, id="dropout-kept"),
+        pytest.param(0.1, -1, id="dropout-every-layer-checkpointed"),
+        pytest.param(0.0, 1, id="no-dropout-first-layer-checkpointed"),
+    ],
+)
+def test_same_loss_and_gradients_as_keeping_the_inputs(quantized, batch, dropout, checkpointed):
+    def loss_and_grads(marked: bool):
+        model = _model(quantized, dropout, checkpointed, marked)
+        torch.manual_seed(2)  # the same dropout masks in both
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want_loss, want = loss_and_grads(marked=False)
+    got_loss, got = loss_and_grads(marked=True)
+    assert torch.equal(got_loss, want_loss)
+    assert want.keys() == got.keys() and all(g.abs().sum() > 0 for g in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_norms_outputs_and_the_swiglu_product_are_no_longer_kept(quantized, batch):
+    """What the forward keeps falls by exactly the two norms' outputs and the product of
+    every layer, and none of those tensors is among what is kept."""
+    made: list[torch.Tensor] = []
+
+    def record(_module, _args, out):
+        made.append(out)
+
+    def forward(marked: bool):
+        model = _model(quantized, 0.0, 0, marked)
+        made.clear()
+        hooks = [
+            m.register_forward_hook(record)
+            for layer in modeling.decoder_layers(model)
+            for m in (layer.input_layernorm, layer.post_attention_layernorm)
+        ] + [
+            layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: made.append(a[0]))
+            for layer in modeling.decoder_layers(model)
+        ]
+        kept = _saved_bytes(lambda: model(**batch).loss)
+        for h in hooks:
+            h.remove()
+        return kept
+
+    before = forward(marked=False)
+    freed = sum(t.untyped_storage().nbytes() for t in made)
+    assert len(made) == 3 * 2  # two layers
+    assert before - forward(marked=True) == freed
+
+
+def test_a_recipe_is_not_trusted_once_its_output_changed_in_place():
+    gate, up = torch.randn(3, 8), torch.randn(3, 8)
+    product = lora_inputs.mark(gate * up, torch.mul, gate, up)
+    assert lora_inputs.recipe(product)[0] is torch.mul
+    product.add_(1.0)
+    assert lora_inputs.recipe(product) == (None, ())
+    weight = torch.randn(2, 8, requires_grad=True)
+    out = lora_dropout.lora_a(torch.nn.Identity(), product, weight)
+    out.sum().backward()  # kept as it is now, not made again from gate and up
+    torch.testing.assert_close(weight.grad, product.sum(0).expand(2, 8))
+
+
+def test_install_wraps_once_and_again_after_the_trainer_rebinds_a_forward(quantized):
+    model = _model(quantized, 0.0, 0, marked=True)
+    assert lora_inputs.install(model, fused_kernels=False) == 6  # nothing wrapped twice
+    norm = modeling.decoder_layers(model)[0].input_layernorm
+    calls = []
+    inner = norm.forward.__closure__  # the marking wrapper's
+    assert inner is not None and norm.forward is not type(norm).forward
+
+    def counting(self, x):  # what Liger's patching does: a new forward bound to the module
+        calls.append(1)
+        return type(self).forward(self, x)
+
+    norm.forward = types.MethodType(counting, norm)
+    lora_inputs.install(model, fused_kernels=False)
+    x = torch.randn(2, 3, norm.weight.shape[0])
+    out = norm(x)
+    assert calls == [1]
+    remake, sources = lora_inputs.recipe(out)
+    assert sources[0] is x and torch.equal(remake(x), out)
+
+
+@pytest.mark.gpu
+def test_gpu_liger_kernels_remake_their_outputs_bit_for_bit():
+    """On the GPU, bf16: Liger's SwiGLU and RMSNorm, made again in backward, give A the
+    same gradient and x the same gradient as keeping their outputs."""
+    from liger_kernel.ops import LigerSiLUMulFunction
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    gate = torch.randn(2, 512, 1024, device=dev, dtype=bf16, requires_grad=True)
+    up = torch.randn(2, 512, 1024, device=dev, dtype=bf16, requires_grad=True)
+    norm = LigerRMSNorm(1024).to(dev, bf16)
+    weight = torch.randn(64, 1024, device=dev) * 0.02
+
+    def run(marked: bool, which: str):
+        for t in (gate, up):
+            t.grad = None
+        w = weight.clone().requires_grad_(True)
+        if which == "swiglu":
+            x = LigerSiLUMulFunction.apply(gate, up)
+            remake, sources = LigerSiLUMulFunction.apply, (gate, up)
+        else:
+            x = norm(gate)
+            remake, sources = norm.forward, (gate,)
+        if marked:
+            lora_inputs.mark(x, remake, *sources)
+        with torch.autocast("cuda", dtype=bf16):
+            out = lora_dropout.lora_a(torch.nn.Identity(), x, w)
+        out.float().square().sum().backward()
+        return w.grad, gate.grad
+
+    for which in ("swiglu", "norm"):
+        want, got = run(False, which), run(True, which)
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, msg=which)
