@@ -181,7 +181,8 @@ def estimate(
     n = gradient_checkpointing_layers
     ckpt = 0 if not gradient_checkpointing else layers if n < 0 else min(n, layers)
     kept = tokens * kept_layer_bytes(cfg, dropout, fp32_upcast, recomputed)
-    # The backward's temporaries (the fits below) do not shrink with what the layer keeps.
+    # The backward's temporaries (the fits below, as shares of what a layer keeps without
+    # ``recomputed``) do not shrink with what the layer keeps.
     scale = tokens * kept_layer_bytes(cfg, dropout, fp32_upcast)
     stream = tokens * h * (4 if fp32_upcast else 2)
     if ckpt:
@@ -193,9 +194,10 @@ def estimate(
     # go first, each while every kept activation is held, plus its backward's temporaries;
     # they are freed by the time a checkpointed layer is recomputed. Counting the recompute
     # on top of every kept activation put the estimate 4-8% over the measured peak there.
-    work = scale * (RECOMPUTE_WORK[dropout] if ckpt == layers else BACKWARD_WORK)
+    recompute = kept + scale * (RECOMPUTE_WORK[dropout] - 1)  # its kept + temporaries
+    work = recompute if ckpt == layers else scale * BACKWARD_WORK
     if 0 < ckpt < layers:  # whichever peak is higher (the first, for every fit so far)
-        work = max(work, scale * RECOMPUTE_WORK[dropout] - parts["kept activations"])
+        work = max(work, recompute - parts["kept activations"])
     if dropout == "regenerated":
         work += tokens * max(h, cfg.intermediate_size) * REGENERATED_DROPOUT_BYTES
     if recomputed:

@@ -407,6 +407,7 @@ def test_preflight_estimates_one_gpu_of_a_ddp_run(
         attention="varlen",
         fp32_upcast=False,
         dropout="regenerated",
+        recomputed=True,
     ).parts_gib
     lora = sum(16 * (i + o) for i, o in memory.linear_shapes(LlamaConfig(**LLAMA_8B)))
     buckets = {"DDP gradient buckets": round(lora * 4 / memory.GIB, 2)} if world > 1 else {}
