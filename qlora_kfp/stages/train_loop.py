@@ -215,9 +215,9 @@ def _trainer_factory(
                 resume.callback(ckpt, made_from, checkpoint_uri),
             ],
         )
-        if autofit.recomputes_lora_inputs(cfg):  # after the Trainer's Liger patching
-            n = lora_inputs.install(model, use_fused_kernels(cfg.fused_kernels))
-            log.info("LoRA inputs made again in backward: %d norms and MLPs mark them", n)
+        if autofit.recomputes_lora_inputs(cfg):
+            fused = use_fused_kernels(cfg.fused_kernels)
+            trainer.add_callback(lora_inputs.callback(model, fused))
         return trainer
 
     return new_trainer

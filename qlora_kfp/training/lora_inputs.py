@@ -23,15 +23,18 @@ backward overwrites gate and up in place). The recipe is the forward's own kerne
 input made again is the forward's bit for bit. An output changed in place after it was marked
 is not trusted (its version moved): its A product keeps it as before.
 
-:func:`install` puts the marking forwards in; the train stage calls it after each Trainer is
-made, as the Trainer's Liger patching replaces the norms' and MLPs' forwards. Not under FSDP,
-whose parameters are gathered only while their own module runs.
+:func:`install` puts the marking forwards in; the train stage calls it when training begins
+(:func:`callback`), after ``Trainer.train`` has applied Liger's kernels, which replace the
+norms' and MLPs' forwards. Not under FSDP, whose parameters are gathered only while their own
+module runs.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+log = logging.getLogger(__name__)
 _RECIPE = "_lora_input_recipe"
 _MARKS = "_marks_lora_inputs"
 
@@ -127,3 +130,16 @@ def install(model, fused_kernels: bool) -> int:
         mlp = getattr(layer, "mlp", None)
         n += mlp is not None and _marking_mlp(mlp, fused_kernels)
     return n
+
+
+def callback(model, fused_kernels: bool):
+    """A Trainer callback that calls :func:`install` as training begins: ``Trainer.train``
+    applies Liger's kernels first (replacing the forwards installed before it)."""
+    from transformers import TrainerCallback
+
+    class MarkLoraInputs(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            n = install(model, fused_kernels)
+            log.info("LoRA inputs made again in backward: %d norms and MLPs mark them", n)
+
+    return MarkLoraInputs()

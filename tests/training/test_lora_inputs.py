@@ -148,14 +148,14 @@ def test_gpu_liger_kernels_remake_their_outputs_bit_for_bit():
 
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16
-    gate = torch.randn(2, 512, 1024, device=dev, dtype=bf16, requires_grad=True)
-    up = torch.randn(2, 512, 1024, device=dev, dtype=bf16, requires_grad=True)
+    values = torch.randn(2, 2, 512, 1024, device=dev, dtype=bf16)
     norm = LigerRMSNorm(1024).to(dev, bf16)
     weight = torch.randn(64, 1024, device=dev) * 0.02
 
     def run(marked: bool, which: str):
-        for t in (gate, up):
-            t.grad = None
+        # Fresh inputs each run: Liger's SwiGLU backward writes its gradients over the
+        # tensors it kept (in a model, the gate and up activations of that step).
+        gate, up = (v.clone().requires_grad_(True) for v in values)
         w = weight.clone().requires_grad_(True)
         if which == "swiglu":
             x = LigerSiLUMulFunction.apply(gate, up)
@@ -174,3 +174,39 @@ def test_gpu_liger_kernels_remake_their_outputs_bit_for_bit():
         want, got = run(False, which), run(True, which)
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=0, msg=which)
+
+
+@pytest.mark.slow
+def test_the_train_stage_marks_after_the_trainer_applies_liger(
+    quantized, prepared, tmp_path, monkeypatch
+):
+    """``Trainer.train`` applies Liger's kernels, rebinding the norms' and MLPs' forwards,
+    before the first step: marks put in before that are gone (on the GPU, session 14, nothing
+    was made again). Here a stand-in rebinds them as Liger's instance patching does."""
+    import transformers.trainer
+
+    from qlora_kfp.stages.train import run_train
+
+    def like_liger(model, _config):
+        for layer in modeling.decoder_layers(model):
+            for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                m.forward = types.MethodType(type(m).forward, m)
+
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", like_liger)
+    # Liger's SwiGLU is Triton-only; the model's own activation stands in for it.
+    monkeypatch.setattr(lora_inputs, "_swiglu", lambda mlp, _fused: lambda g, u: mlp.act_fn(g) * u)
+    made_again = []
+    lora_a = lora_dropout.lora_a
+
+    def spy(dropout, x, weight):
+        if torch.is_grad_enabled():
+            made_again.append(lora_inputs.recipe(x)[0] is not None)
+        return lora_a(dropout, x, weight)
+
+    monkeypatch.setattr(lora_dropout, "lora_a", spy)
+    cfg = TrainConfig(
+        max_steps=1, batch_size=2, lora_r=8, lora_dropout=0.0, fused_kernels="on", eval_steps=0
+    )
+    run_train(cfg, quantized.path, prepared.path, str(tmp_path / "out"))
+    # Six of a layer's seven Linears (o takes the attention output, kept by attention).
+    assert made_again and sum(made_again) * 7 == 6 * len(made_again)
