@@ -107,7 +107,7 @@ def check_memory(
         fsdp.check_storage(
             quant_storage, cfg.compute_dtype, True, "the quantize stage", mode.describe()
         )
-    kw = autofit.estimate_kwargs(cfg, has_varlen=varlen)
+    kw = autofit.estimate_kwargs(model_cfg, cfg, has_varlen=varlen)
     # What the train stage will decide: the same function on the same inputs, except the
     # training pod's host memory, which is not known here (auto may offload).
     plan = autofit.plan(model_cfg, cfg, seq, gpu_memory_gib, float("inf"), has_varlen=varlen)

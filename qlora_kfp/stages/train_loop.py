@@ -215,9 +215,10 @@ def _trainer_factory(
                 resume.callback(ckpt, made_from, checkpoint_uri),
             ],
         )
-        if autofit.recomputes_lora_inputs(cfg):
+        which = autofit.recomputed_lora_inputs(model.config, cfg)
+        if which:
             fused = use_fused_kernels(cfg.fused_kernels)
-            trainer.add_callback(lora_inputs.callback(model, fused))
+            trainer.add_callback(lora_inputs.callback(model, which, fused))
         return trainer
 
     return new_trainer

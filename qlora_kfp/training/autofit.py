@@ -68,7 +68,7 @@ class CheckpointPlan:
 
 
 def estimate_kwargs(
-    cfg: TrainConfig, has_varlen: bool | None = None, world_size: int | None = None
+    model_cfg, cfg: TrainConfig, has_varlen: bool | None = None, world_size: int | None = None
 ) -> dict:
     """The keyword arguments of ``memory.estimate`` that follow from the stage config.
 
@@ -87,14 +87,20 @@ def estimate_kwargs(
         dropout=dropout_mode(cfg),
         world_size=world_size or cfg.world_size,
         sharded=cfg.parallelism == "fsdp",
-        recomputed=recomputes_lora_inputs(cfg),
+        recomputed=recomputed_lora_inputs(model_cfg, cfg),
     )
 
 
-def recomputes_lora_inputs(cfg: TrainConfig) -> bool:
-    """Whether the train stage makes the LoRA A products' inputs again in backward
-    (:mod:`qlora_kfp.training.lora_inputs`): on the fused LoRA path, not under FSDP."""
-    return cfg.fused_lora and not cfg.use_dora and cfg.parallelism != "fsdp"
+def recomputed_lora_inputs(model_cfg, cfg: TrainConfig) -> tuple[str, ...]:
+    """Which LoRA A inputs the train stage makes again in backward
+    (:mod:`qlora_kfp.training.lora_inputs`): on the fused LoRA path, not under FSDP, for
+    models of Llama's layout; the norms' outputs where Liger's kernels run (``auto``
+    counts as on, as for the fused loss: the train stage's GPU image has them)."""
+    from qlora_kfp.training import lora_inputs
+
+    if not cfg.fused_lora or cfg.use_dora or cfg.parallelism == "fsdp":
+        return ()
+    return lora_inputs.parts(model_cfg, liger_norms=cfg.fused_kernels != "off")
 
 
 def dropout_mode(cfg: TrainConfig) -> str:
@@ -131,7 +137,12 @@ def setting_estimate(
 ):
     """The ``memory.estimate`` :func:`plan` made of ``setting`` (same arguments), in parts."""
     return _estimate(
-        model_cfg, cfg, seq_len, setting.layers, setting.offload, estimate_kwargs(cfg, has_varlen)
+        model_cfg,
+        cfg,
+        seq_len,
+        setting.layers,
+        setting.offload,
+        estimate_kwargs(model_cfg, cfg, has_varlen),
     )
 
 
@@ -166,7 +177,7 @@ def plan(
     from qlora_kfp.training import memory
 
     layers = model_cfg.num_hidden_layers
-    kw = estimate_kwargs(cfg, has_varlen)
+    kw = estimate_kwargs(model_cfg, cfg, has_varlen)
     tokens = seq_len * cfg.batch_size
     stash_gib = layers * tokens * model_cfg.hidden_size * (4 if cfg.fp32_upcast else 2) / 2**30
     can_offload = offload_allowed(cfg, host_free_gib, stash_gib)

@@ -32,26 +32,52 @@ module runs.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 _RECIPE = "_lora_input_recipe"
 _MARKS = "_marks_lora_inputs"
+SWIGLU, NORMS = "swiglu", "norms"
+# Decoder layers laid out as Llama's: a SiLU-gated MLP of gate_proj, up_proj and down_proj,
+# input_layernorm before attention, post_attention_layernorm before the MLP (not Gemma 2's
+# four norms, nor Phi-3's fused gate_up_proj).
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def parts(model_cfg, liger_norms: bool) -> tuple[str, ...]:
+    """Which LoRA inputs are made again for a model (the memory estimate and :func:`install`
+    both ask here): the SwiGLU product on Llama's layout; the norms' outputs too where Liger's
+    RMSNorm runs (``liger_norms``). transformers' own RMSNorm keeps a float32 copy of its
+    input, not the input: making its bf16 output again would keep the bf16 input instead,
+    for nothing."""
+    if getattr(model_cfg, "model_type", None) not in LLAMA_LAYOUT or getattr(
+        model_cfg, "hidden_act", None
+    ) not in ("silu", "swish"):
+        return ()
+    return (SWIGLU, NORMS) if liger_norms else (SWIGLU,)
 
 
 def mark(out, remake: Callable, *sources):
-    """Record that ``remake(*sources)`` makes ``out`` again, bit for bit; returns ``out``."""
-    setattr(out, _RECIPE, (remake, sources, out._version))
+    """Record that ``remake(*sources)`` makes ``out`` again, bit for bit; returns ``out``.
+
+    The sources are held weakly: a mark must not keep them alive where something else keeps
+    ``out`` (peft's own forward, a fallback) and they would otherwise have been freed."""
+    refs = tuple(weakref.ref(t) for t in sources)
+    setattr(out, _RECIPE, (remake, refs, out._version))
     return out
 
 
 def recipe(x) -> tuple[Callable | None, tuple]:
-    """``(remake, sources)`` that make ``x`` again, or ``(None, ())`` when ``x`` has no recipe
-    or was changed in place since it was marked."""
+    """``(remake, sources)`` that make ``x`` again, or ``(None, ())`` when ``x`` has no recipe,
+    was changed in place since it was marked, or a source is gone."""
     found = getattr(x, _RECIPE, None)
     if found is None or found[2] != x._version:
         return None, ()
-    return found[0], found[1]
+    sources = tuple(ref() for ref in found[1])
+    if any(t is None for t in sources):
+        return None, ()
+    return found[0], sources
 
 
 def _marking_norm(norm) -> bool:
@@ -107,14 +133,15 @@ def _marking_mlp(mlp, fused_kernels: bool) -> bool:
     return True
 
 
-def install(model, fused_kernels: bool) -> int:
-    """Make the norms and SwiGLU MLPs of every decoder layer of ``model`` mark their outputs.
+def install(model, which: tuple[str, ...], fused_kernels: bool) -> int:
+    """Make the SwiGLU MLPs (and norms) of every decoder layer of ``model`` mark their outputs.
 
     Idempotent: a forward that marks already is left alone; one the Trainer replaced since
     (Liger) is wrapped again.
 
     Args:
         model: The peft model (its decoder layers' Linears adapted).
+        which: What to mark (:func:`parts`).
         fused_kernels: Whether Liger's kernels run (its SwiGLU then computes the product).
 
     Returns:
@@ -124,22 +151,40 @@ def install(model, fused_kernels: bool) -> int:
 
     n = 0
     for layer in modeling.decoder_layers(model):
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            norm = getattr(layer, name, None)
-            n += norm is not None and _marking_norm(norm)
+        if NORMS in which:
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                norm = getattr(layer, name, None)
+                n += norm is not None and _marking_norm(norm)
         mlp = getattr(layer, "mlp", None)
-        n += mlp is not None and _marking_mlp(mlp, fused_kernels)
+        n += SWIGLU in which and mlp is not None and _marking_mlp(mlp, fused_kernels)
     return n
 
 
-def callback(model, fused_kernels: bool):
+def expected(which: tuple[str, ...], layers: int) -> int:
+    """How many modules :func:`install` marks in ``layers`` decoder layers of Llama's layout."""
+    return layers * ((SWIGLU in which) + 2 * (NORMS in which))
+
+
+def callback(model, which: tuple[str, ...], fused_kernels: bool):
     """A Trainer callback that calls :func:`install` as training begins: ``Trainer.train``
-    applies Liger's kernels first (replacing the forwards installed before it)."""
+    applies Liger's kernels first (replacing the forwards installed before it). Fewer marks
+    than the memory plan counted on are a warning: the plan assumed less memory."""
     from transformers import TrainerCallback
+
+    from qlora_kfp.training import modeling
 
     class MarkLoraInputs(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            n = install(model, fused_kernels)
-            log.info("LoRA inputs made again in backward: %d norms and MLPs mark them", n)
+            n = install(model, which, fused_kernels)
+            want = expected(which, len(modeling.decoder_layers(model)))
+            log.info("LoRA inputs made again in backward (%s): %d modules mark them", which, n)
+            if n < want:
+                log.warning(
+                    "only %d of the %d norms and MLPs the memory plan counted on mark their "
+                    "outputs (a layout unlike Llama's?): the run may need more memory than "
+                    "planned; set gradient_checkpointing_layers if it runs out",
+                    n,
+                    want,
+                )
 
     return MarkLoraInputs()

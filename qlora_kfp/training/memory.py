@@ -96,7 +96,7 @@ DROPOUT_MODES = ("none", "regenerated", "peft")
 
 
 def kept_layer_bytes(
-    cfg, dropout: str = "none", fp32_upcast: bool = False, recomputed: bool = False
+    cfg, dropout: str = "none", fp32_upcast: bool = False, recomputed: tuple[str, ...] = ()
 ) -> float:
     """Bytes a token that autograd keeps of one Llama-style decoder layer for its backward.
 
@@ -107,9 +107,9 @@ def kept_layer_bytes(
     each adapted Linear keeps its dropped-out input (2 bytes) and mask (1 byte) instead of
     sharing the plain input; the train stage's LoRA path (``"regenerated"``) draws the masks
     again in backward and keeps what ``"none"`` keeps (``lora_dropout``). With ``fp32_upcast``
-    the residual stream and the norms run in float32. With ``recomputed`` the LoRA A products
-    keep no input of their own: the norms' outputs and the SwiGLU product are made again in
-    their backward from what the norms and the SwiGLU keep (:mod:`qlora_kfp.training.lora_inputs`).
+    the residual stream and the norms run in float32. ``recomputed``: the LoRA A inputs made
+    again in their backward from what the SwiGLU (``"swiglu"``: down's input) and the norms
+    (``"norms"``: q, k, v's, gate's and up's) keep (:mod:`qlora_kfp.training.lora_inputs`).
     """
     h, q, kv, _ = _dims(cfg)
     inter = cfg.intermediate_size
@@ -124,11 +124,12 @@ def kept_layer_bytes(
     attention = (2 * q + 2 * kv) * 2  # q, k, v and the output
     mlp = 2 * inter * 2  # gate, up
     kept = (stream + lora_inputs + attention + mlp) * KEPT_FIT
-    if recomputed and dropout != "peft":
-        # Exactly those tensors are no longer kept (measured on the H100: 64.23 -> 47.91 GiB
+    if dropout != "peft":
+        # Exactly those tensors are no longer kept (measured on the H100: 64.21 -> 47.91 GiB
         # at 6 bins, 44.5 KB a token a layer); KEPT_FIT's share is of other things. o's input
         # is the attention output, kept by attention.
-        kept -= lora_inputs
+        kept -= inter * 2 * ("swiglu" in recomputed)
+        kept -= (lora_inputs - inter * 2) * ("norms" in recomputed)
     return kept
 
 
@@ -147,7 +148,7 @@ def estimate(
     dropout: str = "none",
     world_size: int = 1,
     sharded: bool = False,
-    recomputed: bool = False,
+    recomputed: tuple[str, ...] = (),
 ) -> MemoryEstimate:
     """Estimate peak training memory for a micro-batch of ``batch_size`` x ``seq_len`` tokens.
 
@@ -204,7 +205,7 @@ def estimate(
         work = max(work, recompute - parts["kept activations"])
     if dropout == "regenerated":
         work += tokens * max(h, cfg.intermediate_size) * REGENERATED_DROPOUT_BYTES
-    if recomputed:
+    if recomputed:  # the widest input made again, for a moment
         work += tokens * max(h, cfg.intermediate_size) * 2
     parts["backward working set"] = work
     if fused_loss:  # Liger: the input's gradient (kept from the forward) and two chunks

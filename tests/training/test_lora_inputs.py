@@ -11,20 +11,58 @@ from qlora_kfp.configs import TrainConfig
 from qlora_kfp.training import autofit, lora_dropout, lora_inputs, modeling
 from qlora_kfp.training.peft_model import build_peft_model
 
+BOTH = (lora_inputs.SWIGLU, lora_inputs.NORMS)
 
-def _model(quantized, dropout: float, checkpointed: int, marked: bool):
-    cfg = TrainConfig(lora_r=8, lora_dropout=dropout, fused_lora=True)
-    assert autofit.recomputes_lora_inputs(cfg)
+
+def _model(quantized, dropout: float, checkpointed: int, marked: tuple[str, ...]):
+    cfg = TrainConfig(lora_r=8, lora_dropout=dropout, fused_lora=True, fused_kernels="on")
     torch.manual_seed(0)
     model = build_peft_model(cfg, quantized.path)
+    assert autofit.recomputed_lora_inputs(model.config, cfg) == BOTH
     torch.manual_seed(1)  # lora_B starts at zero: give it values so every gradient flows
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     modeling.checkpoint_first_layers(model, checkpointed)
-    if marked:
-        assert lora_inputs.install(model, fused_kernels=False) == 3 * 2  # 2 norms + MLP a layer
+    if marked:  # fused_kernels=False: transformers' own RMSNorm and activation (no Triton)
+        assert lora_inputs.install(model, marked, False) == lora_inputs.expected(marked, 2)
     return model.train()
+
+
+def _counting_recipes(monkeypatch) -> list[int]:
+    """Counts the inputs made again in backward (every recipe handed out is wrapped)."""
+    made = [0]
+    recipe = lora_inputs.recipe
+
+    def counting(x):
+        remake, sources = recipe(x)
+        if remake is None:
+            return remake, sources
+
+        def again(*a):
+            made[0] += 1
+            return remake(*a)
+
+        return again, sources
+
+    monkeypatch.setattr(lora_inputs, "recipe", counting)
+    return made
+
+
+@pytest.mark.parametrize(
+    "model_type, act, liger, want",
+    [
+        pytest.param("llama", "silu", True, BOTH, id="llama-liger"),
+        pytest.param("llama", "silu", False, (lora_inputs.SWIGLU,), id="llama-own-rmsnorm"),
+        pytest.param("qwen2", "silu", True, BOTH, id="qwen2-liger"),
+        pytest.param("gemma", "gelu_pytorch_tanh", True, (), id="gemma-gelu"),
+        pytest.param("gemma2", "gelu_pytorch_tanh", True, (), id="gemma2-four-norms"),
+        pytest.param("phi3", "silu", True, (), id="phi3-fused-gate-up"),
+    ],
+)
+def test_what_is_made_again_follows_the_model_s_layout(model_type, act, liger, want):
+    cfg = types.SimpleNamespace(model_type=model_type, hidden_act=act)
+    assert lora_inputs.parts(cfg, liger_norms=liger) == want
 
 
 @pytest.fixture(scope="module")
@@ -60,50 +98,69 @@ def _saved_bytes(fn) -> int:
         pytest.param(0.0, 1, id="no-dropout-first-layer-checkpointed"),
     ],
 )
-def test_same_loss_and_gradients_as_keeping_the_inputs(quantized, batch, dropout, checkpointed):
-    def loss_and_grads(marked: bool):
+def test_same_loss_and_gradients_as_keeping_the_inputs(
+    quantized, batch, dropout, checkpointed, monkeypatch
+):
+    def loss_and_grads(marked: tuple[str, ...]):
         model = _model(quantized, dropout, checkpointed, marked)
         torch.manual_seed(2)  # the same dropout masks in both
         loss = model(**batch).loss
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    want_loss, want = loss_and_grads(marked=False)
-    got_loss, got = loss_and_grads(marked=True)
+    want_loss, want = loss_and_grads(marked=())
+    made = _counting_recipes(monkeypatch)
+    got_loss, got = loss_and_grads(marked=BOTH)
+    # Each layer's q, k, v, gate, up and down made their input again (two layers).
+    assert made[0] == 6 * 2
     assert torch.equal(got_loss, want_loss)
     assert want.keys() == got.keys() and all(g.abs().sum() > 0 for g in got.values())
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_the_norms_outputs_and_the_swiglu_product_are_no_longer_kept(quantized, batch):
-    """What the forward keeps falls by exactly the two norms' outputs and the product of
-    every layer, and none of those tensors is among what is kept."""
+@pytest.mark.parametrize(
+    "dropout, which",
+    [
+        pytest.param(0.0, BOTH, id="norms-and-product"),
+        pytest.param(0.1, BOTH, id="norms-and-product-dropout"),
+        pytest.param(0.0, (lora_inputs.SWIGLU,), id="product-only"),
+    ],
+)
+def test_what_is_made_again_is_no_longer_kept(quantized, batch, dropout, which):
+    """What the forward keeps falls by exactly the marked outputs (the two norms' and the
+    SwiGLU product of every layer, or the product alone); none of them is kept. float32:
+    transformers' RMSNorm keeps its float32 input itself (in bf16 it keeps a float32 copy,
+    so ``parts`` marks its output only where Liger's RMSNorm runs)."""
     made: list[torch.Tensor] = []
 
     def record(_module, _args, out):
         made.append(out)
 
-    def forward(marked: bool):
-        model = _model(quantized, 0.0, 0, marked)
+    def forward(marked: tuple[str, ...]):
+        model = _model(quantized, dropout, 0, marked)
         made.clear()
+        layers = modeling.decoder_layers(model)
         hooks = [
-            m.register_forward_hook(record)
-            for layer in modeling.decoder_layers(model)
-            for m in (layer.input_layernorm, layer.post_attention_layernorm)
-        ] + [
             layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: made.append(a[0]))
-            for layer in modeling.decoder_layers(model)
+            for layer in layers
         ]
+        if lora_inputs.NORMS in which:
+            hooks += [
+                m.register_forward_hook(record)
+                for layer in layers
+                for m in (layer.input_layernorm, layer.post_attention_layernorm)
+            ]
+        torch.manual_seed(2)
         kept = _saved_bytes(lambda: model(**batch).loss)
         for h in hooks:
             h.remove()
         return kept
 
-    before = forward(marked=False)
+    before = forward(marked=())
     freed = sum(t.untyped_storage().nbytes() for t in made)
-    assert len(made) == 3 * 2  # two layers
-    assert before - forward(marked=True) == freed
+    assert len(made) == lora_inputs.expected(which, 2)
+    assert before - forward(marked=which) == freed
 
 
 def test_a_recipe_is_not_trusted_once_its_output_changed_in_place():
@@ -119,8 +176,8 @@ def test_a_recipe_is_not_trusted_once_its_output_changed_in_place():
 
 
 def test_install_wraps_once_and_again_after_the_trainer_rebinds_a_forward(quantized):
-    model = _model(quantized, 0.0, 0, marked=True)
-    assert lora_inputs.install(model, fused_kernels=False) == 6  # nothing wrapped twice
+    model = _model(quantized, 0.0, 0, marked=BOTH)
+    assert lora_inputs.install(model, BOTH, False) == 6  # nothing wrapped twice
     norm = modeling.decoder_layers(model)[0].input_layernorm
     calls = []
     inner = norm.forward.__closure__  # the marking wrapper's
@@ -131,12 +188,19 @@ def test_install_wraps_once_and_again_after_the_trainer_rebinds_a_forward(quanti
         return type(self).forward(self, x)
 
     norm.forward = types.MethodType(counting, norm)
-    lora_inputs.install(model, fused_kernels=False)
+    lora_inputs.install(model, BOTH, False)
     x = torch.randn(2, 3, norm.weight.shape[0])
     out = norm(x)
     assert calls == [1]
     remake, sources = lora_inputs.recipe(out)
     assert sources[0] is x and torch.equal(remake(x), out)
+
+
+def test_a_mark_does_not_keep_its_sources_alive():
+    gate, up = torch.randn(3, 8), torch.randn(3, 8)
+    product = lora_inputs.mark(gate * up, torch.mul, gate, up)
+    del gate
+    assert lora_inputs.recipe(product) == (None, ())
 
 
 @pytest.mark.gpu
