@@ -156,6 +156,7 @@ BENCH_MFU_ARGS = --size 8b --data fixed --bs 2 --steps 47 --warmup 3 --rows 272 
   "lowmem-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=-1,off=on,steps=33" \
   "auto-80gb-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
   "auto-54gb-bs6:bs=6,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=54,steps=33" \
+  "auto-54gb-bs7:bs=7,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=54,steps=33" \
   "lowmem-bs8-drop0.1:bs=8,pack=bins,pl=2048,fused=on,opt=auto,gcl=-1,off=on,steps=33" \
   "same-batches-offload:bs=2,group=0,pack=padding_free,fused=on,opt=auto,gcl=-1,off=on" \
   "auto-80gb-bs8:bs=8,pack=bins,pl=2048,fused=on,opt=auto,drop=0,gcl=auto,off=auto,gmem=80,steps=33" \
