@@ -274,3 +274,17 @@ def test_the_train_stage_marks_after_the_trainer_applies_liger(
     run_train(cfg, quantized.path, prepared.path, str(tmp_path / "out"))
     # Six of a layer's seven Linears (o takes the attention output, kept by attention).
     assert made_again and sum(made_again) * 7 == 6 * len(made_again)
+
+
+def test_fewer_marks_than_the_plan_counted_on_is_a_warning(quantized, caplog):
+    """The memory plan took the marked tensors off every layer: a layer whose MLP cannot be
+    marked (here its activation is not the SiLU the plan assumed) says so in the task log."""
+    import logging
+
+    model = _model(quantized, 0.0, 0, marked=())
+    mlp = modeling.decoder_layers(model)[1].mlp
+    mlp.config = types.SimpleNamespace(hidden_act="gelu")
+    hook = lora_inputs.callback(model, BOTH, False)
+    with caplog.at_level(logging.WARNING, logger="qlora_kfp"):
+        hook.on_train_begin(None, None, None)
+    assert "only 5 of the 6 norms and MLPs the memory plan counted on" in caplog.text
