@@ -43,6 +43,7 @@ SWIGLU, NORMS = "swiglu", "norms"
 # input_layernorm before attention, post_attention_layernorm before the MLP (not Gemma 2's
 # four norms, nor Phi-3's fused gate_up_proj).
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3")
+SILU = ("silu", "swish")  # the activations of a SwiGLU MLP
 
 
 def parts(model_cfg, liger_norms: bool) -> tuple[str, ...]:
@@ -51,9 +52,8 @@ def parts(model_cfg, liger_norms: bool) -> tuple[str, ...]:
     RMSNorm runs (``liger_norms``). transformers' own RMSNorm keeps a float32 copy of its
     input, not the input: making its bf16 output again would keep the bf16 input instead,
     for nothing."""
-    if getattr(model_cfg, "model_type", None) not in LLAMA_LAYOUT or getattr(
-        model_cfg, "hidden_act", None
-    ) not in ("silu", "swish"):
+    layout = getattr(model_cfg, "model_type", None) in LLAMA_LAYOUT
+    if not layout or getattr(model_cfg, "hidden_act", None) not in SILU:
         return ()
     return (SWIGLU, NORMS) if liger_norms else (SWIGLU,)
 
@@ -113,7 +113,7 @@ def _marking_mlp(mlp, fused_kernels: bool) -> bool:
     if getattr(mlp.forward, _MARKS, False):
         return True
     act = getattr(getattr(mlp, "config", None), "hidden_act", None)
-    if act not in ("silu", "swish") or not all(
+    if act not in SILU or not all(
         hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")
     ):
         return False
