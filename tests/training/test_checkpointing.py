@@ -69,17 +69,6 @@ def _step(quantized, batch, layers: int, offload: str = "off"):
     return _attention_calls(step)
 
 
-@pytest.fixture(scope="module")
-def batch(prepared):
-    from transformers import AutoTokenizer
-
-    from qlora_kfp.storage.artifacts import token_rows
-    from qlora_kfp.training import batching
-
-    tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")
-    return batching.make_collator("padding_free", tok)(token_rows(prepared.path, "train")[:4])
-
-
 @pytest.mark.parametrize(
     "layers, calls",
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.autograd import saved_bytes
 
 from qlora_kfp.training import lora_dropout
 
@@ -56,19 +57,6 @@ def test_the_rng_stream_after_it_is_what_peft_leaves():
     assert torch.equal(torch.rand(1), want)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes autograd keeps for backward while ``fn`` runs (distinct storages)."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def test_keeps_only_the_input_where_peft_keeps_a_dropped_copy_and_a_mask_per_linear():
     """q, k and v share one input: peft keeps three dropped copies and masks, this one x."""
     x = torch.randn(64, 256, requires_grad=True)
@@ -82,9 +70,9 @@ def test_keeps_only_the_input_where_peft_keeps_a_dropped_copy_and_a_mask_per_lin
         return [torch.nn.functional.linear(drop(x), w) for w in weights]
 
     x_bytes, w_bytes = x.numel() * 4, 3 * weights[0].numel() * 4
-    assert _saved_bytes(ours) == x_bytes + w_bytes
+    assert saved_bytes(ours) == x_bytes + w_bytes
     # Each of the three keeps a float32 copy and a one-byte mask.
-    assert _saved_bytes(peft) >= 3 * (x_bytes + x.numel()) + w_bytes
+    assert saved_bytes(peft) >= 3 * (x_bytes + x.numel()) + w_bytes
 
 
 @pytest.mark.parametrize(

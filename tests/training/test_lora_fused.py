@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from qlora_kfp.configs import TrainConfig
@@ -29,17 +28,6 @@ def _loss_and_grads(model, batch):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
-
-
-@pytest.fixture(scope="module")
-def batch(prepared):
-    from transformers import AutoTokenizer
-
-    from qlora_kfp.storage.artifacts import token_rows
-    from qlora_kfp.training import batching
-
-    tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")
-    return batching.make_collator("padding_free", tok)(token_rows(prepared.path, "train")[:4])
 
 
 def test_fused_update_gives_peft_loss_and_gradients_with_dropout(quantized, batch):

@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+from support.autograd import saved_bytes
 
 from qlora_kfp.configs import TrainConfig
 from qlora_kfp.training import autofit, lora_dropout, lora_inputs, modeling
@@ -63,30 +64,6 @@ def _counting_recipes(monkeypatch) -> list[int]:
 def test_what_is_made_again_follows_the_model_s_layout(model_type, act, liger, want):
     cfg = types.SimpleNamespace(model_type=model_type, hidden_act=act)
     assert lora_inputs.parts(cfg, liger_norms=liger) == want
-
-
-@pytest.fixture(scope="module")
-def batch(prepared):
-    from transformers import AutoTokenizer
-
-    from qlora_kfp.storage.artifacts import token_rows
-    from qlora_kfp.training import batching
-
-    tok = AutoTokenizer.from_pretrained(f"{prepared.path}/tokenizer")
-    return batching.make_collator("padding_free", tok)(token_rows(prepared.path, "train")[:4])
-
-
-def _saved_bytes(fn) -> int:
-    """Bytes autograd keeps for backward while ``fn`` runs (distinct storages)."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize(
@@ -152,7 +129,7 @@ def test_what_is_made_again_is_no_longer_kept(quantized, batch, dropout, which):
                 for m in (layer.input_layernorm, layer.post_attention_layernorm)
             ]
         torch.manual_seed(2)
-        kept = _saved_bytes(lambda: model(**batch).loss)
+        kept = saved_bytes(lambda: model(**batch).loss)
         for h in hooks:
             h.remove()
         return kept
