@@ -87,7 +87,8 @@ def _function():
 
 def lora_a(dropout, x, weight):
     """``F.linear(dropout(x), weight)``, regenerating the mask in backward where it can, and
-    ``x`` too where :func:`qlora_kfp.training.lora_inputs.recipe` has one for it.
+    ``x`` too where :func:`qlora_kfp.training.lora_inputs.recipe` has one for it (made once
+    for all the Linears that take it: :class:`~qlora_kfp.training.lora_inputs.Remake`).
 
     Args:
         dropout: peft's ``lora_dropout[adapter]`` module.
@@ -106,7 +107,7 @@ def lora_a(dropout, x, weight):
     plain = isinstance(dropout, torch.nn.Identity) or (is_dropout and not drops and p < 1.0)
     if not torch.is_grad_enabled() or not (drops or plain):
         return F.linear(dropout(x), weight)
-    remake, sources = lora_inputs.recipe(x)
+    remake, sources = lora_inputs.claim(x)
     if not drops and remake is None:
         return F.linear(x, weight)
     return _function().apply(x, weight, p if drops else 0.0, remake, *sources)

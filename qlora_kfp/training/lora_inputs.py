@@ -12,7 +12,8 @@ regardless:
 On Llama-8B shapes they are 44 of the 136 KB a token that a decoder layer keeps in bf16
 (:func:`qlora_kfp.training.memory.kept_layer_bytes`): a third of every layer that is not
 checkpointed, so ``auto`` checkpoints fewer layers in the same memory. The price is one
-elementwise kernel (a norm, a SwiGLU) again in the A product's backward.
+elementwise kernel (a norm, a SwiGLU) again in backward: once per marked output, shared by the
+A products that take it (:class:`Remake`), three a layer where six took their inputs.
 
 How: the norms' and the MLP's forwards mark their outputs with a recipe (:func:`mark`: the
 very function that made the output, and its inputs); the A product
@@ -58,26 +59,55 @@ def parts(model_cfg, liger_norms: bool) -> tuple[str, ...]:
     return (SWIGLU, NORMS) if liger_norms else (SWIGLU,)
 
 
+class Remake:
+    """``fn(*sources)`` made once for every A product that takes the same marked output.
+
+    q, k and v take the first norm's output, gate and up the second's: each A product's
+    backward needs it again, one after the other. The first to ask makes it, the last lets it
+    go (the forward counted the takers: :func:`claim`), so a norm runs once again, not three
+    times, and its output lives only between its first and last taker's backward."""
+
+    __slots__ = ("fn", "refs", "version", "takers", "made")
+
+    def __init__(self, fn: Callable, refs: tuple, version: int):
+        self.fn, self.refs, self.version, self.takers, self.made = fn, refs, version, 0, None
+
+    def __call__(self, *sources):
+        made = self.made if self.made is not None else self.fn(*sources)
+        self.takers -= 1
+        self.made = made if self.takers > 0 else None
+        return made
+
+
 def mark(out, remake: Callable, *sources):
     """Record that ``remake(*sources)`` makes ``out`` again, bit for bit; returns ``out``.
 
     The sources are held weakly: a mark must not keep them alive where something else keeps
     ``out`` (peft's own forward, a fallback) and they would otherwise have been freed."""
     refs = tuple(weakref.ref(t) for t in sources)
-    setattr(out, _RECIPE, (remake, refs, out._version))
+    setattr(out, _RECIPE, Remake(remake, refs, out._version))
     return out
 
 
-def recipe(x) -> tuple[Callable | None, tuple]:
+def recipe(x) -> tuple[Remake | None, tuple]:
     """``(remake, sources)`` that make ``x`` again, or ``(None, ())`` when ``x`` has no recipe,
     was changed in place since it was marked, or a source is gone."""
     found = getattr(x, _RECIPE, None)
-    if found is None or found[2] != x._version:
+    if found is None or found.version != x._version:
         return None, ()
-    sources = tuple(ref() for ref in found[1])
+    sources = tuple(ref() for ref in found.refs)
     if any(t is None for t in sources):
         return None, ()
-    return found[0], sources
+    return found, sources
+
+
+def claim(x) -> tuple[Remake | None, tuple]:
+    """:func:`recipe`, counting the caller as one more backward that will call ``remake``
+    exactly once (an A product that saves the sources instead of ``x``)."""
+    remake, sources = recipe(x)
+    if remake is not None:
+        remake.takers += 1
+    return remake, sources
 
 
 def _marking_norm(norm) -> bool:

@@ -31,22 +31,18 @@ def _model(quantized, dropout: float, checkpointed: int, marked: tuple[str, ...]
 
 
 def _counting_recipes(monkeypatch) -> list[int]:
-    """Counts the inputs made again in backward (every recipe handed out is wrapped)."""
+    """Counts the inputs made again in backward (every recipe marked is wrapped)."""
     made = [0]
-    recipe = lora_inputs.recipe
+    mark = lora_inputs.mark
 
-    def counting(x):
-        remake, sources = recipe(x)
-        if remake is None:
-            return remake, sources
-
+    def counting(out, remake, *sources):
         def again(*a):
             made[0] += 1
             return remake(*a)
 
-        return again, sources
+        return mark(out, again, *sources)
 
-    monkeypatch.setattr(lora_inputs, "recipe", counting)
+    monkeypatch.setattr(lora_inputs, "mark", counting)
     return made
 
 
@@ -88,8 +84,9 @@ def test_same_loss_and_gradients_as_keeping_the_inputs(
     want_loss, want = loss_and_grads(marked=())
     made = _counting_recipes(monkeypatch)
     got_loss, got = loss_and_grads(marked=BOTH)
-    # Each layer's q, k, v, gate, up and down made their input again (two layers).
-    assert made[0] == 6 * 2
+    # Each layer's two norms and its SwiGLU ran again once (two layers): the first norm's
+    # output for q, k and v together, the second's for gate and up.
+    assert made[0] == 3 * 2
     assert torch.equal(got_loss, want_loss)
     assert want.keys() == got.keys() and all(g.abs().sum() > 0 for g in got.values())
     for name in want:
@@ -140,10 +137,39 @@ def test_what_is_made_again_is_no_longer_kept(quantized, batch, dropout, which):
     assert before - forward(marked=which) == freed
 
 
+@pytest.mark.parametrize("p", [pytest.param(0.0, id="no-dropout"), pytest.param(0.3, id="dropout")])
+def test_one_input_made_again_serves_every_linear_that_takes_it(p):
+    """q, k and v's A products take one norm output: their backwards make it once, hold it
+    until the last of them, then let it go; the gradients are those of keeping it."""
+    norm = torch.nn.LayerNorm(8)
+    values = torch.randn(5, 8)
+    weights = [torch.randn(2, 8) for _ in range(3)]
+    dropout = torch.nn.Dropout(p) if p else torch.nn.Identity()
+
+    def run(marked: bool):
+        calls = []
+        h = values.clone().requires_grad_(True)
+        x = norm(h)
+        if marked:
+            lora_inputs.mark(x, lambda t: calls.append(1) or norm(t), h)
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        torch.manual_seed(3)
+        outs = [lora_dropout.lora_a(dropout, x, w) for w in ws]
+        remake = lora_inputs.recipe(x)[0]
+        sum(o.square().sum() for o in outs).backward()
+        return [w.grad for w in ws] + [h.grad], calls, remake
+
+    want, _, _ = run(marked=False)
+    got, calls, remake = run(marked=True)
+    assert calls == [1] and remake.takers == 0 and remake.made is None
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_a_recipe_is_not_trusted_once_its_output_changed_in_place():
     gate, up = torch.randn(3, 8), torch.randn(3, 8)
     product = lora_inputs.mark(gate * up, torch.mul, gate, up)
-    assert lora_inputs.recipe(product)[0] is torch.mul
+    assert lora_inputs.recipe(product)[0].fn is torch.mul
     product.add_(1.0)
     assert lora_inputs.recipe(product) == (None, ())
     weight = torch.randn(2, 8, requires_grad=True)
@@ -170,7 +196,7 @@ def test_install_wraps_once_and_again_after_the_trainer_rebinds_a_forward(quanti
     out = norm(x)
     assert calls == [1]
     remake, sources = lora_inputs.recipe(out)
-    assert sources[0] is x and torch.equal(remake(x), out)
+    assert sources[0] is x and torch.equal(remake.fn(x), out)
 
 
 def test_a_mark_does_not_keep_its_sources_alive():
