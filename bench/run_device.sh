@@ -16,6 +16,7 @@ if [ -z "${SKIP_GPU_TESTS:-}" ]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_attention.py \
     tests/training/test_lora_dropout.py tests/training/test_fp8_base.py \
     tests/training/test_fp8_kernels.py tests/training/test_modeling.py tests/training/test_lora_inputs.py \
+    tests/training/test_checkpointing.py \
     tests/training/test_gpu_training.py >"$OUT/gpu_tests.log" 2>&1 \
     || echo "GPU TESTS FAILED (see gpu_tests.log)"
   grep -E "passed|failed|error|FAILED|Error" "$OUT/gpu_tests.log" | tail -12

@@ -336,6 +336,12 @@ def variant_row(
         "ratio": round(tok_s / base["tokens_per_s"], 3) if "tokens_per_s" in base else None,
         "peak_gib": m.get("gpu_peak_gib"),
         "reserved_gib": m.get("gpu_reserved_gib"),
+        # where the reserve sits at the end: the compute stream's pools, other streams'
+        "reserved_parts_gib": {
+            k: m[f"gpu_reserved_{k}_gib"]
+            for k in ("large_pool", "small_pool", "side_streams")
+            if f"gpu_reserved_{k}_gib" in m
+        },
         # whether the allocator grew segments in place (the gap between reserved and peak)
         "expandable_segments": m.get("expandable_segments"),
         "checkpointed_layers": m.get("checkpointed_layers"),

@@ -284,4 +284,6 @@ def _metrics(
         peak = distributed.all_reduce([float(v) for v in peak], op="max")
         metrics["gpu_peak_gib"] = round(peak[0] / 2**30, 3)
         metrics["gpu_reserved_gib"] = round(peak[1] / 2**30, 3)
+        for where, gib in modeling.reserved_by_stream().items():
+            metrics[f"gpu_reserved_{where}_gib"] = gib
     return metrics

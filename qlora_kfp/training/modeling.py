@@ -239,6 +239,27 @@ def allocator_expands() -> bool | None:
     return any(seg.get("is_expandable") for seg in segments)
 
 
+def reserved_by_stream() -> dict[str, float]:
+    """GiB the CUDA allocator holds, split by where: the current (compute) stream's large and
+    small pools, and every other stream's segments (a block allocated on a side stream stays
+    in that stream's pool). Empty where CUDA is not in use or the allocator has no snapshot.
+    The part of ``max_memory_reserved`` no step can use shows here."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except RuntimeError:  # backend:cudaMallocAsync
+        return {}
+    here = torch.cuda.current_stream().cuda_stream
+    out = {"large_pool": 0.0, "small_pool": 0.0, "side_streams": 0.0}
+    for seg in segments:
+        key = "side_streams" if seg["stream"] != here else f"{seg['segment_type']}_pool"
+        out[key] = out.get(key, 0.0) + seg["total_size"] / 2**30
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def _set_allocator_settings(torch, settings: str) -> None:
     """The running CUDA allocator's settings (torch >= 2.9 names the call for every
     accelerator; torch.cuda's older name is deprecated there)."""

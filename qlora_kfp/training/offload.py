@@ -63,9 +63,15 @@ class _Stash:
         if self.copied is None or self.gpu is not None or self.host is None:
             return
         _, h2d = _Streams.get(self.device)
+        # Allocated in the compute stream's pool, where it is used and freed: a block the copy
+        # stream allocated would go back to that stream's own pool (with expandable segments,
+        # a segment of its own), reserved beside the compute stream's and never reused by it.
+        stream = torch.cuda.current_stream(self.device)
+        self.gpu = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        h2d.wait_stream(stream)  # the block may be one that work queued there still reads
         h2d.wait_event(self.copied)
         with torch.cuda.stream(h2d):
-            self.gpu = self.host.to(self.device, non_blocking=True)
+            self.gpu.copy_(self.host, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(h2d)
 
@@ -80,7 +86,6 @@ class _Stash:
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(self.ready)
         x, self.gpu, self.host = self.gpu, None, None
-        x.record_stream(stream)  # made on the copy stream, used (and freed) on this one
         prev = self.prev() if self.prev is not None else None
         if prev is not None:  # the layer before this one runs its backward next
             prev.prefetch()

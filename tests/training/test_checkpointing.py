@@ -140,6 +140,40 @@ def test_offloaded_checkpoint_of_a_layer_whose_input_needs_no_grad():
     torch.testing.assert_close(got, lin.weight.grad)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_offloaded_inputs_come_back_into_the_compute_stream_s_memory():
+    """The inputs copied back ahead of their backward are allocated where they are used: a
+    block the copy stream allocated stays in that stream's pool (its own segment), reserved
+    beside the compute stream's and never reused by a step. Same gradients as keeping them."""
+    from qlora_kfp.training import offload
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(1024, 1024, device="cuda") for _ in range(4)]
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+
+    def run(offloaded: bool):
+        h = x
+        for lin in layers:
+            h = offload.checkpoint(lin, h) if offloaded else lin(h)
+        h.square().mean().backward()
+        grads = [x.grad.clone()] + [lin.weight.grad.clone() for lin in layers]
+        for t in [x] + [lin.weight for lin in layers]:
+            t.grad = None
+        return grads
+
+    want = run(offloaded=False)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    got = run(offloaded=True)
+    torch.cuda.synchronize()
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    here = torch.cuda.current_stream().cuda_stream
+    streams = {seg["stream"] for seg in torch.cuda.memory_snapshot()}
+    assert streams == {here}
+
+
 @pytest.mark.parametrize(
     "value, count",
     [

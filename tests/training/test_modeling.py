@@ -1,6 +1,7 @@
 """training/modeling.py: the allocator setting the train stage asks for."""
 
 import os
+import types
 
 import pytest
 import torch
@@ -74,6 +75,34 @@ def test_an_allocator_without_snapshots_is_no_error_at_the_end_of_training(monke
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "memory_snapshot", refuse)
     assert modeling.allocator_expands() is None
+
+
+def test_the_reserve_is_split_by_pool_and_stream(monkeypatch):
+    """A segment on a side stream (the offload's copy streams) cannot serve a step's
+    allocations: it is counted apart from the compute stream's two pools."""
+    here = torch.cuda.current_stream().cuda_stream if torch.cuda.is_available() else 0
+    segments = [
+        {"stream": here, "segment_type": "large", "total_size": 3 * 2**30},
+        {"stream": here, "segment_type": "large", "total_size": 2**29},
+        {"stream": here, "segment_type": "small", "total_size": 2**21},
+        {"stream": here + 4096, "segment_type": "large", "total_size": 2**28},
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda: types.SimpleNamespace(cuda_stream=here)
+    )
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    assert modeling.reserved_by_stream() == {
+        "large_pool": 3.5,
+        "small_pool": 0.002,
+        "side_streams": 0.25,
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's answer")
+def test_without_cuda_the_reserve_is_not_split():
+    assert modeling.reserved_by_stream() == {}
 
 
 @pytest.mark.gpu
