@@ -14,7 +14,7 @@ from qlora_kfp.configs import EvaluateConfig
 from qlora_kfp.storage import artifacts
 from qlora_kfp.storage.manifest import atomic_folder, check_output, verify
 from qlora_kfp.storage.writes import output_lock
-from qlora_kfp.training import modeling
+from qlora_kfp.training import heldout_loss, modeling
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,9 @@ def _evaluate(
     model.eval()
     metrics: dict = {}
     with model.disable_adapter():
-        for k, v in modeling.eval_loss(model, evals, tokenizer, desc="base eval").items():
+        for k, v in heldout_loss.measure(model, evals, tokenizer, desc="base eval").items():
             metrics[f"base_eval_{k}"] = v
-    for k, v in modeling.eval_loss(model, evals, tokenizer, desc="tuned eval").items():
+    for k, v in heldout_loss.measure(model, evals, tokenizer, desc="tuned eval").items():
         metrics[f"tuned_eval_{k}"] = v
     samples = []
     n = min(cfg.num_generations, len(evals))

@@ -12,7 +12,7 @@ from qlora_kfp.storage import artifacts, manifest, sources
 from qlora_kfp.storage.fingerprint import model_fingerprint
 from qlora_kfp.storage.manifest import atomic_folder, check_output, folder_bytes
 from qlora_kfp.storage.writes import output_lock
-from qlora_kfp.training import modeling, shards
+from qlora_kfp.training import heldout_loss, modeling, shards
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _quantize(cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None) -> 
     metrics = {"params": n_params, "bytes_16bit": 2 * n_params}
     metrics.update(dequant_error(model4, files, dtype, cfg.base_model))
     if evals is not None:
-        ppl4 = modeling.eval_loss(model4, evals, tokenizer, desc="4-bit eval")
+        ppl4 = heldout_loss.measure(model4, evals, tokenizer, desc="4-bit eval")
         metrics.update(eval_loss_4bit=ppl4["loss"], eval_perplexity_4bit=ppl4["perplexity"])
         # The 16-bit reference perplexity needs the whole 16-bit model: only where it fits
         # beside the 4-bit one (with room for the eval batches).
@@ -176,7 +176,7 @@ def _quantize(cfg: QuantizeConfig, output_dir: str, dataset_dir: str | None) -> 
             model16 = modeling.load_model(
                 cfg.base_model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
             )
-            ppl16 = modeling.eval_loss(model16, evals, tokenizer, desc="16-bit eval")
+            ppl16 = heldout_loss.measure(model16, evals, tokenizer, desc="16-bit eval")
             metrics.update(eval_loss_16bit=ppl16["loss"], eval_perplexity_16bit=ppl16["perplexity"])
             del model16
         else:

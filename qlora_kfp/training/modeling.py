@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable
 
 from qlora_kfp.errors import ArtifactError, SourceError
 from qlora_kfp.storage import sources
@@ -312,46 +310,6 @@ def collator(tokenizer):
     return DataCollatorForSeq2Seq(
         tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"
     )
-
-
-def batches(rows: Iterable[dict], tokenizer, batch_size: int):
-    coll, buf = collator(tokenizer), []
-    for r in rows:
-        buf.append({"input_ids": r["input_ids"], "labels": r["labels"]})
-        if len(buf) == batch_size:
-            yield coll(buf)
-            buf = []
-    if buf:
-        yield coll(buf)
-
-
-def eval_loss(model, rows, tokenizer, batch_size: int = 8, desc: str = "eval") -> dict:
-    """Token-weighted mean loss on completion tokens and its perplexity."""
-    import torch
-    from tqdm.auto import tqdm
-
-    model.eval()
-    total, count = 0.0, 0
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        for b in tqdm(list(batches(rows, tokenizer, batch_size)), desc=desc, leave=False):
-            b = {k: v.to(dev) for k, v in b.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            shift_logits, shift_labels = logits[:, :-1].float(), b["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            n = int((shift_labels != -100).sum())
-            total, count = total + float(loss), count + n
-    loss = total / max(count, 1)
-    return {
-        "loss": round(loss, 6),
-        "perplexity": round(math.exp(min(loss, 50)), 4),
-        "tokens": count,
-    }
 
 
 def take(dataset, n: int):
