@@ -52,8 +52,10 @@ KEPT_FIT = 1.10
 RECOMPUTE_WORK = {"peft": 1.10, "none": 1.25, "regenerated": 1.25}
 BACKWARD_WORK = 0.50
 # Regenerated LoRA dropout (``lora_dropout``): its backward holds the widest Linear input's
-# dropped-out copy (2 B) and mask (1 B) for a moment.
-REGENERATED_DROPOUT_BYTES = 3
+# dropped-out copy (2 B) and mask (1 B) for a moment, mostly beneath the backward's own peak
+# elsewhere: dropout 0.1 added 0.13 GiB at 8 bins on 8B, every layer checkpointed (session
+# 15: 11.442 against 11.315 GiB; 0.0 in session 14), where 3 B counted 0.66.
+REGENERATED_DROPOUT_BYTES = 1
 OFFLOAD_IN_FLIGHT = 2  # layer inputs on the GPU at once with offload (one copying, one used)
 OVERHEAD_GIB = 1.0  # CUDA context, allocator slack
 PACKED_BYTES = 0.5  # of NF4_DQ_BYTES, what FSDP shards: the packed weights, two a byte

@@ -138,7 +138,7 @@ CASES = [
     case("auto-8-gib-nothing-fits-every-layer-offloaded", [(32, True)], gpu_memory_gib=8.0),
     case("auto-two-processes-no-fallback", [(15, True)], gpu_memory_gib=24.0, num_processes=2),
     case("auto-8-layers-12-gib", [(1, False), (5, True), (8, True)], layers=8, gpu_memory_gib=12.0),
-    case("auto-8-layers-7-gib", [(7, True), (8, True)], layers=8, gpu_memory_gib=7.0),
+    case("auto-8-layers-7-gib", [(7, False), (8, True)], layers=8, gpu_memory_gib=7.0),
     # Every layer fits without offloading, and offloading fits no fewer (one layer not
     # checkpointed keeps more than the inputs offloading moves, which few layers allow);
     # peft's own LoRA forward, whose layers keep the LoRA inputs (lora_inputs).
