@@ -171,9 +171,10 @@ BENCH_MFU_ARGS = --size 8b --data fixed --bs 2 --steps 47 --warmup 3 --rows 272 
 bench-mfu: ## On a GPU machine: fixed 2,048-token rows: MFU with auto at 80 GB, speed at <= 11 GiB
 	bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_MFU_ARGS))
 
-BENCH_70B_ARGS = --steps 33 --warmup 3 \
-  --variants "auto-48gb:bs=1,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48"
-bench-70b: ## On a GPU machine: Llama-3.1-70B shapes, r=16, 2,048-token rows, auto for a 48 GB GPU, then the evaluate stage
+BENCH_70B_ARGS = --steps 33 --warmup 3 --variants \
+  "auto-48gb:bs=1,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48" \
+  "auto-48gb-bs2:bs=2,pack=bins,pl=2048,fused=on,r=16,alpha=32,drop=0.05,gmem=48"
+bench-70b: ## On a GPU machine: Llama-3.1-70B shapes, r=16, 2,048-token rows (1 and 2 a step), auto for a 48 GB GPU, then the evaluate stage
 	BENCH=bench_70b.py bash bench/run_device.sh $(or $(BENCH_ARGS),$(BENCH_70B_ARGS))
 
 # 6 bins a GPU, no layer checkpointed (64 GiB on one GPU, BENCHMARKS.md), 33 steady steps per process count.
