@@ -386,5 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> typing.NoReturn:
+    """The ``qlora-kfp`` command: :func:`main`, then an exit that does not finalize the
+    modules it imported (torch, kfp, MLflow: seconds; :mod:`qlora_kfp.tasks.fast_exit`)."""
+    from qlora_kfp.tasks import fast_exit
+
+    status = main()
+    fast_exit.at_exit_leave(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -14,6 +14,7 @@ from pathlib import Path
 from qlora_kfp import env
 from qlora_kfp.errors import ConfigError, QloraError
 from qlora_kfp.tasks.context import RunContext, fail, report, setup_logging
+from qlora_kfp.tasks.fast_exit import ends_fast
 from qlora_kfp.tracking import parent_run, stage_runs
 
 log = logging.getLogger("qlora_kfp")
@@ -30,6 +31,7 @@ def default_run_name(pipeline: str, data_source: str) -> str:
     return f"{pipeline}-{stem or 'data'}-{time.strftime('%Y%m%d-%H%M')}"
 
 
+@ends_fast
 def start_tracking(args: dict) -> str:
     """Fail fast on unreachable MLflow or a bad bucket, then open the parent run."""
     from qlora_kfp import preflight
@@ -72,6 +74,7 @@ def training_made_from(args: dict) -> dict:
     }
 
 
+@ends_fast
 def decide_training(args: dict) -> str:
     """``"train"`` or ``"skip"``: skip when the champion was made from exactly what this run
     would train on (dataset, base model, code and result-changing settings).
@@ -116,6 +119,7 @@ def decide_training(args: dict) -> str:
     return word
 
 
+@ends_fast
 def finish_tracking(args: dict) -> None:
     """Exit handler: close the parent run, write the report, post the webhook, clean up."""
     from qlora_kfp.tracking import outcome, report
@@ -177,6 +181,7 @@ def _describe(run_id: str, tags: dict, text: str) -> None:
         log.warning("run description not set: %s", exc)
 
 
+@ends_fast
 def pick_best_trial(args: dict) -> dict:
     """Choose the sweep trial with the lowest eval loss; ``dsl.Collected`` keeps grid order.
 
@@ -246,6 +251,7 @@ def _drop_trial_checkpoints(kfp_run_id: str, grid: list[dict]) -> None:
                 log.warning("could not delete %s: %s", uri, exc)
 
 
+@ends_fast
 def preflight(args: dict) -> str:
     """Validate every stage's config and check training fits the GPU, before any GPU task.
 
@@ -295,6 +301,7 @@ def preflight(args: dict) -> str:
         fail("preflight", exc)
 
 
+@ends_fast
 def fingerprint_sources(args: dict) -> str:
     """Content digests of the data and the base model, and the code version (cache input)."""
     from qlora_kfp.storage.fingerprint import fingerprint as digest

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from qlora_kfp import configs
 from qlora_kfp.tasks.context import html_with_image, mark, report, stage
+from qlora_kfp.tasks.fast_exit import ends_fast
 from qlora_kfp.tracking import cached, live, parent_run, stage_runs
 
 log = logging.getLogger("qlora_kfp")
 
 
+@ends_fast
 def prepare_dataset(args: dict) -> str:
     """Run prepare-dataset; returns the dataset digest (used for caching and skip logic)."""
     from qlora_kfp.stages.prepare import run_prepare
@@ -56,6 +58,7 @@ def _log_dataset_input(run: stage_runs.StageRun, folder: str, digest: str, sourc
         parent_run.client().log_inputs(run_id, datasets=[entry])
 
 
+@ends_fast
 def quantize(args: dict) -> None:
     from qlora_kfp.stages.quantize import run_quantize
 
@@ -71,6 +74,7 @@ def quantize(args: dict) -> None:
         )
 
 
+@ends_fast
 def train(args: dict) -> float:
     """Run train; returns the final eval loss."""
     from qlora_kfp.stages.train import run_train
@@ -108,6 +112,7 @@ def train(args: dict) -> float:
         return float(res.metrics["eval_loss"])
 
 
+@ends_fast
 def evaluate(args: dict) -> float:
     """Run evaluate; returns the tuned model's eval loss."""
     from qlora_kfp.stages.evaluate import run_evaluate
@@ -127,6 +132,7 @@ def evaluate(args: dict) -> float:
         return float(res.metrics["tuned_eval_loss"])
 
 
+@ends_fast
 def merge(args: dict) -> str:
     """Run merge; returns where the merged model can be read (``register-model`` takes this
     URI, not the artifact: the KFP launcher downloads every input artifact in full)."""
@@ -150,6 +156,7 @@ def _readable_uri(artifact) -> str:
     return uri if "://" in uri else artifact.path
 
 
+@ends_fast
 def register_model(args: dict) -> str:
     """Register the merged model as a new version (alias challenger, champion if better)."""
     from qlora_kfp.tracking import registry
