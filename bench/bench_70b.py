@@ -142,3 +142,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from qlora_kfp import fast_exit
+
+    fast_exit.at_exit_leave()  # results written: no module teardown

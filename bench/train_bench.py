@@ -211,7 +211,8 @@ def run_variant(kw: dict, model_dir: Path, data_dir: Path, out: Path, steps: int
             "import json,sys; from qlora_kfp.configs import TrainConfig; "
             "from qlora_kfp.stages.train import run_train; "
             f"r = run_train(TrainConfig(**{cfg!r}), {str(model_dir)!r}, {str(data_dir)!r}, "
-            f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}}))"
+            f"{str(out)!r}); print('RESULT ' + json.dumps({{'m': r.metrics, 'h': r.history}})); "
+            "from qlora_kfp import fast_exit; fast_exit.at_exit_leave()"
         )
         cmd = [sys.executable, "-c", code]
     else:
@@ -236,7 +237,8 @@ def run_evaluate_stage(
         f"{str(data_dir)!r}, {str(out)!r}); "
         "peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None; "
         "print('RESULT ' + json.dumps({'seconds': round(time.perf_counter() - t, 1), "
-        "'gpu_peak_gib': peak and round(peak, 2), 'metrics': r.metrics}))"
+        "'gpu_peak_gib': peak and round(peak, 2), 'metrics': r.metrics})); "
+        "from qlora_kfp import fast_exit; fast_exit.at_exit_leave()"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     result = last_json(proc.stdout, "RESULT ")
@@ -500,3 +502,6 @@ def print_table(base: dict, table: list[dict]) -> None:
 
 if __name__ == "__main__":
     main()
+    from qlora_kfp import fast_exit
+
+    fast_exit.at_exit_leave()  # results written: no module teardown

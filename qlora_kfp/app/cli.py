@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> typing.NoReturn:
     """The ``qlora-kfp`` command: :func:`main`, then an exit that does not finalize the
-    modules it imported (torch, kfp, MLflow: seconds; :mod:`qlora_kfp.tasks.fast_exit`)."""
-    from qlora_kfp.tasks import fast_exit
+    modules it imported (torch, kfp, MLflow: seconds; :mod:`qlora_kfp.fast_exit`)."""
+    from qlora_kfp import fast_exit
 
     status = main()
     fast_exit.at_exit_leave(status)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from qlora_kfp import env
 from qlora_kfp.errors import ConfigError, QloraError
+from qlora_kfp.fast_exit import ends_fast
 from qlora_kfp.tasks.context import RunContext, fail, report, setup_logging
-from qlora_kfp.tasks.fast_exit import ends_fast
 from qlora_kfp.tracking import parent_run, stage_runs
 
 log = logging.getLogger("qlora_kfp")

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from qlora_kfp import configs
+from qlora_kfp.fast_exit import ends_fast
 from qlora_kfp.tasks.context import html_with_image, mark, report, stage
-from qlora_kfp.tasks.fast_exit import ends_fast
 from qlora_kfp.tracking import cached, live, parent_run, stage_runs
 
 log = logging.getLogger("qlora_kfp")

@@ -248,3 +248,6 @@ if __name__ == "__main__":  # torchrun, dying with the stage that started it
 
     die_with_parent()
     runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+    from qlora_kfp import fast_exit
+
+    fast_exit.at_exit_leave()  # every rank done (a failed one raised above)

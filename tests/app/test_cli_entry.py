@@ -1,5 +1,5 @@
 """The ``qlora-kfp`` command's own exit (``cli.entry``): its status and every line it
-printed, though it leaves without finalizing its modules (``tasks/fast_exit.py``)."""
+printed, though it leaves without finalizing its modules (``qlora_kfp/fast_exit.py``)."""
 
 from __future__ import annotations
 

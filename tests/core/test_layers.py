@@ -20,7 +20,7 @@ SOURCES = {
     ROOT / "pipelines": "qlora_kfp.pipelines",
 }
 FLOORS = [
-    ("qlora_kfp.errors", "qlora_kfp.version", "qlora_kfp.env"),
+    ("qlora_kfp.errors", "qlora_kfp.version", "qlora_kfp.env", "qlora_kfp.fast_exit"),
     ("qlora_kfp.configs",),
     ("qlora_kfp.storage",),
     ("qlora_kfp.data", "qlora_kfp.training", "qlora_kfp.tracking"),

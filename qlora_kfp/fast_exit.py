@@ -6,13 +6,14 @@ MLflow take 1.9 s of it on 2 cores (0.6 s for MLflow alone), 15 s of a 72 s loca
 demo's eleven tasks (each task's ``Wrote executor output file`` log line to kfp.local's
 ``finished``). :func:`ends_fast` has such a process, after a task that returned, run the
 ``atexit`` handlers (MLflow's, logging's flushes) as usual and then leave at once
-(``os._exit``), as Mercurial and other CLIs do.
+(``os._exit``).
 
 Only in a process that KFP's executor runs (``python -m kfp.dsl.executor_main``): never in a
 test process or a CLI calling the same function. Only after the task returned: a task that
 fails exits through ``sys.exit`` or a traceback as before, and an exception still raised after
 it (writing the outputs) exits 1, as Python would. The ``qlora-kfp`` command does the same
-with its own exit status (:func:`qlora_kfp.app.cli.entry`).
+with its own exit status (:func:`qlora_kfp.app.cli.entry`), and so do a train stage's rank
+processes, their torchrun agent and the benchmark scripts.
 """
 
 from __future__ import annotations

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-from qlora_kfp.tasks import fast_exit
+from qlora_kfp import fast_exit
 
 SCRIPT = textwrap.dedent(
     """
     import atexit, os, sys, types
     if {executor!r}:  # what `python -m kfp.dsl.executor_main` makes __main__
         sys.modules["__main__"].__spec__ = types.SimpleNamespace(name="kfp.dsl.executor_main")
-    from qlora_kfp.tasks.fast_exit import ends_fast
+    from qlora_kfp.fast_exit import ends_fast
 
     fd = os.open({out!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     atexit.register(lambda: os.write(fd, b"atexit "))  # MLflow's and logging's flushes
