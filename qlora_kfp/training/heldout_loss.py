@@ -32,9 +32,9 @@ def batches(rows: Iterable[dict], tokenizer, vocab: int, most_rows: int = 8) -> 
         wider = max(longest, n)
         if buf and (len(buf) == most_rows or (len(buf) + 1) * wider * vocab * 4 > LOGITS_BYTES):
             yield coll(buf)
-            buf, wider = [], n
+            buf, longest = [], 0
         buf.append({"input_ids": r["input_ids"], "labels": r["labels"]})
-        longest = wider
+        longest = max(longest, n)
     if buf:
         yield coll(buf)
 
@@ -46,19 +46,16 @@ def summed(logits, labels) -> tuple[float, int]:
 
     vocab = logits.shape[-1]
     step = max(1, SLICE_BYTES // (4 * vocab))
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for row, row_labels in zip(logits, labels, strict=True):
         targets = row_labels[1:]
         for s in range(0, targets.shape[0], step):
-            t = targets[s : s + step]
-            n = int((t != -100).sum())
-            if n:
-                lg = row[s : s + t.shape[0]].float()
-                total += float(
-                    torch.nn.functional.cross_entropy(lg, t, ignore_index=-100, reduction="sum")
-                )
-                count += n
-    return total, count
+            t = targets[s : s + step]  # a slice with no label adds 0
+            lg = row[s : s + t.shape[0]].float()
+            ce = torch.nn.functional.cross_entropy(lg, t, ignore_index=-100, reduction="sum")
+            total += ce
+    # One read back from the device a batch, not one a slice.
+    return float(total), int((labels[:, 1:] != -100).sum())
 
 
 def measure(model, rows, tokenizer, desc: str = "eval") -> dict:
