@@ -26,3 +26,20 @@ def test_the_printed_link_opens_the_runs_table(services, monkeypatch, tmp_path):
     text = page_text(link, ["the-parent-run", "Model registry"], tmp_path / "runs.png")
     assert "Runs" in text and "Traces" in text
     assert "Observability" not in text  # the GenAI view's navigation
+
+
+def test_a_local_store_s_link_points_at_make_mlflow_ui(local_mlflow):
+    """`make run` without a tracking server writes to a SQLite store: its link is the
+    experiment on the UI `make mlflow-ui` serves, and says to start it."""
+    import os
+
+    import mlflow
+
+    from qlora_kfp.app.summary import LOCAL_UI, mlflow_link
+
+    exp = mlflow.set_experiment("qlora-finetune")
+    link = mlflow_link({"tracking_uri": os.environ["MLFLOW_TRACKING_URI"], "params": {}})
+    assert link == (
+        f"{LOCAL_UI}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        "   (after: make mlflow-ui)"
+    )

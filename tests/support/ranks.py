@@ -39,7 +39,8 @@ PROBE = [[1, 5, 9, 23, 44, 2, 17, 30]]
 # - QLORA_TEST_STEP_S: every process sleeps after each step, so that the group can be killed
 #   between two checkpoints;
 # - QLORA_TEST_NAN_RANK: that rank's loss turns NaN from the second step on, and each rank
-#   whose divergence guard stops training leaves a file saying so in QLORA_TEST_STOPPED;
+#   whose divergence guard stops training leaves a file saying so in QLORA_TEST_STOPPED (in
+#   rank processes: the hook is not installed where RANK is unset);
 # - QLORA_TEST_DUMP: after each evaluation every rank runs the model on PROBE and gathers its
 #   whole state (fsdp.gathered_state, a collective); rank 0 saves both in that folder.
 SITE = """
@@ -51,7 +52,9 @@ for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep)[1:]:
     if entry and os.path.isfile(path):
         exec(compile(open(path).read(), path, "exec"), {"__name__": "sitecustomize"})
         break
-if os.environ.get("QLORA_TEST_NAN_RANK"):
+# Ranks only (torchrun sets RANK): the stage and torchrun's agent, which never train, would
+# import transformers' Trainer for nothing, ~7 s before the ranks start.
+if os.environ.get("QLORA_TEST_NAN_RANK") and "RANK" in os.environ:
     from pathlib import Path
     from transformers import Trainer
     from qlora_kfp.training import trainer_hooks
@@ -70,7 +73,7 @@ if os.environ.get("QLORA_TEST_NAN_RANK"):
         on_log = cb.on_log
         def logged(args, state, control, **k):
             control = on_log(args, state, control, **k)
-            if control.should_training_stop and "RANK" in os.environ:
+            if control.should_training_stop:
                 folder = Path(os.environ["QLORA_TEST_STOPPED"])
                 (folder / f"rank-{os.environ['RANK']}-step-{state.global_step}").touch()
             return control
@@ -106,13 +109,17 @@ if os.environ.get("QLORA_TEST_DUMP"):
         return cb
     trainer_hooks.recorder = dumping
 """.replace("PROBE", repr(PROBE))
+# The stage's process, as its KFP task runs it: once the stage returns, the process leaves
+# without finalizing torch, transformers and peft (qlora_kfp.fast_exit; ~1.5 s).
 SCRIPT = """
 import json, sys
 from qlora_kfp.configs import TrainConfig
+from qlora_kfp.fast_exit import at_exit_leave
 from qlora_kfp.stages.train import run_train
 rows = []
 r = run_train(TrainConfig(**json.loads(sys.argv[1])), *sys.argv[2:5], on_log=rows.append)
 print("RESULT " + json.dumps({"metrics": r.metrics, "history": r.history, "relayed": rows}))
+at_exit_leave()
 """
 
 

@@ -24,6 +24,7 @@ import json, sys, time
 from qlora_kfp.stages import train
 from qlora_kfp.training import trainer_hooks
 from qlora_kfp.configs import TrainConfig
+from qlora_kfp.fast_exit import at_exit_leave
 slow = float(sys.argv[5])
 if slow:  # make the run slow enough to be killed between two checkpoints
     real = trainer_hooks.recorder
@@ -35,6 +36,7 @@ if slow:  # make the run slow enough to be killed between two checkpoints
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 r = train.run_train(cfg, sys.argv[2], sys.argv[3], sys.argv[4])
 print("RESULT " + json.dumps(r.metrics))
+at_exit_leave()  # as the stage's KFP task leaves (qlora_kfp.fast_exit)
 """
 CFG = dict(
     max_steps=24,
@@ -76,8 +78,15 @@ def result(proc: subprocess.Popen) -> dict:
 def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(
     quantized, prepared, tmp_path
 ):
-    straight = result(start(quantized, prepared, tmp_path / "straight", 0.0))
-    assert straight["resumed_from_step"] == 0
+    from qlora_kfp.configs import TrainConfig
+    from qlora_kfp.stages.train import run_train
+
+    # The uninterrupted run in this process (the same code, threads and data; no process of
+    # its own to start).
+    straight = run_train(
+        TrainConfig(**CFG), quantized.path, prepared.path, str(tmp_path / "straight")
+    )
+    assert straight.metrics["resumed_from_step"] == 0
 
     out = tmp_path / "killed"
     proc = start(quantized, prepared, out, 0.25)
