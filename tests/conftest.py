@@ -23,8 +23,11 @@ os.environ.pop("QLORA_KFP_ARTIFACT_URI", None)
 os.environ.pop("KFP_RUN_ID", None)  # the pod label of a KFP run (tasks/context.py)
 
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 sys.path.insert(0, os.path.dirname(__file__))  # `from support import servers` (tests/support/)
 
@@ -91,13 +94,25 @@ def _check_shared_files(items) -> None:
 
 def pytest_xdist_make_scheduler(config, log):
     """Whole files to a worker, as ``--dist loadfile``, the files of a FILES_SHARING entry as
-    one. (xdist's own ``--dist loadgroup`` renames node ids, which pytest 9.2's no longer
-    takes: every test became its own group, and module fixtures ran once a worker.)"""
+    one, in the order of the collection (:func:`_longest_files_first`). (xdist's own
+    ``--dist loadgroup`` renames node ids, which pytest 9.2's no longer takes: every test
+    became its own group, and module fixtures ran once a worker.)"""
+    return file_group_scheduling(config, log)
+
+
+def file_group_scheduling(config, log=None):
     from xdist.scheduler import LoadScopeScheduling
 
     class FileGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return worker_scope(nodeid)
+
+        def schedule(self) -> None:
+            # xdist reorders the files by their number of tests unless told not to (its
+            # --loadscope-reorder, on by default): a file of 79 quick tests went out before
+            # the tracking suite's three pipeline runs, which then ran alone at the end.
+            self.config.option.loadscopereorder = False
+            super().schedule()
 
     return FileGroupScheduling(config, log)
 
@@ -113,17 +128,48 @@ def file_of(nodeid: str) -> str:
     return nodeid.split("::")[0]
 
 
+# The longest work units (a file, or a FILES_SHARING group), longest first: seconds of one
+# worker in `make test` on 2 cores (session 16). Handed out first, the other files fill the
+# gaps: each worker then ends within a few seconds of the other (longest processing time
+# first), where a long file handed out late ran alone at the end. A unit not listed goes after
+# them, heavier marks first; a listed one that is gone fails the collection.
+LONGEST_FIRST = (
+    "tests/e2e/test_tracking_servers.py",  # 211: three pipeline runs against real servers
+    "two_processes",  # 145: DDP, FSDP and two-node runs of 2 processes
+    "tests/e2e/test_sweep_local.py",  # 53: the sweep pipeline, two trials
+    "tests/training/test_resume.py",  # 46
+    "tests/bench/test_build_4bit.py",  # 40
+    "tests/bench/test_trl_peer.py",  # 39
+    "tests/manifests/test_manifests_mlflow.py",  # 22
+    "tests/bench/test_merge_bench.py",  # 21
+)
+
+
+def _check_longest_first() -> None:
+    gone = [u for u in LONGEST_FIRST if u not in FILES_SHARING and not (ROOT / u).is_file()]
+    if gone:
+        raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST lists {gone}: no such file")
+
+
 def _heavy_files_first(items) -> None:
-    """Files that run pipelines or train (marked slow and integration, then slow) first, each
-    file's tests in their order: ``make test`` hands whole files (or groups of files,
-    FILES_SHARING) to 2 workers (``-n 2``, :func:`pytest_xdist_make_scheduler`) in this order, and a long file handed out last would run alone at the end."""
+    """The units of LONGEST_FIRST first, in its order, then the files that run pipelines or
+    train (marked slow and integration, then slow); each file's tests in their order.
+    ``make test`` hands whole files (or FILES_SHARING groups) to 2 workers in this order
+    (``-n 2``, :func:`pytest_xdist_make_scheduler`)."""
+    _check_longest_first()
     rank: dict[str, int] = {}
     for item in items:
         marks = {m.name for m in item.iter_markers()}
         heavy = 2 if {"slow", "integration"} <= marks else 1 if "slow" in marks else 0
         path = file_of(item.nodeid)
         rank[path] = max(rank.get(path, 0), heavy)
-    items.sort(key=lambda item: -rank[file_of(item.nodeid)])  # stable within a rank
+    listed = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+
+    def key(item) -> tuple[int, int]:
+        unit = worker_scope(item.nodeid)
+        return (listed.get(unit, len(listed)), -rank[file_of(item.nodeid)])
+
+    items.sort(key=key)  # stable: a file's tests stay in their order
 
 
 @pytest.hookimpl(wrapper=True)

@@ -74,3 +74,61 @@ def test_a_file_runs_on_one_worker_so_its_module_fixtures_are_built_once():
     ran = re.findall(r"^\[(gw\d)\] .*? PASSED (\S+?)::", proc.stdout, re.M)
     workers = {path: {gw for gw, p in ran if p == path} for path in files}
     assert all(len(w) == 1 for w in workers.values()) and len(ran) > 6, (workers, ran)
+
+
+def test_the_longest_units_go_out_first_and_xdist_keeps_that_order(conftest):
+    """LONGEST_FIRST leads the collection, a group's files together; then xdist hands the
+    units out in that order, not reordered by their number of tests (its default)."""
+    files = {
+        "tests/core/test_env.py::test_many": 80,  # many quick tests: xdist would send it first
+        "tests/training/test_fsdp.py::test_f": 2,
+        "tests/e2e/test_tracking_servers.py::test_t": 3,
+        "tests/training/test_ddp.py::test_d": 2,
+    }
+    items = [
+        SimpleNamespace(nodeid=f"{node}{i}", iter_markers=lambda: [])
+        for node, n in files.items()
+        for i in range(n)
+    ]
+    conftest._heavy_files_first(items)
+    units = list(dict.fromkeys(conftest.worker_scope(i.nodeid) for i in items))
+    assert units == [
+        "tests/e2e/test_tracking_servers.py",
+        "two_processes",
+        "tests/core/test_env.py",
+    ]
+
+    config = SimpleNamespace(
+        option=SimpleNamespace(loadscopereorder=True), getvalue=lambda name: ["2*popen"]
+    )
+    sched = conftest.file_group_scheduling(config)
+
+    class Worker:  # what the scheduler uses of xdist's WorkerController
+        def __init__(self, name: str) -> None:
+            self.gateway, self.shutting_down, self.sent = SimpleNamespace(id=name), False, []
+
+        def send_runtest_some(self, indices) -> None:
+            self.sent.extend(indices)
+
+        def shutdown(self) -> None:
+            self.shutting_down = True
+
+    workers = [Worker("gw0"), Worker("gw1")]
+    for w in workers:
+        sched.add_node(w)
+    for w in workers:
+        sched.add_node_collection(w, [i.nodeid for i in items])
+    sched.schedule()
+    first = {w.gateway.id: sched.collection[w.sent[0]] for w in workers}
+    assert first == {
+        "gw0": "tests/e2e/test_tracking_servers.py::test_t0",
+        "gw1": "tests/training/test_fsdp.py::test_f0",
+    }
+
+
+def test_a_longest_first_unit_that_is_gone_fails_the_collection(conftest, monkeypatch):
+    monkeypatch.setattr(conftest, "LONGEST_FIRST", ("tests/e2e/test_gone.py",))
+    with pytest.raises(
+        pytest.UsageError, match=r"LONGEST_FIRST lists \['tests/e2e/test_gone.py'\]"
+    ):
+        conftest._heavy_files_first([])
