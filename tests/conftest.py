@@ -214,6 +214,29 @@ def _unmarked_tests_neither_train_nor_start_servers(request, monkeypatch):
     monkeypatch.setattr(memory_fit, "train_in_memory", refuse)
 
 
+def _root_handlers() -> list:
+    """The root logger's handlers but pytest's own (re-added around each test phase)."""
+    import logging
+
+    return [h for h in logging.getLogger().handlers if not type(h).__module__.startswith("_pytest")]
+
+
+@pytest.fixture(autouse=True)
+def _no_root_log_handler_outlives_its_test():
+    """A handler left on the root logger outlives its test and its stream: bound to a stream
+    the test closed (a run's progress stream, capsys), it prints a "--- Logging error ---"
+    traceback into whichever later test logs, on whichever worker runs after it."""
+    import logging
+
+    before = _root_handlers()
+    yield
+    left = [h for h in _root_handlers() if h not in before]
+    if left:
+        for h in left:
+            logging.getLogger().removeHandler(h)
+        pytest.fail(f"the test left {left} on the root logger: restore its handlers")
+
+
 @pytest.fixture(autouse=True)
 def _no_global_tracking_uri_outlives_its_test():
     """``mlflow.set_tracking_uri`` outlives the test and beats ``MLFLOW_TRACKING_URI``: every

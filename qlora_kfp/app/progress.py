@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import logging
 import re
 import sys
 import time
@@ -117,6 +118,8 @@ class TaskProgress(io.TextIOBase):
 def run_quietly(fn, log_path: str | Path, verbose: bool = False):
     """Call ``fn()`` with stdout going through a :class:`TaskProgress`; returns its result."""
     real, show_warning, real_print = sys.stdout, warnings.showwarning, builtins.print
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     tap = TaskProgress(log_path, real, verbose)
     sys.stdout = tap
 
@@ -143,4 +146,9 @@ def run_quietly(fn, log_path: str | Path, verbose: bool = False):
         # kfp.local indents a task's output by swapping builtins.print; tasks running at once
         # (a sweep's trials) restore each other's swap, leaving every later print indented.
         builtins.print = real_print
+        # Its logger context the same: it swaps the root logger's handlers for one on
+        # sys.stdout (``tap``) and puts back what it found, which for the second of two trials
+        # is the first one's handler, left writing to ``tap`` once closed: every later record
+        # printed a "--- Logging error ---" traceback.
+        root.handlers[:], root.level = handlers, level
         tap.close()

@@ -124,3 +124,40 @@ def test_output_after_a_sweep_is_not_left_indented(tmp_path, capsys):
     progress.run_quietly(run, tmp_path / "runner.log")
     print("summary")
     assert builtins.print is real and capsys.readouterr().out == "summary\n"
+
+
+def test_logging_after_a_sweep_does_not_write_to_the_closed_progress_stream(tmp_path):
+    """kfp.local's logger context swaps the root logger's handlers for one on sys.stdout (the
+    run's progress stream) and puts back what it found; two trials entering it at once leave
+    the first one's handler behind, writing to the stream run_quietly has closed: every later
+    log record then printed a "--- Logging error ---" traceback."""
+    import logging
+    import threading
+
+    from kfp.local import logging_utils
+
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    in_first, in_second, first_left = (threading.Event() for _ in range(3))
+
+    def first() -> None:
+        with logging_utils.local_logger_context():
+            in_first.set()
+            in_second.wait(10)
+        first_left.set()
+
+    def second() -> None:
+        in_first.wait(10)
+        with logging_utils.local_logger_context():  # saves the first one's handler
+            in_second.set()
+            first_left.wait(10)  # puts it back after the first has left
+
+    def run():
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    progress.run_quietly(run, tmp_path / "runner.log")
+    assert (root.handlers, root.level) == before
