@@ -111,7 +111,7 @@ RUNS = {"rank-16": ["--lora_r", "16"], "rank-4": [*SHORT, "--lora_r", "4", "--fo
 
 
 @pytest.fixture(scope="module")
-def two_runs(services, tmp_path_factory):
+def three_runs(services, tmp_path_factory):
     env = {
         **services.env(),
         "QLORA_KFP_ARTIFACT_URI": "s3://pipeline/qlora",
@@ -162,7 +162,7 @@ def parents(client):
     return runs, [r for r in runs if r.data.tags.get("qlora.role") == "pipeline"]
 
 
-def test_one_parent_per_pipeline_run_with_a_nested_run_per_stage(two_runs, client):
+def test_one_parent_per_pipeline_run_with_a_nested_run_per_stage(three_runs, client):
     runs, tops = parents(client)
     assert [p.info.run_name for p in tops] == ["rank-16", "rank-4", "unchanged-data"]
     for p in tops[:2]:
@@ -173,7 +173,7 @@ def test_one_parent_per_pipeline_run_with_a_nested_run_per_stage(two_runs, clien
         assert p.data.tags["git.commit"] and p.data.tags["kfp.run_id"]
 
 
-def test_training_metrics_are_visible_while_the_train_stage_runs(two_runs):
+def test_training_metrics_are_visible_while_the_train_stage_runs(three_runs):
     """Polled mid-training: the train run was RUNNING and already had a loss history."""
     assert LIVE, "the train stage's run was never seen RUNNING"
     assert max(LIVE) >= 2, LIVE
@@ -184,8 +184,8 @@ def metrics_of(run_dir: str, task: str) -> dict:
     return out["artifacts"]["metrics"]["artifacts"][0]["metadata"]
 
 
-def test_every_stage_wrote_a_verified_artifact(two_runs):
-    run_dir = Path(two_runs[0])
+def test_every_stage_wrote_a_verified_artifact(three_runs):
+    run_dir = Path(three_runs[0])
     for task, name, kind in [
         ("prepare-dataset", "dataset", "dataset"),
         ("quantize", "quantized_model", "quantized-model"),
@@ -199,8 +199,8 @@ def test_every_stage_wrote_a_verified_artifact(two_runs):
     assert "<img src='data:image/png;base64," in (run_dir / "train" / "loss_curve").read_text()
 
 
-def test_the_demo_s_tuned_model_beats_the_base_and_learns_the_task(two_runs):
-    run_dir, stdout = two_runs[0], LOGS[0]
+def test_the_demo_s_tuned_model_beats_the_base_and_learns_the_task(three_runs):
+    run_dir, stdout = three_runs[0], LOGS[0]
     ev = metrics_of(run_dir, "evaluate")
     assert ev["tuned_eval_loss"] < 0.2 * ev["base_eval_loss"]
     assert ev["tuned_exact_match"] >= 0.5 > ev["base_exact_match"]
@@ -211,7 +211,7 @@ def test_the_demo_s_tuned_model_beats_the_base_and_learns_the_task(two_runs):
     assert re.search(r"\ntrain +\d+\.\d\d +- +\d+\.\d\d\n", stdout)  # the printed cost table
 
 
-def test_each_stage_run_records_its_cost_and_the_parent_the_demo_s_result(two_runs, client):
+def test_each_stage_run_records_its_cost_and_the_parent_the_demo_s_result(three_runs, client):
     runs, (parent, _, _) = parents(client)
     children = {
         r.data.tags["stage"]: r
@@ -233,14 +233,14 @@ def test_each_stage_run_records_its_cost_and_the_parent_the_demo_s_result(two_ru
     assert train["stage_seconds"] >= train["train_runtime_s"]
 
 
-def test_exit_handler_wrote_the_run_report(two_runs):
-    text = (Path(two_runs[0]) / "finish-tracking" / "report").read_text()
+def test_exit_handler_wrote_the_run_report(three_runs):
+    text = (Path(three_runs[0]) / "finish-tracking" / "report").read_text()
     assert ": SUCCEEDED" in text and "| exact match |" in text
     assert "![loss curve](data:image/png;base64," in text
 
 
 def test_the_last_lines_give_the_mlflow_link_the_registry_result_and_the_next_step(
-    two_runs, services
+    three_runs, services
 ):
     stdout = LOGS[0]
     human = stdout[: stdout.rindex("{")].rstrip().splitlines()  # the JSON line is for scripts
@@ -254,7 +254,7 @@ def test_the_last_lines_give_the_mlflow_link_the_registry_result_and_the_next_st
     assert human[-1].startswith("next:")
 
 
-def test_runs_say_who_and_what_made_them_and_open_in_the_training_view(two_runs, client):
+def test_runs_say_who_and_what_made_them_and_open_in_the_training_view(three_runs, client):
     exp = client.get_experiment_by_name("compare")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs, tops = parents(client)
@@ -271,16 +271,16 @@ def test_runs_say_who_and_what_made_them_and_open_in_the_training_view(two_runs,
     )
 
 
-def test_make_run_prints_one_line_per_task_and_keeps_the_full_log(two_runs):
+def test_make_run_prints_one_line_per_task_and_keeps_the_full_log(three_runs):
     text = LOGS[0]  # stdout of the first run
     assert len(text.splitlines()) < 90, text[-3000:]
     assert "prepare-dataset" in text and " done in " in text and "step " in text
     assert '"executorOutput"' not in text and "Streamed logs" not in text
-    log = Path(two_runs[0]) / "runner.log"
+    log = Path(three_runs[0]) / "runner.log"
     assert log.is_file() and "Streamed logs" in log.read_text()
 
 
-def test_runs_are_comparable_side_by_side(two_runs, client):
+def test_runs_are_comparable_side_by_side(three_runs, client):
     _, (a, b, _) = parents(client)
     assert set(a.data.params) == set(b.data.params) and set(a.data.metrics) == set(b.data.metrics)
     assert (a.data.params["lora_r"], b.data.params["lora_r"]) == ("16", "4")
@@ -289,7 +289,7 @@ def test_runs_are_comparable_side_by_side(two_runs, client):
     assert a.data.params["learning_rate"] == b.data.params["learning_rate"] == "0.005"
 
 
-def test_training_curve_and_artifacts_live_in_s3(two_runs, client, services):
+def test_training_curve_and_artifacts_live_in_s3(three_runs, client, services):
     runs, (a, _, _) = parents(client)
     train = next(
         r
@@ -320,7 +320,7 @@ def test_training_curve_and_artifacts_live_in_s3(two_runs, client, services):
     assert inputs and inputs[0].dataset.digest == a.data.tags["dataset.digest"]
 
 
-def test_registry_versions_and_aliases(two_runs, client):
+def test_registry_versions_and_aliases(three_runs, client):
     versions = sorted(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
     assert [v.version for v in versions] == ["1", "2"]
     assert versions[0].source.startswith("s3://pipeline/qlora/")
@@ -358,19 +358,19 @@ def test_missing_bucket_fails_fast(services, tmp_path):
     assert not (tmp_path / "kfp").exists()
 
 
-def test_no_credential_in_yaml_mlflow_or_logs(two_runs, client):
+def test_no_credential_in_yaml_mlflow_or_logs(three_runs, client):
     root = Path(__file__).resolve().parents[2]
     assert SECRET not in (root / "pipelines/compiled/qlora_finetune.yaml").read_text()
     assert LOGS and not any(SECRET in log for log in LOGS)
     runs, _ = parents(client)
     for r in runs:
         assert SECRET not in json.dumps({**r.data.params, **r.data.tags})
-    for run_dir in two_runs:
+    for run_dir in three_runs:
         for f in Path(run_dir).rglob("*.json"):
             assert SECRET not in f.read_text(errors="ignore"), f
 
 
-def test_unchanged_data_skips_training_and_says_why(two_runs, client):
+def test_unchanged_data_skips_training_and_says_why(three_runs, client):
     runs, (_, _, skipped) = parents(client)
     assert skipped.info.status == "FINISHED"
     assert skipped.data.tags["training_decision"] == "skip"
@@ -381,11 +381,11 @@ def test_unchanged_data_skips_training_and_says_why(two_runs, client):
         if r.data.tags.get("mlflow.parentRunId") == skipped.info.run_id
     }
     assert kids == {"prepare-dataset", "decide-training", "preflight"}
-    assert not (Path(two_runs[2]) / "train").exists()
+    assert not (Path(three_runs[2]) / "train").exists()
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 2
 
 
-def test_mlflow_ui_compares_the_two_runs_in_a_browser(two_runs, client, services, tmp_path):
+def test_mlflow_ui_compares_the_two_runs_in_a_browser(three_runs, client, services, tmp_path):
     """Headless Chromium opens the MLflow UI's run comparison and finds both runs' metrics."""
     from support.browser import page_text
 
