@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
     if unmarked:
         raise pytest.UsageError("make test-fast would run these:\n" + "\n".join(unmarked))
-    _heavy_files_first(items)
+    _longest_files_first(items)
     _check_shared_files(items)
 
 
@@ -151,7 +151,7 @@ def _check_longest_first() -> None:
         raise pytest.UsageError(f"tests/conftest.py: LONGEST_FIRST lists {gone}: no such file")
 
 
-def _heavy_files_first(items) -> None:
+def _longest_files_first(items) -> None:
     """The units of LONGEST_FIRST first, in its order, then the files that run pipelines or
     train (marked slow and integration, then slow); each file's tests in their order.
     ``make test`` hands whole files (or FILES_SHARING groups) to 2 workers in this order

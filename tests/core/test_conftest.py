@@ -90,7 +90,7 @@ def test_the_longest_units_go_out_first_and_xdist_keeps_that_order(conftest):
         for node, n in files.items()
         for i in range(n)
     ]
-    conftest._heavy_files_first(items)
+    conftest._longest_files_first(items)
     units = list(dict.fromkeys(conftest.worker_scope(i.nodeid) for i in items))
     assert units == [
         "tests/e2e/test_tracking_servers.py",
@@ -131,4 +131,4 @@ def test_a_longest_first_unit_that_is_gone_fails_the_collection(conftest, monkey
     with pytest.raises(
         pytest.UsageError, match=r"LONGEST_FIRST lists \['tests/e2e/test_gone.py'\]"
     ):
-        conftest._heavy_files_first([])
+        conftest._longest_files_first([])
